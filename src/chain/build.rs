@@ -1,0 +1,174 @@
+//! Making the layers: a cache over a base, an instance over a cache.
+
+use super::identity;
+use crate::engine::create::{create, CreateOptions};
+use crate::engine::{Format, Image, OpenOptions};
+use crate::format::ext::{self as vext, BaseIdentity, CacheMeta};
+use crate::format::header::Extension;
+use crate::{Error, Result};
+use std::path::{Component, Path, PathBuf};
+
+/// How `new_path` should name `target` in its header: relative to `new_path`'s directory when
+/// the user named the target relatively, absolute when absolutely.
+pub fn backing_name(target: &Path, new_path: &Path) -> Result<String> {
+    let name = if target.is_absolute() {
+        target.to_path_buf()
+    } else {
+        let cwd = std::env::current_dir().map_err(|e| Error::io(".", "getcwd", e))?;
+        let t = normalize(&cwd.join(target));
+        let dir = normalize(&cwd.join(new_path))
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        relative(&t, &dir)
+    };
+    name.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::invalid(target, "path is not UTF-8"))
+}
+
+/// Lexical normalization (no symlinks resolved: QEMU resolves names lexically too).
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn relative(target: &Path, dir: &Path) -> PathBuf {
+    let t: Vec<_> = target.components().collect();
+    let d: Vec<_> = dir.components().collect();
+    let common = t.iter().zip(&d).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..d.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c);
+    }
+    out
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Options for a new cache layer.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub cluster_size: u64,
+    /// Bytes of guest data the cache may hold; 0 = no limit.
+    pub quota: u64,
+    /// Format of the base; None probes.
+    pub base_format: Option<Format>,
+}
+
+/// Create an empty cache layer at `cache` over `base`, recording the base's identity.
+pub fn build_cache(base: &Path, cache: &Path, o: &BuildOptions) -> Result<BaseIdentity> {
+    let base_img = Image::open(
+        base,
+        &OpenOptions {
+            format: o.base_format,
+            ..OpenOptions::read_only()
+        },
+    )?;
+    let name = backing_name(base, cache)?;
+    let id = identity::identify(&base_img, &name)?;
+    let meta = CacheMeta::new(id.clone(), o.quota, now());
+    let mut c = CreateOptions::new(base_img.virtual_size());
+    c.cluster_size = o.cluster_size;
+    c.backing_file = Some(name);
+    c.backing_format = Some(base_img.format().name().into());
+    c.extensions.push(Extension {
+        kind: vext::KIND,
+        data: meta.encode(),
+    });
+    create(cache, &c)?;
+    // The new chain must open (the recorded name must resolve from the cache's directory).
+    if let Err(e) = Image::open(cache, &OpenOptions::read_only()) {
+        let _ = std::fs::remove_file(cache);
+        return Err(e);
+    }
+    Ok(id)
+}
+
+/// The cache metadata of a qcow2 image, if it is a vmicache cache.
+pub fn cache_meta(img: &Image) -> Result<Option<CacheMeta>> {
+    match img.as_qcow2() {
+        None => Ok(None),
+        Some(q) => q.cache_meta(),
+    }
+}
+
+/// Verify that the cache's base is still the base it was built over.
+pub fn verify_base(cache: &Image) -> Result<Vec<identity::Mismatch>> {
+    let meta = cache_meta(cache)?.ok_or_else(|| {
+        Error::request(
+            cache.path(),
+            "not a vmicache cache (no vmicache header extension)",
+        )
+    })?;
+    let recorded = meta.base.ok_or_else(|| {
+        Error::invalid(cache.path(), "vmicache extension records no base identity")
+    })?;
+    let base = cache.backing().ok_or_else(|| {
+        Error::chain(
+            cache.path(),
+            "cache has no backing file (its base was removed from the header)",
+        )
+    })?;
+    identity::verify(&recorded, base)
+}
+
+/// Create a per-VM copy-on-write instance over `cache`, refusing if the base changed.
+pub fn make_instance(cache: &Path, instance: &Path, cluster_size: u64) -> Result<()> {
+    let img = Image::open(cache, &OpenOptions::read_only())?;
+    if img.format() != Format::Qcow2 {
+        return Err(Error::request(cache, "a cache must be a qcow2 image"));
+    }
+    let mism = verify_base(&img)?;
+    if !mism.is_empty() {
+        let what: Vec<String> = mism.iter().map(|m| m.to_string()).collect();
+        return Err(Error::chain(
+            cache,
+            format!("base no longer matches the cache: {}", what.join("; ")),
+        ));
+    }
+    let mut c = CreateOptions::new(img.virtual_size());
+    c.cluster_size = cluster_size;
+    c.backing_file = Some(backing_name(cache, instance)?);
+    c.backing_format = Some("qcow2".into());
+    create(instance, &c)?;
+    if let Err(e) = Image::open(instance, &OpenOptions::read_only()) {
+        let _ = std::fs::remove_file(instance);
+        return Err(e);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn relative_names() {
+        assert_eq!(
+            relative(Path::new("/a/b/base.raw"), Path::new("/a/c")),
+            PathBuf::from("../b/base.raw")
+        );
+        assert_eq!(
+            relative(Path::new("/a/base.raw"), Path::new("/a")),
+            PathBuf::from("base.raw")
+        );
+        assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+    }
+}

@@ -1,0 +1,6 @@
+//! Chains of layers: base ← cache ← instance. Building caches and instances, the cache's
+//! identity binding to its base, and maps of where guest data lives.
+
+pub mod build;
+pub mod identity;
+pub mod map;

@@ -1,0 +1,287 @@
+//! `vmicache inspect`: the layers of a chain, what a cache holds, and maps.
+
+use super::exit;
+use super::util::human;
+use anyhow::Result;
+use serde::Serialize;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use vmicache::chain::build::{cache_meta, verify_base};
+use vmicache::chain::map::{map, to_qemu_json};
+use vmicache::engine::{Image, OpenOptions};
+use vmicache::format::ext::{hex, BaseIdentity};
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Layer {
+    depth: usize,
+    role: &'static str,
+    path: String,
+    format: &'static str,
+    virtual_size: u64,
+    file_size: u64,
+    disk_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refcount_bits: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compression_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_clusters: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zero_clusters: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compressed_clusters: Option<u64>,
+    /// Guest bytes allocated at this layer (data + compressed clusters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allocated_bytes: Option<u64>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct CacheReport {
+    depth: usize,
+    path: String,
+    state: &'static str,
+    quota: u64,
+    cached_bytes: u64,
+    cached_clusters: u64,
+    base: Option<BaseIdentity>,
+    /// "ok", or the fields that changed.
+    base_check: serde_json::Value,
+    /// Bytes of data the base holds (its allocated extents).
+    base_data_bytes: u64,
+    /// Of those, bytes the cache holds.
+    covered_bytes: u64,
+    coverage: f64,
+    created: u64,
+    sealed: u64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    image: String,
+    layers: Vec<Layer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<CacheReport>,
+}
+
+fn layer(img: &Image, depth: usize, role: &'static str) -> Result<Layer> {
+    let md = std::fs::metadata(img.path())?;
+    let mut l = Layer {
+        depth,
+        role,
+        path: img.path().display().to_string(),
+        format: img.format().name(),
+        virtual_size: img.virtual_size(),
+        file_size: md.len(),
+        disk_size: md.blocks() * 512,
+        cluster_size: None,
+        version: None,
+        refcount_bits: None,
+        compression_type: None,
+        backing_file: None,
+        backing_format: None,
+        data_clusters: None,
+        zero_clusters: None,
+        compressed_clusters: None,
+        allocated_bytes: None,
+    };
+    if let Some(q) = img.as_qcow2() {
+        let h = q.header();
+        let s = q.allocated_clusters()?;
+        let cs = h.geometry.cluster_size();
+        l.cluster_size = Some(cs);
+        l.version = Some(h.version);
+        l.refcount_bits = Some(h.geometry.refcount_bits());
+        l.compression_type = Some(h.compression.name());
+        l.backing_file = h.backing_file.clone();
+        l.backing_format = h.backing_format.clone();
+        l.data_clusters = Some(s.data);
+        l.zero_clusters = Some(s.zero);
+        l.compressed_clusters = Some(s.compressed);
+        l.allocated_bytes = Some((s.data + s.compressed) * cs);
+    }
+    Ok(l)
+}
+
+/// Bytes of `base`'s data, and how many of them `cache` (one layer) holds.
+fn coverage(cache: &Image, base: &Image) -> Result<(u64, u64)> {
+    let q = cache.as_qcow2().expect("cache is qcow2");
+    let (mut total, mut covered) = (0, 0);
+    for e in map(base)? {
+        if !e.data || e.start >= cache.virtual_size() {
+            continue;
+        }
+        let end = (e.start + e.length).min(cache.virtual_size());
+        total += end - e.start;
+        let mut off = e.start;
+        while off < end {
+            let (st, n) = q.block_status(off, end - off)?;
+            if st != vmicache::engine::qcow2::LayerStatus::Unallocated {
+                covered += n;
+            }
+            off += n;
+        }
+    }
+    Ok((total, covered))
+}
+
+pub fn run(path: &Path, json: bool, want_map: bool) -> Result<i32> {
+    let img = Image::open(path, &OpenOptions::read_only())?;
+    if want_map {
+        let m = map(&img)?;
+        if json {
+            print!("{}", to_qemu_json(&m));
+        } else {
+            let layers = img.layers();
+            println!(
+                "{:<18} {:<12} {:>5}  {:<10} {:<18} LAYER",
+                "START", "LENGTH", "DEPTH", "KIND", "OFFSET"
+            );
+            for e in &m {
+                let kind = match (e.present, e.zero, e.compressed) {
+                    (false, _, _) => "unallocated",
+                    (true, true, _) => "zero",
+                    (true, false, true) => "compressed",
+                    (true, false, false) => "data",
+                };
+                println!(
+                    "{:<#18x} {:<12} {:>5}  {:<10} {:<18} {}",
+                    e.start,
+                    human(e.length),
+                    e.depth,
+                    kind,
+                    e.offset
+                        .map(|o| format!("{o:#x}"))
+                        .unwrap_or_else(|| "-".into()),
+                    layers[e.depth].path().display()
+                );
+            }
+        }
+        return Ok(exit::OK);
+    }
+
+    let layers = img.layers();
+    let cache_depth = layers
+        .iter()
+        .position(|l| matches!(cache_meta(l), Ok(Some(_))));
+    let mut out = Vec::new();
+    for (d, l) in layers.iter().enumerate() {
+        let role = match cache_depth {
+            Some(c) if d < c => "instance",
+            Some(c) if d == c => "cache",
+            Some(_) => "base",
+            None => "image",
+        };
+        out.push(layer(l, d, role)?);
+    }
+    let cache = match cache_depth {
+        None => None,
+        Some(d) => {
+            let c = layers[d];
+            let meta = cache_meta(c)?.expect("found above");
+            let base_check = match verify_base(c) {
+                Ok(m) if m.is_empty() => serde_json::json!("ok"),
+                Ok(m) => serde_json::to_value(m)?,
+                Err(e) => serde_json::json!(e.to_string()),
+            };
+            let (base_data_bytes, covered_bytes) = match c.backing() {
+                Some(b) => coverage(c, b)?,
+                None => (0, 0),
+            };
+            let l = &out[d];
+            Some(CacheReport {
+                depth: d,
+                path: c.path().display().to_string(),
+                state: meta.state.name(),
+                quota: meta.quota,
+                cached_bytes: l.allocated_bytes.unwrap_or(0),
+                cached_clusters: l.data_clusters.unwrap_or(0) + l.compressed_clusters.unwrap_or(0),
+                base: meta.base,
+                base_check,
+                base_data_bytes,
+                covered_bytes,
+                coverage: if base_data_bytes == 0 {
+                    1.0
+                } else {
+                    covered_bytes as f64 / base_data_bytes as f64
+                },
+                created: meta.created,
+                sealed: meta.sealed,
+            })
+        }
+    };
+    let r = Report {
+        image: path.display().to_string(),
+        layers: out,
+        cache,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(exit::OK);
+    }
+    println!("{}: {} layer(s)", r.image, r.layers.len());
+    for l in &r.layers {
+        let mut s = format!("  [{}] {:<8} {}  {}", l.depth, l.role, l.path, l.format);
+        if let Some(v) = l.version {
+            s += &format!(" v{v}");
+        }
+        s += &format!(", virtual {}", human(l.virtual_size));
+        if let Some(cs) = l.cluster_size {
+            s += &format!(", {} clusters", human(cs));
+        }
+        if let (Some(d), Some(z), Some(c)) =
+            (l.data_clusters, l.zero_clusters, l.compressed_clusters)
+        {
+            s += &format!(
+                ", holds {} ({d} data, {z} zero, {c} compressed clusters)",
+                human(l.allocated_bytes.unwrap_or(0))
+            );
+        }
+        s += &format!(", on disk {}", human(l.disk_size));
+        println!("{s}");
+    }
+    if let Some(c) = &r.cache {
+        println!(
+            "cache {}: {}, holds {} in {} clusters, quota {}",
+            c.path,
+            c.state,
+            human(c.cached_bytes),
+            c.cached_clusters,
+            if c.quota == 0 {
+                "none".into()
+            } else {
+                human(c.quota)
+            }
+        );
+        println!(
+            "  covers {} of the base's {} of data ({:.1}%)",
+            human(c.covered_bytes),
+            human(c.base_data_bytes),
+            c.coverage * 100.0
+        );
+        if let Some(b) = &c.base {
+            let check = match &c.base_check {
+                serde_json::Value::String(s) if s == "ok" => "matches".to_string(),
+                v => format!("CHANGED: {v}"),
+            };
+            println!(
+                "  base {} ({}, {}), fingerprint {}: {}",
+                b.path,
+                b.format,
+                human(b.virtual_size),
+                hex(&b.fingerprint[..8]),
+                check
+            );
+        }
+    }
+    Ok(exit::OK)
+}

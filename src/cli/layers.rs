@@ -1,0 +1,70 @@
+//! `vmicache build` and `vmicache chain`.
+
+use super::exit;
+use super::util::human;
+use anyhow::Result;
+use std::path::Path;
+use vmicache::chain::build::{build_cache, make_instance, BuildOptions};
+use vmicache::engine::Format;
+use vmicache::format::ext::hex;
+
+pub fn build(
+    base: &Path,
+    out: &Path,
+    quota: u64,
+    cluster_size: u64,
+    base_format: Option<String>,
+    json: bool,
+    quiet: bool,
+) -> Result<i32> {
+    let o = BuildOptions {
+        cluster_size,
+        quota,
+        base_format: base_format.as_deref().and_then(Format::parse),
+    };
+    let id = build_cache(base, out, &o)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "cache": out.display().to_string(),
+                "base": id,
+                "cluster-size": cluster_size,
+                "quota": quota,
+            })
+        );
+    } else if !quiet {
+        println!(
+            "built cache {} over {} ({}, {}), {} clusters, quota {}, fingerprint {}",
+            out.display(),
+            id.path,
+            id.format,
+            human(id.virtual_size),
+            human(cluster_size),
+            if quota == 0 {
+                "none".into()
+            } else {
+                human(quota)
+            },
+            hex(&id.fingerprint[..8])
+        );
+    }
+    Ok(exit::OK)
+}
+
+pub fn chain(cache: &Path, out: &Path, cluster_size: u64, json: bool, quiet: bool) -> Result<i32> {
+    make_instance(cache, out, cluster_size)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"instance": out.display().to_string(), "cache": cache.display().to_string()})
+        );
+    } else if !quiet {
+        println!(
+            "created instance {} over cache {} (base verified)",
+            out.display(),
+            cache.display()
+        );
+    }
+    Ok(exit::OK)
+}

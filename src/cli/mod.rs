@@ -1,0 +1,158 @@
+//! Command-line front end: argument parsing (clap), human and JSON output, exit codes.
+
+mod check;
+mod inspect;
+mod layers;
+pub mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Exit codes (documented in --help and the README).
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// Any error: bad arguments, unreadable or invalid image, changed base.
+    pub const ERROR: i32 = 1;
+    // `check` returns 2 (corruptions) and 3 (leaks only) as qemu-img check does; see
+    // `vmicache::engine::check::CheckReport::exit_code`.
+}
+
+const AFTER_HELP: &str = "\
+A VM boots from a chain of three layers:
+
+    base (raw or qcow2, read-only)  <-  cache (qcow2)  <-  instance (qcow2, one per VM)
+
+`build` makes an empty cache over a base and records the base's identity in it; `chain`
+makes a per-VM instance over a cache (refusing if the base changed); `inspect` shows what each
+layer holds; `check` verifies qcow2 metadata as `qemu-img check` does.
+
+Exit codes: 0 success; 1 error (the message says what and where); for `check`: 2 corruptions
+found, 3 leaked clusters only (the codes of qemu-img check).
+
+Sizes accept suffixes K, M, G, T (powers of 1024; KiB, MiB... also accepted).";
+
+#[derive(Parser, Debug)]
+#[command(name = "vmicache", version, about = "Boot-working-set caches for VM images (qcow2)", long_about = None, after_long_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Print less (errors only).
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create an empty cache layer over a base image, recording the base's identity.
+    ///
+    /// The cache is a qcow2 image whose backing file is BASE. A relative BASE is recorded
+    /// relative to the cache's directory, an absolute one as given. The cache records BASE's
+    /// format, virtual size and a content fingerprint, so later commands notice a base that
+    /// changed under it.
+    Build {
+        /// The base image (raw or qcow2; format probed unless --base-format).
+        base: PathBuf,
+        /// Path of the new cache (must not exist).
+        #[arg(short, long, value_name = "CACHE")]
+        output: PathBuf,
+        /// Largest amount of guest data the cache may hold (e.g. 2G); 0 = no limit.
+        #[arg(long, value_parser = util::parse_size, default_value = "0")]
+        quota: u64,
+        /// Cluster size of the cache, 512 B to 2 MiB.
+        #[arg(long, value_parser = util::parse_size, default_value = "64K")]
+        cluster_size: u64,
+        /// Format of BASE: raw or qcow2.
+        #[arg(long, value_parser = ["raw", "qcow2"])]
+        base_format: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a per-VM copy-on-write instance over a cache.
+    ///
+    /// Refuses when the cache's base no longer matches the identity recorded at build time
+    /// (and says which field changed).
+    Chain {
+        /// The cache layer (made by `vmicache build`).
+        cache: PathBuf,
+        /// Path of the new instance overlay (must not exist).
+        #[arg(short, long, value_name = "INSTANCE")]
+        output: PathBuf,
+        /// Cluster size of the instance, 512 B to 2 MiB.
+        #[arg(long, value_parser = util::parse_size, default_value = "64K")]
+        cluster_size: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every layer of an image's chain; for a cache, what it holds and whether its base
+    /// still matches.
+    Inspect {
+        image: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// List extents and the layer that holds each (with --json: the shape of
+        /// `qemu-img map --output=json`).
+        #[arg(long)]
+        map: bool,
+    },
+    /// Check a qcow2 image's metadata (refcounts against references, COPIED flags, tables
+    /// inside the file), counting as `qemu-img check` counts.
+    ///
+    /// Exit code 0 clean, 2 corruptions, 3 leaks only, 1 if the check could not run.
+    Check {
+        image: PathBuf,
+        /// Repair what is safe to repair: `leaks` lowers refcounts of leaked clusters.
+        #[arg(short, long, value_parser = ["leaks"])]
+        repair: Option<String>,
+        /// Machine-readable output (the fields of `qemu-img check --output=json`).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmicache: {}", util::one_line(&e));
+            exit::ERROR
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Build {
+            base,
+            output,
+            quota,
+            cluster_size,
+            base_format,
+            json,
+        } => layers::build(
+            &base,
+            &output,
+            quota,
+            cluster_size,
+            base_format,
+            json,
+            cli.quiet,
+        ),
+        Cmd::Chain {
+            cache,
+            output,
+            cluster_size,
+            json,
+        } => layers::chain(&cache, &output, cluster_size, json, cli.quiet),
+        Cmd::Inspect { image, json, map } => inspect::run(&image, json, map),
+        Cmd::Check {
+            image,
+            repair,
+            json,
+        } => check::run(&image, repair.is_some(), json),
+    }
+}

@@ -1,0 +1,452 @@
+//! Metadata consistency check, counting as `qemu-img check` counts (block/qcow2-refcount.c):
+//! rebuild every reference from the L1/L2 tables, snapshots and refcount structures, compare
+//! with the refcounts on disk, and check the COPIED flags.
+//!
+//! A cluster whose on-disk refcount is below its references is a corruption; above is a leak.
+//! `Repair::Leaks` lowers leaked refcounts, nothing else.
+
+use super::qcow2::Qcow2;
+use super::storage::{FileStorage, Storage};
+use crate::format::header::{self, Header, MAX_L1_BYTES};
+use crate::format::table::{self, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use crate::format::{be_u16, be_u32, be_u64, refcount};
+use crate::{Error, Result};
+use std::path::Path;
+
+const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+const REFT_RESERVED: u64 = 0x1ff;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    None,
+    Leaks,
+}
+
+/// Result of a check, with the fields of `qemu-img check --output=json`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CheckReport {
+    pub filename: String,
+    pub format: String,
+    pub check_errors: u64,
+    pub image_end_offset: u64,
+    pub corruptions: u64,
+    pub leaks: u64,
+    pub corruptions_fixed: u64,
+    pub leaks_fixed: u64,
+    pub total_clusters: u64,
+    pub allocated_clusters: u64,
+    pub fragmented_clusters: u64,
+    pub compressed_clusters: u64,
+    /// One line per finding, in the words qemu-img uses.
+    #[serde(skip)]
+    pub messages: Vec<String>,
+}
+
+impl CheckReport {
+    /// 0 clean, 2 corruptions, 3 leaks only, 1 if the check could not complete (as qemu-img).
+    pub fn exit_code(&self) -> i32 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+struct Checker<'a> {
+    st: &'a dyn Storage,
+    h: &'a Header,
+    cs: u64,
+    file_len: u64,
+    nb_clusters: u64,
+    computed: Vec<u32>,
+    r: CheckReport,
+}
+
+impl Checker<'_> {
+    fn msg(&mut self, s: String) {
+        self.r.messages.push(s);
+    }
+
+    /// Count a reference to the byte range; refuse ranges a cluster or more past EOF.
+    fn inc(&mut self, off: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        let end = off.saturating_add(size);
+        if end.saturating_sub(self.file_len) >= self.cs || end < off {
+            self.msg(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {size:#x}"
+            ));
+            self.r.corruptions += 1;
+            return;
+        }
+        for c in off / self.cs..=(end - 1) / self.cs {
+            if let Some(v) = self.computed.get_mut(c as usize) {
+                *v = v.saturating_add(1);
+            }
+        }
+    }
+
+    fn read(&self, off: u64, len: u64) -> Result<Vec<u8>> {
+        let mut b = vec![0u8; len as usize];
+        self.st.read_at(&mut b, off)?;
+        Ok(b)
+    }
+
+    fn check_l1(&mut self, l1_off: u64, l1_size: u64, active: bool) -> Result<()> {
+        self.inc(l1_off, l1_size * 8);
+        let l1 = table::decode_table(&self.read(l1_off, l1_size * 8)?);
+        for e in l1 {
+            if e == 0 {
+                continue;
+            }
+            if e & L1_RESERVED != 0 {
+                self.msg(format!(
+                    "ERROR found L1 entry with reserved bits set: {e:x}"
+                ));
+                self.r.corruptions += 1;
+            }
+            let l2 = e & OFFSET_MASK;
+            self.inc(l2, self.cs);
+            if l2 % self.cs != 0 {
+                self.msg(format!(
+                    "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+                self.r.corruptions += 1;
+            }
+            let t = table::decode_table(&self.read(l2, self.cs)?);
+            self.check_l2(&t, active);
+        }
+        Ok(())
+    }
+
+    fn check_l2(&mut self, t: &[u64], active: bool) {
+        let cb = self.h.geometry.cluster_bits;
+        let mut next = 0u64;
+        for &e in t {
+            if e & COMPRESSED != 0 {
+                if e & COPIED != 0 {
+                    let x = 62 - (cb - 8);
+                    self.msg(format!(
+                        "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
+                        e & ((1u64 << x) - 1)
+                    ));
+                    self.r.corruptions += 1;
+                }
+                let (off, len) = table::compressed_descriptor(e & !COPIED, cb);
+                self.inc(off, len);
+                if active {
+                    self.r.allocated_clusters += 1;
+                    self.r.compressed_clusters += 1;
+                    self.r.fragmented_clusters += 1;
+                }
+                continue;
+            }
+            if e & L2_STD_RESERVED != 0 {
+                self.msg(format!(
+                    "ERROR found l2 entry with reserved bits set: {e:x}"
+                ));
+                self.r.corruptions += 1;
+            }
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue; // unallocated or plain zero
+            }
+            if active {
+                self.r.allocated_clusters += 1;
+                if next != 0 && off != next {
+                    self.r.fragmented_clusters += 1;
+                }
+                next = off + self.cs;
+            }
+            if off % self.cs != 0 {
+                let what = if e & ZERO != 0 {
+                    "Preallocated"
+                } else {
+                    "Data"
+                };
+                self.msg(format!(
+                    "ERROR offset={off:x}: {what} cluster is not properly aligned; L2 entry corrupted."
+                ));
+                self.r.corruptions += 1;
+            }
+            self.inc(off, self.cs);
+        }
+    }
+
+    fn check_snapshots(&mut self) -> Result<()> {
+        let n = self.h.nb_snapshots;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut at = self.h.snapshots_offset;
+        for _ in 0..n {
+            if at >= self.file_len {
+                return Err(Error::invalid(
+                    self.st.path(),
+                    "snapshot table runs past the end of the file",
+                ));
+            }
+            let fixed = self.read(at, 40)?;
+            let l1_off = be_u64(&fixed, 0);
+            let l1_size = u64::from(be_u32(&fixed, 8));
+            let id_len = u64::from(be_u16(&fixed, 12));
+            let name_len = u64::from(be_u16(&fixed, 14));
+            let extra = u64::from(be_u32(&fixed, 36));
+            let strs = self.read(at + 40 + extra, id_len + name_len)?;
+            let id = String::from_utf8_lossy(&strs[..id_len as usize]).into_owned();
+            let name = String::from_utf8_lossy(&strs[id_len as usize..]).into_owned();
+            at += (40 + extra + id_len + name_len).div_ceil(8) * 8;
+            if l1_off % self.cs != 0 {
+                self.msg(format!("ERROR snapshot {id} ({name}) l1_offset={l1_off:#x}: L1 table is not cluster aligned; snapshot table entry corrupted"));
+                self.r.corruptions += 1;
+                continue;
+            }
+            if l1_size * 8 > MAX_L1_BYTES {
+                self.msg(format!("ERROR snapshot {id} ({name}) l1_size={l1_size:#x}: L1 table is too large; snapshot table entry corrupted"));
+                self.r.corruptions += 1;
+                continue;
+            }
+            self.check_l1(l1_off, l1_size, false)?;
+        }
+        self.inc(self.h.snapshots_offset, at - self.h.snapshots_offset);
+        Ok(())
+    }
+
+    /// Refcount table entries, validated; (index, offset) of usable blocks.
+    fn check_refblocks(&mut self, reftable: &[u64]) -> Vec<Option<u64>> {
+        let mut usable = vec![None; reftable.len()];
+        for (i, &e) in reftable.iter().enumerate() {
+            let off = e & !REFT_RESERVED;
+            if e & REFT_RESERVED != 0 {
+                self.msg(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
+                self.r.corruptions += 1;
+                continue;
+            }
+            if off == 0 {
+                continue;
+            }
+            if off % self.cs != 0 {
+                self.msg(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                self.r.corruptions += 1;
+                continue;
+            }
+            let c = off / self.cs;
+            if c >= self.nb_clusters {
+                self.msg(format!("ERROR refcount block {i} is outside image"));
+                self.r.corruptions += 1;
+                continue;
+            }
+            self.inc(off, self.cs);
+            if self.computed[c as usize] != 1 {
+                self.msg(format!(
+                    "ERROR refcount block {i} refcount={}",
+                    self.computed[c as usize]
+                ));
+                self.r.corruptions += 1;
+            }
+            usable[i] = Some(off);
+        }
+        usable
+    }
+}
+
+/// On-disk refcounts of clusters [0, n), block by block.
+fn disk_refcounts(
+    st: &dyn Storage,
+    h: &Header,
+    blocks: &[Option<u64>],
+    n: u64,
+) -> Result<Vec<u64>> {
+    let geo = h.geometry;
+    let per = geo.refblock_entries();
+    let mut out = vec![0u64; n as usize];
+    let mut buf = vec![0u8; geo.cluster_size() as usize];
+    for (i, b) in blocks.iter().enumerate() {
+        let first = i as u64 * per;
+        if first >= n {
+            break;
+        }
+        let Some(off) = b else { continue };
+        st.read_at(&mut buf, *off)?;
+        for s in 0..per.min(n - first) {
+            out[(first + s) as usize] = refcount::get(&buf, geo.refcount_order, s as usize);
+        }
+    }
+    Ok(out)
+}
+
+/// Check the qcow2 image at `path` (the image alone, not its backing files).
+pub fn check(path: &Path, repair: Repair) -> Result<CheckReport> {
+    let st = FileStorage::open(path, repair != Repair::None)?;
+    let h = Qcow2::read_header(&st)?;
+    if h.autoclear & header::autoclear::BITMAPS != 0 && h.has_extension(header::ext_kind::BITMAPS) {
+        return Err(Error::unsupported(path, "persistent dirty bitmaps (check)"));
+    }
+    let first = run(&st, &h, path)?;
+    if repair == Repair::None || (first.leaks == 0) {
+        return Ok(first);
+    }
+    // Lower leaked refcounts, then check again and report what the second pass sees.
+    let cs = h.geometry.cluster_size();
+    let reftable = table::decode_table(&{
+        let mut b = vec![0u8; (u64::from(h.refcount_table_clusters) * cs) as usize];
+        st.read_at(&mut b, h.refcount_table_offset)?;
+        b
+    });
+    let mut c = new_checker(&st, &h, path)?;
+    compute(&mut c, &reftable)?;
+    let blocks = c.check_refblocks(&reftable);
+    let disk = disk_refcounts(&st, &h, &blocks, c.nb_clusters)?;
+    if (0..c.nb_clusters as usize).any(|i| disk[i] == 0 && c.computed[i] > 0) {
+        return Err(Error::corrupt(
+            path,
+            "ERROR need to rebuild refcount structures (refcounts below their references cannot be repaired as leaks)",
+        ));
+    }
+    let per = h.geometry.refblock_entries();
+    let mut fixed = 0;
+    let mut messages = Vec::new();
+    let mut buf = vec![0u8; cs as usize];
+    for (bi, b) in blocks.iter().enumerate() {
+        let Some(off) = b else { continue };
+        let first_c = bi as u64 * per;
+        if first_c >= c.nb_clusters {
+            break;
+        }
+        st.read_at(&mut buf, *off)?;
+        let mut dirty = false;
+        for s in 0..per.min(c.nb_clusters - first_c) {
+            let i = (first_c + s) as usize;
+            let want = u64::from(c.computed[i]);
+            if disk[i] > want {
+                messages.push(format!(
+                    "Repairing cluster {i} refcount={} reference={want}",
+                    disk[i]
+                ));
+                refcount::set(&mut buf, h.geometry.refcount_order, s as usize, want);
+                dirty = true;
+                fixed += 1;
+            }
+        }
+        if dirty {
+            st.write_at(&buf, *off)?;
+        }
+    }
+    st.sync()?;
+    let mut second = run(&st, &h, path)?;
+    second.leaks_fixed = fixed;
+    messages.append(&mut second.messages);
+    second.messages = messages;
+    Ok(second)
+}
+
+fn new_checker<'a>(st: &'a dyn Storage, h: &'a Header, path: &Path) -> Result<Checker<'a>> {
+    let cs = h.geometry.cluster_size();
+    let file_len = st.len()?;
+    let nb_clusters = file_len.div_ceil(cs);
+    Ok(Checker {
+        st,
+        h,
+        cs,
+        file_len,
+        nb_clusters,
+        computed: vec![0; nb_clusters as usize],
+        r: CheckReport {
+            filename: path.display().to_string(),
+            format: "qcow2".into(),
+            total_clusters: h.size.div_ceil(cs),
+            ..Default::default()
+        },
+    })
+}
+
+fn compute(c: &mut Checker<'_>, _reftable: &[u64]) -> Result<()> {
+    let h = c.h;
+    c.inc(0, c.cs);
+    c.check_l1(h.l1_table_offset, u64::from(h.l1_size), true)?;
+    c.check_snapshots()?;
+    c.inc(
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * c.cs,
+    );
+    Ok(())
+}
+
+fn run(st: &dyn Storage, h: &Header, path: &Path) -> Result<CheckReport> {
+    let cs = h.geometry.cluster_size();
+    let mut c = new_checker(st, h, path)?;
+    let reftable = table::decode_table(&c.read(
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+    )?);
+    compute(&mut c, &reftable)?;
+    let blocks = c.check_refblocks(&reftable);
+    let disk = disk_refcounts(st, h, &blocks, c.nb_clusters)?;
+    let mut highest = None;
+    for i in 0..c.nb_clusters as usize {
+        let (d, r) = (disk[i], u64::from(c.computed[i]));
+        if d > 0 || r > 0 {
+            highest = Some(i as u64);
+        }
+        if d == r {
+            continue;
+        }
+        if d < r {
+            c.msg(format!("ERROR cluster {i} refcount={d} reference={r}"));
+            c.r.corruptions += 1;
+        } else {
+            c.msg(format!("Leaked cluster {i} refcount={d} reference={r}"));
+            c.r.leaks += 1;
+        }
+    }
+    c.r.image_end_offset = highest.map_or(0, |i| (i + 1) * cs);
+    // COPIED flags of the active tables, against the on-disk refcounts.
+    let rc_of = |off: u64| -> u64 {
+        let i = (off / cs) as usize;
+        disk.get(i).copied().unwrap_or(0)
+    };
+    let l1 = table::decode_table(&c.read(h.l1_table_offset, u64::from(h.l1_size) * 8)?);
+    for (i, &e) in l1.iter().enumerate() {
+        let l2 = e & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        let rc = rc_of(l2);
+        if (rc == 1) != (e & COPIED != 0) {
+            c.msg(format!(
+                "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+            ));
+            c.r.corruptions += 1;
+        }
+        let t = table::decode_table(&c.read(l2, cs)?);
+        for &x in &t {
+            if x & COMPRESSED != 0 {
+                continue;
+            }
+            let off = x & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let rc = rc_of(off);
+            if (rc == 1) != (x & COPIED != 0) {
+                c.msg(format!(
+                    "ERROR OFLAG_COPIED data cluster: l2_entry={x:x} refcount={rc}"
+                ));
+                c.r.corruptions += 1;
+            }
+        }
+    }
+    Ok(c.r)
+}

@@ -1,0 +1,238 @@
+//! An opened image of either format, with its backing chain.
+
+use super::qcow2::{Qcow2, Qcow2Open};
+use super::raw::Raw;
+use super::storage::{FileStorage, Storage};
+use crate::format::header::MAGIC;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// Deepest backing chain we open (QEMU has no fixed limit; this bounds hostile chains).
+pub const MAX_CHAIN_DEPTH: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Open the top image for writing (backing files are always read-only).
+    pub write: bool,
+    /// Open the backing chain (false: the top image alone, reads of unallocated data fail
+    /// over to zeros).
+    pub backing: bool,
+    /// Format of the top image; None probes the magic.
+    pub format: Option<Format>,
+}
+
+impl OpenOptions {
+    pub fn read_only() -> Self {
+        OpenOptions {
+            write: false,
+            backing: true,
+            format: None,
+        }
+    }
+    pub fn read_write() -> Self {
+        OpenOptions {
+            write: true,
+            ..Self::read_only()
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Image {
+    Raw(Raw),
+    Qcow2(Qcow2),
+}
+
+/// Probe an image's format by its magic.
+pub fn probe(st: &dyn Storage) -> Result<Format> {
+    let mut m = [0u8; 4];
+    st.read_at(&mut m, 0)?;
+    Ok(if u32::from_be_bytes(m) == MAGIC && st.len()? >= 4 {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// Resolve a backing file name as QEMU does: relative names are relative to the directory of
+/// the overlay's path as given.
+pub fn resolve_backing(overlay: &Path, name: &str) -> Result<PathBuf> {
+    if name.starts_with("json:") || name.contains("://") {
+        return Err(Error::unsupported(
+            overlay,
+            format!("backing file protocol in '{name}' (only local files)"),
+        ));
+    }
+    let p = Path::new(name);
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        overlay.parent().unwrap_or(Path::new("")).join(p)
+    })
+}
+
+impl Image {
+    /// Open `path` and, unless told otherwise, its whole backing chain.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
+        let mut seen = Vec::new();
+        Self::open_inner(path, opts, opts.format, &mut seen)
+    }
+
+    fn open_inner(
+        path: &Path,
+        opts: &OpenOptions,
+        format: Option<Format>,
+        seen: &mut Vec<PathBuf>,
+    ) -> Result<Image> {
+        let canon = std::fs::canonicalize(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound && !seen.is_empty() {
+                Error::chain(
+                    path,
+                    format!(
+                        "backing file not found (named by {})",
+                        seen.last().unwrap().display()
+                    ),
+                )
+            } else {
+                Error::io(path, "open", e)
+            }
+        })?;
+        if let Some(i) = seen.iter().position(|p| *p == canon) {
+            let names: Vec<String> = seen[i..]
+                .iter()
+                .chain(std::iter::once(&canon))
+                .map(|p| p.display().to_string())
+                .collect();
+            return Err(Error::chain(
+                path,
+                format!("backing loop: {}", names.join(" -> ")),
+            ));
+        }
+        if seen.len() >= MAX_CHAIN_DEPTH {
+            return Err(Error::chain(
+                path,
+                format!("backing chain deeper than {MAX_CHAIN_DEPTH} layers"),
+            ));
+        }
+        seen.push(canon);
+        let write = opts.write && seen.len() == 1;
+        let st: Box<dyn Storage> = Box::new(FileStorage::open(path, write)?);
+        let format = match format {
+            Some(f) => f,
+            None => probe(&*st)?,
+        };
+        match format {
+            Format::Raw => Ok(Image::Raw(Raw::open(st, write)?)),
+            Format::Qcow2 => {
+                let header = Qcow2::read_header(&*st)?;
+                let backing = match (&header.backing_file, opts.backing) {
+                    (Some(name), true) => {
+                        let bpath = resolve_backing(path, name)?;
+                        let bfmt = match &header.backing_format {
+                            None => None,
+                            Some(f) => Some(Format::parse(f).ok_or_else(|| {
+                                Error::unsupported(path, format!("backing format '{f}'"))
+                            })?),
+                        };
+                        Some(Box::new(Self::open_inner(&bpath, opts, bfmt, seen)?))
+                    }
+                    _ => None,
+                };
+                Ok(Image::Qcow2(Qcow2::open(
+                    st,
+                    header,
+                    backing,
+                    Qcow2Open { write },
+                )?))
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Image::Raw(r) => r.path(),
+            Image::Qcow2(q) => q.path(),
+        }
+    }
+    pub fn format(&self) -> Format {
+        match self {
+            Image::Raw(_) => Format::Raw,
+            Image::Qcow2(_) => Format::Qcow2,
+        }
+    }
+    pub fn virtual_size(&self) -> u64 {
+        match self {
+            Image::Raw(r) => r.virtual_size(),
+            Image::Qcow2(q) => q.virtual_size(),
+        }
+    }
+    pub fn backing(&self) -> Option<&Image> {
+        match self {
+            Image::Raw(_) => None,
+            Image::Qcow2(q) => q.backing(),
+        }
+    }
+    pub fn as_qcow2(&self) -> Option<&Qcow2> {
+        match self {
+            Image::Qcow2(q) => Some(q),
+            Image::Raw(_) => None,
+        }
+    }
+    pub fn storage(&self) -> &dyn Storage {
+        match self {
+            Image::Raw(r) => r.storage(),
+            Image::Qcow2(q) => q.storage(),
+        }
+    }
+    /// The layers from this image down to the bottom of the chain.
+    pub fn layers(&self) -> Vec<&Image> {
+        let mut v = vec![self];
+        while let Some(b) = v.last().unwrap().backing() {
+            v.push(b);
+        }
+        v
+    }
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        match self {
+            Image::Raw(r) => r.read_at(buf, off),
+            Image::Qcow2(q) => q.read_at(buf, off),
+        }
+    }
+    pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        match self {
+            Image::Raw(r) => r.write_at(buf, off),
+            Image::Qcow2(q) => q.write_at(buf, off),
+        }
+    }
+    /// Write cached metadata in safe order; `durable` syncs to stable storage.
+    pub fn flush(&self, durable: bool) -> Result<()> {
+        match self {
+            Image::Raw(r) => r.flush(durable),
+            Image::Qcow2(q) => q.flush(durable),
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The image engine: I/O, allocation, metadata caches and write ordering.
+
+pub mod alloc;
+pub mod check;
+pub mod create;
+pub mod image;
+pub mod qcow2;
+pub mod raw;
+pub mod storage;
+
+pub use image::{Format, Image, OpenOptions};

@@ -1,0 +1,785 @@
+//! A qcow2 image: reads through its mapping, writes with allocation and copy-on-write, and the
+//! metadata cache that decides what reaches the disk in which order.
+//!
+//! Ordering (the crash rules of QEMU's block/qcow2-cluster.c):
+//! 1. a new cluster's refcount reaches the disk before any L2/L1 entry that points at it;
+//! 2. guest data reaches the disk before the L2 entry that exposes it;
+//! 3. an L2 table's contents reach the disk before the L1 entry that points at it;
+//! 4. a reference is removed from disk before the refcount that counted it drops.
+//!
+//! Data is written straight to its (already counted) cluster. L2 tables, L1 entries and refcount
+//! blocks are cached; `flush` writes refcount blocks, syncs, writes L2 tables, syncs, writes L1
+//! entries, then applies deferred frees. A crash at any point therefore leaves at worst clusters
+//! whose refcount is too high (leaks), which `check --repair leaks` reclaims.
+
+use super::alloc::Refcounts;
+use super::image::Image;
+use super::storage::Storage;
+use crate::format::compress;
+use crate::format::ext as vext;
+use crate::format::header::{self, CompressionType, Header};
+use crate::format::table::{self, L1Entry, L2Entry, L2Mapping};
+use crate::format::types::{Geometry, GuestOffset, HostOffset};
+use crate::{Error, Result};
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+/// Dirty metadata above this many bytes is flushed; clean tables above it are dropped.
+const L2_CACHE_BYTES: usize = 32 << 20;
+
+/// Where the bytes of a piece of a guest range come from, at one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Plain data in this file.
+    Data(HostOffset),
+    /// Zeros, decided at this layer (zero flag).
+    Zero,
+    /// A compressed cluster: descriptor plus the offset within the cluster.
+    Compressed { host: HostOffset, len: u64 },
+    /// Not allocated here: ask the backing file.
+    Backing,
+}
+
+/// Allocation status of a guest range at this layer, for `map`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerStatus {
+    Unallocated,
+    /// Zero flag; `offset` is the preallocated host offset, if any.
+    Zero {
+        offset: Option<u64>,
+    },
+    Data {
+        offset: u64,
+    },
+    Compressed,
+}
+
+pub struct Qcow2 {
+    storage: Box<dyn Storage>,
+    geo: Geometry,
+    v3: bool,
+    size: u64,
+    compression: CompressionType,
+    writable: bool,
+    meta: Mutex<Meta>,
+    backing: Option<Box<Image>>,
+}
+
+impl std::fmt::Debug for Qcow2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2")
+            .field("path", &self.storage.path())
+            .finish()
+    }
+}
+
+pub(crate) struct L2Table {
+    entries: Vec<u64>,
+    dirty: bool,
+}
+
+pub(crate) struct Meta {
+    pub(crate) header: Header,
+    l1: Vec<u64>,
+    l1_dirty: BTreeSet<usize>,
+    l2: HashMap<u64, L2Table>,
+    pub(crate) rc: Refcounts,
+    /// Host clusters whose references were removed in memory; their refcounts drop only after
+    /// the removal is on disk.
+    pending_free: Vec<u64>,
+    /// An L1 entry changed to point at a new L2 table since the last flush.
+    new_l2: bool,
+}
+
+/// What `open` should allow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Qcow2Open {
+    pub write: bool,
+}
+
+impl Qcow2 {
+    /// Parse the header of `storage` (no backing opened yet).
+    pub(crate) fn read_header(storage: &dyn Storage) -> Result<Header> {
+        let path = storage.path();
+        let len = storage.len()?;
+        let mut first = vec![0u8; 512];
+        storage.read_at(&mut first, 0)?;
+        let bits =
+            Header::peek_cluster_bits(&first[..len.min(512) as usize]).map_err(|e| e.at(path))?;
+        let cs = 1usize << bits;
+        let want = cs.min(len as usize);
+        let mut b = vec![0u8; want];
+        storage.read_at(&mut b, 0)?;
+        Header::parse(&b, len).map_err(|e| e.at(path))
+    }
+
+    /// Open the image over `storage`; `backing` is the already opened backing image.
+    pub(crate) fn open(
+        storage: Box<dyn Storage>,
+        header: Header,
+        backing: Option<Box<Image>>,
+        opts: Qcow2Open,
+    ) -> Result<Qcow2> {
+        let path = storage.path().to_path_buf();
+        let geo = header.geometry;
+        if opts.write {
+            let refuse = |what: &str| {
+                Err(Error::unsupported(
+                    &path,
+                    format!("{what} (opened for writing)"),
+                ))
+            };
+            if header.incompatible & header::incompat::CORRUPT != 0 {
+                return Err(Error::corrupt(
+                    &path,
+                    "corrupt bit set: cannot be opened for writing (run `qemu-img check -r all`)",
+                ));
+            }
+            if header.incompatible & header::incompat::DIRTY != 0 {
+                return Err(Error::corrupt(
+                    &path,
+                    "dirty bit set (lazy refcounts not flushed): repair with `qemu-img check -r all` first",
+                ));
+            }
+            if header.nb_snapshots > 0 {
+                return refuse("internal snapshots");
+            }
+            if header.has_extension(header::ext_kind::BITMAPS) {
+                return refuse("persistent dirty bitmaps");
+            }
+        }
+        let mut l1 = vec![0u8; header.l1_size as usize * 8];
+        storage.read_at(&mut l1, header.l1_table_offset)?;
+        let l1 = table::decode_table(&l1);
+        let rc = Refcounts::load(&*storage, &header)?;
+        let mut q = Qcow2 {
+            geo,
+            v3: header.version >= 3,
+            size: header.size,
+            compression: header.compression,
+            writable: opts.write,
+            meta: Mutex::new(Meta {
+                header,
+                l1,
+                l1_dirty: BTreeSet::new(),
+                l2: HashMap::new(),
+                rc,
+                pending_free: Vec::new(),
+                new_l2: false,
+            }),
+            backing,
+            storage,
+        };
+        if opts.write {
+            // Autoclear bits we do not maintain must be cleared by a writer (spec).
+            let m = q.meta.get_mut().unwrap();
+            if m.header.autoclear != 0 {
+                m.header.autoclear = 0;
+                let h = m.header.clone();
+                write_header(&*q.storage, &h)?;
+                q.storage.sync()?;
+            }
+        }
+        Ok(q)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.storage.path()
+    }
+    pub fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    pub fn backing(&self) -> Option<&Image> {
+        self.backing.as_deref()
+    }
+    pub fn header(&self) -> Header {
+        self.lock().header.clone()
+    }
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Meta> {
+        // A panic while holding the lock is a bug; the data on disk is still ordered.
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> Error {
+        Error::corrupt(self.path(), what)
+    }
+
+    // ----- mapping -------------------------------------------------------------------------
+
+    /// The L2 entry for a guest cluster, loading its table if needed; None if no L2 table.
+    fn entry(&self, m: &mut Meta, g: GuestOffset) -> Result<L2Entry> {
+        let l1i = self.geo.l1_index(g) as usize;
+        let Some(l2off) = self.l2_offset(m, l1i)? else {
+            return Ok(L2Entry::UNALLOCATED);
+        };
+        let t = self.load_l2(m, l2off)?;
+        Ok(L2Entry(t.entries[self.geo.l2_index(g)]))
+    }
+
+    fn l2_offset(&self, m: &Meta, l1i: usize) -> Result<Option<u64>> {
+        let Some(&e) = m.l1.get(l1i) else {
+            return Ok(None);
+        };
+        let off = L1Entry(e)
+            .l2_offset(&self.geo)
+            .map_err(|e| e.at(self.path()))?;
+        if let Some(o) = off {
+            if o.0 == 0 || o.0 >= self.file_bound(m) {
+                return Err(self.corrupt(format!(
+                    "L1 entry {l1i} points at {:#x}, outside the image",
+                    o.0
+                )));
+            }
+        }
+        Ok(off.map(|o| o.0))
+    }
+
+    /// Host offsets at or past this are outside the image (allowing for our own unflushed
+    /// allocations).
+    fn file_bound(&self, m: &Meta) -> u64 {
+        m.rc.high_water() << self.geo.cluster_bits
+    }
+
+    fn load_l2<'m>(&self, m: &'m mut Meta, off: u64) -> Result<&'m mut L2Table> {
+        if !m.l2.contains_key(&off) {
+            let mut b = vec![0u8; self.geo.cluster_size() as usize];
+            self.storage.read_at(&mut b, off)?;
+            m.l2.insert(
+                off,
+                L2Table {
+                    entries: table::decode_table(&b),
+                    dirty: false,
+                },
+            );
+        }
+        Ok(m.l2.get_mut(&off).unwrap())
+    }
+
+    fn decode(&self, m: &Meta, e: L2Entry) -> Result<L2Mapping> {
+        let map = e
+            .mapping(&self.geo, self.v3)
+            .map_err(|e| e.at(self.path()))?;
+        let bound = self.file_bound(m);
+        match map {
+            L2Mapping::Data { host, .. }
+            | L2Mapping::Zero {
+                prealloc: Some(host),
+                ..
+            } if host.0 >= bound => Err(self.corrupt(format!(
+                "data cluster at {:#x} lies past the end of the image",
+                host.0
+            ))),
+            L2Mapping::Compressed { host, .. } if host.0 >= bound => Err(self.corrupt(format!(
+                "compressed cluster at {:#x} lies past the end of the image",
+                host.0
+            ))),
+            _ => Ok(map),
+        }
+    }
+
+    /// Split `[off, off+len)` into runs with one source each (contiguous host data merged).
+    fn plan(&self, m: &mut Meta, off: u64, len: u64) -> Result<Vec<(u64, u64, Source)>> {
+        let mut out: Vec<(u64, u64, Source)> = Vec::new();
+        let end = off + len;
+        let mut pos = off;
+        while pos < end {
+            let inc = self.geo.in_cluster(pos);
+            let n = (self.geo.cluster_size() - inc).min(end - pos);
+            let e = self.entry(m, GuestOffset(pos))?;
+            let src = match self.decode(m, e)? {
+                L2Mapping::Unallocated => Source::Backing,
+                L2Mapping::Zero { .. } => Source::Zero,
+                L2Mapping::Data { host, .. } => Source::Data(HostOffset(host.0 + inc)),
+                L2Mapping::Compressed { host, len } => Source::Compressed { host, len },
+            };
+            if let Some(last) = out.last_mut() {
+                let merged = match (last.2, src) {
+                    (Source::Data(a), Source::Data(b)) => a.0 + last.1 == b.0,
+                    (Source::Zero, Source::Zero) | (Source::Backing, Source::Backing) => true,
+                    _ => false,
+                };
+                if merged {
+                    last.1 += n;
+                    pos += n;
+                    continue;
+                }
+            }
+            out.push((pos, n, src));
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        if off.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Error::request(
+                self.path(),
+                format!(
+                    "request {off:#x}+{len:#x} beyond the virtual size {:#x}",
+                    self.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Read guest bytes through this layer and its backing chain.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        let plan = {
+            let mut m = self.lock();
+            self.maybe_shrink(&mut m)?;
+            self.plan(&mut m, off, buf.len() as u64)?
+        };
+        for (pos, n, src) in plan {
+            let dst = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
+            self.read_source(dst, pos, src)?;
+        }
+        Ok(())
+    }
+
+    fn read_source(&self, dst: &mut [u8], pos: u64, src: Source) -> Result<()> {
+        match src {
+            Source::Data(h) => self.storage.read_at(dst, h.0),
+            Source::Zero => {
+                dst.fill(0);
+                Ok(())
+            }
+            Source::Backing => self.read_backing(dst, pos),
+            Source::Compressed { host, len } => {
+                let mut c = vec![0u8; self.geo.cluster_size() as usize];
+                self.read_compressed(host, len, &mut c)?;
+                let inc = self.geo.in_cluster(pos) as usize;
+                dst.copy_from_slice(&c[inc..inc + dst.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Read from the backing file; past its end (or without one) reads zeros.
+    pub(crate) fn read_backing(&self, dst: &mut [u8], pos: u64) -> Result<()> {
+        match &self.backing {
+            None => dst.fill(0),
+            Some(b) => {
+                let bsize = b.virtual_size();
+                let have = bsize.saturating_sub(pos).min(dst.len() as u64) as usize;
+                if have > 0 {
+                    b.read_at(&mut dst[..have], pos)?;
+                }
+                dst[have..].fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_compressed(&self, host: HostOffset, len: u64, out: &mut [u8]) -> Result<()> {
+        let mut c = vec![0u8; len as usize];
+        self.storage.read_at(&mut c, host.0)?;
+        compress::decompress(self.compression, &c, out).map_err(|what| Error::Decompress {
+            path: self.path().to_path_buf(),
+            offset: host.0,
+            what,
+        })
+    }
+
+    /// Status of the run starting at `off` (at most `len` bytes) at this layer only.
+    pub fn block_status(&self, off: u64, len: u64) -> Result<(LayerStatus, u64)> {
+        self.check_range(off, len)?;
+        let mut m = self.lock();
+        self.maybe_shrink(&mut m)?;
+        let end = off + len;
+        let mut pos = off;
+        let mut first: Option<LayerStatus> = None;
+        while pos < end {
+            let inc = self.geo.in_cluster(pos);
+            let n = (self.geo.cluster_size() - inc).min(end - pos);
+            let e = self.entry(&mut m, GuestOffset(pos))?;
+            let st = match self.decode(&m, e)? {
+                L2Mapping::Unallocated => LayerStatus::Unallocated,
+                L2Mapping::Zero { prealloc, .. } => LayerStatus::Zero {
+                    offset: prealloc.map(|h| h.0 + inc),
+                },
+                L2Mapping::Data { host, .. } => LayerStatus::Data {
+                    offset: host.0 + inc,
+                },
+                L2Mapping::Compressed { .. } => LayerStatus::Compressed,
+            };
+            match first {
+                None => first = Some(st),
+                Some(f) => {
+                    let cont = match (f, st) {
+                        (LayerStatus::Data { offset: a }, LayerStatus::Data { offset: b }) => {
+                            a + (pos - off) == b
+                        }
+                        (
+                            LayerStatus::Zero { offset: Some(a) },
+                            LayerStatus::Zero { offset: Some(b) },
+                        ) => a + (pos - off) == b,
+                        (a, b) => a == b,
+                    };
+                    if !cont {
+                        break;
+                    }
+                }
+            }
+            pos += n;
+        }
+        Ok((first.unwrap_or(LayerStatus::Unallocated), pos - off))
+    }
+
+    // ----- writing -------------------------------------------------------------------------
+
+    fn require_writable(&self) -> Result<()> {
+        if !self.writable {
+            return Err(Error::request(self.path(), "image is open read-only"));
+        }
+        Ok(())
+    }
+
+    /// The old guest content of one cluster at this layer (for copy-on-write fills).
+    fn old_cluster(&self, m: &Meta, gc_off: u64, e: L2Entry, out: &mut [u8]) -> Result<()> {
+        match self.decode(m, e)? {
+            L2Mapping::Unallocated => self.read_backing(out, gc_off),
+            L2Mapping::Zero { .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            L2Mapping::Data { host, .. } => self.storage.read_at(out, host.0),
+            L2Mapping::Compressed { host, len } => self.read_compressed(host, len, out),
+        }
+    }
+
+    /// Host clusters an entry references (freed when the entry is replaced).
+    fn referenced_clusters(&self, e: L2Entry) -> Vec<u64> {
+        let cb = self.geo.cluster_bits;
+        match e.mapping(&self.geo, self.v3) {
+            Ok(L2Mapping::Data { host, .. })
+            | Ok(L2Mapping::Zero {
+                prealloc: Some(host),
+                ..
+            }) => {
+                vec![host.0 >> cb]
+            }
+            Ok(L2Mapping::Compressed { host, len }) => {
+                ((host.0 >> cb)..=((host.0 + len - 1) >> cb)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Ensure the L2 table for guest offset `g` exists; returns its host offset.
+    fn ensure_l2(&self, m: &mut Meta, g: GuestOffset) -> Result<u64> {
+        let l1i = self.geo.l1_index(g) as usize;
+        if let Some(off) = self.l2_offset(m, l1i)? {
+            let copied = L1Entry(m.l1[l1i]).copied();
+            if copied {
+                return Ok(off);
+            }
+            // Shared L2 table (snapshots): we refuse such images for writing, so this is a
+            // damaged image.
+            return Err(self.corrupt(format!(
+                "L1 entry {l1i} lacks the COPIED flag (shared L2 table)"
+            )));
+        }
+        let c = m.rc.alloc(&*self.storage, &mut m.header, 1)?;
+        let off = c << self.geo.cluster_bits;
+        m.l2.insert(
+            off,
+            L2Table {
+                entries: vec![0; self.geo.l2_entries() as usize],
+                dirty: true,
+            },
+        );
+        m.l1[l1i] = L1Entry::new(HostOffset(off)).0;
+        m.l1_dirty.insert(l1i);
+        m.new_l2 = true;
+        Ok(off)
+    }
+
+    fn set_entry(&self, m: &mut Meta, g: GuestOffset, e: L2Entry) -> Result<()> {
+        let off = self.ensure_l2(m, g)?;
+        let i = self.geo.l2_index(g);
+        let t = self.load_l2(m, off)?;
+        t.entries[i] = e.0;
+        t.dirty = true;
+        Ok(())
+    }
+
+    /// Write guest bytes at this layer (allocating and filling partial clusters from below).
+    pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.require_writable()?;
+        self.check_range(off, buf.len() as u64)?;
+        let cs = self.geo.cluster_size();
+        let mut m = self.lock();
+        self.maybe_shrink(&mut m)?;
+        let end = off + buf.len() as u64;
+        let mut pos = off;
+        while pos < end {
+            let g = GuestOffset(pos);
+            self.ensure_l2(&mut m, g)?;
+            let e = self.entry(&mut m, g)?;
+            let inc = self.geo.in_cluster(pos);
+            let n = (cs - inc).min(end - pos);
+            let src = &buf[(pos - off) as usize..(pos - off + n) as usize];
+            match self.decode(&m, e)? {
+                L2Mapping::Data { host, copied: true } => {
+                    // In place: gather the following in-place clusters that are contiguous.
+                    let mut run = n;
+                    let mut next = pos + n;
+                    while next < end {
+                        let e2 = self.entry(&mut m, GuestOffset(next))?;
+                        match self.decode(&m, e2)? {
+                            L2Mapping::Data {
+                                host: h2,
+                                copied: true,
+                            } if h2.0 == host.0 + inc + run => {
+                                let k = cs.min(end - next);
+                                run += k;
+                                next += k;
+                            }
+                            _ => break,
+                        }
+                    }
+                    let data = &buf[(pos - off) as usize..(pos - off + run) as usize];
+                    self.storage.write_at(data, host.0 + inc)?;
+                    pos += run;
+                }
+                L2Mapping::Zero {
+                    prealloc: Some(host),
+                    copied: true,
+                } => {
+                    let mut c = vec![0u8; cs as usize];
+                    c[inc as usize..(inc + n) as usize].copy_from_slice(src);
+                    self.storage.write_at(&c, host.0)?;
+                    self.set_entry(&mut m, g, L2Entry::data(host))?;
+                    pos += n;
+                }
+                _ => {
+                    pos = self.write_new_run(&mut m, buf, off, pos)?;
+                }
+            }
+            self.maybe_flush(&mut m)?;
+        }
+        Ok(())
+    }
+
+    /// Allocate a run of clusters for guest clusters that need new ones, starting at `pos`;
+    /// returns the guest offset where the run ends.
+    fn write_new_run(&self, m: &mut Meta, buf: &[u8], off: u64, pos: u64) -> Result<u64> {
+        const MAX_RUN: u64 = 64 << 20;
+        let cs = self.geo.cluster_size();
+        let end = off + buf.len() as u64;
+        let first = self.geo.align_down(pos);
+        // Guest clusters in the run and their old entries.
+        let mut olds = vec![self.entry(m, GuestOffset(first))?];
+        let mut gend = (first + cs).min(self.size);
+        while gend < end && (olds.len() as u64) * cs < MAX_RUN {
+            // Only extend into clusters that lie within the same allocation need.
+            self.ensure_l2(m, GuestOffset(gend))?;
+            let e = self.entry(m, GuestOffset(gend))?;
+            let needs_new = !matches!(
+                self.decode(m, e)?,
+                L2Mapping::Data { copied: true, .. }
+                    | L2Mapping::Zero {
+                        prealloc: Some(_),
+                        copied: true
+                    }
+            );
+            if !needs_new {
+                break;
+            }
+            olds.push(e);
+            gend = (gend + cs).min(self.size);
+        }
+        let nclusters = olds.len() as u64;
+        let mut data = vec![0u8; (nclusters * cs) as usize];
+        let run_end = end.min(first + nclusters * cs);
+        // Fill a partial head and tail from the old content (copy-on-write).
+        if pos > first || run_end < first + cs {
+            self.old_cluster(m, first, olds[0], &mut data[..cs as usize])?;
+        }
+        let last_g = first + (nclusters - 1) * cs;
+        if nclusters > 1 && run_end < last_g + cs {
+            let at = ((nclusters - 1) * cs) as usize;
+            self.old_cluster(
+                m,
+                last_g,
+                olds[olds.len() - 1],
+                &mut data[at..at + cs as usize],
+            )?;
+        }
+        let from = (pos - off) as usize;
+        let to = (run_end - off) as usize;
+        let d0 = (pos - first) as usize;
+        data[d0..d0 + (to - from)].copy_from_slice(&buf[from..to]);
+        // Clusters of a virtual size that is not cluster aligned are still whole clusters.
+        let hc = m.rc.alloc(&*self.storage, &mut m.header, nclusters)?;
+        let host = hc << self.geo.cluster_bits;
+        self.storage.write_at(&data, host)?;
+        for (i, old) in olds.iter().enumerate() {
+            let g = GuestOffset(first + i as u64 * cs);
+            self.set_entry(m, g, L2Entry::data(HostOffset(host + i as u64 * cs)))?;
+            let freed = self.referenced_clusters(*old);
+            m.pending_free.extend(freed);
+        }
+        Ok(run_end)
+    }
+
+    fn maybe_flush(&self, m: &mut Meta) -> Result<()> {
+        let dirty = m.l2.values().filter(|t| t.dirty).count() as u64 * self.geo.cluster_size();
+        if dirty as usize > L2_CACHE_BYTES / 2 || m.rc.dirty_bytes() > L2_CACHE_BYTES / 2 {
+            self.flush_locked(m, false)?;
+        }
+        Ok(())
+    }
+
+    fn maybe_shrink(&self, m: &mut Meta) -> Result<()> {
+        let bytes = m.l2.len() * self.geo.cluster_size() as usize;
+        if bytes > L2_CACHE_BYTES {
+            if m.l2.values().any(|t| t.dirty) {
+                self.flush_locked(m, false)?;
+            }
+            m.l2.clear();
+        }
+        m.rc.shrink(L2_CACHE_BYTES);
+        Ok(())
+    }
+
+    /// Write all cached metadata in crash-safe order; `durable` adds a final fdatasync.
+    pub fn flush(&self, durable: bool) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        self.flush_locked(&mut m, durable)
+    }
+
+    fn flush_locked(&self, m: &mut Meta, durable: bool) -> Result<()> {
+        let st = &*self.storage;
+        let l2_dirty = m.l2.values().any(|t| t.dirty) || !m.l1_dirty.is_empty();
+        // 1. refcounts (and the data already written) before anything that points at them.
+        if m.rc.is_dirty() {
+            m.rc.write_dirty(st, &m.header)?;
+        }
+        if l2_dirty {
+            st.sync()?;
+            for (off, t) in m.l2.iter_mut().filter(|(_, t)| t.dirty) {
+                st.write_at(&table::encode_table(&t.entries), *off)?;
+                t.dirty = false;
+            }
+            // 3. new L2 tables' contents before the L1 entries that point at them.
+            if m.new_l2 {
+                st.sync()?;
+            }
+            let l1_off = m.header.l1_table_offset;
+            let dirty: Vec<usize> = std::mem::take(&mut m.l1_dirty).into_iter().collect();
+            for i in dirty {
+                st.write_at(&m.l1[i].to_be_bytes(), l1_off + i as u64 * 8)?;
+            }
+            m.new_l2 = false;
+        }
+        // 4. deferred frees, once the references are gone from disk.
+        if !m.pending_free.is_empty() {
+            st.sync()?;
+            let frees = std::mem::take(&mut m.pending_free);
+            for c in frees {
+                m.rc.decrement(st, c)?;
+            }
+            m.rc.write_dirty(st, &m.header)?;
+        }
+        if durable {
+            st.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Replace the vmicache header extension (None removes it) and rewrite the header.
+    pub fn set_cache_meta(&self, meta: Option<&vext::CacheMeta>) -> Result<()> {
+        self.require_writable()?;
+        let mut m = self.lock();
+        self.flush_locked(&mut m, false)?;
+        m.header.extensions.retain(|e| e.kind != vext::KIND);
+        if let Some(cm) = meta {
+            m.header.extensions.push(header::Extension {
+                kind: vext::KIND,
+                data: cm.encode(),
+            });
+        }
+        let h = m.header.clone();
+        write_header(&*self.storage, &h)?;
+        self.storage.sync()
+    }
+
+    pub fn cache_meta(&self) -> Result<Option<vext::CacheMeta>> {
+        let m = self.lock();
+        match m.header.extensions.iter().find(|e| e.kind == vext::KIND) {
+            None => Ok(None),
+            Some(e) => vext::CacheMeta::decode(&e.data)
+                .map(Some)
+                .map_err(|e| e.at(self.path())),
+        }
+    }
+
+    /// Count of host bytes of data clusters allocated at this layer (guest view): walks L2.
+    pub fn allocated_clusters(&self) -> Result<AllocStats> {
+        let mut m = self.lock();
+        let mut s = AllocStats::default();
+        let guest_clusters = self.geo.clusters_for(self.size);
+        let per = self.geo.l2_entries();
+        let l1n = self.geo.l1_entries_for(self.size) as usize;
+        for l1i in 0..l1n {
+            let Some(off) = self.l2_offset(&m, l1i)? else {
+                continue;
+            };
+            let entries = self.load_l2(&mut m, off)?.entries.clone();
+            let n = (guest_clusters - l1i as u64 * per).min(per) as usize;
+            for &e in &entries[..n] {
+                match self.decode(&m, L2Entry(e))? {
+                    L2Mapping::Unallocated => {}
+                    L2Mapping::Zero { .. } => s.zero += 1,
+                    L2Mapping::Data { .. } => s.data += 1,
+                    L2Mapping::Compressed { .. } => s.compressed += 1,
+                }
+            }
+            if m.l2.len() * self.geo.cluster_size() as usize > L2_CACHE_BYTES {
+                self.maybe_shrink(&mut m)?;
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// Guest clusters by kind at one layer.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct AllocStats {
+    pub data: u64,
+    pub zero: u64,
+    pub compressed: u64,
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if self.writable {
+            if let Err(e) = self.flush(true) {
+                eprintln!("vmicache: flushing {} on close: {e}", self.path().display());
+            }
+        }
+    }
+}
+
+/// Encode and write the header at offset 0 (one write of the header area).
+pub(crate) fn write_header(st: &dyn Storage, h: &Header) -> Result<()> {
+    let b = h.encode().map_err(|e| e.at(st.path()))?;
+    st.write_at(&b, 0)
+}

@@ -1,0 +1,68 @@
+//! A raw image: guest offset = file offset.
+
+use super::storage::Storage;
+use crate::{Error, Result};
+use std::path::Path;
+
+#[derive(Debug)]
+pub struct Raw {
+    storage: Box<dyn Storage>,
+    size: u64,
+    writable: bool,
+}
+
+impl Raw {
+    pub(crate) fn open(storage: Box<dyn Storage>, writable: bool) -> Result<Raw> {
+        let size = storage.len()?;
+        Ok(Raw {
+            storage,
+            size,
+            writable,
+        })
+    }
+    pub fn path(&self) -> &Path {
+        self.storage.path()
+    }
+    pub fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+    fn check(&self, off: u64, len: u64) -> Result<()> {
+        if off.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Error::request(
+                self.path(),
+                format!("request {off:#x}+{len:#x} beyond the size {:#x}", self.size),
+            ));
+        }
+        Ok(())
+    }
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.check(off, buf.len() as u64)?;
+        self.storage.read_at(buf, off)
+    }
+    pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::request(self.path(), "image is open read-only"));
+        }
+        self.check(off, buf.len() as u64)?;
+        self.storage.write_at(buf, off)
+    }
+    pub fn flush(&self, durable: bool) -> Result<()> {
+        if self.writable && durable {
+            self.storage.sync()?;
+        }
+        Ok(())
+    }
+    /// (is data, length) of the run at `off`, from the file system's holes.
+    pub fn block_status(&self, off: u64, len: u64) -> Result<(bool, u64)> {
+        self.check(off, len)?;
+        let end = off + len;
+        match self.storage.next_data(off)? {
+            None => Ok((false, len)),
+            Some((s, e)) if s <= off => Ok((true, e.min(end) - off)),
+            Some((s, _)) => Ok((false, s.min(end) - off)),
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Error kinds of the library, each with the context an operator needs (path, offset, what).
+//!
+//! Every error renders as one line: the CLI prints it as `vmicache: <line>` and exits 1.
+
+use std::path::PathBuf;
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One error, always naming what it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system error while touching a file.
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image is not what it claims (bad magic, values out of range, tables past EOF).
+    #[error("{path}: invalid image: {what}")]
+    Invalid { path: PathBuf, what: String },
+    /// The image uses a feature this engine does not implement; names the feature.
+    #[error("{path}: unsupported qcow2 feature: {feature}")]
+    Unsupported { path: PathBuf, feature: String },
+    /// Metadata found inconsistent while serving a request.
+    #[error("{path}: corrupt image: {what}")]
+    Corrupt { path: PathBuf, what: String },
+    /// A backing chain problem (loop, missing file, too deep).
+    #[error("{path}: backing chain: {what}")]
+    Chain { path: PathBuf, what: String },
+    /// A request outside the image or otherwise malformed.
+    #[error("{path}: {what}")]
+    Request { path: PathBuf, what: String },
+    /// Compressed cluster that does not decompress.
+    #[error("{path}: compressed cluster at host offset {offset:#x}: {what}")]
+    Decompress {
+        path: PathBuf,
+        offset: u64,
+        what: String,
+    },
+    /// The image is locked by another process.
+    #[error("{path}: {what}")]
+    Locked { path: PathBuf, what: String },
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            op,
+            source,
+        }
+    }
+    pub fn invalid(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::Invalid {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+    pub fn unsupported(path: impl Into<PathBuf>, feature: impl Into<String>) -> Self {
+        Error::Unsupported {
+            path: path.into(),
+            feature: feature.into(),
+        }
+    }
+    pub fn corrupt(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::Corrupt {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+    pub fn chain(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::Chain {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+    pub fn request(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::Request {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+}

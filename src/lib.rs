@@ -1,0 +1,15 @@
+//! vmicache: boot-working-set caches for VM images.
+//!
+//! Layers of the crate, bottom up:
+//! - [`format`]: the qcow2 on-disk structures, pure parsing and encoding;
+//! - [`engine`]: images opened for I/O, allocation, metadata caching and write ordering,
+//!   creation and consistency checks;
+//! - [`chain`]: base ← cache ← instance chains, the cache's binding to its base, maps;
+//! - the `vmicache` binary (`src/main.rs`, `src/cli/`): the command line.
+
+pub mod chain;
+pub mod engine;
+pub mod error;
+pub mod format;
+
+pub use error::{Error, Result};
