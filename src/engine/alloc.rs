@@ -140,6 +140,13 @@ impl Refcounts {
 
     /// Allocate `n` contiguous free clusters with refcount 1; returns the first index.
     pub(crate) fn alloc(&mut self, st: &dyn Storage, h: &mut Header, n: u64) -> Result<u64> {
+        if n == 0 || n >= self.geo.refblock_entries() {
+            // A fresh run must fit between two self-describing refcount blocks.
+            return Err(Error::request(
+                st.path(),
+                format!("cannot allocate {n} contiguous clusters at once"),
+            ));
+        }
         loop {
             let start = self.find_free(st, n)?;
             let mut moved = false;

@@ -584,7 +584,10 @@ impl Qcow2 {
         // Guest clusters in the run and their old entries.
         let mut olds = vec![self.entry(m, GuestOffset(first))?];
         let mut gend = (first + cs).min(self.size);
-        while gend < end && (olds.len() as u64) * cs < MAX_RUN {
+        // New refcount blocks sit at the start of the range they cover, so a contiguous run in
+        // fresh space holds at most one block's range minus one cluster.
+        let max_clusters = (MAX_RUN / cs).min(self.geo.refblock_entries() - 1).max(1);
+        while gend < end && (olds.len() as u64) < max_clusters {
             // Only extend into clusters that lie within the same allocation need.
             self.ensure_l2(m, GuestOffset(gend))?;
             let e = self.entry(m, GuestOffset(gend))?;

@@ -397,6 +397,15 @@ impl Header {
     /// Encode the header and its extensions as the image's first bytes (at most one cluster).
     /// Writes version 3 as 112-byte header (plus any preserved tail), version 2 as 72 bytes.
     pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
+        match self.encode_inner(true) {
+            // The feature name table is optional: QEMU leaves it out when it does not fit
+            // (512-byte clusters with a backing file).
+            Err(_) if !self.feature_names.is_empty() => self.encode_inner(false),
+            r => r,
+        }
+    }
+
+    fn encode_inner(&self, feature_names: bool) -> Result<Vec<u8>, FormatError> {
         let cs = self.geometry.cluster_size() as usize;
         let header_length = if self.version == 3 {
             V3_HEADER_LEN_COMPRESSION as usize + self.header_tail.len()
@@ -436,7 +445,7 @@ impl Header {
         if let Some(f) = &self.backing_format {
             push_ext(&mut b, ext_kind::BACKING_FORMAT, f.as_bytes());
         }
-        if !self.feature_names.is_empty() {
+        if feature_names && !self.feature_names.is_empty() {
             let mut t = Vec::with_capacity(self.feature_names.len() * 48);
             for f in &self.feature_names {
                 let mut e = [0u8; 48];
