@@ -2,6 +2,7 @@
 //! the shape and with the merge rules of `qemu-img map --output=json`.
 
 use crate::engine::qcow2::LayerStatus;
+use crate::engine::storage::{file_status, FileStatus};
 use crate::engine::Image;
 use crate::Result;
 use std::fmt::Write;
@@ -63,7 +64,17 @@ fn status(top: &Image, off: u64, len: u64) -> Result<Extent> {
                 let (st, n) = q.block_status(off, len)?;
                 match st {
                     LayerStatus::Data { offset } => {
-                        return Ok(e(true, false, true, false, Some(offset), n))
+                        // In a metadata-preallocated image QEMU asks the file system whether
+                        // the host range holds data; a hole reads as zeros.
+                        if q.metadata_preallocated()? {
+                            let (fs, fnum) = file_status(q.storage(), offset, n)?;
+                            return Ok(match fs {
+                                FileStatus::Data => e(true, false, true, false, Some(offset), fnum),
+                                FileStatus::Hole => e(true, true, true, false, Some(offset), fnum),
+                                FileStatus::Eof => e(true, true, true, false, Some(offset), n),
+                            });
+                        }
+                        return Ok(e(true, false, true, false, Some(offset), n));
                     }
                     LayerStatus::Zero { offset } => {
                         return Ok(e(true, true, false, false, offset, n))

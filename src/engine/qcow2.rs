@@ -64,6 +64,7 @@ pub struct Qcow2 {
     writable: bool,
     meta: Mutex<Meta>,
     backing: Option<Box<Image>>,
+    preallocated: std::sync::OnceLock<bool>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -170,6 +171,7 @@ impl Qcow2 {
             }),
             backing,
             storage,
+            preallocated: std::sync::OnceLock::new(),
         };
         if opts.write {
             // Autoclear bits we do not maintain must be cleared by a writer (spec).
@@ -436,6 +438,33 @@ impl Qcow2 {
             pos += n;
         }
         Ok((first.unwrap_or(LayerStatus::Unallocated), pos - off))
+    }
+
+    /// Whether the image looks metadata-preallocated: far more clusters have a refcount than
+    /// the file has blocks on disk. QEMU (`qcow2_detect_metadata_preallocation`) then asks the
+    /// file system about data clusters in block-status queries, so `map` does too.
+    pub fn metadata_preallocated(&self) -> Result<bool> {
+        if let Some(&v) = self.preallocated.get() {
+            return Ok(v);
+        }
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(self.path()).map_err(|e| Error::io(self.path(), "stat", e))?;
+        let cs = self.geo.cluster_size();
+        let real_clusters = md.blocks() * 512 / cs;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end = md.len().div_ceil(cs);
+        let mut m = self.lock();
+        let mut count = 0;
+        let mut c = 0;
+        while c < end && count < threshold {
+            if m.rc.get(&*self.storage, c)? != 0 {
+                count += 1;
+            }
+            c += 1;
+        }
+        let v = count >= threshold;
+        let _ = self.preallocated.set(v);
+        Ok(v)
     }
 
     // ----- writing -------------------------------------------------------------------------

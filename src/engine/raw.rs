@@ -1,6 +1,6 @@
 //! A raw image: guest offset = file offset.
 
-use super::storage::Storage;
+use super::storage::{file_status, FileStatus, Storage};
 use crate::{Error, Result};
 use std::path::Path;
 
@@ -58,11 +58,7 @@ impl Raw {
     /// (is data, length) of the run at `off`, from the file system's holes.
     pub fn block_status(&self, off: u64, len: u64) -> Result<(bool, u64)> {
         self.check(off, len)?;
-        let end = off + len;
-        match self.storage.next_data(off)? {
-            None => Ok((false, len)),
-            Some((s, e)) if s <= off => Ok((true, e.min(end) - off)),
-            Some((s, _)) => Ok((false, s.min(end) - off)),
-        }
+        let (st, n) = file_status(&*self.storage, off, len)?;
+        Ok((st == FileStatus::Data, n))
     }
 }

@@ -16,9 +16,43 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Make everything written so far durable.
     fn sync(&self) -> Result<()>;
     fn set_len(&self, len: u64) -> Result<()>;
-    /// Next (data start, data end) at or after `off`, from the file system's view of holes;
-    /// None when only holes follow.
-    fn next_data(&self, off: u64) -> Result<Option<(u64, u64)>>;
+    /// Start of the next data at or after `off` (SEEK_DATA); None when only holes follow.
+    fn seek_data(&self, off: u64) -> Result<Option<u64>>;
+    /// Start of the next hole at or after `off` (SEEK_HOLE; the end of the file counts).
+    fn seek_hole(&self, off: u64) -> Result<u64>;
+    /// Data/hole status of the run at `off`; see [`file_status`].
+    fn status(&self, off: u64, len: u64) -> Result<(FileStatus, u64)>;
+}
+
+/// What the file system says of a byte range of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileStatus {
+    Data,
+    Hole,
+    /// At or past the end of the file.
+    Eof,
+}
+
+/// Status of the run at `off` (at most `len` bytes), as QEMU's file driver reports it.
+pub fn file_status(st: &dyn Storage, off: u64, len: u64) -> Result<(FileStatus, u64)> {
+    st.status(off, len)
+}
+
+/// [`Storage::status`] from SEEK_DATA/SEEK_HOLE, without caching.
+pub fn seek_status(st: &dyn Storage, off: u64, len: u64) -> Result<(FileStatus, u64)> {
+    let flen = st.len()?;
+    if off >= flen {
+        return Ok((FileStatus::Eof, len));
+    }
+    let end = (off + len).min(flen);
+    Ok(match st.seek_data(off)? {
+        None => (FileStatus::Hole, end - off),
+        Some(s) if s <= off => (
+            FileStatus::Data,
+            st.seek_hole(off)?.clamp(off + 1, end) - off,
+        ),
+        Some(s) => (FileStatus::Hole, s.min(end) - off),
+    })
 }
 
 /// A plain file, read and written with pread/pwrite.
@@ -26,6 +60,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 pub struct FileStorage {
     file: File,
     path: PathBuf,
+    /// Length of a file opened read-only, taken at open (base images do not change under
+    /// their readers; a writer's length is always asked).
+    fixed_len: Option<u64>,
+    /// Data extents of a read-only file, scanned once on the first `status` call (None when
+    /// the file has too many to keep).
+    data_extents: std::sync::OnceLock<Option<Vec<(u64, u64)>>>,
 }
 
 impl FileStorage {
@@ -39,10 +79,16 @@ impl FileStorage {
         if meta.is_dir() {
             return Err(Error::invalid(path, "is a directory"));
         }
-        Ok(FileStorage {
+        let mut st = FileStorage {
             file,
             path: path.to_path_buf(),
-        })
+            fixed_len: None,
+            data_extents: std::sync::OnceLock::new(),
+        };
+        if !write {
+            st.fixed_len = Some(st.len()?);
+        }
+        Ok(st)
     }
 
     pub fn create(path: &Path) -> Result<Self> {
@@ -55,11 +101,38 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            fixed_len: None,
+            data_extents: std::sync::OnceLock::new(),
         })
     }
 
     pub fn file(&self) -> &File {
         &self.file
+    }
+}
+
+/// Most data extents a read-only file's scan keeps (16 bytes each).
+const MAX_SCANNED_EXTENTS: usize = 4 << 20;
+
+impl FileStorage {
+    /// One pass of SEEK_DATA/SEEK_HOLE over the whole file: two calls per data extent, where
+    /// answering block-status queries one by one costs up to three per query.
+    fn scan_extents(&self, flen: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let mut v = Vec::new();
+        let mut off = 0;
+        while off < flen {
+            let Some(s) = self.seek_data(off)? else { break };
+            if s >= flen {
+                break;
+            }
+            let e = self.seek_hole(s)?.clamp(s + 1, flen);
+            v.push((s, e));
+            if v.len() > MAX_SCANNED_EXTENTS {
+                return Ok(None);
+            }
+            off = e;
+        }
+        Ok(Some(v))
     }
 }
 
@@ -69,6 +142,9 @@ impl Storage for FileStorage {
     }
     fn len(&self) -> Result<u64> {
         use std::io::{Seek, SeekFrom};
+        if let Some(l) = self.fixed_len {
+            return Ok(l);
+        }
         // Block devices report 0 in metadata; seeking to the end works for both.
         let mut f = &self.file;
         f.seek(SeekFrom::End(0))
@@ -104,23 +180,47 @@ impl Storage for FileStorage {
             .set_len(len)
             .map_err(|e| Error::io(&self.path, "truncate", e))
     }
-    fn next_data(&self, off: u64) -> Result<Option<(u64, u64)>> {
-        use nix::unistd::{lseek, Whence};
-        let len = self.len()?;
-        if off >= len {
-            return Ok(None);
+    fn status(&self, off: u64, len: u64) -> Result<(FileStatus, u64)> {
+        let Some(flen) = self.fixed_len else {
+            return seek_status(self, off, len);
+        };
+        if off >= flen {
+            return Ok((FileStatus::Eof, len));
         }
-        let start = match lseek(&self.file, off as i64, Whence::SeekData) {
-            Ok(s) => s as u64,
-            Err(nix::errno::Errno::ENXIO) => return Ok(None),
+        let ex = match self.data_extents.get() {
+            Some(e) => e,
+            None => {
+                let scanned = self.scan_extents(flen)?;
+                self.data_extents.get_or_init(|| scanned)
+            }
+        };
+        let Some(ex) = ex else {
+            return seek_status(self, off, len);
+        };
+        let end = (off + len).min(flen);
+        let i = ex.partition_point(|&(_, e)| e <= off);
+        Ok(match ex.get(i) {
+            Some(&(s, e)) if s <= off => (FileStatus::Data, e.min(end) - off),
+            Some(&(s, _)) => (FileStatus::Hole, s.min(end) - off),
+            None => (FileStatus::Hole, end - off),
+        })
+    }
+    fn seek_data(&self, off: u64) -> Result<Option<u64>> {
+        use nix::unistd::{lseek, Whence};
+        match lseek(&self.file, off as i64, Whence::SeekData) {
+            Ok(s) => Ok(Some(s as u64)),
+            Err(nix::errno::Errno::ENXIO) => Ok(None),
             // File systems without SEEK_DATA: everything is data.
-            Err(nix::errno::Errno::EINVAL) => return Ok(Some((off, len))),
-            Err(e) => return Err(Error::io(&self.path, "lseek(SEEK_DATA)", e.into())),
-        };
-        let end = match lseek(&self.file, start as i64, Whence::SeekHole) {
-            Ok(s) => s as u64,
-            Err(e) => return Err(Error::io(&self.path, "lseek(SEEK_HOLE)", e.into())),
-        };
-        Ok(Some((start, end.min(len))))
+            Err(nix::errno::Errno::EINVAL) => Ok(Some(off)),
+            Err(e) => Err(Error::io(&self.path, "lseek(SEEK_DATA)", e.into())),
+        }
+    }
+    fn seek_hole(&self, off: u64) -> Result<u64> {
+        use nix::unistd::{lseek, Whence};
+        match lseek(&self.file, off as i64, Whence::SeekHole) {
+            Ok(s) => Ok(s as u64),
+            Err(nix::errno::Errno::EINVAL) => self.len(),
+            Err(e) => Err(Error::io(&self.path, "lseek(SEEK_HOLE)", e.into())),
+        }
     }
 }
