@@ -73,6 +73,7 @@ impl CacheState {
 
 /// What a cache knows of the base it was built over.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct BaseIdentity {
     /// Backing path as recorded in the cache's header.
     pub path: String,
