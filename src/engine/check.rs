@@ -395,8 +395,9 @@ fn run(st: &dyn Storage, h: &Header, path: &Path) -> Result<CheckReport> {
     let blocks = c.check_refblocks(&reftable);
     let disk = disk_refcounts(st, h, &blocks, c.nb_clusters)?;
     let mut highest = None;
-    for i in 0..c.nb_clusters as usize {
-        let (d, r) = (disk[i], u64::from(c.computed[i]));
+    let computed = std::mem::take(&mut c.computed);
+    for (i, (&d, &r)) in disk.iter().zip(&computed).enumerate() {
+        let r = u64::from(r);
         if d > 0 || r > 0 {
             highest = Some(i as u64);
         }

@@ -64,7 +64,7 @@ impl OpenOptions {
 #[derive(Debug)]
 pub enum Image {
     Raw(Raw),
-    Qcow2(Qcow2),
+    Qcow2(Box<Qcow2>),
 }
 
 /// Probe an image's format by its magic.
@@ -162,12 +162,29 @@ impl Image {
                     }
                     _ => None,
                 };
-                Ok(Image::Qcow2(Qcow2::open(
+                Ok(Image::Qcow2(Box::new(Qcow2::open(
                     st,
                     header,
                     backing,
                     Qcow2Open { write },
-                )?))
+                )?)))
+            }
+        }
+    }
+
+    /// Open a single image (no backing chain) over any storage, e.g. [`MemStorage`]
+    /// (`super::storage::MemStorage`) in tests and fuzzing. The format is probed.
+    pub fn from_storage(st: Box<dyn Storage>, write: bool) -> Result<Image> {
+        match probe(&*st)? {
+            Format::Raw => Ok(Image::Raw(Raw::open(st, write)?)),
+            Format::Qcow2 => {
+                let header = Qcow2::read_header(&*st)?;
+                Ok(Image::Qcow2(Box::new(Qcow2::open(
+                    st,
+                    header,
+                    None,
+                    Qcow2Open { write },
+                )?)))
             }
         }
     }

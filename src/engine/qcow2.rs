@@ -254,18 +254,18 @@ impl Qcow2 {
     }
 
     fn load_l2<'m>(&self, m: &'m mut Meta, off: u64) -> Result<&'m mut L2Table> {
-        if !m.l2.contains_key(&off) {
-            let mut b = vec![0u8; self.geo.cluster_size() as usize];
-            self.storage.read_at(&mut b, off)?;
-            m.l2.insert(
-                off,
-                L2Table {
+        use std::collections::hash_map::Entry;
+        match m.l2.entry(off) {
+            Entry::Occupied(o) => Ok(o.into_mut()),
+            Entry::Vacant(v) => {
+                let mut b = vec![0u8; self.geo.cluster_size() as usize];
+                self.storage.read_at(&mut b, off)?;
+                Ok(v.insert(L2Table {
                     entries: table::decode_table(&b),
                     dirty: false,
-                },
-            );
+                }))
+            }
         }
-        Ok(m.l2.get_mut(&off).unwrap())
     }
 
     fn decode(&self, m: &Meta, e: L2Entry) -> Result<L2Mapping> {
@@ -404,6 +404,17 @@ impl Qcow2 {
         let mut pos = off;
         let mut first: Option<LayerStatus> = None;
         while pos < end {
+            // No L2 table: the whole span it would map is unallocated.
+            let l1i = self.geo.l1_index(GuestOffset(pos)) as usize;
+            if self.l2_offset(&m, l1i)?.is_none() {
+                if first.is_some_and(|f| f != LayerStatus::Unallocated) {
+                    break;
+                }
+                first = Some(LayerStatus::Unallocated);
+                let span = self.geo.l2_span();
+                pos = ((pos / span + 1) * span).min(end);
+                continue;
+            }
             let inc = self.geo.in_cluster(pos);
             let n = (self.geo.cluster_size() - inc).min(end - pos);
             let e = self.entry(&mut m, GuestOffset(pos))?;

@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Byte-addressed storage under one image.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + std::fmt::Debug {
     fn path(&self) -> &Path;
     fn len(&self) -> Result<u64>;
@@ -222,5 +223,69 @@ impl Storage for FileStorage {
             Err(nix::errno::Errno::EINVAL) => self.len(),
             Err(e) => Err(Error::io(&self.path, "lseek(SEEK_HOLE)", e.into())),
         }
+    }
+}
+
+/// Storage in memory: for tests and fuzzing, where no file should be touched.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: std::sync::RwLock<Vec<u8>>,
+    path: PathBuf,
+}
+
+impl MemStorage {
+    pub fn new(data: Vec<u8>) -> Self {
+        MemStorage {
+            data: std::sync::RwLock::new(data),
+            path: PathBuf::from("<memory>"),
+        }
+    }
+    pub fn into_inner(self) -> Vec<u8> {
+        self.data.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Storage for MemStorage {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn len(&self) -> Result<u64> {
+        Ok(self.data.read().unwrap_or_else(|p| p.into_inner()).len() as u64)
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let d = self.data.read().unwrap_or_else(|p| p.into_inner());
+        let start = (off.min(d.len() as u64)) as usize;
+        let n = (d.len() - start).min(buf.len());
+        buf[..n].copy_from_slice(&d[start..start + n]);
+        buf[n..].fill(0);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        let mut d = self.data.write().unwrap_or_else(|p| p.into_inner());
+        let end = off as usize + buf.len();
+        if d.len() < end {
+            d.resize(end, 0);
+        }
+        d[off as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.data
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .resize(len as usize, 0);
+        Ok(())
+    }
+    fn seek_data(&self, off: u64) -> Result<Option<u64>> {
+        Ok((off < self.len()?).then_some(off))
+    }
+    fn seek_hole(&self, _off: u64) -> Result<u64> {
+        self.len()
+    }
+    fn status(&self, off: u64, len: u64) -> Result<(FileStatus, u64)> {
+        seek_status(self, off, len)
     }
 }
