@@ -4,3 +4,5 @@
 pub mod build;
 pub mod identity;
 pub mod map;
+pub mod trace;
+pub mod warm;

@@ -4,6 +4,7 @@ mod check;
 mod inspect;
 mod layers;
 pub mod util;
+mod warm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -98,6 +99,28 @@ enum Cmd {
         #[arg(long)]
         map: bool,
     },
+    /// Fill a cache without booting: replay a recorded trace, or copy all the base holds.
+    ///
+    /// Reads only what the cache does not hold yet, in large requests with several in flight;
+    /// all-zero clusters are recorded as zero clusters (nothing stored). Stops storing data at
+    /// the cache's quota. Refuses a sealed cache and a cache whose base changed.
+    Warm {
+        cache: PathBuf,
+        /// Replay this trace (recorded by `vmicache serve --record`).
+        #[arg(long, conflicts_with = "full", required_unless_present = "full")]
+        trace: Option<PathBuf>,
+        /// Copy every allocated cluster of the base (bounded by the quota).
+        #[arg(long)]
+        full: bool,
+        /// Base requests in flight.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark a cache complete: from now on it is shared read-only and never written.
+    Seal { cache: PathBuf },
     /// Check a qcow2 image's metadata (refcounts against references, COPIED flags, tables
     /// inside the file), counting as `qemu-img check` counts.
     ///
@@ -149,6 +172,14 @@ fn run(cli: Cli) -> Result<i32> {
             json,
         } => layers::chain(&cache, &output, cluster_size, json, cli.quiet),
         Cmd::Inspect { image, json, map } => inspect::run(&image, json, map),
+        Cmd::Warm {
+            cache,
+            trace,
+            full,
+            jobs,
+            json,
+        } => warm::run_warm(&cache, trace.as_deref(), full, jobs, json, cli.quiet),
+        Cmd::Seal { cache } => warm::run_seal(&cache, cli.quiet),
         Cmd::Check {
             image,
             repair,

@@ -370,7 +370,7 @@ impl Qcow2 {
     }
 
     /// Read from the backing file; past its end (or without one) reads zeros.
-    pub(crate) fn read_backing(&self, dst: &mut [u8], pos: u64) -> Result<()> {
+    pub fn read_backing(&self, dst: &mut [u8], pos: u64) -> Result<()> {
         match &self.backing {
             None => dst.fill(0),
             Some(b) => {
@@ -679,6 +679,101 @@ impl Qcow2 {
         Ok(run_end)
     }
 
+    /// Copy-on-read fill: `data` is guest content read from the backing file for the
+    /// cluster-aligned range at `off` (whole clusters, the last one may end at the virtual
+    /// size). Every cluster still unallocated here takes its content: all-zero clusters become
+    /// zero clusters (nothing stored), others are written as data, at most `max_data` of them.
+    pub fn fill(&self, off: u64, data: &[u8], max_data: u64) -> Result<FillStats> {
+        self.require_writable()?;
+        let cs = self.geo.cluster_size();
+        if !self.geo.is_aligned(off) {
+            return Err(Error::request(
+                self.path(),
+                format!("fill at unaligned {off:#x}"),
+            ));
+        }
+        self.check_range(off, data.len() as u64)?;
+        let n = (data.len() as u64).div_ceil(cs) as usize;
+        let chunk = |i: usize| &data[i * cs as usize..((i + 1) * cs as usize).min(data.len())];
+        let max_run = (64 << 20) / cs;
+        let max_run = max_run.min(self.geo.refblock_entries() - 1).max(1) as usize;
+        let mut guard = self.lock();
+        let m: &mut Meta = &mut guard;
+        self.maybe_shrink(m)?;
+        let mut st = FillStats::default();
+        let mut i = 0;
+        let unalloc = |q: &Self, m: &mut Meta, i: usize| -> Result<bool> {
+            let e = q.entry(m, GuestOffset(off + i as u64 * cs))?;
+            Ok(q.decode(m, e)? == L2Mapping::Unallocated)
+        };
+        while i < n {
+            if !unalloc(self, m, i)? {
+                i += 1;
+                continue;
+            }
+            let g = GuestOffset(off + i as u64 * cs);
+            if self.v3 && chunk(i).iter().all(|&b| b == 0) {
+                self.set_entry(m, g, L2Entry::zero())?;
+                st.zero_clusters += 1;
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < n
+                && j - i < max_run
+                && st.data_clusters + ((j - i) as u64) < max_data
+                && (j == i || (unalloc(self, m, j)? && !chunk(j).iter().all(|&b| b == 0)))
+            {
+                j += 1;
+            }
+            if j == i {
+                st.over_quota += 1;
+                i += 1;
+                continue;
+            }
+            let k = (j - i) as u64;
+            let mut buf = vec![0u8; (k * cs) as usize];
+            for x in i..j {
+                let c = chunk(x);
+                let at = (x - i) * cs as usize;
+                buf[at..at + c.len()].copy_from_slice(c);
+            }
+            for x in i..j {
+                self.ensure_l2(m, GuestOffset(off + x as u64 * cs))?;
+            }
+            let hc = m.rc.alloc(&*self.storage, &mut m.header, k)?;
+            let host = hc << self.geo.cluster_bits;
+            self.storage.write_at(&buf, host)?;
+            for x in 0..k {
+                let g = GuestOffset(off + (i as u64 + x) * cs);
+                self.set_entry(m, g, L2Entry::data(HostOffset(host + x * cs)))?;
+            }
+            st.data_clusters += k;
+            i = j;
+        }
+        self.maybe_flush(m)?;
+        Ok(st)
+    }
+
+    /// Guest clusters in `[off, off+len)` that are unallocated at this layer, as
+    /// cluster-aligned (offset, length) runs clipped to the virtual size.
+    pub fn unallocated_runs(&self, off: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let end = (off + len).min(self.size);
+        let mut pos = self.geo.align_down(off);
+        while pos < end {
+            let (st, n) = self.block_status(pos, end - pos)?;
+            if st == LayerStatus::Unallocated {
+                match out.last_mut() {
+                    Some(l) if l.0 + l.1 == pos => l.1 += n,
+                    _ => out.push((pos, n)),
+                }
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
     fn maybe_flush(&self, m: &mut Meta) -> Result<()> {
         let dirty = m.l2.values().filter(|t| t.dirty).count() as u64 * self.geo.cluster_size();
         if dirty as usize > L2_CACHE_BYTES / 2 || m.rc.dirty_bytes() > L2_CACHE_BYTES / 2 {
@@ -801,6 +896,15 @@ impl Qcow2 {
         }
         Ok(s)
     }
+}
+
+/// What a copy-on-read fill stored.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct FillStats {
+    pub data_clusters: u64,
+    pub zero_clusters: u64,
+    /// Clusters left unfilled because the quota was reached.
+    pub over_quota: u64,
 }
 
 /// Guest clusters by kind at one layer.
