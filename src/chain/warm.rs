@@ -125,8 +125,11 @@ pub fn coalesce(ranges: &[(u64, u64)], cluster: u64, size: u64, chunk: u64) -> V
     out
 }
 
+/// Guest byte ranges: (offset, length).
+pub type Ranges = Vec<(u64, u64)>;
+
 /// Everything the base holds, as ranges: (data ranges, zero ranges).
-pub fn base_ranges(cache: &Image) -> Result<(Vec<(u64, u64)>, Vec<(u64, u64)>)> {
+pub fn base_ranges(cache: &Image) -> Result<(Ranges, Ranges)> {
     let base = cache
         .backing()
         .ok_or_else(|| Error::chain(cache.path(), "cache has no base"))?;
