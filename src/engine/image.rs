@@ -1,11 +1,13 @@
 //! An opened image of either format, with its backing chain.
 
+use super::lock::{lock, LockMode};
 use super::qcow2::{Qcow2, Qcow2Open};
 use super::raw::Raw;
 use super::storage::{FileStorage, Storage};
 use crate::format::header::MAGIC;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Deepest backing chain we open (QEMU has no fixed limit; this bounds hostile chains).
 pub const MAX_CHAIN_DEPTH: usize = 256;
@@ -43,6 +45,9 @@ pub struct OpenOptions {
     pub backing: bool,
     /// Format of the top image; None probes the magic.
     pub format: Option<Format>,
+    /// Take QEMU-compatible locks: write lock on the top image when writable, read locks
+    /// (that refuse writers) on the backing files. Off for inspection, like `qemu-img -U`.
+    pub lock: bool,
 }
 
 impl OpenOptions {
@@ -51,6 +56,7 @@ impl OpenOptions {
             write: false,
             backing: true,
             format: None,
+            lock: false,
         }
     }
     pub fn read_write() -> Self {
@@ -140,7 +146,16 @@ impl Image {
         }
         seen.push(canon);
         let write = opts.write && seen.len() == 1;
-        let st: Box<dyn Storage> = Box::new(FileStorage::open(path, write)?);
+        let fs = FileStorage::open(path, write)?;
+        if opts.lock {
+            let mode = if write {
+                LockMode::Write
+            } else {
+                LockMode::Read
+            };
+            lock(fs.file(), path, mode)?;
+        }
+        let st: Box<dyn Storage> = Box::new(fs);
         let format = match format {
             Some(f) => f,
             None => probe(&*st)?,
@@ -158,7 +173,7 @@ impl Image {
                                 Error::unsupported(path, format!("backing format '{f}'"))
                             })?),
                         };
-                        Some(Box::new(Self::open_inner(&bpath, opts, bfmt, seen)?))
+                        Some(Arc::new(Self::open_inner(&bpath, opts, bfmt, seen)?))
                     }
                     _ => None,
                 };
@@ -170,6 +185,41 @@ impl Image {
                 )?)))
             }
         }
+    }
+
+    /// Open the qcow2 image at `path` over an already opened backing image (several instances
+    /// sharing one cache object). The image's recorded backing file must be that image.
+    pub fn open_over(path: &Path, opts: &OpenOptions, backing: Arc<Image>) -> Result<Image> {
+        let fs = FileStorage::open(path, opts.write)?;
+        if opts.lock {
+            let mode = if opts.write {
+                LockMode::Write
+            } else {
+                LockMode::Read
+            };
+            lock(fs.file(), path, mode)?;
+        }
+        let header = Qcow2::read_header(&fs)?;
+        let name = header
+            .backing_file
+            .as_deref()
+            .ok_or_else(|| Error::chain(path, "image has no backing file"))?;
+        let want = std::fs::canonicalize(resolve_backing(path, name)?)
+            .map_err(|e| Error::io(path, "resolve backing file", e))?;
+        let have = std::fs::canonicalize(backing.path())
+            .map_err(|e| Error::io(backing.path(), "resolve", e))?;
+        if want != have {
+            return Err(Error::chain(
+                path,
+                format!("backing file is {}, not {}", want.display(), have.display()),
+            ));
+        }
+        Ok(Image::Qcow2(Box::new(Qcow2::open(
+            Box::new(fs),
+            header,
+            Some(backing),
+            Qcow2Open { write: opts.write },
+        )?)))
     }
 
     /// Open a single image (no backing chain) over any storage, e.g. [`MemStorage`]

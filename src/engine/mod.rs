@@ -4,6 +4,7 @@ pub mod alloc;
 pub mod check;
 pub mod create;
 pub mod image;
+pub mod lock;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;

@@ -23,7 +23,8 @@ use crate::format::types::{Geometry, GuestOffset, HostOffset};
 use crate::{Error, Result};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Dirty metadata above this many bytes is flushed; clean tables above it are dropped.
 const L2_CACHE_BYTES: usize = 32 << 20;
@@ -63,8 +64,55 @@ pub struct Qcow2 {
     compression: CompressionType,
     writable: bool,
     meta: Mutex<Meta>,
-    backing: Option<Box<Image>>,
+    backing: Option<Arc<Image>>,
     preallocated: std::sync::OnceLock<bool>,
+    cor: std::sync::OnceLock<Cor>,
+}
+
+/// Copy-on-read counters of a cache layer.
+#[derive(Debug, Default)]
+pub struct CorStats {
+    /// Read requests that reached this layer.
+    pub requests: AtomicU64,
+    /// Requests served without the base.
+    pub hits: AtomicU64,
+    /// Requests that needed the base.
+    pub misses: AtomicU64,
+    /// Bytes read from the base.
+    pub base_bytes: AtomicU64,
+    pub data_clusters: AtomicU64,
+    pub zero_clusters: AtomicU64,
+}
+
+/// Copy-on-read state: reads of clusters this layer lacks fetch them from the backing file
+/// and store them here, exactly once per cluster however many readers race for it.
+#[derive(Debug)]
+pub struct Cor {
+    /// Data clusters still allowed by the quota.
+    budget: Mutex<u64>,
+    /// Guest clusters being filled right now.
+    inflight: Mutex<std::collections::HashSet<u64>>,
+    cv: std::sync::Condvar,
+    /// Base reads in order, when recording.
+    record: Option<Mutex<Vec<(u64, u64)>>>,
+    pub stats: CorStats,
+}
+
+/// Releases claimed clusters when a fill ends, even by error.
+struct Claim<'a> {
+    cor: &'a Cor,
+    clusters: std::ops::Range<u64>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut g = self.cor.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        for c in self.clusters.clone() {
+            g.remove(&c);
+        }
+        drop(g);
+        self.cor.cv.notify_all();
+    }
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -119,7 +167,7 @@ impl Qcow2 {
     pub(crate) fn open(
         storage: Box<dyn Storage>,
         header: Header,
-        backing: Option<Box<Image>>,
+        backing: Option<Arc<Image>>,
         opts: Qcow2Open,
     ) -> Result<Qcow2> {
         let path = storage.path().to_path_buf();
@@ -172,6 +220,7 @@ impl Qcow2 {
             backing,
             storage,
             preallocated: std::sync::OnceLock::new(),
+            cor: std::sync::OnceLock::new(),
         };
         if opts.write {
             // Autoclear bits we do not maintain must be cleared by a writer (spec).
@@ -197,6 +246,10 @@ impl Qcow2 {
     }
     pub fn backing(&self) -> Option<&Image> {
         self.backing.as_deref()
+    }
+    /// The backing image, shareable (several instances over one cache).
+    pub fn backing_arc(&self) -> Option<Arc<Image>> {
+        self.backing.clone()
     }
     pub fn header(&self) -> Header {
         self.lock().header.clone()
@@ -336,7 +389,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Read guest bytes through this layer and its backing chain.
+    /// Read guest bytes through this layer and its backing chain (filling this layer from
+    /// the backing file when copy-on-read is on).
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
         let plan = {
@@ -344,9 +398,127 @@ impl Qcow2 {
             self.maybe_shrink(&mut m)?;
             self.plan(&mut m, off, buf.len() as u64)?
         };
+        let cor = self.cor.get();
+        if let Some(c) = cor {
+            c.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let miss = plan.iter().any(|p| p.2 == Source::Backing);
+            let counter = if miss { &c.stats.misses } else { &c.stats.hits };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         for (pos, n, src) in plan {
             let dst = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
-            self.read_source(dst, pos, src)?;
+            match (src, cor) {
+                (Source::Backing, Some(c)) => self.cor_read(c, dst, pos)?,
+                _ => self.read_source(dst, pos, src)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Turn copy-on-read on: reads of clusters missing here fill them from the backing file,
+    /// storing at most `quota` bytes of data (0: no limit). `record` keeps the base reads.
+    pub fn enable_cor(&self, quota: u64, record: bool) -> Result<()> {
+        self.require_writable()?;
+        if self.backing.is_none() {
+            return Err(Error::request(
+                self.path(),
+                "copy-on-read needs a backing file",
+            ));
+        }
+        let have = self.allocated_clusters()?;
+        let cs = self.geo.cluster_size();
+        let budget = if quota == 0 {
+            u64::MAX
+        } else {
+            (quota / cs).saturating_sub(have.data + have.compressed)
+        };
+        let cor = Cor {
+            budget: Mutex::new(budget),
+            inflight: Mutex::new(Default::default()),
+            cv: std::sync::Condvar::new(),
+            record: record.then(|| Mutex::new(Vec::new())),
+            stats: CorStats::default(),
+        };
+        self.cor
+            .set(cor)
+            .map_err(|_| Error::request(self.path(), "copy-on-read already on"))
+    }
+
+    /// Copy-on-read state, when on.
+    pub fn cor(&self) -> Option<&Cor> {
+        self.cor.get()
+    }
+
+    /// The base reads recorded so far (empty unless recording).
+    pub fn take_record(&self) -> Vec<(u64, u64)> {
+        self.cor
+            .get()
+            .and_then(|c| c.record.as_ref())
+            .map(|r| std::mem::take(&mut *r.lock().unwrap_or_else(|p| p.into_inner())))
+            .unwrap_or_default()
+    }
+
+    /// Read `dst` at `pos` (a run unallocated here when planned) with copy-on-read.
+    fn cor_read(&self, cor: &Cor, dst: &mut [u8], pos: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let end = pos + dst.len() as u64;
+        let a = self.geo.align_down(pos);
+        let b = self.geo.align_up(end).min(self.size);
+        let clusters = a / cs..b.div_ceil(cs);
+        {
+            let mut g = cor.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            while clusters.clone().any(|c| g.contains(&c)) {
+                g = cor.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            g.extend(clusters.clone());
+        }
+        let _claim = Claim { cor, clusters };
+        // Under the claim nobody else changes these clusters: what is unallocated now is ours.
+        let mut covered = Vec::new();
+        for (s, n) in self.unallocated_runs(a, b - a)? {
+            let mut buf = vec![0u8; n as usize];
+            self.read_backing(&mut buf, s)?;
+            if let Some(r) = &cor.record {
+                r.lock().unwrap_or_else(|p| p.into_inner()).push((s, n));
+            }
+            cor.stats.base_bytes.fetch_add(n, Ordering::Relaxed);
+            let want = n.div_ceil(cs);
+            let granted = {
+                let mut bgt = cor.budget.lock().unwrap_or_else(|p| p.into_inner());
+                let g = want.min(*bgt);
+                *bgt -= g;
+                g
+            };
+            let f = self.fill(s, &buf, granted)?;
+            *cor.budget.lock().unwrap_or_else(|p| p.into_inner()) +=
+                granted - f.data_clusters.min(granted);
+            cor.stats
+                .data_clusters
+                .fetch_add(f.data_clusters, Ordering::Relaxed);
+            cor.stats
+                .zero_clusters
+                .fetch_add(f.zero_clusters, Ordering::Relaxed);
+            let (x, y) = (s.max(pos), (s + n).min(end));
+            if x < y {
+                dst[(x - pos) as usize..(y - pos) as usize]
+                    .copy_from_slice(&buf[(x - s) as usize..(y - s) as usize]);
+                covered.push((x, y));
+            }
+        }
+        // The rest was filled by others before we claimed it: read it from here.
+        let mut p = pos;
+        for (x, y) in covered.into_iter().chain(std::iter::once((end, end))) {
+            if p < x {
+                let plan = {
+                    let mut m = self.lock();
+                    self.plan(&mut m, p, x - p)?
+                };
+                for (q, n, src) in plan {
+                    let d = &mut dst[(q - pos) as usize..(q - pos + n) as usize];
+                    self.read_source(d, q, src)?;
+                }
+            }
+            p = p.max(y);
         }
         Ok(())
     }
@@ -677,6 +849,51 @@ impl Qcow2 {
             m.pending_free.extend(freed);
         }
         Ok(run_end)
+    }
+
+    /// Make `[off, off+len)` read as zeros: whole clusters become zero clusters (their old
+    /// clusters are freed after the new entries are on disk), partial ones are written.
+    pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        self.require_writable()?;
+        self.check_range(off, len)?;
+        let cs = self.geo.cluster_size();
+        let end = off + len;
+        let a = self.geo.align_up(off).min(end);
+        let b = if end == self.size {
+            end
+        } else {
+            self.geo.align_down(end).max(a)
+        };
+        let zeros = |n: u64| vec![0u8; n as usize];
+        if !self.v3 {
+            // Version 2 has no zero flag.
+            let mut p = off;
+            while p < end {
+                let n = (end - p).min(4 << 20);
+                self.write_at(&zeros(n), p)?;
+                p += n;
+            }
+            return Ok(());
+        }
+        if off < a {
+            self.write_at(&zeros(a - off), off)?;
+        }
+        if b < end {
+            self.write_at(&zeros(end - b), b)?;
+        }
+        let mut m = self.lock();
+        let mut g = a;
+        while g < b {
+            let e = self.entry(&mut m, GuestOffset(g))?;
+            if e != L2Entry::zero() {
+                self.set_entry(&mut m, GuestOffset(g), L2Entry::zero())?;
+                let freed = self.referenced_clusters(e);
+                m.pending_free.extend(freed);
+            }
+            g += cs;
+            self.maybe_flush(&mut m)?;
+        }
+        Ok(())
     }
 
     /// Copy-on-read fill: `data` is guest content read from the backing file for the

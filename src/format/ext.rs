@@ -28,6 +28,7 @@ pub mod tag {
     pub const FINGERPRINT_SCHEME: u16 = 7;
     pub const CREATED: u16 = 8;
     pub const SEALED: u16 = 9;
+    pub const LAST_FILL: u16 = 10;
 }
 
 /// Lifecycle of a cache layer.
@@ -95,6 +96,20 @@ pub fn hex(v: &[u8]) -> String {
     v.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What the last copy-on-read session (a recorded boot) did to the cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FillRecord {
+    /// Read requests that reached the cache.
+    pub requests: u64,
+    pub hits: u64,
+    pub misses: u64,
+    /// Bytes read from the base.
+    pub base_bytes: u64,
+    /// Unix seconds when the session ended.
+    pub ended: u64,
+}
+
 /// The decoded extension.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheMeta {
@@ -105,6 +120,8 @@ pub struct CacheMeta {
     /// Unix seconds.
     pub created: u64,
     pub sealed: u64,
+    /// The last copy-on-read session, if any.
+    pub last_fill: Option<FillRecord>,
     /// Records of tags this version does not know, kept verbatim.
     pub unknown: Vec<(u16, Vec<u8>)>,
 }
@@ -117,6 +134,7 @@ impl CacheMeta {
             base: Some(base),
             created,
             sealed: 0,
+            last_fill: None,
             unknown: Vec::new(),
         }
     }
@@ -138,6 +156,7 @@ impl CacheMeta {
             base: None,
             created: 0,
             sealed: 0,
+            last_fill: None,
             unknown: Vec::new(),
         };
         let (mut path, mut format, mut size, mut fp, mut scheme) = (None, None, None, None, 0);
@@ -171,7 +190,16 @@ impl CacheMeta {
                 tag::FINGERPRINT_SCHEME if len == 4 => scheme = be_u32(v, 0),
                 tag::CREATED => m.created = u64v()?,
                 tag::SEALED => m.sealed = u64v()?,
-                tag::STATE | tag::FINGERPRINT | tag::FINGERPRINT_SCHEME => {
+                tag::LAST_FILL if len == 40 => {
+                    m.last_fill = Some(FillRecord {
+                        requests: be_u64(v, 0),
+                        hits: be_u64(v, 8),
+                        misses: be_u64(v, 16),
+                        base_bytes: be_u64(v, 24),
+                        ended: be_u64(v, 32),
+                    })
+                }
+                tag::STATE | tag::FINGERPRINT | tag::FINGERPRINT_SCHEME | tag::LAST_FILL => {
                     return Err(bad("record of wrong length"))
                 }
                 _ => m.unknown.push((t, v.to_vec())),
@@ -211,6 +239,13 @@ impl CacheMeta {
         if self.sealed != 0 {
             rec(tag::SEALED, &self.sealed.to_be_bytes());
         }
+        if let Some(f) = &self.last_fill {
+            let mut v = Vec::with_capacity(40);
+            for x in [f.requests, f.hits, f.misses, f.base_bytes, f.ended] {
+                v.extend_from_slice(&x.to_be_bytes());
+            }
+            rec(tag::LAST_FILL, &v);
+        }
         for (t, v) in &self.unknown {
             rec(*t, v);
         }
@@ -235,6 +270,13 @@ mod tests {
             1_700_000_000,
         );
         m.unknown.push((999, vec![1, 2, 3]));
+        m.last_fill = Some(FillRecord {
+            requests: 5,
+            hits: 3,
+            misses: 2,
+            base_bytes: 1 << 20,
+            ended: 7,
+        });
         let b = m.encode();
         assert_eq!(CacheMeta::decode(&b).unwrap(), m);
         assert!(CacheMeta::decode(&b[..b.len() - 1]).is_err());

@@ -1,0 +1,104 @@
+//! Image locking that QEMU respects, and that respects QEMU.
+//!
+//! QEMU's file driver (block/file-posix.c, `raw_apply_lock_bytes`) takes shared OFD byte-range
+//! locks: byte `100 + i` for each permission `i` it holds, byte `200 + i` for each permission it
+//! does not share with others. Permission bits: 0 consistent read, 1 write, 2 write unchanged,
+//! 3 resize. Before locking, it probes the opposite bytes for locks held by others. We do the
+//! same, so `qemu-io` opening a cache we serve for writing is refused by QEMU itself, and we
+//! refuse a cache QEMU holds open for writing.
+
+use crate::{Error, Result};
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::libc;
+use std::fs::File;
+use std::path::Path;
+
+const PERM_BASE: i64 = 100;
+const SHARED_BASE: i64 = 200;
+const READ: u32 = 1 << 0;
+const WRITE: u32 = 1 << 1;
+const WRITE_UNCHANGED: u32 = 1 << 2;
+const RESIZE: u32 = 1 << 3;
+const ALL: u32 = READ | WRITE | WRITE_UNCHANGED | RESIZE;
+const NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+
+/// How an image is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Read; others may read but not write (a base under its cache).
+    Read,
+    /// Read and write; others may only read (a cache being filled, an instance in use).
+    Write,
+}
+
+impl LockMode {
+    fn perms(self) -> (u32, u32) {
+        match self {
+            LockMode::Read => (READ, ALL & !WRITE),
+            LockMode::Write => (ALL, READ | WRITE_UNCHANGED),
+        }
+    }
+}
+
+fn flock(ty: libc::c_short, start: i64) -> libc::flock {
+    // SAFETY: libc::flock is a plain C struct for which all-zero bytes are a valid value.
+    let mut f: libc::flock = unsafe { std::mem::zeroed() };
+    f.l_type = ty;
+    f.l_whence = libc::SEEK_SET as libc::c_short;
+    f.l_start = start;
+    f.l_len = 1;
+    f
+}
+
+fn held_by_other(file: &File, byte: i64) -> nix::Result<bool> {
+    let mut f = flock(libc::F_WRLCK as libc::c_short, byte);
+    fcntl(file, FcntlArg::F_OFD_GETLK(&mut f))?;
+    Ok(f.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Lock `file` (at `path`) for `mode`, or say who is in the way.
+pub fn lock(file: &File, path: &Path, mode: LockMode) -> Result<()> {
+    let (held, shared) = mode.perms();
+    let unshared = ALL & !shared;
+    let err = |e: nix::errno::Errno| Error::io(path, "lock", e.into());
+    for i in 0..4 {
+        let bit = 1 << i;
+        if held & bit != 0 && held_by_other(file, SHARED_BASE + i64::from(i)).map_err(err)? {
+            return Err(Error::Locked {
+                path: path.into(),
+                what: format!(
+                    "failed to get \"{}\" lock: another process (a QEMU or vmicache) uses the image and does not share it",
+                    NAMES[i as usize]
+                ),
+            });
+        }
+        if unshared & bit != 0 && held_by_other(file, PERM_BASE + i64::from(i)).map_err(err)? {
+            return Err(Error::Locked {
+                path: path.into(),
+                what: format!(
+                    "failed to get shared \"{}\" lock: another process (a QEMU or vmicache) has the image open with that permission",
+                    NAMES[i as usize]
+                ),
+            });
+        }
+    }
+    for i in 0..4 {
+        let bit = 1 << i;
+        for (set, base) in [(held, PERM_BASE), (unshared, SHARED_BASE)] {
+            if set & bit != 0 {
+                let f = flock(libc::F_RDLCK as libc::c_short, base + i64::from(i));
+                fcntl(file, FcntlArg::F_OFD_SETLK(&f)).map_err(|e| {
+                    if e == nix::errno::Errno::EAGAIN || e == nix::errno::Errno::EACCES {
+                        Error::Locked {
+                            path: path.into(),
+                            what: "image is locked by another process".into(),
+                        }
+                    } else {
+                        err(e)
+                    }
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
