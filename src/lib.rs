@@ -11,5 +11,6 @@ pub mod chain;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod nbd;
 
 pub use error::{Error, Result};

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 if ((${#need[@]})); then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive

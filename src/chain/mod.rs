@@ -4,5 +4,6 @@
 pub mod build;
 pub mod identity;
 pub mod map;
+pub mod serve;
 pub mod trace;
 pub mod warm;

@@ -63,6 +63,14 @@ struct CacheReport {
     coverage: f64,
     created: u64,
     sealed: u64,
+    /// The last copy-on-read session (recorded boot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_fill: Option<vmicache::format::ext::FillRecord>,
+    /// With --trace: bytes of the trace's reads (whole clusters) and how many the cache holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_covered_bytes: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -112,6 +120,20 @@ fn layer(img: &Image, depth: usize, role: &'static str) -> Result<Layer> {
     Ok(l)
 }
 
+/// Bytes a trace reads (in whole clusters) and how many of them the cache holds.
+fn trace_coverage(cache: &Image, trace: &Path) -> Result<(u64, u64)> {
+    let q = cache.as_qcow2().expect("cache is qcow2");
+    let t = vmicache::chain::trace::Trace::load(trace)?;
+    let cs = q.geometry().cluster_size();
+    let ranges = vmicache::chain::warm::coalesce(&t.reads, cs, q.virtual_size(), u64::MAX / 2);
+    let (mut total, mut missing) = (0, 0);
+    for (s, n) in ranges {
+        total += n;
+        missing += q.unallocated_runs(s, n)?.iter().map(|r| r.1).sum::<u64>();
+    }
+    Ok((total, total - missing))
+}
+
 /// Bytes of `base`'s data, and how many of them `cache` (one layer) holds.
 fn coverage(cache: &Image, base: &Image) -> Result<(u64, u64)> {
     let q = cache.as_qcow2().expect("cache is qcow2");
@@ -134,7 +156,7 @@ fn coverage(cache: &Image, base: &Image) -> Result<(u64, u64)> {
     Ok((total, covered))
 }
 
-pub fn run(path: &Path, json: bool, want_map: bool) -> Result<i32> {
+pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Result<i32> {
     let img = Image::open(path, &OpenOptions::read_only())?;
     if want_map {
         let m = map(&img)?;
@@ -198,6 +220,13 @@ pub fn run(path: &Path, json: bool, want_map: bool) -> Result<i32> {
                 None => (0, 0),
             };
             let l = &out[d];
+            let (trace_bytes, trace_covered_bytes) = match trace {
+                None => (None, None),
+                Some(t) => {
+                    let (a, b) = trace_coverage(c, t)?;
+                    (Some(a), Some(b))
+                }
+            };
             Some(CacheReport {
                 depth: d,
                 path: c.path().display().to_string(),
@@ -216,6 +245,9 @@ pub fn run(path: &Path, json: bool, want_map: bool) -> Result<i32> {
                 },
                 created: meta.created,
                 sealed: meta.sealed,
+                last_fill: meta.last_fill,
+                trace_bytes,
+                trace_covered_bytes,
             })
         }
     };
@@ -268,6 +300,27 @@ pub fn run(path: &Path, json: bool, want_map: bool) -> Result<i32> {
             human(c.base_data_bytes),
             c.coverage * 100.0
         );
+        if let Some(f) = &c.last_fill {
+            println!(
+                "  last fill: {} reads reached the cache, {} hits, {} misses, {} read from the base",
+                f.requests,
+                f.hits,
+                f.misses,
+                human(f.base_bytes)
+            );
+        }
+        if let (Some(t), Some(cv)) = (c.trace_bytes, c.trace_covered_bytes) {
+            println!(
+                "  trace: the cache holds {} of its {} ({:.1}%)",
+                human(cv),
+                human(t),
+                if t == 0 {
+                    100.0
+                } else {
+                    cv as f64 * 100.0 / t as f64
+                }
+            );
+        }
         if let Some(b) = &c.base {
             let check = match &c.base_check {
                 serde_json::Value::String(s) if s == "ok" => "matches".to_string(),

@@ -3,6 +3,7 @@
 mod check;
 mod inspect;
 mod layers;
+mod serve;
 pub mod util;
 mod warm;
 
@@ -98,20 +99,65 @@ enum Cmd {
         /// `qemu-img map --output=json`).
         #[arg(long)]
         map: bool,
+        /// Say how much of this boot trace the cache holds.
+        #[arg(long, conflicts_with = "map")]
+        trace: Option<PathBuf>,
     },
-    /// Fill a cache without booting: replay a recorded trace, or copy all the base holds.
+    /// Serve VM instances over NBD on a Unix socket, filling their cache by copy-on-read.
+    ///
+    /// Each INSTANCE is a per-VM overlay (from `vmicache chain`); all must stand on the same
+    /// cache. While the cache is not sealed, every read the instance and cache cannot answer
+    /// is fetched from the base, returned, and stored in the cache (each cluster exactly once);
+    /// writes go only to the instance. Takes QEMU-compatible locks: a second server or a QEMU
+    /// writing the same files is refused. Stops on SIGINT/SIGTERM, then flushes, records
+    /// hits/misses in the cache and writes the trace (--record).
+    ///
+    /// Clients connect to nbd+unix:///NAME?socket=PATH (NAME: --export, or the instance's
+    /// file stem).
+    Serve {
+        #[arg(required = true)]
+        instances: Vec<PathBuf>,
+        /// Unix socket to listen on.
+        #[arg(long, short)]
+        socket: PathBuf,
+        /// Record the reads that went to the base into this trace file.
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// Export name (one instance only).
+        #[arg(long)]
+        export: Option<String>,
+    },
+    /// Fill a cache without booting (replay a trace, or copy all the base holds), or by a
+    /// recorded first boot (--boot).
     ///
     /// Reads only what the cache does not hold yet, in large requests with several in flight;
     /// all-zero clusters are recorded as zero clusters (nothing stored). Stops storing data at
     /// the cache's quota. Refuses a sealed cache and a cache whose base changed.
+    ///
+    /// --boot -- COMMAND...: serve a fresh temporary instance over the cache with recording
+    /// on, run COMMAND with `{nbd}` replaced by the NBD URI (for example
+    /// `qemu-system-x86_64 ... -drive file={nbd},format=raw,if=virtio`), wait for it to exit,
+    /// write the trace next to the cache (CACHE.trace) and seal the cache.
     Warm {
         cache: PathBuf,
-        /// Replay this trace (recorded by `vmicache serve --record`).
-        #[arg(long, conflicts_with = "full", required_unless_present = "full")]
+        /// Replay this trace (recorded by `vmicache serve --record` or `warm --boot`).
+        #[arg(long, conflicts_with_all = ["full", "boot"], required_unless_present_any = ["full", "boot"])]
         trace: Option<PathBuf>,
         /// Copy every allocated cluster of the base (bounded by the quota).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "boot")]
         full: bool,
+        /// Record a first boot: run the command after `--` against the served cache.
+        #[arg(long)]
+        boot: bool,
+        /// With --boot: give up (and leave the cache unsealed) after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// With --boot: where to write the trace (default CACHE.trace).
+        #[arg(long)]
+        trace_out: Option<PathBuf>,
+        /// With --boot: the boot command; `{nbd}` is replaced by the NBD URI.
+        #[arg(last = true)]
+        command: Vec<String>,
         /// Base requests in flight.
         #[arg(long, default_value_t = 4)]
         jobs: usize,
@@ -171,13 +217,39 @@ fn run(cli: Cli) -> Result<i32> {
             cluster_size,
             json,
         } => layers::chain(&cache, &output, cluster_size, json, cli.quiet),
-        Cmd::Inspect { image, json, map } => inspect::run(&image, json, map),
+        Cmd::Inspect {
+            image,
+            json,
+            map,
+            trace,
+        } => inspect::run(&image, json, map, trace.as_deref()),
+        Cmd::Serve {
+            instances,
+            socket,
+            record,
+            export,
+        } => serve::run_serve(
+            &instances,
+            &socket,
+            record.as_deref(),
+            export.as_deref(),
+            cli.quiet,
+        ),
+        Cmd::Warm {
+            cache,
+            boot: true,
+            timeout,
+            trace_out,
+            command,
+            ..
+        } => serve::run_boot(&cache, &command, timeout, trace_out.as_deref(), cli.quiet),
         Cmd::Warm {
             cache,
             trace,
             full,
             jobs,
             json,
+            ..
         } => warm::run_warm(&cache, trace.as_deref(), full, jobs, json, cli.quiet),
         Cmd::Seal { cache } => warm::run_seal(&cache, cli.quiet),
         Cmd::Check {

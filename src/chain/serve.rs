@@ -1,0 +1,216 @@
+//! Serving VM instances over NBD: the chain INSTANCE → CACHE → BASE opened for I/O, with
+//! copy-on-read into the cache while it is not sealed, one shared cache object for every
+//! instance over it, QEMU-compatible locks, and the boot trace.
+
+use super::build::{cache_meta, verify_base};
+use super::map::map_range;
+use super::trace::Trace;
+use crate::engine::image::resolve_backing;
+use crate::engine::qcow2::Qcow2;
+use crate::engine::storage::FileStorage;
+use crate::engine::{Image, OpenOptions};
+use crate::format::ext::{CacheState, FillRecord};
+use crate::nbd::Export;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// A chain served as one NBD export.
+pub struct ChainExport {
+    pub image: Arc<Image>,
+}
+
+impl Export for ChainExport {
+    fn size(&self) -> u64 {
+        self.image.virtual_size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.image.read_at(buf, offset)
+    }
+    fn write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.image.write_at(buf, offset)?;
+        if fua {
+            self.image.flush(true)?;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        self.image.flush(true)
+    }
+    fn trim(&self, _offset: u64, _len: u64) -> Result<()> {
+        // Discards are advisory; keeping the data is always correct.
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> Result<()> {
+        match &*self.image {
+            Image::Qcow2(q) => q.write_zeroes(offset, len),
+            Image::Raw(_) => {
+                let mut p = offset;
+                while p < offset + len {
+                    let n = (offset + len - p).min(4 << 20);
+                    self.image.write_at(&vec![0u8; n as usize], p)?;
+                    p += n;
+                }
+                Ok(())
+            }
+        }
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
+        const HOLE: u32 = 1;
+        const ZERO: u32 = 2;
+        let end = (offset + len).min(self.image.virtual_size());
+        Ok(map_range(&self.image, offset, end)?
+            .into_iter()
+            .map(|e| {
+                let flags = match (e.present, e.data) {
+                    (false, _) => HOLE | ZERO,
+                    (true, false) => ZERO,
+                    (true, true) if e.zero => ZERO,
+                    (true, true) => 0,
+                };
+                (e.length, flags)
+            })
+            .collect())
+    }
+}
+
+/// What `serve` opened.
+pub struct Served {
+    /// The cache (or plain backing) every instance stands on.
+    pub cache: Arc<Image>,
+    /// Copy-on-read into the cache is on (an unsealed vmicache cache).
+    pub filling: bool,
+    pub exports: Vec<(String, Arc<Image>)>,
+}
+
+/// The backing file an image's header names, resolved.
+pub fn backing_path(image: &Path) -> Result<PathBuf> {
+    let st = FileStorage::open(image, false)?;
+    let h = Qcow2::read_header(&st)?;
+    let name = h
+        .backing_file
+        .ok_or_else(|| Error::chain(image, "instance has no backing file (expected its cache)"))?;
+    resolve_backing(image, &name)
+}
+
+/// Open instances (export name, path) over their common cache, taking locks and turning on
+/// copy-on-read when the cache is an unsealed vmicache cache.
+pub fn open(instances: &[(String, PathBuf)], record: bool) -> Result<Served> {
+    let (_, first) = instances
+        .first()
+        .ok_or_else(|| Error::request(".", "nothing to serve"))?;
+    let cache_path = backing_path(first)?;
+    let probe = Image::open(&cache_path, &OpenOptions::read_only())?;
+    let meta = cache_meta(&probe)?;
+    drop(probe);
+    let fill = matches!(&meta, Some(m) if m.state != CacheState::Sealed);
+    let cache = Image::open(
+        &cache_path,
+        &OpenOptions {
+            write: fill,
+            lock: true,
+            ..OpenOptions::read_only()
+        },
+    )?;
+    if let Some(m) = &meta {
+        let mism = verify_base(&cache)?;
+        if !mism.is_empty() {
+            let what: Vec<String> = mism.iter().map(|m| m.to_string()).collect();
+            return Err(Error::chain(
+                &cache_path,
+                format!("base no longer matches the cache: {}", what.join("; ")),
+            ));
+        }
+        if fill {
+            let q = cache.as_qcow2().expect("caches are qcow2");
+            if m.state == CacheState::Empty {
+                let mut m2 = m.clone();
+                m2.state = CacheState::Warming;
+                q.set_cache_meta(Some(&m2))?;
+            }
+            q.enable_cor(m.quota, record)?;
+        }
+    }
+    let cache = Arc::new(cache);
+    let mut exports = Vec::new();
+    for (name, path) in instances {
+        let img = Image::open_over(
+            path,
+            &OpenOptions {
+                lock: true,
+                ..OpenOptions::read_write()
+            },
+            cache.clone(),
+        )?;
+        exports.push((name.clone(), Arc::new(img)));
+    }
+    Ok(Served {
+        cache,
+        filling: fill,
+        exports,
+    })
+}
+
+/// Summary of a serve session's copy-on-read.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ServeSummary {
+    pub requests: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub base_bytes: u64,
+    pub data_clusters: u64,
+    pub zero_clusters: u64,
+    pub trace_reads: usize,
+}
+
+/// Flush everything, record the session's statistics in the cache and save the trace.
+pub fn finish(s: &Served, trace: Option<&Path>) -> Result<ServeSummary> {
+    for (_, img) in &s.exports {
+        img.flush(true)?;
+    }
+    let mut sum = ServeSummary::default();
+    let Some(q) = s.cache.as_qcow2() else {
+        return Ok(sum);
+    };
+    if let Some(c) = q.cor() {
+        let st = &c.stats;
+        sum.requests = st.requests.load(Ordering::Relaxed);
+        sum.hits = st.hits.load(Ordering::Relaxed);
+        sum.misses = st.misses.load(Ordering::Relaxed);
+        sum.base_bytes = st.base_bytes.load(Ordering::Relaxed);
+        sum.data_clusters = st.data_clusters.load(Ordering::Relaxed);
+        sum.zero_clusters = st.zero_clusters.load(Ordering::Relaxed);
+    }
+    if s.filling {
+        q.flush(true)?;
+        if let Some(mut m) = q.cache_meta()? {
+            m.last_fill = Some(FillRecord {
+                requests: sum.requests,
+                hits: sum.hits,
+                misses: sum.misses,
+                base_bytes: sum.base_bytes,
+                ended: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            });
+            q.set_cache_meta(Some(&m))?;
+            if let (Some(path), Some(id)) = (trace, m.base) {
+                let reads = q.take_record();
+                sum.trace_reads = reads.len();
+                Trace {
+                    base_size: id.virtual_size,
+                    base_fingerprint: id.fingerprint,
+                    reads,
+                }
+                .save(path)?;
+            }
+        }
+    }
+    Ok(sum)
+}

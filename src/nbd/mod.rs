@@ -1,0 +1,376 @@
+//! An NBD (Network Block Device) server over a Unix socket.
+//!
+//! vmicache serves images to QEMU, `qemu-img` and libnbd tools (`nbdinfo`, `nbdcopy`) through
+//! this module. What is served is anything that implements [`Export`]; the rest of vmicache
+//! implements it over qcow2 chains, and [`MemExport`] is an in-memory export for tests.
+//!
+//! # Protocol subset
+//!
+//! The wire format is the one of the NBD protocol document (`doc/proto.md` of
+//! NetworkBlockDevice/nbd); [`proto`] holds its constants and encoders. This server speaks:
+//!
+//! - **Handshake**: fixed newstyle only. The server offers `NBD_FLAG_FIXED_NEWSTYLE |
+//!   NBD_FLAG_NO_ZEROES`; the client's flags are honoured (no 124 zero bytes after
+//!   `NBD_OPT_EXPORT_NAME` when it sets `NBD_FLAG_C_NO_ZEROES`; a client without
+//!   `NBD_FLAG_C_FIXED_NEWSTYLE` may only send `NBD_OPT_EXPORT_NAME`) and unknown client flags
+//!   close the connection. No oldstyle negotiation, no TLS.
+//! - **Options**:
+//!   - `EXPORT_NAME` (old clients; an unknown name closes the connection, as the protocol
+//!     leaves no way to report it);
+//!   - `INFO` and `GO`, answering `NBD_INFO_EXPORT` and `NBD_INFO_BLOCK_SIZE` always (minimum 1,
+//!     preferred [`Export::preferred_block_size`], maximum [`proto::MAX_PAYLOAD`] = 32 MiB),
+//!     `NBD_INFO_NAME` and `NBD_INFO_DESCRIPTION` when asked, and ignoring unknown info
+//!     requests; an unknown export name is refused with `NBD_REP_ERR_UNKNOWN`;
+//!   - `LIST` (one `NBD_REP_SERVER` per export, then `NBD_REP_ACK`), `ABORT`;
+//!   - `STRUCTURED_REPLY`;
+//!   - `LIST_META_CONTEXT` and `SET_META_CONTEXT` with the single context `base:allocation`
+//!     (an empty `LIST` query lists all contexts; `base:` lists every `base:` context);
+//!   - everything else (`STARTTLS`, `EXTENDED_HEADERS`, ...) gets `NBD_REP_ERR_UNSUP` and the
+//!     negotiation goes on.
+//!
+//!   An empty export name selects the default export: the one named `""` if there is one,
+//!   otherwise the first export.
+//! - **Transmission**: `READ` (simple replies, or one `OFFSET_DATA` chunk when structured
+//!   replies were negotiated; `DF` is supported up to 32 MiB), `WRITE` (+`FUA`), `FLUSH`,
+//!   `TRIM`, `WRITE_ZEROES` (+`NO_HOLE`; `FAST_ZERO` is not offered), `DISC` and
+//!   `BLOCK_STATUS` for `base:allocation` (+`REQ_ONE`). Transmission flags: `HAS_FLAGS`,
+//!   `SEND_FLUSH`, `SEND_FUA`, `SEND_DF` (with structured replies), `CAN_MULTI_CONN`, and
+//!   `SEND_TRIM`, `SEND_WRITE_ZEROES` for writable exports or `READ_ONLY` for read-only ones.
+//!   No extended headers, no `CACHE`, no `RESIZE`.
+//!
+//! Errors are reported with the protocol's error numbers: `EPERM` for writes to a read-only
+//! export, `ENOSPC` for writes past the end (and out-of-space errors of the export), `EINVAL`
+//! for other requests out of range, unknown commands or flags, `EOVERFLOW` for a `DF` read
+//! larger than 32 MiB, `EIO` for everything else the export reports. A failed request leaves
+//! the connection open; a protocol violation (bad request magic, a truncated request) closes it.
+//!
+//! # Concurrency
+//!
+//! Every connection has its own thread, which performs the handshake and then reads requests
+//! (and write payloads) and hands them to a small pool of worker threads of that connection
+//! ([`WORKERS_PER_CONNECTION`]), so that a client keeping 16 requests in flight gets parallel
+//! I/O. Each reply is encoded whole and written under a mutex on the socket, so replies of
+//! different requests never interleave. Replies may therefore arrive out of order, as the
+//! protocol allows. `CAN_MULTI_CONN` is always advertised: an export is shared by all
+//! connections, so its `flush` must make every completed write durable, whichever connection
+//! sent it.
+//!
+//! # Shutdown
+//!
+//! [`Stopper::stop`] makes [`Server::run`] stop accepting, remove the socket file, end every
+//! connection's reading side (requests already received are still answered), wait a few
+//! seconds for connections to finish and then close the remaining ones.
+
+pub mod proto;
+mod server;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+pub use server::{Server, Stopper, WORKERS_PER_CONNECTION};
+
+use crate::{Error, Result};
+
+/// `base:allocation` status bit: the extent is not allocated.
+pub const STATE_HOLE: u32 = proto::STATE_HOLE;
+/// `base:allocation` status bit: the extent reads as zeroes.
+pub const STATE_ZERO: u32 = proto::STATE_ZERO;
+
+/// Something the server can export: a fixed-size array of bytes.
+///
+/// All methods may be called concurrently, from several worker threads of several
+/// connections. The server checks every request against [`Export::size`] and
+/// [`Export::read_only`] before calling the export, so implementations see only in-range
+/// requests, and writes only when writable.
+pub trait Export: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Whether writes are refused (advertised to clients as `NBD_FLAG_READ_ONLY`).
+    fn read_only(&self) -> bool;
+    /// Fills `buf` from `offset`.
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Writes `buf` at `offset`; with `fua`, the data must be durable on return.
+    fn write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+    /// The client no longer needs `len` bytes at `offset`; may do nothing.
+    fn trim(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes `len` bytes at `offset` read as zeroes; `may_trim` allows deallocating them.
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()>;
+    /// Extents from `offset` covering at most `len` bytes: (length, flags) with
+    /// [`STATE_HOLE`] = 1 and [`STATE_ZERO`] = 2. Fewer bytes than `len` may be described
+    /// (at least one extent); adjacent extents with equal flags are merged by the server.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>>;
+
+    /// Preferred I/O size advertised in `NBD_INFO_BLOCK_SIZE` (a power of two between
+    /// 512 and 32 MiB, e.g. the cluster size); 4096 unless overridden.
+    fn preferred_block_size(&self) -> u32 {
+        4096
+    }
+    /// A human-readable description for `NBD_INFO_DESCRIPTION`; none unless overridden.
+    fn description(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Allocation granularity of [`MemExport`].
+pub const MEM_BLOCK: u64 = 64 << 10;
+
+/// State of one [`MEM_BLOCK`] of a [`MemExport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockState {
+    /// Never written (or trimmed): reads as zeroes, reported as hole + zero.
+    Hole,
+    /// Allocated but known to be zero (written with `write_zeroes` without trimming).
+    Zero,
+    /// Written data.
+    Data,
+}
+
+struct MemInner {
+    bytes: Vec<u8>,
+    blocks: Vec<BlockState>,
+}
+
+/// An in-memory export for tests: a `Vec<u8>` behind a `RwLock`, with allocation tracked per
+/// 64 KiB block so that `block_status` reports holes and data.
+///
+/// Writes allocate the blocks they touch; `trim` and `write_zeroes` (when trimming is
+/// allowed) deallocate the blocks they cover entirely; `write_zeroes` without trimming leaves
+/// allocated zero blocks. Flushes are counted ([`MemExport::flushes`]).
+pub struct MemExport {
+    inner: RwLock<MemInner>,
+    read_only: bool,
+    flushes: AtomicU64,
+}
+
+impl MemExport {
+    /// A writable export of `size` zero bytes, entirely unallocated.
+    pub fn new(size: u64) -> MemExport {
+        let len = usize::try_from(size).expect("MemExport size fits in memory");
+        let nblocks = len.div_ceil(MEM_BLOCK as usize);
+        MemExport {
+            inner: RwLock::new(MemInner {
+                bytes: vec![0; len],
+                blocks: vec![BlockState::Hole; nblocks],
+            }),
+            read_only: false,
+            flushes: AtomicU64::new(0),
+        }
+    }
+
+    /// A writable export holding `bytes`; blocks that are all zero are left unallocated.
+    pub fn from_vec(bytes: Vec<u8>) -> MemExport {
+        let blocks = bytes
+            .chunks(MEM_BLOCK as usize)
+            .map(|b| {
+                if b.iter().all(|&x| x == 0) {
+                    BlockState::Hole
+                } else {
+                    BlockState::Data
+                }
+            })
+            .collect();
+        MemExport {
+            inner: RwLock::new(MemInner { bytes, blocks }),
+            read_only: false,
+            flushes: AtomicU64::new(0),
+        }
+    }
+
+    /// The same export, read-only (or writable) for clients.
+    pub fn with_read_only(mut self, read_only: bool) -> MemExport {
+        self.read_only = read_only;
+        self
+    }
+
+    /// A copy of the current contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock_read().bytes.clone()
+    }
+
+    /// How many times [`Export::flush`] was called.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::SeqCst)
+    }
+
+    fn lock_read(&self) -> std::sync::RwLockReadGuard<'_, MemInner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_write(&self) -> std::sync::RwLockWriteGuard<'_, MemInner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `offset..offset+len` as indices into the byte vector, or a request error.
+    fn range(&self, len_total: usize, offset: u64, len: u64) -> Result<(usize, usize)> {
+        let end = offset.checked_add(len);
+        match end {
+            Some(end) if end <= len_total as u64 => Ok((offset as usize, end as usize)),
+            _ => Err(Error::request(
+                "<memory>",
+                format!("request {offset}+{len} beyond the end ({len_total} bytes)"),
+            )),
+        }
+    }
+
+    /// Zeroes `start..end` and sets the state of the blocks it touches: blocks covered
+    /// entirely become `full`, partly covered ones `partial` (or keep their state when
+    /// `partial` is `None`).
+    fn zero_range(
+        inner: &mut MemInner,
+        start: usize,
+        end: usize,
+        full: BlockState,
+        partial: Option<BlockState>,
+    ) {
+        inner.bytes[start..end].fill(0);
+        if start == end {
+            return;
+        }
+        let bs = MEM_BLOCK as usize;
+        let len_total = inner.bytes.len();
+        for b in start / bs..=(end - 1) / bs {
+            let (bstart, bend) = (b * bs, ((b + 1) * bs).min(len_total));
+            if start <= bstart && bend <= end {
+                inner.blocks[b] = full;
+            } else if let Some(p) = partial {
+                if inner.blocks[b] == BlockState::Hole {
+                    inner.blocks[b] = p;
+                }
+            }
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::io(
+                "<memory>",
+                "write",
+                std::io::Error::new(std::io::ErrorKind::PermissionDenied, "read-only export"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Export for MemExport {
+    fn size(&self) -> u64 {
+        self.lock_read().bytes.len() as u64
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let inner = self.lock_read();
+        let (start, end) = self.range(inner.bytes.len(), offset, buf.len() as u64)?;
+        buf.copy_from_slice(&inner.bytes[start..end]);
+        Ok(())
+    }
+
+    fn write(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<()> {
+        self.check_writable()?;
+        let mut inner = self.lock_write();
+        let (start, end) = self.range(inner.bytes.len(), offset, buf.len() as u64)?;
+        inner.bytes[start..end].copy_from_slice(buf);
+        if start < end {
+            let bs = MEM_BLOCK as usize;
+            for b in start / bs..=(end - 1) / bs {
+                inner.blocks[b] = BlockState::Data;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut inner = self.lock_write();
+        let (start, end) = self.range(inner.bytes.len(), offset, len)?;
+        // Only whole blocks are discarded; the bytes of partly covered blocks stay.
+        let bs = MEM_BLOCK as usize;
+        let (first, last) = (start.div_ceil(bs) * bs, (end / bs) * bs);
+        let last = if end == inner.bytes.len() { end } else { last };
+        if first < last {
+            Self::zero_range(&mut inner, first, last, BlockState::Hole, None);
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
+        self.check_writable()?;
+        let mut inner = self.lock_write();
+        let (start, end) = self.range(inner.bytes.len(), offset, len)?;
+        let full = if may_trim {
+            BlockState::Hole
+        } else {
+            BlockState::Zero
+        };
+        // A partly zeroed hole stays all zeroes; a partly zeroed data block stays data.
+        Self::zero_range(&mut inner, start, end, full, None);
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
+        let inner = self.lock_read();
+        let (start, end) = self.range(inner.bytes.len(), offset, len)?;
+        let bs = MEM_BLOCK as usize;
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            let b = pos / bs;
+            let next = ((b + 1) * bs).min(end);
+            let flags = match inner.blocks[b] {
+                BlockState::Hole => STATE_HOLE | STATE_ZERO,
+                BlockState::Zero => STATE_ZERO,
+                BlockState::Data => 0,
+            };
+            match out.last_mut() {
+                Some((l, f)) if *f == flags => *l += (next - pos) as u64,
+                _ => out.push(((next - pos) as u64, flags)),
+            }
+            pos = next;
+        }
+        Ok(out)
+    }
+
+    fn description(&self) -> Option<String> {
+        Some("vmicache in-memory export".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_export_tracks_allocation() {
+        let m = MemExport::new(4 * MEM_BLOCK);
+        assert_eq!(
+            m.block_status(0, 4 * MEM_BLOCK).unwrap(),
+            vec![(4 * MEM_BLOCK, STATE_HOLE | STATE_ZERO)]
+        );
+        m.write(&[1; 10], MEM_BLOCK + 5, false).unwrap();
+        m.write_zeroes(2 * MEM_BLOCK, MEM_BLOCK, false).unwrap();
+        assert_eq!(
+            m.block_status(0, 4 * MEM_BLOCK).unwrap(),
+            vec![
+                (MEM_BLOCK, STATE_HOLE | STATE_ZERO),
+                (MEM_BLOCK, 0),
+                (MEM_BLOCK, STATE_ZERO),
+                (MEM_BLOCK, STATE_HOLE | STATE_ZERO),
+            ]
+        );
+        m.trim(MEM_BLOCK, MEM_BLOCK).unwrap();
+        let mut buf = [9u8; 16];
+        m.read(&mut buf, MEM_BLOCK).unwrap();
+        assert_eq!(buf, [0; 16]);
+        assert!(m.read(&mut buf, 4 * MEM_BLOCK - 8).is_err());
+    }
+}
