@@ -256,7 +256,7 @@ root_bytes=$(du -sb "$root" | cut -f1)
 uuid=$(echo "$hash" | sed -E 's/^(.{8})(.{4})(.{4})(.{4})(.{12}).*/\1-\2-\3-\4-\5/')
 mkfs.ext4 -q -F -b 4096 -L "vmicache-$guest" -U "$uuid" \
 	-E "lazy_itable_init=0,lazy_journal_init=0,hash_seed=$uuid" \
-	-d "$root" "$work/base.raw" "$DISK_SIZE"
+	-d "$root" "$work/base.raw" "$DISK_SIZE" >/dev/null
 fallocate --dig-holes "$work/base.raw" # zero blocks mkfs wrote become holes: sparse raw
 e2fsck -fn "$work/base.raw" >"$work/e2fsck.log" 2>&1 || {
 	cat "$work/e2fsck.log" >&2

@@ -128,6 +128,18 @@ fn map_qcow2_without_backing() {
 }
 
 #[test]
+fn map_of_zero_sized_images() {
+    // qemu-img map prints one zero-length entry (all flags false) for an image of size 0.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.img");
+    std::fs::File::create(&empty).unwrap();
+    assert_map_eq(&empty);
+    let q = dir.path().join("zero.qcow2");
+    create_qcow2(&q, "0", "", None);
+    assert_map_eq(&q);
+}
+
+#[test]
 fn map_qcow2_preallocation_metadata() {
     // Preallocated clusters are holes in the file: QEMU detects metadata preallocation and
     // reports them as zero (with data and an offset).
@@ -288,6 +300,8 @@ fn map_cache_and_instance() {
             "write -q -P 0x57 8000k 3k",
         ],
     );
+    assert_check_agrees(&cache, 0);
+    assert_check_agrees(&inst, 0);
     let m = assert_map_eq(&inst);
     for depth in 0..3 {
         assert_has(
@@ -324,28 +338,35 @@ fn scattered_case(cluster: u64, size: u64, nwrites: usize, max_len: u64, seed: u
         Some(("base.raw", "raw")),
     );
     let mut r = XorShift64::new(seed);
+    // Compressed writes first: QEMU only compresses into clusters not yet allocated.
+    let clusters = size / cluster;
+    let mut used = vec![false; clusters as usize];
     let mut cmds = Vec::new();
+    for _ in 0..nwrites / 5 {
+        let n = r.range(1, 4);
+        let first = r.below(clusters - n);
+        let range = first as usize..(first + n) as usize;
+        if used[range.clone()].iter().any(|&u| u) {
+            continue;
+        }
+        used[range].fill(true);
+        cmds.push(format!(
+            "write -q -c -P {} {} {}",
+            r.range(1, 255),
+            first * cluster,
+            n * cluster
+        ));
+    }
     for _ in 0..nwrites {
-        match r.below(6) {
-            0 => {
-                let n = r.range(1, 4);
-                let off = r.below(size / cluster - n) * cluster;
-                cmds.push(format!(
-                    "write -q -c -P {} {off} {}",
-                    r.range(1, 255),
-                    n * cluster
-                ));
-            }
-            1 => {
-                let len = r.range(1, max_len / 512) * 512;
-                let off = r.below((size - len) / 512) * 512;
-                cmds.push(format!("write -q -z {off} {len}"));
-            }
-            _ => {
-                let len = r.range(1, max_len / 512) * 512;
-                let off = r.below((size - len) / 512) * 512;
-                cmds.push(format!("write -q -P {} {off} {len}", r.range(1, 255)));
-            }
+        let len = r.range(1, max_len / 512) * 512;
+        let off = r.below((size - len) / 512) * 512;
+        let kind = r.below(8);
+        if kind < 2 {
+            cmds.push(format!("write -q -z {off} {len}"));
+        } else if kind == 2 {
+            cmds.push(format!("discard -q {off} {len}"));
+        } else {
+            cmds.push(format!("write -q -P {} {off} {len}", r.range(1, 255)));
         }
     }
     for chunk in cmds.chunks(100) {
@@ -353,21 +374,53 @@ fn scattered_case(cluster: u64, size: u64, nwrites: usize, max_len: u64, seed: u
     }
     let m = assert_map_eq(&top);
     assert!(m.len() > 10, "suspiciously short map: {m:?}");
+    assert_check_agrees(&top, 0);
 }
 
 #[test]
 fn map_cluster_512() {
-    scattered_case(512, 4 * MIB, 200, 8 * KIB, 512);
+    for seed in 0..3 {
+        scattered_case(512, 4 * MIB, 200, 8 * KIB, 512 + seed);
+    }
+}
+
+#[test]
+fn map_cluster_4k() {
+    for seed in 0..3 {
+        scattered_case(4 * KIB, 16 * MIB, 200, 40 * KIB, 4096 + seed);
+    }
 }
 
 #[test]
 fn map_cluster_2m() {
-    scattered_case(2 * MIB, 64 * MIB, 40, 3 * MIB, 2);
+    for seed in 0..2 {
+        scattered_case(2 * MIB, 64 * MIB, 40, 3 * MIB, 2 + seed);
+    }
 }
 
 #[test]
 fn map_1g_scattered() {
     scattered_case(64 * KIB, 1024 * MIB, 120, 256 * KIB, 1 << 30);
+}
+
+#[test]
+fn map_top_smaller_than_backing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    sparse_raw(
+        &base,
+        4 * MIB,
+        &["write -q -P 1 0 64k", "write -q -P 2 1M 1M"],
+    );
+    let top = dir.path().join("top.qcow2");
+    create_qcow2(
+        &top,
+        "1536K",
+        "cluster_size=65536",
+        Some(("base.raw", "raw")),
+    );
+    qemu_io_qcow2(&top, &["write -q -P 3 1088k 64k", "write -q -z 1216k 64k"]);
+    assert_map_eq(&top);
 }
 
 // ---------------------------------------------------------------------------
@@ -433,6 +486,8 @@ enum Poke {
     SetL2(u64, u64),
     /// Raw active L1 entry.
     SetL1(u64, u64),
+    /// Raw refcount table entry.
+    SetRT(u64, u64),
     /// Append zeroed clusters to the file.
     Append(u64),
     /// Truncate the file.
@@ -447,6 +502,7 @@ fn poke(path: &Path, p: Poke) {
         Poke::SetRef(c, rc) => write_at(path, l.rb0 + 2 * c, &rc.to_be_bytes()),
         Poke::SetL2(i, e) => write_at(path, l.l2 + 8 * i, &e.to_be_bytes()),
         Poke::SetL1(i, e) => write_at(path, l.l1 + 8 * i, &e.to_be_bytes()),
+        Poke::SetRT(i, e) => write_at(path, l.rt + 8 * i, &e.to_be_bytes()),
         Poke::Append(n) => {
             let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
             let len = f.metadata().unwrap().len();
@@ -537,9 +593,16 @@ fn our_check(img: &Path, extra: &[&str]) -> CheckRun {
     }
 }
 
-/// Runs both checkers on `img`: same exit code and same counts. `qemu_code` is what the notes
-/// say qemu-img returns (guards against the image not being damaged as intended).
+/// Runs both checkers on `img`: same exit code, same counts and the same finding lines on
+/// stderr. `qemu_code` is what the notes say qemu-img returns (guards against the image not
+/// being damaged as intended).
 fn assert_check_agrees(img: &Path, qemu_code: i32) -> Value {
+    check_agreement(img, qemu_code, true)
+}
+
+/// `assert_check_agrees`; `lines` false compares exit codes and counts only (for cases where
+/// qemu-img's stderr has more than findings, e.g. its corruption-event messages).
+fn check_agreement(img: &Path, qemu_code: i32, lines: bool) -> Value {
     let theirs = qemu_check(img, &[]);
     assert_eq!(
         theirs.code,
@@ -562,7 +625,7 @@ fn assert_check_agrees(img: &Path, qemu_code: i32) -> Value {
         })
         .collect();
     assert!(
-        diff.is_empty() && ours.code == theirs.code && ours.json.is_object(),
+        diff.is_empty() && ours.code == theirs.code && (ours.json.is_object() || !lines),
         "check of {} differs: {diff:?}, exit vmicache {} qemu-img {}\n--- vmicache ---\n{:#}\n{}\n--- qemu-img ---\n{:#}\n{}",
         img.display(),
         ours.code,
@@ -572,6 +635,14 @@ fn assert_check_agrees(img: &Path, qemu_code: i32) -> Value {
         theirs.json,
         theirs.stderr
     );
+    if lines {
+        assert_eq!(
+            ours.stderr.lines().collect::<Vec<_>>(),
+            theirs.stderr.lines().collect::<Vec<_>>(),
+            "check of {}: findings on stderr differ (left vmicache, right qemu-img)",
+            img.display()
+        );
+    }
     ours.json
 }
 
@@ -618,8 +689,15 @@ fn check_agrees_on_damaged_images() {
         ("l2_reserved_bit", &[SetL2(2, 0x8000_0000_0007_0100)], 2),
         ("l1_reserved_bit", &[SetL1(0, 0x8000_0000_0004_0001)], 2),
         ("unaligned_l2_table", &[SetL1(0, 0x8000_0000_0004_0200)], 2),
-        // The L2 table lies past the end of the (truncated) file.
-        ("truncated_before_l2", &[Truncate(0x40000)], 2),
+        ("data_without_copied", &[SetL2(0, 0x5_0000)], 2),
+        ("l1_without_copied", &[SetL1(0, 0x4_0000)], 2),
+        (
+            "two_l2_entries_one_cluster",
+            &[SetL2(16, 0x8000_0000_0005_0000)],
+            2,
+        ),
+        ("refblock_outside_image", &[SetRT(1, 0x10_0000)], 2),
+        ("refblock_at_l2", &[SetRT(0, 0x4_0000)], 2),
     ];
     let mut failures = Vec::new();
     for (name, pokes, qemu_code) in cases {
@@ -646,19 +724,64 @@ fn check_agrees_on_damaged_images() {
 }
 
 #[test]
+fn check_agrees_when_the_l2_table_lies_past_eof() {
+    // The file is cut right before its L2 table (0x40000). qemu-img reports only the reference
+    // past EOF: its COPIED check reads the L2 cluster's refcount (still 1) from the refcount
+    // block, even though the cluster is beyond the end of the file.
+    let dir = tempfile::tempdir().unwrap();
+    let base = damage_base(dir.path());
+    let img = damaged(dir.path(), &base, "cut", &[Poke::Truncate(0x40000)]);
+    assert_check_agrees(&img, 2);
+}
+
+#[test]
+fn check_agrees_on_refcount_table_entry_with_reserved_bits() {
+    // qemu-img reports the entry, skips counting the refblock (so its cluster leaks), and still
+    // reads refcounts through it: qcow2_get_refcount masks the entry with REFT_OFFSET_MASK.
+    let dir = tempfile::tempdir().unwrap();
+    let base = damage_base(dir.path());
+    let img = damaged(
+        dir.path(),
+        &base,
+        "rt_reserved",
+        &[Poke::SetRT(0, 0x2_0001)],
+    );
+    assert_check_agrees(&img, 2);
+}
+
+#[test]
+fn check_agrees_on_unaligned_refcount_block() {
+    // qemu-img cannot read any refcount through an unaligned refblock: one
+    // `Can't get refcount for cluster N: Input/output error` per cluster, check-errors 8, and
+    // exit 1 (`qemu-img: Check failed`), with the JSON still printed.
+    let dir = tempfile::tempdir().unwrap();
+    let base = damage_base(dir.path());
+    let img = damaged(
+        dir.path(),
+        &base,
+        "rb_unaligned",
+        &[Poke::SetRT(0, 0x2_0200)],
+    );
+    check_agreement(&img, 1, false);
+}
+
+#[test]
 fn check_agrees_on_compressed_image() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("src.raw");
-    std::fs::write(&raw, pattern(21, (4 * MIB) as usize)).unwrap();
+    // Data in the first half; the second half stays unallocated after convert.
+    let mut data = pattern(21, (4 * MIB) as usize);
+    data.resize((8 * MIB) as usize, 0);
+    std::fs::write(&raw, data).unwrap();
     let img = dir.path().join("c.qcow2");
     qemu_img(&["convert", "-q", "-c", "-O", "qcow2", ps(&raw), ps(&img)]);
     // Plus compressed writes by qemu-io (small ones share host clusters) and plain data.
     qemu_io_qcow2(
         &img,
         &[
-            "write -q -c -P 1 1M 64k",
-            "write -q -c -P 2 1088k 64k",
-            "write -q -P 3 2M 64k",
+            "write -q -c -P 1 5M 64k",
+            "write -q -c -P 2 5184k 64k",
+            "write -q -P 3 6M 64k",
         ],
     );
     let r = assert_check_agrees(&img, 0);
@@ -719,7 +842,16 @@ fn check_agrees_on_clean_geometries() {
                 "write -q -P 3 15M 64k",
             ],
         );
+        qemu_io_qcow2(
+            &img,
+            &[
+                "write -q -z 64k 64k",
+                "write -q -z 7M 64k",
+                "discard -q 5M 64k",
+            ],
+        );
         assert_check_agrees(&img, 0);
+        assert_map_eq(&img);
     }
 }
 

@@ -150,6 +150,7 @@ fn compare_through_nbd_and_full_read_fills_cache() {
     // A second pass reads nothing from the base.
     run(tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &u, ps(&s.base)]));
     let err = stop(srv);
+    // The base file is fully written (no holes), so all of it is read once.
     assert!(err.contains("read 16 MiB from the base"), "{err}");
     check_clean(&s.cache);
     // Every cluster is now in the cache: data where the base has data, zero elsewhere.

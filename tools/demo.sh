@@ -5,10 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v qemu-img >/dev/null; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq qemu-utils
-fi
+tools/deps.sh
 cargo install --quiet --path . --root target/install
 export PATH="$PWD/target/install/bin:$PATH"
 

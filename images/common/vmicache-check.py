@@ -113,12 +113,13 @@ def main(argv):
     ok = False
     try:
         mods = import_all(MODULES)
+        t_imports = time.monotonic() - t0
         files, nbytes, bad, digest = check_manifest(MANIFEST)
         with open(MANIFEST, "rb") as f:
             want = hashlib.sha256(f.read()).hexdigest()
         t = time.monotonic() - t0
-        print("vmicache-check: %d modules, %d files, %d bytes, %.2f s, uptime %.2f s"
-              % (len(mods), files, nbytes, t, uptime()), flush=True)
+        print("vmicache-check: %d modules, %d files, %d bytes, %.2f s (imports %.2f s),"
+              " uptime %.2f s" % (len(mods), files, nbytes, t, t_imports, uptime()), flush=True)
         if bad:
             reason = "%d files differ (first %s)" % (len(bad), bad[0])
         elif digest != want:

@@ -295,6 +295,48 @@ impl Image {
             Image::Qcow2(q) => q.write_at(buf, off),
         }
     }
+    /// Split `[off, off+len)` into runs that metadata alone proves read as zeros (true) and
+    /// runs that may hold data (false), without reading data. Used to skip reading holes.
+    pub fn zero_runs(&self, off: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let end = off + len;
+        let mut pos = off;
+        while pos < end {
+            let (zero, n) = self.zero_status(pos, end - pos)?;
+            match out.last_mut() {
+                Some(l) if l.2 == zero && l.0 + l.1 == pos => l.1 += n,
+                _ => out.push((pos, n, zero)),
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    fn zero_status(&self, off: u64, len: u64) -> Result<(bool, u64)> {
+        use super::qcow2::LayerStatus;
+        if off >= self.virtual_size() {
+            return Ok((true, len));
+        }
+        let len = len.min(self.virtual_size() - off);
+        match self {
+            Image::Raw(r) => {
+                let (data, n) = r.block_status(off, len)?;
+                Ok((!data, n))
+            }
+            Image::Qcow2(q) => {
+                let (st, n) = q.block_status(off, len)?;
+                match st {
+                    LayerStatus::Zero { .. } => Ok((true, n)),
+                    LayerStatus::Data { .. } | LayerStatus::Compressed => Ok((false, n)),
+                    LayerStatus::Unallocated => match q.backing() {
+                        None => Ok((true, n)),
+                        Some(b) => b.zero_status(off, n),
+                    },
+                }
+            }
+        }
+    }
+
     /// Write cached metadata in safe order; `durable` syncs to stable storage.
     pub fn flush(&self, durable: bool) -> Result<()> {
         match self {

@@ -26,6 +26,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// All-zero check at memcmp speed.
+pub fn is_zero(b: &[u8]) -> bool {
+    static ZEROS: [u8; 65536] = [0; 65536];
+    b.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
 /// Dirty metadata above this many bytes is flushed; clean tables above it are dropped.
 const L2_CACHE_BYTES: usize = 32 << 20;
 
@@ -78,7 +84,7 @@ pub struct CorStats {
     pub hits: AtomicU64,
     /// Requests that needed the base.
     pub misses: AtomicU64,
-    /// Bytes read from the base.
+    /// Bytes read from the base (holes its metadata proves zero are not read).
     pub base_bytes: AtomicU64,
     pub data_clusters: AtomicU64,
     pub zero_clusters: AtomicU64,
@@ -477,11 +483,21 @@ impl Qcow2 {
         let mut covered = Vec::new();
         for (s, n) in self.unallocated_runs(a, b - a)? {
             let mut buf = vec![0u8; n as usize];
-            self.read_backing(&mut buf, s)?;
+            // Read only what the base's metadata does not prove zero.
+            let backing = self
+                .backing
+                .as_deref()
+                .expect("copy-on-read has a backing file");
+            for (zs, zn, zero) in backing.zero_runs(s, n)? {
+                if !zero {
+                    let at = (zs - s) as usize;
+                    self.read_backing(&mut buf[at..at + zn as usize], zs)?;
+                    cor.stats.base_bytes.fetch_add(zn, Ordering::Relaxed);
+                }
+            }
             if let Some(r) = &cor.record {
                 r.lock().unwrap_or_else(|p| p.into_inner()).push((s, n));
             }
-            cor.stats.base_bytes.fetch_add(n, Ordering::Relaxed);
             let want = n.div_ceil(cs);
             let granted = {
                 let mut bgt = cor.budget.lock().unwrap_or_else(|p| p.into_inner());
@@ -912,61 +928,76 @@ impl Qcow2 {
         self.check_range(off, data.len() as u64)?;
         let n = (data.len() as u64).div_ceil(cs) as usize;
         let chunk = |i: usize| &data[i * cs as usize..((i + 1) * cs as usize).min(data.len())];
+        let zero: Vec<bool> = (0..n).map(|i| self.v3 && is_zero(chunk(i))).collect();
         let max_run = (64 << 20) / cs;
         let max_run = max_run.min(self.geo.refblock_entries() - 1).max(1) as usize;
+        let mut st = FillStats::default();
+        // Decide under the lock, write data without it, then link it under the lock: the
+        // clusters are counted (refcount) before the data lands and linked (L2) after.
+        let mut runs: Vec<(usize, usize, u64)> = Vec::new();
+        {
+            let mut guard = self.lock();
+            let m: &mut Meta = &mut guard;
+            self.maybe_shrink(m)?;
+            let unalloc = |q: &Self, m: &mut Meta, i: usize| -> Result<bool> {
+                let e = q.entry(m, GuestOffset(off + i as u64 * cs))?;
+                Ok(q.decode(m, e)? == L2Mapping::Unallocated)
+            };
+            let mut i = 0;
+            while i < n {
+                if !unalloc(self, m, i)? {
+                    i += 1;
+                    continue;
+                }
+                if zero[i] {
+                    self.set_entry(m, GuestOffset(off + i as u64 * cs), L2Entry::zero())?;
+                    st.zero_clusters += 1;
+                    i += 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < n
+                    && j - i < max_run
+                    && st.data_clusters + ((j - i) as u64) < max_data
+                    && !zero[j]
+                    && unalloc(self, m, j)?
+                {
+                    j += 1;
+                }
+                if st.data_clusters >= max_data {
+                    st.over_quota += 1;
+                    i += 1;
+                    continue;
+                }
+                let k = (j - i) as u64;
+                for x in i..j {
+                    self.ensure_l2(m, GuestOffset(off + x as u64 * cs))?;
+                }
+                let hc = m.rc.alloc(&*self.storage, &mut m.header, k)?;
+                runs.push((i, j, hc << self.geo.cluster_bits));
+                st.data_clusters += k;
+                i = j;
+            }
+        }
+        for &(i, j, host) in &runs {
+            let start = i * cs as usize;
+            let end = (j * cs as usize).min(data.len());
+            if end - start == (j - i) * cs as usize {
+                self.storage.write_at(&data[start..end], host)?;
+            } else {
+                let mut buf = vec![0u8; (j - i) * cs as usize];
+                buf[..end - start].copy_from_slice(&data[start..end]);
+                self.storage.write_at(&buf, host)?;
+            }
+        }
         let mut guard = self.lock();
         let m: &mut Meta = &mut guard;
-        self.maybe_shrink(m)?;
-        let mut st = FillStats::default();
-        let mut i = 0;
-        let unalloc = |q: &Self, m: &mut Meta, i: usize| -> Result<bool> {
-            let e = q.entry(m, GuestOffset(off + i as u64 * cs))?;
-            Ok(q.decode(m, e)? == L2Mapping::Unallocated)
-        };
-        while i < n {
-            if !unalloc(self, m, i)? {
-                i += 1;
-                continue;
-            }
-            let g = GuestOffset(off + i as u64 * cs);
-            if self.v3 && chunk(i).iter().all(|&b| b == 0) {
-                self.set_entry(m, g, L2Entry::zero())?;
-                st.zero_clusters += 1;
-                i += 1;
-                continue;
-            }
-            let mut j = i;
-            while j < n
-                && j - i < max_run
-                && st.data_clusters + ((j - i) as u64) < max_data
-                && (j == i || (unalloc(self, m, j)? && !chunk(j).iter().all(|&b| b == 0)))
-            {
-                j += 1;
-            }
-            if j == i {
-                st.over_quota += 1;
-                i += 1;
-                continue;
-            }
-            let k = (j - i) as u64;
-            let mut buf = vec![0u8; (k * cs) as usize];
+        for &(i, j, host) in &runs {
             for x in i..j {
-                let c = chunk(x);
-                let at = (x - i) * cs as usize;
-                buf[at..at + c.len()].copy_from_slice(c);
+                let g = GuestOffset(off + x as u64 * cs);
+                let h = HostOffset(host + (x - i) as u64 * cs);
+                self.set_entry(m, g, L2Entry::data(h))?;
             }
-            for x in i..j {
-                self.ensure_l2(m, GuestOffset(off + x as u64 * cs))?;
-            }
-            let hc = m.rc.alloc(&*self.storage, &mut m.header, k)?;
-            let host = hc << self.geo.cluster_bits;
-            self.storage.write_at(&buf, host)?;
-            for x in 0..k {
-                let g = GuestOffset(off + (i as u64 + x) * cs);
-                self.set_entry(m, g, L2Entry::data(HostOffset(host + x * cs)))?;
-            }
-            st.data_clusters += k;
-            i = j;
         }
         self.maybe_flush(m)?;
         Ok(st)
