@@ -39,7 +39,12 @@ impl Export for ChainExport {
         Ok(())
     }
     fn flush(&self) -> Result<()> {
-        self.image.flush(true)
+        self.image.flush(true)?;
+        // Make the cache's copy-on-read fills durable too (a no-op when read-only).
+        match self.image.backing() {
+            Some(b) => b.flush(true),
+            None => Ok(()),
+        }
     }
     fn trim(&self, _offset: u64, _len: u64) -> Result<()> {
         // Discards are advisory; keeping the data is always correct.
