@@ -102,29 +102,20 @@ fn map_qcow2_without_backing() {
         ],
     );
     let m = assert_map_eq(&img);
-    let t = Value::Bool(true);
-    let f = Value::Bool(false);
     assert_has(
         &m,
         "data",
-        &[("data", t.clone()), ("compressed", f.clone())],
+        &[("data", true.into()), ("compressed", false.into())],
     );
-    assert_has(&m, "compressed", &[("compressed", t.clone())]);
-    assert_has(
-        &m,
-        "zero-alloc",
-        &[
-            ("present", t.clone()),
-            ("zero", t.clone()),
-            ("offset", 393216.into()),
-        ],
-    );
-    assert!(
-        m.iter()
-            .any(|e| e["present"] == t && e["zero"] == t && e.get("offset").is_none()),
-        "no plain zero extent: {m:?}"
-    );
-    assert_has(&m, "unallocated", &[("present", f)]);
+    assert_has(&m, "compressed", &[("compressed", true.into())]);
+    let zero = |with_offset: bool| {
+        m.iter().any(|e| {
+            e["present"] == true && e["zero"] == true && e.get("offset").is_some() == with_offset
+        })
+    };
+    assert!(zero(true), "no zero-alloc extent: {m:?}");
+    assert!(zero(false), "no plain zero extent: {m:?}");
+    assert_has(&m, "unallocated", &[("present", false.into())]);
 }
 
 #[test]
@@ -890,11 +881,16 @@ fn assert_repair_refused(name: &str, pokes: &[Poke]) {
     let theirs = qemu_check(&twin, &["-r", "leaks"]);
     assert_eq!(theirs.code, 1, "qemu-img: {}", theirs.stderr);
     assert!(
-        theirs.stderr.contains("need to rebuild refcount structures"),
+        theirs
+            .stderr
+            .contains("need to rebuild refcount structures"),
         "{}",
         theirs.stderr
     );
-    assert!(std::fs::read(&twin).unwrap() == before, "qemu-img changed the file");
+    assert!(
+        std::fs::read(&twin).unwrap() == before,
+        "qemu-img changed the file"
+    );
 
     let out = run_status(bin().args(["check", "--repair", "leaks", ps(&img)]));
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -100,6 +100,19 @@ pub fn map(top: &Image) -> Result<Vec<Extent>> {
 }
 
 pub fn map_range(top: &Image, start: u64, end: u64) -> Result<Vec<Extent>> {
+    if start >= end {
+        // qemu-img map prints one empty entry for an empty range.
+        return Ok(vec![Extent {
+            start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+        }]);
+    }
     let mut out: Vec<Extent> = Vec::new();
     let mut off = start;
     while off < end {

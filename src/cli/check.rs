@@ -1,12 +1,11 @@
 //! `vmicache check`.
 
-use super::util::human;
 use anyhow::{bail, Result};
 use std::path::Path;
 use vmicache::engine::check::{check, Repair};
 use vmicache::engine::image::probe;
 use vmicache::engine::storage::FileStorage;
-use vmicache::engine::Format;
+use vmicache::engine::{Format, Image, OpenOptions};
 
 pub fn run(path: &Path, repair: bool, json: bool) -> Result<i32> {
     let st = FileStorage::open(path, false)?;
@@ -17,6 +16,8 @@ pub fn run(path: &Path, repair: bool, json: bool) -> Result<i32> {
         );
     }
     drop(st);
+    // As qemu-img: an image whose backing chain does not open is not checked.
+    drop(Image::open(path, &OpenOptions::read_only())?);
     let r = check(path, if repair { Repair::Leaks } else { Repair::None })?;
     for m in &r.messages {
         eprintln!("{m}");
@@ -78,11 +79,7 @@ pub fn run(path: &Path, repair: bool, json: bool) -> Result<i32> {
         );
     }
     if r.image_end_offset > 0 {
-        println!(
-            "Image end offset: {} ({})",
-            r.image_end_offset,
-            human(r.image_end_offset)
-        );
+        println!("Image end offset: {}", r.image_end_offset);
     }
     Ok(r.exit_code())
 }

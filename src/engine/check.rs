@@ -66,6 +66,8 @@ struct Checker<'a> {
     file_len: u64,
     nb_clusters: u64,
     computed: Vec<u32>,
+    /// Refcount structures are broken beyond what leak repair may fix.
+    rebuild: bool,
     r: CheckReport,
 }
 
@@ -220,9 +222,10 @@ impl Checker<'_> {
         Ok(())
     }
 
-    /// Refcount table entries, validated; (index, offset) of usable blocks.
-    fn check_refblocks(&mut self, reftable: &[u64]) -> Vec<Option<u64>> {
-        let mut usable = vec![None; reftable.len()];
+    /// Validate the refcount table's entries and count the blocks' own clusters. Returns how
+    /// each entry can be read, as QEMU reads it (reserved bits masked).
+    fn check_refblocks(&mut self, reftable: &[u64]) -> Vec<Block> {
+        let mut out = vec![Block::Absent; reftable.len()];
         for (i, &e) in reftable.iter().enumerate() {
             let off = e & !REFT_RESERVED;
             if e & REFT_RESERVED != 0 {
@@ -230,6 +233,14 @@ impl Checker<'_> {
                     "ERROR refcount table entry {i} has reserved bits set"
                 ));
                 self.r.corruptions += 1;
+                self.rebuild = true;
+                if off != 0 {
+                    out[i] = if off % self.cs == 0 {
+                        Block::At(off)
+                    } else {
+                        Block::Unreadable
+                    };
+                }
                 continue;
             }
             if off == 0 {
@@ -240,12 +251,16 @@ impl Checker<'_> {
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
                 self.r.corruptions += 1;
+                self.rebuild = true;
+                out[i] = Block::Unreadable;
                 continue;
             }
+            out[i] = Block::At(off);
             let c = off / self.cs;
             if c >= self.nb_clusters {
                 self.msg(format!("ERROR refcount block {i} is outside image"));
                 self.r.corruptions += 1;
+                self.rebuild = true;
                 continue;
             }
             self.inc(off, self.cs);
@@ -255,36 +270,99 @@ impl Checker<'_> {
                     self.computed[c as usize]
                 ));
                 self.r.corruptions += 1;
+                self.rebuild = true;
             }
-            usable[i] = Some(off);
         }
-        usable
+        out
     }
 }
 
-/// On-disk refcounts of clusters [0, n), block by block.
+/// How a refcount table entry can be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Block {
+    Absent,
+    At(u64),
+    /// Unaligned: QEMU fails to read refcounts through it.
+    Unreadable,
+}
+
+/// On-disk refcounts of clusters [0, n), block by block; None where they cannot be read.
 fn disk_refcounts(
     st: &dyn Storage,
     h: &Header,
-    blocks: &[Option<u64>],
+    blocks: &[Block],
     n: u64,
-) -> Result<Vec<u64>> {
+) -> Result<Vec<Option<u64>>> {
     let geo = h.geometry;
     let per = geo.refblock_entries();
-    let mut out = vec![0u64; n as usize];
+    let mut out = vec![Some(0u64); n as usize];
     let mut buf = vec![0u8; geo.cluster_size() as usize];
     for (i, b) in blocks.iter().enumerate() {
         let first = i as u64 * per;
         if first >= n {
             break;
         }
-        let Some(off) = b else { continue };
-        st.read_at(&mut buf, *off)?;
-        for s in 0..per.min(n - first) {
-            out[(first + s) as usize] = refcount::get(&buf, geo.refcount_order, s as usize);
+        let count = per.min(n - first);
+        match b {
+            Block::Absent => {}
+            Block::Unreadable => {
+                for s in 0..count {
+                    out[(first + s) as usize] = None;
+                }
+            }
+            Block::At(off) => {
+                st.read_at(&mut buf, *off)?;
+                for s in 0..count {
+                    out[(first + s) as usize] =
+                        Some(refcount::get(&buf, geo.refcount_order, s as usize));
+                }
+            }
         }
     }
     Ok(out)
+}
+
+/// On-disk refcount of any cluster (also past the end of the file), through the table.
+struct RefLookup<'a> {
+    st: &'a dyn Storage,
+    h: &'a Header,
+    blocks: &'a [Block],
+    cache: std::collections::HashMap<usize, Vec<u8>>,
+}
+
+impl RefLookup<'_> {
+    fn get(&mut self, cluster: u64) -> Result<Option<u64>> {
+        let geo = self.h.geometry;
+        let (bi, slot) = geo.refcount_slot(cluster);
+        let Some(b) = self.blocks.get(bi as usize) else {
+            return Ok(Some(0));
+        };
+        match *b {
+            Block::Absent => Ok(Some(0)),
+            Block::Unreadable => Ok(None),
+            Block::At(off) => {
+                if !self.cache.contains_key(&(bi as usize)) {
+                    let mut buf = vec![0u8; geo.cluster_size() as usize];
+                    self.st.read_at(&mut buf, off)?;
+                    self.cache.insert(bi as usize, buf);
+                }
+                Ok(Some(refcount::get(
+                    &self.cache[&(bi as usize)],
+                    geo.refcount_order,
+                    slot,
+                )))
+            }
+        }
+    }
+}
+
+/// The full picture of one pass.
+struct Analysis {
+    r: CheckReport,
+    computed: Vec<u32>,
+    disk: Vec<Option<u64>>,
+    blocks: Vec<Block>,
+    rebuild: bool,
 }
 
 /// Check the qcow2 image at `path` (the image alone, not its backing files).
@@ -294,58 +372,60 @@ pub fn check(path: &Path, repair: Repair) -> Result<CheckReport> {
     if h.autoclear & header::autoclear::BITMAPS != 0 && h.has_extension(header::ext_kind::BITMAPS) {
         return Err(Error::unsupported(path, "persistent dirty bitmaps (check)"));
     }
-    let first = run(&st, &h, path)?;
-    if repair == Repair::None || (first.leaks == 0) {
-        return Ok(first);
+    let first = analyze(&st, &h, path)?;
+    if repair == Repair::None {
+        return Ok(first.r);
+    }
+    if first.rebuild {
+        return Err(Error::corrupt(
+            path,
+            "ERROR need to rebuild refcount structures: refcounts below their references or broken refcount blocks cannot be repaired as leaks (nothing was changed)",
+        ));
+    }
+    if first.r.leaks == 0 {
+        return Ok(first.r);
     }
     // Lower leaked refcounts, then check again and report what the second pass sees.
     let cs = h.geometry.cluster_size();
-    let reftable = table::decode_table(&{
-        let mut b = vec![0u8; (u64::from(h.refcount_table_clusters) * cs) as usize];
-        st.read_at(&mut b, h.refcount_table_offset)?;
-        b
-    });
-    let mut c = new_checker(&st, &h, path)?;
-    compute(&mut c, &reftable)?;
-    let blocks = c.check_refblocks(&reftable);
-    let disk = disk_refcounts(&st, &h, &blocks, c.nb_clusters)?;
-    if (0..c.nb_clusters as usize).any(|i| disk[i] == 0 && c.computed[i] > 0) {
-        return Err(Error::corrupt(
-            path,
-            "ERROR need to rebuild refcount structures (refcounts below their references cannot be repaired as leaks)",
-        ));
-    }
     let per = h.geometry.refblock_entries();
+    let nb = first.computed.len() as u64;
+    let mut messages: Vec<String> = first
+        .r
+        .messages
+        .iter()
+        .filter(|m| m.starts_with("Leaked cluster") || m.starts_with("ERROR cluster"))
+        .cloned()
+        .collect();
     let mut fixed = 0;
-    let mut messages = Vec::new();
     let mut buf = vec![0u8; cs as usize];
-    for (bi, b) in blocks.iter().enumerate() {
-        let Some(off) = b else { continue };
+    for (bi, b) in first.blocks.iter().enumerate() {
+        let Block::At(off) = *b else { continue };
         let first_c = bi as u64 * per;
-        if first_c >= c.nb_clusters {
+        if first_c >= nb {
             break;
         }
-        st.read_at(&mut buf, *off)?;
+        st.read_at(&mut buf, off)?;
         let mut dirty = false;
-        for s in 0..per.min(c.nb_clusters - first_c) {
+        for s in 0..per.min(nb - first_c) {
             let i = (first_c + s) as usize;
-            let want = u64::from(c.computed[i]);
-            if disk[i] > want {
-                messages.push(format!(
-                    "Repairing cluster {i} refcount={} reference={want}",
-                    disk[i]
-                ));
-                refcount::set(&mut buf, h.geometry.refcount_order, s as usize, want);
-                dirty = true;
-                fixed += 1;
+            let want = u64::from(first.computed[i]);
+            if let Some(d) = first.disk[i] {
+                if d > want {
+                    messages.push(format!(
+                        "Repairing cluster {i} refcount={d} reference={want}"
+                    ));
+                    refcount::set(&mut buf, h.geometry.refcount_order, s as usize, want);
+                    dirty = true;
+                    fixed += 1;
+                }
             }
         }
         if dirty {
-            st.write_at(&buf, *off)?;
+            st.write_at(&buf, off)?;
         }
     }
     st.sync()?;
-    let mut second = run(&st, &h, path)?;
+    let mut second = analyze(&st, &h, path)?.r;
     second.leaks_fixed = fixed;
     messages.append(&mut second.messages);
     second.messages = messages;
@@ -363,6 +443,7 @@ fn new_checker<'a>(st: &'a dyn Storage, h: &'a Header, path: &Path) -> Result<Ch
         file_len,
         nb_clusters,
         computed: vec![0; nb_clusters as usize],
+        rebuild: false,
         r: CheckReport {
             filename: path.display().to_string(),
             format: "qcow2".into(),
@@ -372,34 +453,37 @@ fn new_checker<'a>(st: &'a dyn Storage, h: &'a Header, path: &Path) -> Result<Ch
     })
 }
 
-fn compute(c: &mut Checker<'_>, _reftable: &[u64]) -> Result<()> {
-    let h = c.h;
-    c.inc(0, c.cs);
-    c.check_l1(h.l1_table_offset, u64::from(h.l1_size), true)?;
-    c.check_snapshots()?;
-    c.inc(
-        h.refcount_table_offset,
-        u64::from(h.refcount_table_clusters) * c.cs,
-    );
-    Ok(())
-}
-
-fn run(st: &dyn Storage, h: &Header, path: &Path) -> Result<CheckReport> {
+fn analyze(st: &dyn Storage, h: &Header, path: &Path) -> Result<Analysis> {
     let cs = h.geometry.cluster_size();
     let mut c = new_checker(st, h, path)?;
     let reftable = table::decode_table(&c.read(
         h.refcount_table_offset,
         u64::from(h.refcount_table_clusters) * cs,
     )?);
-    compute(&mut c, &reftable)?;
+    c.inc(0, c.cs);
+    c.check_l1(h.l1_table_offset, u64::from(h.l1_size), true)?;
+    c.check_snapshots()?;
+    c.inc(
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+    );
     let blocks = c.check_refblocks(&reftable);
     let disk = disk_refcounts(st, h, &blocks, c.nb_clusters)?;
-    let mut highest = None;
+    // As QEMU (compare_refcounts): the highest cluster starts at 0, so the image end offset
+    // is at least one cluster.
+    let mut highest = 0u64;
     let computed = std::mem::take(&mut c.computed);
     for (i, (&d, &r)) in disk.iter().zip(&computed).enumerate() {
         let r = u64::from(r);
+        let Some(d) = d else {
+            c.msg(format!(
+                "Can't get refcount for cluster {i}: Input/output error"
+            ));
+            c.r.check_errors += 1;
+            continue;
+        };
         if d > 0 || r > 0 {
-            highest = Some(i as u64);
+            highest = i as u64;
         }
         if d == r {
             continue;
@@ -407,16 +491,21 @@ fn run(st: &dyn Storage, h: &Header, path: &Path) -> Result<CheckReport> {
         if d < r {
             c.msg(format!("ERROR cluster {i} refcount={d} reference={r}"));
             c.r.corruptions += 1;
+            if d == 0 {
+                c.rebuild = true;
+            }
         } else {
             c.msg(format!("Leaked cluster {i} refcount={d} reference={r}"));
             c.r.leaks += 1;
         }
     }
-    c.r.image_end_offset = highest.map_or(0, |i| (i + 1) * cs);
+    c.r.image_end_offset = (highest + 1) * cs;
     // COPIED flags of the active tables, against the on-disk refcounts.
-    let rc_of = |off: u64| -> u64 {
-        let i = (off / cs) as usize;
-        disk.get(i).copied().unwrap_or(0)
+    let mut rc = RefLookup {
+        st,
+        h,
+        blocks: &blocks,
+        cache: Default::default(),
     };
     let l1 = table::decode_table(&c.read(h.l1_table_offset, u64::from(h.l1_size) * 8)?);
     for (i, &e) in l1.iter().enumerate() {
@@ -424,12 +513,13 @@ fn run(st: &dyn Storage, h: &Header, path: &Path) -> Result<CheckReport> {
         if l2 == 0 {
             continue;
         }
-        let rc = rc_of(l2);
-        if (rc == 1) != (e & COPIED != 0) {
-            c.msg(format!(
-                "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
-            ));
-            c.r.corruptions += 1;
+        if let Some(n) = rc.get(l2 / cs)? {
+            if (n == 1) != (e & COPIED != 0) {
+                c.msg(format!(
+                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={n}"
+                ));
+                c.r.corruptions += 1;
+            }
         }
         let t = table::decode_table(&c.read(l2, cs)?);
         for &x in &t {
@@ -440,14 +530,21 @@ fn run(st: &dyn Storage, h: &Header, path: &Path) -> Result<CheckReport> {
             if off == 0 {
                 continue;
             }
-            let rc = rc_of(off);
-            if (rc == 1) != (x & COPIED != 0) {
+            let Some(n) = rc.get(off / cs)? else { continue };
+            if (n == 1) != (x & COPIED != 0) {
                 c.msg(format!(
-                    "ERROR OFLAG_COPIED data cluster: l2_entry={x:x} refcount={rc}"
+                    "ERROR OFLAG_COPIED data cluster: l2_entry={x:x} refcount={n}"
                 ));
                 c.r.corruptions += 1;
             }
         }
     }
-    Ok(c.r)
+    let rebuild = c.rebuild;
+    Ok(Analysis {
+        r: c.r,
+        computed,
+        disk,
+        blocks,
+        rebuild,
+    })
 }
