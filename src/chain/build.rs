@@ -130,20 +130,26 @@ pub fn verify_base(cache: &Image) -> Result<Vec<identity::Mismatch>> {
     identity::verify(&recorded, base)
 }
 
+/// Refuse a cache whose base changed since it was built, naming what changed.
+pub fn require_base_matches(cache: &Image) -> Result<()> {
+    let mism = verify_base(cache)?;
+    if mism.is_empty() {
+        return Ok(());
+    }
+    let what: Vec<String> = mism.iter().map(|m| m.to_string()).collect();
+    Err(Error::chain(
+        cache.path(),
+        format!("base no longer matches the cache: {}", what.join("; ")),
+    ))
+}
+
 /// Create a per-VM copy-on-write instance over `cache`, refusing if the base changed.
 pub fn make_instance(cache: &Path, instance: &Path, cluster_size: u64) -> Result<()> {
     let img = Image::open(cache, &OpenOptions::read_only())?;
     if img.format() != Format::Qcow2 {
         return Err(Error::request(cache, "a cache must be a qcow2 image"));
     }
-    let mism = verify_base(&img)?;
-    if !mism.is_empty() {
-        let what: Vec<String> = mism.iter().map(|m| m.to_string()).collect();
-        return Err(Error::chain(
-            cache,
-            format!("base no longer matches the cache: {}", what.join("; ")),
-        ));
-    }
+    require_base_matches(&img)?;
     let mut c = CreateOptions::new(img.virtual_size());
     c.cluster_size = cluster_size;
     c.backing_file = Some(backing_name(cache, instance)?);

@@ -2,7 +2,7 @@
 //! copy-on-read into the cache while it is not sealed, one shared cache object for every
 //! instance over it, QEMU-compatible locks, and the boot trace.
 
-use super::build::{cache_meta, verify_base};
+use super::build::{cache_meta, require_base_matches};
 use super::map::map_range;
 use super::trace::Trace;
 use crate::engine::image::resolve_backing;
@@ -122,14 +122,7 @@ pub fn open(instances: &[(String, PathBuf)], record: bool) -> Result<Served> {
         },
     )?;
     if let Some(m) = &meta {
-        let mism = verify_base(&cache)?;
-        if !mism.is_empty() {
-            let what: Vec<String> = mism.iter().map(|m| m.to_string()).collect();
-            return Err(Error::chain(
-                &cache_path,
-                format!("base no longer matches the cache: {}", what.join("; ")),
-            ));
-        }
+        require_base_matches(&cache)?;
         if fill {
             let q = cache.as_qcow2().expect("caches are qcow2");
             if m.state == CacheState::Empty {

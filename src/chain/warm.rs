@@ -5,7 +5,7 @@
 //! stores them through the engine's copy-on-read fill (all-zero clusters become zero clusters,
 //! never zeros stored as data). The cache's quota bounds the data stored.
 
-use super::build::{cache_meta, verify_base};
+use super::build::{cache_meta, require_base_matches};
 use super::map::map;
 use crate::engine::qcow2::{FillStats, Qcow2};
 use crate::engine::{Image, OpenOptions};
@@ -59,14 +59,7 @@ pub fn open_cache_rw(path: &Path) -> Result<Image> {
             "cache is sealed: it is never written again",
         ));
     }
-    let mism = verify_base(&img)?;
-    if !mism.is_empty() {
-        let what: Vec<String> = mism.iter().map(|m| m.to_string()).collect();
-        return Err(Error::chain(
-            path,
-            format!("base no longer matches the cache: {}", what.join("; ")),
-        ));
-    }
+    require_base_matches(&img)?;
     if meta.state == CacheState::Empty {
         let mut m = meta;
         m.state = CacheState::Warming;
