@@ -13,6 +13,7 @@
 # images/README.md. Runs as root on Debian 12; installs the tools it needs with apt-get.
 # No loop mounts: the root filesystem is made from a directory with `mkfs.ext4 -d`.
 # Set VMICACHE_IMAGES_FORCE=1 to rebuild even when the recipe is unchanged.
+# shellcheck disable=SC2012  # ls over names we made or Debian's (no odd characters)
 set -euo pipefail
 export LC_ALL=C DEBIAN_FRONTEND=noninteractive
 
@@ -26,12 +27,12 @@ die() {
 }
 
 [[ $# -ge 1 && $# -le 2 && $1 != -* ]] || {
-	echo "usage: images/build.sh GUEST [OUTDIR]   (guests: $(cd "$here" && ls */guest.conf | cut -d/ -f1 | tr '\n' ' '))" >&2
+	echo "usage: images/build.sh GUEST [OUTDIR]   (guests: $(cd "$here" && ls -- */guest.conf | cut -d/ -f1 | tr '\n' ' '))" >&2
 	exit 2
 }
 guest=$1
 [[ -f $here/$guest/guest.conf ]] || die "unknown guest '$guest' (no images/$guest/guest.conf)"
-out=${2:-${VMICACHE_IMAGES:-$repo/target/images}/$guest}
+out=$(realpath -m "${2:-${VMICACHE_IMAGES:-$repo/target/images}/$guest}")
 
 # The recipe: this script, the shared files and the guest's own directory.
 recipe_hash() {
@@ -200,6 +201,7 @@ debootstrap)
 	}
 	# debootstrap unmounts what it mounted, but be sure nothing is left below $root.
 	if grep -q " $root/" /proc/mounts; then die "mounts left below $root"; fi
+	# shellcheck disable=SC2016  # dpkg-query's own ${fields}
 	chroot "$root" dpkg-query -W -f '${Package} ${Version}\n' >"$pkglist"
 	echo "vmicache-$guest" >"$root/etc/hostname"
 	printf '/dev/vda / ext4 rw 0 0\n' >"$root/etc/fstab"
@@ -233,7 +235,9 @@ chroot "$root" "/usr/bin/$pyver" -m compileall -q -f -j 1 --invalidation-mode un
 
 # The manifest: sha256 of every regular file under CHECK_PATHS (paths relative to /).
 manifest=$root/usr/local/share/vmicache/manifest.sha256
+# shellcheck disable=SC2086  # CHECK_PATHS is a list of paths
 (cd "$root" && find $CHECK_PATHS -type f -print0 | sort -z | xargs -0 sha256sum) >"$manifest"
+# shellcheck disable=SC1003  # a line starting with a backslash: sha256sum escaped the name
 if grep -q '^\\' "$manifest"; then die "a CHECK_PATHS file name needs escaping"; fi
 marker_hash=$(sha256sum <"$manifest" | cut -c1-64)
 check_files=$(wc -l <"$manifest")

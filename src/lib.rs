@@ -5,12 +5,15 @@
 //! - [`engine`]: images opened for I/O, allocation, metadata caching and write ordering,
 //!   creation and consistency checks;
 //! - [`chain`]: base ← cache ← instance chains, the cache's binding to its base, maps;
+//! - [`config`] and [`hook`]: the operator's configuration file and the libvirt qemu hook;
 //! - the `vmicache` binary (`src/main.rs`, `src/cli/`): the command line.
 
 pub mod chain;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod hook;
 pub mod nbd;
 
 pub use error::{Error, Result};

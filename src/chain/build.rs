@@ -112,6 +112,10 @@ pub fn cache_meta(img: &Image) -> Result<Option<CacheMeta>> {
 
 /// Verify that the cache's base is still the base it was built over.
 pub fn verify_base(cache: &Image) -> Result<Vec<identity::Mismatch>> {
+    verify_base_with(cache, true)
+}
+
+fn verify_base_with(cache: &Image, content: bool) -> Result<Vec<identity::Mismatch>> {
     let meta = cache_meta(cache)?.ok_or_else(|| {
         Error::request(
             cache.path(),
@@ -127,12 +131,22 @@ pub fn verify_base(cache: &Image) -> Result<Vec<identity::Mismatch>> {
             "cache has no backing file (its base was removed from the header)",
         )
     })?;
-    identity::verify(&recorded, base)
+    if content {
+        identity::verify(&recorded, base)
+    } else {
+        identity::verify_shape(&recorded, base)
+    }
 }
 
 /// Refuse a cache whose base changed since it was built, naming what changed.
 pub fn require_base_matches(cache: &Image) -> Result<()> {
-    let mism = verify_base(cache)?;
+    require_base(cache, true)
+}
+
+/// As [`require_base_matches`]; `content: false` compares format and size only, reading
+/// nothing from the base (a sealed cache serving boots that must not touch it).
+pub fn require_base(cache: &Image, content: bool) -> Result<()> {
+    let mism = verify_base_with(cache, content)?;
     if mism.is_empty() {
         return Ok(());
     }

@@ -2,7 +2,7 @@
 //! copy-on-read into the cache while it is not sealed, one shared cache object for every
 //! instance over it, QEMU-compatible locks, and the boot trace.
 
-use super::build::{cache_meta, require_base_matches};
+use super::build::{cache_meta, require_base};
 use super::map::map_range;
 use super::trace::Trace;
 use crate::engine::image::resolve_backing;
@@ -122,7 +122,9 @@ pub fn open(instances: &[(String, PathBuf)], record: bool) -> Result<Served> {
         },
     )?;
     if let Some(m) = &meta {
-        require_base_matches(&cache)?;
+        // A sealed cache must boot without reading its base: compare its shape only. A cache
+        // being filled reads from the base anyway: check its content fingerprint too.
+        require_base(&cache, fill)?;
         if fill {
             let q = cache.as_qcow2().expect("caches are qcow2");
             if m.state == CacheState::Empty {

@@ -82,15 +82,19 @@ struct Report {
 }
 
 fn layer(img: &Image, depth: usize, role: &'static str) -> Result<Layer> {
-    let md = std::fs::metadata(img.path())?;
+    // A base served over NBD has no local file to stat.
+    let (file_size, disk_size) = match std::fs::metadata(img.path()) {
+        Ok(md) => (md.len(), md.blocks() * 512),
+        Err(_) => (img.storage().len()?, 0),
+    };
     let mut l = Layer {
         depth,
         role,
         path: img.path().display().to_string(),
         format: img.format().name(),
         virtual_size: img.virtual_size(),
-        file_size: md.len(),
-        disk_size: md.blocks() * 512,
+        file_size,
+        disk_size,
         cluster_size: None,
         version: None,
         refcount_bits: None,

@@ -1,6 +1,8 @@
 //! Command-line front end: argument parsing (clap), human and JSON output, exit codes.
 
 mod check;
+mod config;
+mod hook;
 mod inspect;
 mod layers;
 mod serve;
@@ -180,6 +182,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Validate the configuration file (/etc/vmicache/config.yaml; --config, VMICACHE_CONFIG).
+    Config {
+        #[command(subcommand)]
+        cmd: config::ConfigCmd,
+    },
+    /// The libvirt qemu hook: GUEST OP SUBOP EXTRA, the domain XML on stdin (install
+    /// tools/libvirt/qemu as /etc/libvirt/hooks/qemu; see docs/libvirt.md).
+    Hook(hook::HookArgs),
 }
 
 pub fn main() -> i32 {
@@ -257,5 +267,7 @@ fn run(cli: Cli) -> Result<i32> {
             repair,
             json,
         } => check::run(&image, repair.is_some(), json),
+        Cmd::Config { cmd } => config::run(cmd, cli.quiet),
+        Cmd::Hook(args) => hook::run(args),
     }
 }

@@ -84,9 +84,17 @@ pub fn probe(st: &dyn Storage) -> Result<Format> {
     })
 }
 
+/// A base served over NBD (`nbd+unix:///EXPORT?socket=PATH`).
+pub fn is_nbd_uri(name: &str) -> bool {
+    name.starts_with("nbd+unix://")
+}
+
 /// Resolve a backing file name as QEMU does: relative names are relative to the directory of
 /// the overlay's path as given.
 pub fn resolve_backing(overlay: &Path, name: &str) -> Result<PathBuf> {
+    if is_nbd_uri(name) {
+        return Ok(PathBuf::from(name));
+    }
     if name.starts_with("json:") || name.contains("://") {
         return Err(Error::unsupported(
             overlay,
@@ -114,6 +122,26 @@ impl Image {
         format: Option<Format>,
         seen: &mut Vec<PathBuf>,
     ) -> Result<Image> {
+        if let Some(uri) = path.to_str().filter(|s| is_nbd_uri(s)) {
+            if opts.write && seen.is_empty() {
+                return Err(Error::request(
+                    path,
+                    "an NBD image is opened read-only here",
+                ));
+            }
+            let st: Box<dyn Storage> = Box::new(crate::nbd::client::NbdStorage::connect(uri)?);
+            let format = match format {
+                Some(f) => f,
+                None => probe(&*st)?,
+            };
+            return match format {
+                Format::Raw => Ok(Image::Raw(Raw::open(st, false)?)),
+                Format::Qcow2 => Err(Error::unsupported(
+                    path,
+                    "qcow2 over NBD as a backing file (serve it as raw)",
+                )),
+            };
+        }
         let canon = std::fs::canonicalize(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound && !seen.is_empty() {
                 Error::chain(

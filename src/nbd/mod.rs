@@ -61,6 +61,7 @@
 //! connection's reading side (requests already received are still answered), wait a few
 //! seconds for connections to finish and then close the remaining ones.
 
+pub mod client;
 pub mod proto;
 mod server;
 

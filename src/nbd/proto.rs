@@ -79,7 +79,7 @@ pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 /// Option reply: one metadata context.
 pub const REP_META_CONTEXT: u32 = 4;
-const REP_ERR: u32 = 1 << 31;
+pub const REP_ERR: u32 = 1 << 31;
 /// Option error: unknown option.
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
 /// Option error: refused by policy.

@@ -1,0 +1,216 @@
+//! A small NBD client used as read-only storage: a base image served by a storage node
+//! (`nbd+unix:///EXPORT?socket=PATH` as the backing file name, as QEMU writes it).
+//!
+//! Fixed newstyle handshake with NBD_OPT_GO, simple replies, one request at a time per
+//! connection (the connection sits behind a mutex). Reads only: a base is never written.
+
+use super::proto::*;
+use crate::engine::storage::{seek_status, FileStatus, Storage};
+use crate::{Error, Result};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Parsed `nbd+unix:///EXPORT?socket=PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    pub export: String,
+    pub socket: PathBuf,
+}
+
+impl NbdUri {
+    pub fn parse(s: &str) -> Option<NbdUri> {
+        let rest = s.strip_prefix("nbd+unix://")?;
+        let rest = rest.strip_prefix('/').unwrap_or(rest);
+        let (export, query) = rest.split_once('?')?;
+        let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket="))?;
+        Some(NbdUri {
+            export: export.to_string(),
+            socket: PathBuf::from(socket),
+        })
+    }
+}
+
+/// A read-only NBD export as storage.
+#[derive(Debug)]
+pub struct NbdStorage {
+    name: PathBuf,
+    conn: Mutex<UnixStream>,
+    size: u64,
+    cookie: Mutex<u64>,
+}
+
+fn rd<const N: usize>(s: &mut UnixStream) -> std::io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    s.read_exact(&mut b)?;
+    Ok(b)
+}
+
+impl NbdStorage {
+    /// Connect and negotiate; `name` is the URI as recorded (used in messages).
+    pub fn connect(name: &str) -> Result<NbdStorage> {
+        let uri = NbdUri::parse(name).ok_or_else(|| {
+            Error::unsupported(name, "NBD URI form (use nbd+unix:///EXPORT?socket=PATH)")
+        })?;
+        let io = |e: std::io::Error| Error::io(name, "NBD handshake", e);
+        let bad = |w: &str| Error::invalid(name, format!("NBD server: {w}"));
+        let mut s =
+            UnixStream::connect(&uri.socket).map_err(|e| Error::io(&uri.socket, "connect", e))?;
+        let hello = rd::<18>(&mut s).map_err(io)?;
+        if u64::from_be_bytes(hello[..8].try_into().unwrap()) != NBDMAGIC
+            || u64::from_be_bytes(hello[8..16].try_into().unwrap()) != IHAVEOPT
+        {
+            return Err(bad("not a newstyle NBD server"));
+        }
+        let flags = u16::from_be_bytes([hello[16], hello[17]]);
+        if flags & FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(bad("server lacks fixed newstyle negotiation"));
+        }
+        let mut cflags = FLAG_C_FIXED_NEWSTYLE;
+        if flags & FLAG_NO_ZEROES != 0 {
+            cflags |= FLAG_C_NO_ZEROES;
+        }
+        let mut out = cflags.to_be_bytes().to_vec();
+        // NBD_OPT_GO: export name, no information requests.
+        let name_b = uri.export.as_bytes();
+        let data_len = 4 + name_b.len() + 2;
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&OPT_GO.to_be_bytes());
+        out.extend_from_slice(&(data_len as u32).to_be_bytes());
+        out.extend_from_slice(&(name_b.len() as u32).to_be_bytes());
+        out.extend_from_slice(name_b);
+        out.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&out).map_err(io)?;
+        let mut size = None;
+        loop {
+            let h = rd::<20>(&mut s).map_err(io)?;
+            if u64::from_be_bytes(h[..8].try_into().unwrap()) != OPT_REPLY_MAGIC {
+                return Err(bad("bad option reply"));
+            }
+            let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            if len > MAX_OPTION_LEN {
+                return Err(bad("option reply too long"));
+            }
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data).map_err(io)?;
+            match ty {
+                REP_ACK => break,
+                REP_INFO
+                    if data.len() >= 12
+                        && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
+                {
+                    size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
+                }
+                REP_INFO => {}
+                t if t & REP_ERR != 0 => {
+                    let msg = String::from_utf8_lossy(&data);
+                    return Err(bad(&format!(
+                        "export '{}' refused (error {:#x}{}{})",
+                        uri.export,
+                        t,
+                        if msg.is_empty() { "" } else { ": " },
+                        msg
+                    )));
+                }
+                _ => return Err(bad("unexpected option reply")),
+            }
+        }
+        let size = size.ok_or_else(|| bad("no export size in NBD_OPT_GO reply"))?;
+        Ok(NbdStorage {
+            name: PathBuf::from(name),
+            conn: Mutex::new(s),
+            size,
+            cookie: Mutex::new(1),
+        })
+    }
+
+    fn read_chunk(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let io = |e: std::io::Error| Error::io(&self.name, "NBD read", e);
+        let cookie = {
+            let mut c = self.cookie.lock().unwrap_or_else(|p| p.into_inner());
+            *c += 1;
+            *c
+        };
+        let mut s = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut req = Vec::with_capacity(REQUEST_LEN);
+        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&CMD_READ.to_be_bytes());
+        req.extend_from_slice(&cookie.to_be_bytes());
+        req.extend_from_slice(&off.to_be_bytes());
+        req.extend_from_slice(&(buf.len() as u32).to_be_bytes());
+        s.write_all(&req).map_err(io)?;
+        let r = rd::<16>(&mut s).map_err(io)?;
+        if u32::from_be_bytes(r[..4].try_into().unwrap()) != SIMPLE_REPLY_MAGIC
+            || u64::from_be_bytes(r[8..16].try_into().unwrap()) != cookie
+        {
+            return Err(Error::invalid(&self.name, "NBD server sent a bad reply"));
+        }
+        let err = u32::from_be_bytes(r[4..8].try_into().unwrap());
+        if err != 0 {
+            return Err(Error::io(
+                &self.name,
+                "NBD read",
+                std::io::Error::from_raw_os_error(err as i32),
+            ));
+        }
+        s.read_exact(buf).map_err(io)
+    }
+}
+
+impl Storage for NbdStorage {
+    fn path(&self) -> &Path {
+        &self.name
+    }
+    fn len(&self) -> Result<u64> {
+        Ok(self.size)
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let have = self.size.saturating_sub(off).min(buf.len() as u64) as usize;
+        buf[have..].fill(0);
+        let mut done = 0;
+        while done < have {
+            let n = (have - done).min(MAX_PAYLOAD as usize);
+            self.read_chunk(&mut buf[done..done + n], off + done as u64)?;
+            done += n;
+        }
+        Ok(())
+    }
+    fn write_at(&self, _buf: &[u8], _off: u64) -> Result<()> {
+        Err(Error::request(&self.name, "an NBD base is read-only"))
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+    fn set_len(&self, _len: u64) -> Result<()> {
+        Err(Error::request(&self.name, "an NBD base is read-only"))
+    }
+    fn seek_data(&self, off: u64) -> Result<Option<u64>> {
+        Ok((off < self.size).then_some(off))
+    }
+    fn seek_hole(&self, _off: u64) -> Result<u64> {
+        Ok(self.size)
+    }
+    fn status(&self, off: u64, len: u64) -> Result<(FileStatus, u64)> {
+        seek_status(self, off, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn uris() {
+        assert_eq!(
+            NbdUri::parse("nbd+unix:///base?socket=/run/b.sock"),
+            Some(NbdUri {
+                export: "base".into(),
+                socket: "/run/b.sock".into()
+            })
+        );
+        assert_eq!(NbdUri::parse("nbd+unix:///?socket=/s").unwrap().export, "");
+        assert!(NbdUri::parse("nbd://host/x").is_none());
+    }
+}

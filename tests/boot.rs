@@ -1,0 +1,245 @@
+//! End to end: a real Linux guest (images/build.sh minimal) boots under qemu-system-x86_64
+//! (TCG) through `vmicache serve`. The recorded first boot fills and seals the cache; later
+//! boots read nothing from the base, witnessed by nbdkit (not our code): its log filter counts
+//! the base reads, and its error filter makes every base read fail.
+//!
+//! Needs: the guest built by `images/build.sh minimal` (tools/test.sh does it), qemu-system-x86
+//! and nbdkit (tools/deps.sh --boot). Missing pieces fail the test; they are not skipped.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("VMICACHE_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/images"))
+        .join("minimal")
+}
+
+fn boot_sh() -> PathBuf {
+    repo().join("images/boot.sh")
+}
+
+fn wait_for(p: &Path, child: &mut Child, what: &str) {
+    let t = Instant::now();
+    while !p.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("{what} exited early: {st}");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{what}: {} never appeared",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// nbdkit serving `base` read-only on `sock`; `pre` are filter options, `post` plugin/filter
+/// parameters.
+fn nbdkit(sock: &Path, pre: &[&str], base: &Path, post: &[&str]) -> Child {
+    let _ = std::fs::remove_file(sock);
+    let mut c = Command::new("nbdkit")
+        .args(["-r", "-f", "-U", ps(sock)])
+        .args(pre)
+        .arg("file")
+        .arg(base)
+        .args(post)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nbdkit (tools/deps.sh --boot installs it)");
+    wait_for(sock, &mut c, "nbdkit");
+    c
+}
+
+fn stop(mut c: Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = c.wait();
+}
+
+fn base_reads(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" Read "))
+        .count()
+}
+
+/// Boot the guest from `disk` (file or NBD URI); panics unless the success marker appears.
+fn boot(disk: &str, format: &str) -> f64 {
+    let t = Instant::now();
+    let out = run_status(
+        Command::new(boot_sh())
+            .args(["minimal", disk, format])
+            .env("BOOT_TIMEOUT", "240"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "guest did not boot from {disk}:\n{}\n{err}",
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    t.elapsed().as_secs_f64()
+}
+
+/// Serve `inst` and boot the guest through it.
+fn boot_served(dir: &Path, inst: &Path) -> f64 {
+    let sock = dir.join("vm.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut srv = bin()
+        .args(["serve", ps(inst), "--socket", ps(&sock), "-q"])
+        .spawn()
+        .unwrap();
+    wait_for(&sock, &mut srv, "vmicache serve");
+    let name = inst.file_stem().unwrap().to_str().unwrap();
+    let secs = boot(
+        &format!("nbd+unix:///{name}?socket={}", sock.display()),
+        "raw",
+    );
+    stop(srv);
+    secs
+}
+
+fn data_bytes(img: &Path) -> u64 {
+    let j: serde_json::Value =
+        serde_json::from_slice(&run(bin().args(["inspect", "--json", ps(img)])).stdout).unwrap();
+    j["layers"][0]["allocated-bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
+    let g = guest_dir();
+    let base = g.join("base.raw");
+    assert!(
+        base.exists(),
+        "{} missing: run images/build.sh minimal (tools/test.sh does)",
+        base.display()
+    );
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+
+    // 1. Record: build, warm --boot through serve, sealed, trace written.
+    let cache = dir.join("cache.qcow2");
+    run(bin().args(["build", ps(&base), "-o", ps(&cache)]));
+    let out = run(bin()
+        .args(["warm", ps(&cache), "--boot", "--timeout", "300", "--"])
+        .arg(boot_sh())
+        .args(["minimal", "{nbd}", "raw"]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("sealed"), "{said}");
+    let trace = PathBuf::from(format!("{}.trace", cache.display()));
+    assert!(trace.exists());
+    check_clean(&cache);
+    let working_set = data_bytes(&cache);
+    assert!(working_set > 8 << 20, "working set {working_set}");
+
+    // Instances are made while the base is still a local file (chain verifies its content).
+    let inst = dir.join("vm1.qcow2");
+    run(bin().args(["chain", ps(&cache), "-o", ps(&inst)]));
+    let inst_native = dir.join("native.qcow2");
+    run(bin().args(["chain", ps(&cache), "-o", ps(&inst_native)]));
+
+    // From now on the base is reachable only through nbdkit.
+    let bsock = dir.join("base.sock");
+    let log = dir.join("nbdkit.log");
+    let kit = nbdkit(
+        &bsock,
+        &["--filter=log"],
+        &base,
+        &[&format!("logfile={}", log.display())],
+    );
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        &format!("nbd+unix:///?socket={}", bsock.display()),
+        "-F",
+        "raw",
+        ps(&cache),
+    ]);
+
+    // 2. A warm boot through vmicache reads 0 bytes from the base.
+    let before = base_reads(&log);
+    boot_served(dir, &inst);
+    assert_eq!(
+        base_reads(&log) - before,
+        0,
+        "warm boot read from the base:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    check_clean(&cache);
+    check_clean(&inst);
+
+    // 3. Native chain: QEMU opens instance -> cache -> base itself and boots.
+    boot(ps(&inst_native), "qcow2");
+    check_clean(&inst_native);
+    eprintln!("native chain: {} base reads", base_reads(&log) - before);
+    stop(kit);
+
+    // 4. The base made unreadable: every read fails. The warm boot does not care.
+    let kit = nbdkit(
+        &bsock,
+        &["--filter=error"],
+        &base,
+        &["error-pread=EIO", "error-pread-rate=100%"],
+    );
+    let inst2 = dir.join("vm2.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "cache.qcow2",
+        "-F",
+        "qcow2",
+        ps(&inst2),
+    ]);
+    boot_served(dir, &inst2);
+
+    // 5. Replay: a fresh cache warmed from the trace boots with the base unreadable too.
+    let cache2 = dir.join("replayed.qcow2");
+    run(bin().args(["build", ps(&base), "-o", ps(&cache2)]));
+    run(bin().args(["warm", ps(&cache2), "--trace", ps(&trace)]));
+    run(bin().args(["seal", ps(&cache2)]));
+    let inst3 = dir.join("vm3.qcow2");
+    run(bin().args(["chain", ps(&cache2), "-o", ps(&inst3)]));
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        &format!("nbd+unix:///?socket={}", bsock.display()),
+        "-F",
+        "raw",
+        ps(&cache2),
+    ]);
+    boot_served(dir, &inst3);
+    stop(kit);
+
+    // 6. Quota below the working set: the boot still succeeds, reads pass through, the cache
+    //    stays within its quota.
+    let small = dir.join("small.qcow2");
+    let quota = 8u64 << 20;
+    run(bin().args(["build", ps(&base), "-o", ps(&small), "--quota", "8M"]));
+    run(bin()
+        .args(["warm", ps(&small), "--boot", "--timeout", "300", "--"])
+        .arg(boot_sh())
+        .args(["minimal", "{nbd}", "raw"]));
+    assert!(data_bytes(&small) <= quota, "cache exceeds its quota");
+    check_clean(&small);
+}

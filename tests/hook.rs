@@ -1,0 +1,759 @@
+//! `vmicache hook` driven exactly as libvirt drives `/etc/libvirt/hooks/qemu`: arguments
+//! `GUEST OP SUBOP EXTRA`, the domain XML on stdin, a configuration whose directories all lie
+//! in a tempdir. Checks the files, sockets and processes that result, and that every refusal
+//! is one line, a non-zero exit, and changes nothing.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const MIB: u64 = 1 << 20;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vmicache"))
+}
+
+/// One host: a tempdir with bases/, the configured directories, and a config file.
+struct Host {
+    dir: tempfile::TempDir,
+}
+
+impl Host {
+    fn new(extra_config: &str) -> Host {
+        let h = Host {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for d in [
+            "bases",
+            "caches",
+            "instances",
+            "traces",
+            "sockets",
+            "state",
+            "outside",
+        ] {
+            std::fs::create_dir(h.p(d)).unwrap();
+        }
+        make_base(&h.p("bases/debian.raw"), 8 * MIB);
+        h.write_config(extra_config);
+        h
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn s(&self, rel: &str) -> String {
+        self.p(rel).to_str().unwrap().to_string()
+    }
+
+    fn config_text(&self, extra: &str) -> String {
+        let r = self.dir.path().display();
+        format!(
+            "# vmicache test host\n\
+             dirs:\n  bases: [{r}/bases]\n  caches: {r}/caches\n  instances: {r}/instances\n  \
+             traces: {r}/traces\n  sockets: {r}/sockets\n  state: {r}/state\n\
+             socket:\n  mode: \"0660\"\n{extra}"
+        )
+    }
+
+    fn write_config(&self, extra: &str) {
+        std::fs::write(self.p("config.yaml"), self.config_text(extra)).unwrap();
+    }
+
+    /// Run the hook as libvirt does.
+    fn hook(&self, guest: &str, op: &str, subop: &str, xml: &str) -> Output {
+        let mut c = bin();
+        c.args(["hook", guest, op, subop, "-"])
+            .env("VMICACHE_CONFIG", self.p("config.yaml"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(xml.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, guest: &str, op: &str, subop: &str, xml: &str) -> Output {
+        let o = self.hook(guest, op, subop, xml);
+        assert!(
+            o.status.success(),
+            "hook {guest} {op} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    }
+
+    /// The hook fails with exactly one line on stderr, which is returned.
+    fn fails(&self, guest: &str, op: &str, xml: &str) -> String {
+        let o = self.hook(guest, op, "begin", xml);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "expected failure, stderr: {err}");
+        assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
+        assert!(err.starts_with("vmicache: "), "{err}");
+        err
+    }
+
+    /// Every file under the tempdir (the hook's own log excepted) with what can change.
+    fn snapshot(&self) -> BTreeMap<PathBuf, (u32, u64, i64, i64)> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![self.dir.path().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let m = std::fs::symlink_metadata(e.path()).unwrap();
+                if m.is_dir() {
+                    stack.push(e.path());
+                }
+                if e.file_name() == "hook.log" {
+                    continue;
+                }
+                out.insert(e.path(), (m.mode(), m.len(), m.mtime(), m.mtime_nsec()));
+            }
+        }
+        out
+    }
+
+    fn pid(&self, stem: &str) -> Option<i32> {
+        std::fs::read_to_string(self.p(&format!("state/{stem}.pid")))
+            .ok()
+            .map(|s| s.trim().parse().unwrap())
+    }
+}
+
+impl Drop for Host {
+    /// Never leave a server behind, whatever failed.
+    fn drop(&mut self) {
+        if let Ok(rd) = std::fs::read_dir(self.p("state")) {
+            for e in rd.flatten() {
+                if e.path().extension().is_some_and(|x| x == "pid") {
+                    if let Ok(s) = std::fs::read_to_string(e.path()) {
+                        if let Ok(pid) = s.trim().parse::<i32>() {
+                            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A raw base with recognizable data at its start and middle.
+fn make_base(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&[0xab; 65536], 0).unwrap();
+    f.write_all_at(b"vmicache-test-pattern", size / 2).unwrap();
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+fn qemu_img_info(target: &str) -> serde_json::Value {
+    let o = Command::new("qemu-img")
+        .args(["info", "--output=json", "--backing-chain", "-U", target])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img info {target}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+const NS: &str = "https://vmicache.dev/ns/1";
+
+/// A domain XML as `virsh dumpxml` prints it, with one managed disk (`disk` is the <disk>
+/// element) and the usual surroundings (an unmanaged cdrom, libosinfo metadata...).
+fn domain(name: &str, base: &str, mode_attr: &str, disk: &str) -> String {
+    format!(
+        r#"<domain type='qemu' id='7'>
+  <name>{name}</name>
+  <uuid>6d1c9b0e-5b2f-4c55-9d7e-0f4b3a5e8c21</uuid>
+  <metadata>
+    <libosinfo:libosinfo xmlns:libosinfo="http://libosinfo.org/xmlns/libvirt/domain/1.0">
+      <libosinfo:os id="http://debian.org/debian/12"/>
+    </libosinfo:libosinfo>
+    <vmicache:disks xmlns:vmicache="{NS}">
+      <vmicache:disk dev="vda" base="{base}"{mode_attr}/>
+    </vmicache:disks>
+  </metadata>
+  <memory unit='KiB'>262144</memory>
+  <currentMemory unit='KiB'>262144</currentMemory>
+  <vcpu placement='static'>1</vcpu>
+  <resource>
+    <partition>/machine</partition>
+  </resource>
+  <os>
+    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <kernel>/var/lib/vmicache/boot/vmlinuz</kernel>
+    <cmdline>console=ttyS0 root=/dev/vda</cmdline>
+    <boot dev='hd'/>
+  </os>
+  <features>
+    <acpi/>
+  </features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+{disk}
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+      <address type='drive' controller='0' bus='0' target='0' unit='0'/>
+    </disk>
+    <controller type='sata' index='0'>
+      <alias name='ide'/>
+    </controller>
+    <serial type='pty'>
+      <source path='/dev/pts/3'/>
+      <target type='isa-serial' port='0'>
+        <model name='isa-serial'/>
+      </target>
+      <alias name='serial0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+  <seclabel type='dynamic' model='dac' relabel='yes'>
+    <label>+64055:+64055</label>
+    <imagelabel>+64055:+64055</imagelabel>
+  </seclabel>
+</domain>
+"#
+    )
+}
+
+fn nbd_disk(socket: &str, export: &str) -> String {
+    format!(
+        r#"    <disk type='network' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source protocol='nbd' name='{export}' index='2'>
+        <host transport='unix' socket='{socket}'/>
+      </source>
+      <target dev='vda' bus='virtio'/>
+      <alias name='virtio-disk0'/>
+      <address type='pci' domain='0x0000' bus='0x04' slot='0x00' function='0x0'/>
+    </disk>"#
+    )
+}
+
+fn file_disk(path: &str) -> String {
+    format!(
+        r#"    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{path}' index='1'/>
+      <backingStore/>
+      <target dev='vda' bus='virtio'/>
+      <alias name='virtio-disk0'/>
+    </disk>"#
+    )
+}
+
+#[test]
+fn nbd_prepare_release() {
+    let h = Host::new("defaults:\n  ephemeral: true\n");
+    let sock = h.s("sockets/web1.sock");
+    let xml = domain(
+        "web1",
+        &h.s("bases/debian.raw"),
+        " mode=\"nbd\"",
+        &nbd_disk(&sock, "web1"),
+    );
+    let o = h.ok("web1", "prepare", "begin", &xml);
+    assert!(o.stdout.is_empty(), "prepare prints nothing on stdout");
+    h.ok("web1", "start", "begin", &xml);
+    h.ok("web1", "started", "begin", &xml);
+
+    // One cache, named after the base, over the base; the instance over the cache.
+    let caches: Vec<_> = std::fs::read_dir(h.p("caches"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".qcow2"))
+        .collect();
+    assert_eq!(caches.len(), 1, "{caches:?}");
+    assert!(caches[0].starts_with("debian.raw-"), "{caches:?}");
+    let inst = h.s("instances/web1.vda.qcow2");
+    let chain = qemu_img_info(&inst);
+    assert_eq!(chain[0]["format"], "qcow2");
+    assert_eq!(chain[0]["virtual-size"], 8 * MIB);
+    assert_eq!(
+        chain[0]["full-backing-filename"],
+        h.s(&format!("caches/{}", caches[0]))
+    );
+    assert_eq!(chain[1]["full-backing-filename"], h.s("bases/debian.raw"));
+    assert_eq!(chain[2]["format"], "raw");
+
+    // The server: a live detached process named in the pid file, a socket of mode 0660.
+    let pid = h.pid("web1.vda").expect("pid file");
+    assert!(alive(pid));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("serve"));
+    let sid = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = sid.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    assert_eq!(fields[3], pid.to_string(), "server leads its own session");
+    assert_eq!(
+        std::fs::metadata(h.p("state/web1.vda.pid")).unwrap().mode() & 0o777,
+        0o600
+    );
+    let m = std::fs::symlink_metadata(&sock).unwrap();
+    assert!(m.file_type().is_socket());
+    assert_eq!(m.permissions().mode() & 0o777, 0o660);
+
+    // The export reads as the base through the NBD socket.
+    let uri = format!("nbd+unix:///web1?socket={sock}");
+    let o = Command::new("nbdinfo").arg(&uri).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("8388608"));
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", &uri])
+        .output()
+        .unwrap();
+    assert!(info.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["virtual-size"], 8 * MIB);
+    let out = h.p("outside/read.raw");
+    let o = Command::new("qemu-img")
+        .args(["convert", "-O", "raw", &uri, out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(h.p("bases/debian.raw")).unwrap()
+    );
+
+    // A second prepare-less reconnect is a no-op while the server runs.
+    h.ok("web1", "reconnect", "begin", &xml);
+    assert_eq!(h.pid("web1.vda"), Some(pid));
+
+    // Release: server stopped, socket and pid file gone, ephemeral instance removed, trace
+    // of the fill written.
+    h.ok("web1", "stopped", "end", &xml);
+    h.ok("web1", "release", "end", &xml);
+    assert!(!alive(pid), "server still running");
+    assert!(!h.p("state/web1.vda.pid").exists());
+    assert!(!Path::new(&sock).exists());
+    assert!(!Path::new(&inst).exists());
+    let traces: Vec<_> = std::fs::read_dir(h.p("traces")).unwrap().collect();
+    assert_eq!(traces.len(), 1);
+    let log = std::fs::read_to_string(h.p("state/web1.vda.log")).unwrap();
+    assert!(log.contains("SIGTERM"), "{log}");
+    let o = Command::new("qemu-img")
+        .args(["check", &h.s(&format!("caches/{}", caches[0]))])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    // Release again (libvirt may call stopped and release both, or twice): nothing to do.
+    h.ok("web1", "release", "end", &xml);
+}
+
+#[test]
+fn reconnect_restarts_a_dead_server() {
+    let h = Host::new("");
+    let sock = h.s("sockets/db.sock");
+    let xml = domain("db", &h.s("bases/debian.raw"), "", &nbd_disk(&sock, "db"));
+    h.ok("db", "prepare", "begin", &xml);
+    let pid = h.pid("db.vda").unwrap();
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while alive(pid) && t0.elapsed().as_secs() < 5 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    h.ok("db", "reconnect", "begin", &xml);
+    let pid2 = h.pid("db.vda").unwrap();
+    assert_ne!(pid, pid2);
+    assert!(alive(pid2));
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    h.ok("db", "release", "end", &xml);
+    // Persistent by default: the instance stays for the next start.
+    assert!(h.p("instances/db.vda.qcow2").exists());
+}
+
+#[test]
+fn native_chain_persistent_instance() {
+    let h = Host::new("images:\n  debian:\n    base: BASE\n    cluster_size: 128K\n");
+    h.write_config(&format!(
+        "images:\n  debian:\n    base: {}\n    cluster_size: 128K\n    quota: 4M\n",
+        h.s("bases/debian.raw")
+    ));
+    let inst = h.s("instances/vm2-root.qcow2");
+    let xml = domain("vm2", "debian", "", &file_disk(&inst));
+    h.ok("vm2", "prepare", "begin", &xml);
+    assert!(h.p("caches/debian.qcow2").exists());
+    let chain = qemu_img_info(&inst);
+    assert_eq!(
+        chain[0]["full-backing-filename"],
+        h.s("caches/debian.qcow2")
+    );
+    assert_eq!(chain[1]["cluster-size"], 128 * 1024);
+    assert!(h.pid("vm2.vda").is_none(), "no server in native mode");
+    // The guest writes; the instance keeps its writes across stop and start.
+    let o = Command::new("qemu-io")
+        .args(["-f", "qcow2", &inst, "-c", "write -P 0x5a 1M 64k"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    h.ok("vm2", "release", "end", &xml);
+    assert!(Path::new(&inst).exists());
+    h.ok("vm2", "prepare", "begin", &xml);
+    let o = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-r", &inst, "-c", "read -P 0x5a 1M 64k"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("read 65536/65536"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    h.ok("vm2", "release", "end", &xml);
+}
+
+#[test]
+fn migrate_and_restore_are_filters() {
+    let h = Host::new("");
+    let xml = domain(
+        "mig",
+        &h.s("bases/debian.raw"),
+        "",
+        &nbd_disk(&h.s("sockets/mig.sock"), "mig"),
+    );
+    let before = h.snapshot();
+    for op in ["migrate", "restore"] {
+        let o = h.ok("mig", op, "begin", &xml);
+        assert_eq!(String::from_utf8(o.stdout).unwrap(), xml, "{op}");
+    }
+    assert_eq!(h.snapshot(), before);
+    // A domain whose managed paths are outside the configured directories cannot migrate.
+    let bad = domain(
+        "mig",
+        &h.s("bases/debian.raw"),
+        "",
+        &nbd_disk(&h.s("outside/mig.sock"), "mig"),
+    );
+    let e = h.fails("mig", "migrate", &bad);
+    assert!(
+        e.contains("outside the configured sockets directory"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unmanaged_domains_need_no_config() {
+    let h = Host::new("");
+    std::fs::write(h.p("config.yaml"), "this: is: broken: yaml").unwrap();
+    let xml = "<domain type='kvm'><name>plain</name><devices><disk type='file' device='disk'>\
+               <source file='/elsewhere/x.qcow2'/><target dev='vda'/></disk></devices></domain>";
+    for op in [
+        "prepare",
+        "start",
+        "started",
+        "stopped",
+        "release",
+        "reconnect",
+    ] {
+        let o = h.ok("plain", op, "begin", xml);
+        assert!(o.stdout.is_empty());
+    }
+    let o = h.ok("plain", "migrate", "begin", xml);
+    assert_eq!(o.stdout, xml.as_bytes());
+}
+
+#[test]
+fn concurrent_starts_build_one_cache() {
+    let h = Host::new("");
+    let base = h.s("bases/debian.raw");
+    let xmls: Vec<(String, String)> = (0..6)
+        .map(|i| {
+            let g = format!("vm{i}");
+            let x = domain(
+                &g,
+                &base,
+                "",
+                &file_disk(&h.s(&format!("instances/{g}.qcow2"))),
+            );
+            (g, x)
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = xmls
+            .iter()
+            .map(|(g, x)| s.spawn(|| h.hook(g, "prepare", "begin", x)))
+            .collect();
+        for t in hs {
+            let o = t.join().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    });
+    let log = std::fs::read_to_string(h.p("state/hook.log")).unwrap();
+    assert_eq!(log.matches("built cache").count(), 1, "{log}");
+    let caches: Vec<_> = std::fs::read_dir(h.p("caches"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(caches.len(), 1, "{caches:?}");
+    for (g, _) in &xmls {
+        let chain = qemu_img_info(&h.s(&format!("instances/{g}.qcow2")));
+        assert_eq!(
+            chain[0]["full-backing-filename"],
+            h.s(&format!("caches/{}", caches[0]))
+        );
+    }
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let h = Host::new("");
+    let base = h.s("bases/debian.raw");
+    let inst = h.s("instances/x.qcow2");
+    // Outside of every path the hook creates: a file to protect.
+    std::fs::write(h.p("outside/precious"), b"keep").unwrap();
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "missing base",
+            domain("x", &h.s("bases/nosuch.raw"), "", &file_disk(&inst)),
+            "nosuch.raw: base image: No such file",
+        ),
+        (
+            "base outside dirs.bases",
+            domain("x", &h.s("outside/precious"), "", &file_disk(&inst)),
+            "outside the configured dirs.bases",
+        ),
+        (
+            "instance outside the instances dir",
+            domain("x", &base, "", &file_disk(&h.s("outside/x.qcow2"))),
+            "outside the configured instances directory",
+        ),
+        (
+            "dot-dot",
+            domain(
+                "x",
+                &base,
+                "",
+                &file_disk(&h.s("instances/../outside/x.qcow2")),
+            ),
+            "without '.' or '..'",
+        ),
+        (
+            "socket outside the sockets dir",
+            domain("x", &base, "", &nbd_disk(&h.s("instances/x.sock"), "x")),
+            "outside the configured sockets directory",
+        ),
+        (
+            "mode contradicts the disk",
+            domain("x", &base, " mode=\"nbd\"", &file_disk(&inst)),
+            "mode nbd is asked for",
+        ),
+        (
+            "unnamed base",
+            domain("x", "debian", "", &file_disk(&inst)),
+            "neither an absolute path nor an image named",
+        ),
+        (
+            "raw driver on a file disk",
+            domain("x", &base, "", &file_disk(&inst)).replace("type='qcow2'", "type='raw'"),
+            "a vmicache instance is qcow2",
+        ),
+    ];
+    for (what, xml, expect) in &cases {
+        let before = h.snapshot();
+        let e = h.fails("x", "prepare", xml);
+        assert!(e.contains(expect), "{what}: {e}");
+        assert_eq!(h.snapshot(), before, "{what} changed files");
+    }
+    // A bad guest name is refused before any path is made from it.
+    let xml = domain("x", &base, "", &file_disk(&inst));
+    let e = h.fails("../x", "prepare", &xml);
+    assert!(e.contains("needs a name of letters"), "{e}");
+}
+
+#[test]
+fn symlinks_are_refused() {
+    let h = Host::new("");
+    let base = h.s("bases/debian.raw");
+    std::fs::write(h.p("outside/precious"), b"keep").unwrap();
+    // The instance's name is a link to a file outside.
+    std::os::unix::fs::symlink(h.p("outside/precious"), h.p("instances/evil.qcow2")).unwrap();
+    // A directory inside that is a link to a directory outside.
+    std::os::unix::fs::symlink(h.p("outside"), h.p("instances/sub")).unwrap();
+    // A base that is a link to a file outside the bases directory.
+    std::os::unix::fs::symlink(h.p("outside/precious"), h.p("bases/linked.raw")).unwrap();
+    // A dangling link where the hook would create a pid file.
+    std::os::unix::fs::symlink(h.p("outside/created"), h.p("state/v.vda.pid")).unwrap();
+    let before = h.snapshot();
+    let xml = domain(
+        "w",
+        &h.s("bases/linked.raw"),
+        "",
+        &file_disk(&h.s("instances/w.qcow2")),
+    );
+    let e = h.fails("w", "prepare", &xml);
+    assert!(e.contains("outside the configured dirs.bases"), "{e}");
+    assert_eq!(h.snapshot(), before);
+    let cases = [
+        (
+            "v",
+            domain("v", &base, "", &file_disk(&h.s("instances/evil.qcow2"))),
+            "is a symbolic link",
+        ),
+        (
+            "v",
+            domain("v", &base, "", &file_disk(&h.s("instances/sub/x.qcow2"))),
+            "outside the configured instances directory",
+        ),
+        (
+            "v",
+            domain("v", &base, "", &nbd_disk(&h.s("sockets/v.sock"), "v")),
+            "v.vda.pid: refused: is a symbolic link",
+        ),
+    ];
+    for (g, xml, expect) in &cases {
+        let before = h.snapshot();
+        for op in ["prepare", "release"] {
+            let e = h.fails(g, op, xml);
+            assert!(e.contains(expect), "{op}: {e}");
+        }
+        assert_eq!(h.snapshot(), before);
+    }
+    assert_eq!(std::fs::read(h.p("outside/precious")).unwrap(), b"keep");
+    assert!(!h.p("outside/created").exists());
+}
+
+#[test]
+fn changed_base_refused_or_rebuilt() {
+    let h = Host::new("defaults:\n  ephemeral: true\n");
+    let base = h.s("bases/debian.raw");
+    let xml = domain("c", &base, "", &file_disk(&h.s("instances/c.qcow2")));
+    h.ok("c", "prepare", "begin", &xml);
+    h.ok("c", "release", "end", &xml);
+    // The base grows: the cache no longer matches.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .set_len(12 * MIB)
+        .unwrap();
+    let before = h.snapshot();
+    let e = h.fails("c", "prepare", &xml);
+    assert!(e.contains("virtual size changed"), "{e}");
+    assert!(e.contains("on_base_change: refuse"), "{e}");
+    assert_eq!(h.snapshot(), before);
+    // With on_base_change: rebuild the cache is built anew over the base as it is.
+    h.write_config("defaults:\n  ephemeral: true\non_base_change: rebuild\n");
+    h.ok("c", "prepare", "begin", &xml);
+    let chain = qemu_img_info(&h.s("instances/c.qcow2"));
+    assert_eq!(chain[0]["virtual-size"], 12 * MIB);
+    assert_eq!(chain[1]["virtual-size"], 12 * MIB);
+    let log = std::fs::read_to_string(h.p("state/hook.log")).unwrap();
+    assert!(log.contains("rebuilt cache"), "{log}");
+    h.ok("c", "release", "end", &xml);
+}
+
+#[test]
+fn unwritable_directory() {
+    let h = Host::new("");
+    // The caches directory cannot exist: its parent is a regular file (root ignores modes).
+    std::fs::write(h.p("afile"), b"").unwrap();
+    let text = h.config_text("").replace(
+        &format!("caches: {}", h.s("caches")),
+        &format!("caches: {}", h.s("afile/caches")),
+    );
+    std::fs::write(h.p("config.yaml"), text).unwrap();
+    let xml = domain(
+        "u",
+        &h.s("bases/debian.raw"),
+        "",
+        &file_disk(&h.s("instances/u.qcow2")),
+    );
+    let before = h.snapshot();
+    let e = h.fails("u", "prepare", &xml);
+    assert!(
+        e.contains("afile/caches: create directory: Not a directory"),
+        "{e}"
+    );
+    assert_eq!(h.snapshot(), before);
+}
+
+#[test]
+fn bad_config_names_the_line() {
+    let h = Host::new("defaults:\n  qouta: 2G\n");
+    let xml = domain(
+        "b",
+        &h.s("bases/debian.raw"),
+        "",
+        &file_disk(&h.s("instances/b.qcow2")),
+    );
+    let before = h.snapshot();
+    let e = h.fails("b", "prepare", &xml);
+    let want = format!(
+        "{}:12:3: defaults: unknown field `qouta`",
+        h.s("config.yaml")
+    );
+    assert!(e.contains(&want), "{e}");
+    assert_eq!(h.snapshot(), before);
+    // `config check` says the same, and accepts a good file.
+    let o = bin()
+        .args(["config", "check", "--config", &h.s("config.yaml")])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&want));
+    h.write_config("defaults:\n  quota: 2G\n  cluster_size: 1M\n");
+    let o = bin()
+        .args(["config", "check"])
+        .env("VMICACHE_CONFIG", h.p("config.yaml"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A relative directory, a bad size: the line and column of the value.
+    h.write_config("defaults:\n  cluster_size: 3K\n");
+    let o = bin()
+        .args(["config", "check", "--config", &h.s("config.yaml")])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("config.yaml:12:17: defaults.cluster_size: cluster size 3072"),
+        "{e}"
+    );
+}
+
+#[test]
+fn example_config_is_valid() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/libvirt/config.yaml");
+    let mut text = std::fs::read_to_string(&p).unwrap();
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    if !groups.lines().any(|l| l.starts_with("kvm:")) {
+        // Hosts without QEMU's group: check everything else.
+        assert!(text.contains("  group: kvm\n"));
+        text = text.replace("  group: kvm\n", "  group: \"0\"\n");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("config.yaml");
+    std::fs::write(&copy, text).unwrap();
+    let o = bin()
+        .args(["config", "check", "--config", copy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
