@@ -44,7 +44,32 @@ fn wait_for(p: &Path, child: &mut Child, what: &str) {
 
 /// nbdkit serving `base` read-only on `sock`; `pre` are filter options, `post` plugin/filter
 /// parameters.
-fn nbdkit(sock: &Path, pre: &[&str], base: &Path, post: &[&str]) -> Child {
+/// A child process killed when dropped (a failing assertion must not leave servers behind
+/// holding the test's output pipes).
+struct Proc(Option<Child>);
+
+impl Proc {
+    fn stop(mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn nbdkit(sock: &Path, pre: &[&str], base: &Path, post: &[&str]) -> Proc {
     let _ = std::fs::remove_file(sock);
     let mut c = Command::new("nbdkit")
         .args(["-r", "-f", "-U", ps(sock)])
@@ -56,15 +81,7 @@ fn nbdkit(sock: &Path, pre: &[&str], base: &Path, post: &[&str]) -> Child {
         .spawn()
         .expect("nbdkit (tools/deps.sh --boot installs it)");
     wait_for(sock, &mut c, "nbdkit");
-    c
-}
-
-fn stop(mut c: Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = c.wait();
+    Proc(Some(c))
 }
 
 fn base_reads(log: &Path) -> usize {
@@ -106,12 +123,13 @@ fn boot_served(dir: &Path, inst: &Path) -> f64 {
         .spawn()
         .unwrap();
     wait_for(&sock, &mut srv, "vmicache serve");
+    let srv = Proc(Some(srv));
     let name = inst.file_stem().unwrap().to_str().unwrap();
     let secs = boot(
         &format!("nbd+unix:///{name}?socket={}", sock.display()),
         "raw",
     );
-    stop(srv);
+    srv.stop();
     secs
 }
 
@@ -189,7 +207,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     boot(ps(&inst_native), "qcow2");
     check_clean(&inst_native);
     eprintln!("native chain: {} base reads", base_reads(&log) - before);
-    stop(kit);
+    kit.stop();
 
     // 4. The base made unreadable: every read fails. The warm boot does not care.
     let kit = nbdkit(
@@ -199,11 +217,15 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
         &["error-pread=EIO", "error-pread-rate=100%"],
     );
     let inst2 = dir.join("vm2.qcow2");
+    // Made by QEMU (`chain` would verify the base's content, which cannot be read now), with
+    // 4 KiB clusters like vmicache's instances.
     qemu_img(&[
         "create",
         "-q",
         "-f",
         "qcow2",
+        "-o",
+        "cluster_size=4k",
         "-b",
         "cache.qcow2",
         "-F",
@@ -229,7 +251,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
         ps(&cache2),
     ]);
     boot_served(dir, &inst3);
-    stop(kit);
+    kit.stop();
 
     // 6. Quota below the working set: the boot still succeeds, reads pass through, the cache
     //    stays within its quota.

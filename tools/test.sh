@@ -3,7 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-tools/deps.sh
+tools/deps.sh --boot
+# The test guest for tests/boot.rs (cached under target/images; rebuilt when its recipe changes).
+images/build.sh minimal >/dev/null
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings

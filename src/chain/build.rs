@@ -157,6 +157,11 @@ pub fn require_base(cache: &Image, content: bool) -> Result<()> {
     ))
 }
 
+/// Default cluster size of instances: the guest file system's block size, so guest writes
+/// cover whole clusters and no partial-cluster fill reads from below (from the base, on a
+/// boot whose writes land elsewhere than the recorded boot's did).
+pub const INSTANCE_CLUSTER_SIZE: u64 = 4 << 10;
+
 /// Create a per-VM copy-on-write instance over `cache`, refusing if the base changed.
 pub fn make_instance(cache: &Path, instance: &Path, cluster_size: u64) -> Result<()> {
     let img = Image::open(cache, &OpenOptions::read_only())?;

@@ -153,7 +153,7 @@ pub fn run_boot(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(format!("{}.trace", cache.display())));
     let result = (|| -> Result<(ServeSummary, f64)> {
-        make_instance(cache, &inst, 64 << 10)?;
+        make_instance(cache, &inst, vmicache::chain::build::INSTANCE_CLUSTER_SIZE)?;
         let names = vec![("boot".to_string(), inst.clone())];
         let (server, served) = start(&names, &socket, true)?;
         if !served.filling {
