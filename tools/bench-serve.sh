@@ -80,13 +80,14 @@ open("boot.trace", "wb").write(out)
 open("qemu-io.cmds", "w").write("".join(f"read -q {o} {l}\n" for o, l in reads))
 PY
 
-t() { python3 -c 'import subprocess,sys,time; t=time.perf_counter(); subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(f"{time.perf_counter()-t:.3f}")' "$@"; }
+# Each timed run starts with no dirty pages left over from the previous one.
+t() { sync; python3 -c 'import subprocess,sys,time; t=time.perf_counter(); subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(f"{time.perf_counter()-t:.3f}")' "$@"; }
 best() { local b=""; for _ in $(seq "$runs"); do local x; x=$("$@"); if [ -z "$b" ] || python3 -c "import sys; sys.exit(0 if $x < $b else 1)"; then b=$x; fi; done; echo "$b"; }
 ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
 
 echo "== 1. warm --trace (10k x 64 KiB reads) vs qemu-io -C"
 w_ours() { fresh_cache c1.qcow2; t "$V" warm c1.qcow2 --trace boot.trace -q; }
-w_qemu() { rm -f q1.qcow2; qemu-img create -q -f qcow2 -b base.raw -F raw q1.qcow2; python3 -c 'import subprocess,time,sys; f=open("qemu-io.cmds"); t=time.perf_counter(); subprocess.run(["qemu-io","-C","-f","qcow2","q1.qcow2"], stdin=f, check=True, stdout=subprocess.DEVNULL); print(f"{time.perf_counter()-t:.3f}")'; }
+w_qemu() { rm -f q1.qcow2; qemu-img create -q -f qcow2 -b base.raw -F raw q1.qcow2; sync; python3 -c 'import subprocess,time,sys; f=open("qemu-io.cmds"); t=time.perf_counter(); subprocess.run(["qemu-io","-C","-f","qcow2","q1.qcow2"], stdin=f, check=True, stdout=subprocess.DEVNULL); print(f"{time.perf_counter()-t:.3f}")'; }
 to=$(best w_ours); tq=$(best w_qemu)
 echo "   vmicache warm: ${to}s   qemu-io -C: ${tq}s   ratio $(ratio "$tq" "$to")"
 qemu-img check -q c1.qcow2

@@ -7,7 +7,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -602,22 +601,40 @@ struct Connection {
 type Failure = (u32, String);
 
 impl Connection {
-    /// Reads requests and hands them to the workers until the client disconnects, the
-    /// socket fails or the client violates the protocol; then waits for the workers to
-    /// answer every request read.
-    fn transmission(&self, r: &mut impl Read) {
-        let (tx, rx) = sync_channel::<Job>(WORKERS_PER_CONNECTION * 2);
-        let rx = Mutex::new(rx);
+    /// Serves requests until the client disconnects, the socket fails or the client violates
+    /// the protocol, then waits until every request read is answered.
+    ///
+    /// Leader/follower: each worker takes the reader in turn, reads one request, lets go of
+    /// the reader, serves the request and writes its reply whole under the writer lock. No
+    /// request changes threads, so a queue of small cached reads costs no hand-offs, and up to
+    /// `WORKERS_PER_CONNECTION` requests are served at once.
+    fn transmission<R: Read + Send>(&self, r: &mut R) {
+        let reader = Mutex::new(r);
+        let done = std::sync::atomic::AtomicBool::new(false);
         thread::scope(|scope| {
             for _ in 0..WORKERS_PER_CONNECTION {
-                scope.spawn(|| self.worker(&rx));
+                scope.spawn(|| loop {
+                    let job = {
+                        let mut r = lock(&reader);
+                        if done.load(std::sync::atomic::Ordering::Acquire) {
+                            break;
+                        }
+                        match self.next_job(&mut **r) {
+                            Ok(Some(job)) => job,
+                            _ => {
+                                done.store(true, std::sync::atomic::Ordering::Release);
+                                break;
+                            }
+                        }
+                    };
+                    let reply = self.serve(&job.req, job.payload);
+                    let mut w = lock(&self.writer);
+                    if w.write_all(&reply).is_err() {
+                        // The client is gone: make the reader notice too.
+                        let _ = w.shutdown(std::net::Shutdown::Both);
+                    }
+                });
             }
-            while let Ok(Some(job)) = self.next_job(r) {
-                if tx.send(job).is_err() {
-                    break;
-                }
-            }
-            drop(tx);
         });
     }
 
@@ -643,19 +660,6 @@ impl Connection {
             _ => None,
         };
         Ok(Some(Job { req, payload }))
-    }
-
-    fn worker(&self, rx: &Mutex<Receiver<Job>>) {
-        loop {
-            let job = lock(rx).recv();
-            let Ok(job) = job else { break };
-            let reply = self.serve(&job.req, job.payload);
-            let mut w = lock(&self.writer);
-            if w.write_all(&reply).is_err() {
-                // The client is gone: make the reader notice too.
-                let _ = w.shutdown(std::net::Shutdown::Both);
-            }
-        }
     }
 
     /// The complete reply to one request.
