@@ -1,33 +1,65 @@
 #!/usr/bin/env bash
 # The README's first command: install vmicache and run the main job on an embedded default.
-# Builds a sample base image, a cache over it and a VM instance over the cache, and shows
-# what each layer holds.
+#
+# Builds a small Linux guest from Debian packages (images/build.sh minimal, cached), puts a
+# cache layer over its base image, records a first boot under QEMU through `vmicache serve`
+# (copy-on-read fills the cache, the cache is sealed), then boots a new VM instance from the
+# sealed cache and shows, with nbdkit's log as the witness, that it read nothing from the base.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
+tools/deps.sh --boot
+cargo install --quiet --locked --path . --root target/install
+export PATH="$repo/target/install/bin:$PATH"
+echo "== building the test guest (cached under target/images)"
+images/build.sh minimal
+base=${VMICACHE_IMAGES:-$repo/target/images}/minimal/base.raw
 
-tools/deps.sh
-cargo install --quiet --path . --root target/install
-export PATH="$PWD/target/install/bin:$PATH"
-
-dir=${VMICACHE_DEMO_DIR:-target/demo}
+dir=${VMICACHE_DEMO_DIR:-$repo/target/demo}
 rm -rf "$dir" && mkdir -p "$dir"
 cd "$dir"
+kit=""
+srv=""
+cleanup() { for p in $srv $kit; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+bytes_read() { python3 -c "import re,sys; print(sum(int(m,16) for m in re.findall(r' Read id=\d+ offset=0x[0-9a-f]+ count=(0x[0-9a-f]+)', open(sys.argv[1]).read())))" "$1"; }
 
-echo "== a 2 GiB sparse base image with 64 MiB of data in 16 extents"
-truncate -s 2G base.raw
-for i in $(seq 0 15); do
-  head -c 4M /dev/urandom | dd of=base.raw bs=1M seek=$((i * 128)) conv=notrunc status=none
-done
+echo "== the base is served by a storage node (nbdkit, logging every read)"
+nbdkit -r -f -U "$dir/base.sock" --filter=log file "$base" logfile="$dir/base-reads.log" & kit=$!
+while [ ! -S "$dir/base.sock" ]; do sleep 0.05; done
 
 echo "== vmicache build: an empty cache layer bound to the base"
-vmicache build base.raw -o cache.qcow2 --quota 1G
-echo "== vmicache chain: a per-VM copy-on-write instance over the cache"
-vmicache chain cache.qcow2 -o vm1.qcow2
+vmicache build "$base" -o cache.qcow2
+vmicache chain cache.qcow2 -o vm1.qcow2 -q          # the VM we boot later
+qemu-img rebase -u -b "nbd+unix:///?socket=$dir/base.sock" -F raw cache.qcow2
+: > base-reads.log
+
+echo "== vmicache warm --boot: the recorded first boot (QEMU, TCG)"
+vmicache warm cache.qcow2 --boot -- sh -c '"$0" minimal "$1" raw > console1.log 2> boot1.log' \
+  "$repo/images/boot.sh" '{nbd}'
+boot1=$(sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' boot1.log)
+read1=$(bytes_read base-reads.log)
+: > base-reads.log
+
+echo "== second boot: a new VM instance on the sealed cache"
+vmicache serve vm1.qcow2 --socket "$dir/vm1.sock" -q & srv=$!
+while [ ! -S "$dir/vm1.sock" ]; do sleep 0.05; done
+"$repo/images/boot.sh" minimal "nbd+unix:///vm1?socket=$dir/vm1.sock" raw > console2.log 2> boot2.log
+kill "$srv"; wait "$srv" 2>/dev/null || true; srv=""
+boot2=$(sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' boot2.log)
+read2=$(bytes_read base-reads.log)
+
 echo "== vmicache inspect vm1.qcow2"
 vmicache inspect vm1.qcow2
-echo "== vmicache check (and qemu-img's opinion)"
-vmicache check cache.qcow2
-qemu-img check cache.qcow2
-echo "== the chain as QEMU sees it"
-qemu-img info --backing-chain vm1.qcow2 | grep -E '^(image|backing file|virtual size)'
-qemu-img compare vm1.qcow2 base.raw
+ws=$(vmicache inspect --json cache.qcow2 | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["allocated-bytes"])')
+python3 - "$(stat -c %s "$base")" "$ws" "$read1" "$read2" "$boot1" "$boot2" <<'PY'
+import sys
+vs, ws, r1, r2 = (int(x) for x in sys.argv[1:5])
+b1, b2 = sys.argv[5], sys.argv[6]
+mib = lambda n: f"{n / 2**20:.1f} MiB"
+print()
+print(f"base image:         {mib(vs)} virtual")
+print(f"cache (working set): {mib(ws)} = {100 * ws / vs:.1f}% of the base")
+print(f"boot 1 (recorded):  read {mib(r1)} from the base, marker after {b1} s")
+print(f"boot 2 (from cache): read {mib(r2)} from the base, marker after {b2} s")
+PY

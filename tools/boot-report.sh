@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Boot report: for each test guest, the cache's effect on real boots under qemu-system-x86_64
+# (TCG). The base is always reached through nbdkit, whose log filter counts the bytes read
+# from it (a witness that is not vmicache's code).
+#
+#   tools/boot-report.sh [GUEST...]          (default: minimal systemd)
+#
+# Columns: base virtual size and allocated data; the boot working set (cache data after the
+# recorded boot); base bytes read by boot 1 (recorded, cold) and boot 2 (warm, new instance
+# on the sealed cache); boot times to the guest's success marker for: cold via vmicache,
+# warm via vmicache, QEMU's native chain (instance -> sealed cache -> base), and a plain
+# qcow2 overlay on the local base; then the same with a slow base (nbdkit delay-read=10ms):
+# uncached (plain overlay over the slow base), cold and warm via vmicache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+guests=("$@")
+[ ${#guests[@]} -gt 0 ] || guests=(minimal systemd)
+tools/deps.sh --boot
+cargo build --release --quiet
+V=$repo/target/release/vmicache
+work=$repo/target/boot-report
+rm -rf "$work"
+mkdir -p "$work"
+
+human() { python3 -c "import sys; n=float(sys.argv[1]); u=['B','KiB','MiB','GiB']; i=0
+while n>=1024 and i<3: n/=1024; i+=1
+print(f'{n:.1f} {u[i]}' if i else f'{int(n)} B')" "$1"; }
+log_bytes() { python3 -c "import re,sys; print(sum(int(m,16) for m in re.findall(r' Read id=\d+ offset=0x[0-9a-f]+ count=(0x[0-9a-f]+)', open(sys.argv[1]).read())))" "$1"; }
+
+kit_pid=""
+start_kit() { # SOCK LOG BASE [delay]
+  rm -f "$1"
+  local filters=(--filter=log)
+  local params=("logfile=$2")
+  if [ "${4:-}" = delay ]; then filters+=(--filter=delay); params+=(delay-read=10ms); fi
+  nbdkit -r -f -U "$1" "${filters[@]}" file "$3" "${params[@]}" & kit_pid=$!
+  while [ ! -S "$1" ]; do sleep 0.05; done
+}
+stop_kit() { kill "$kit_pid" 2>/dev/null || true; wait "$kit_pid" 2>/dev/null || true; }
+srv_pid=""
+start_srv() { # INSTANCE SOCK
+  rm -f "$2"
+  "$V" serve "$1" --socket "$2" -q & srv_pid=$!
+  while [ ! -S "$2" ]; do sleep 0.05; done
+}
+stop_srv() { kill "$srv_pid" 2>/dev/null || true; wait "$srv_pid" 2>/dev/null || true; }
+trap 'stop_srv; stop_kit' EXIT
+# boot GUEST DISK FORMAT -> prints seconds to the marker
+boot() {
+  local err
+  err=$(images/boot.sh "$1" "$2" "$3" 2>&1 >/dev/null) || { echo "boot of $1 from $2 failed: $err" >&2; exit 1; }
+  sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' <<<"$err"
+}
+
+rows=()
+for g in "${guests[@]}"; do
+  images/build.sh "$g" >/dev/null
+  base=${VMICACHE_IMAGES:-$repo/target/images}/$g/base.raw
+  d=$work/$g
+  mkdir -p "$d"
+  vsize=$(stat -c %s "$base")
+  alloc=$(( $(stat -c %b "$base") * 512 ))
+  bsock=$d/base.sock
+  uri="nbd+unix:///?socket=$bsock"
+
+  # Plain qcow2 overlay on the local base (no vmicache, no NBD).
+  qemu-img create -q -f qcow2 -b "$base" -F raw "$d/plain.qcow2"
+  t_plain=$(boot "$g" "$d/plain.qcow2" qcow2)
+
+  # Boot 1: recorded first boot through vmicache, base through nbdkit.
+  "$V" build "$base" -o "$d/cache.qcow2" -q
+  "$V" chain "$d/cache.qcow2" -o "$d/warm.qcow2" -q
+  "$V" chain "$d/cache.qcow2" -o "$d/native.qcow2" -q
+  start_kit "$bsock" "$d/kit1.log" "$base"
+  qemu-img rebase -u -b "$uri" -F raw "$d/cache.qcow2"
+  qemu-img create -q -f qcow2 -o cluster_size=4k -b "$d/cache.qcow2" -F qcow2 "$d/cold.qcow2"
+  start_srv "$d/cold.qcow2" "$d/vm.sock"
+  t_cold=$(boot "$g" "nbd+unix:///cold?socket=$d/vm.sock" raw)
+  stop_srv
+  "$V" seal "$d/cache.qcow2" -q
+  read1=$(log_bytes "$d/kit1.log")
+  ws=$("$V" inspect --json "$d/cache.qcow2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["allocated-bytes"])')
+  stop_kit
+
+  # Boot 2: warm, new instance on the sealed cache.
+  start_kit "$bsock" "$d/kit2.log" "$base"
+  start_srv "$d/warm.qcow2" "$d/vm.sock"
+  t_warm=$(boot "$g" "nbd+unix:///warm?socket=$d/vm.sock" raw)
+  stop_srv
+  read2=$(log_bytes "$d/kit2.log")
+  # QEMU's native chain on the same sealed cache.
+  t_native=$(boot "$g" "$d/native.qcow2" qcow2)
+  stop_kit
+
+  # Slow base: 10 ms per read.
+  start_kit "$bsock" "$d/kit3.log" "$base" delay
+  qemu-img create -q -f qcow2 -b "$uri" -F raw "$d/slow-plain.qcow2"
+  t_slow_plain=$(boot "$g" "$d/slow-plain.qcow2" qcow2)
+  "$V" build "$base" -o "$d/slow-cache.qcow2" -q
+  "$V" chain "$d/slow-cache.qcow2" -o "$d/slow-warm.qcow2" -q
+  qemu-img rebase -u -b "$uri" -F raw "$d/slow-cache.qcow2"
+  qemu-img create -q -f qcow2 -o cluster_size=4k -b "$d/slow-cache.qcow2" -F qcow2 "$d/slow-cold.qcow2"
+  start_srv "$d/slow-cold.qcow2" "$d/vm.sock"
+  t_slow_cold=$(boot "$g" "nbd+unix:///slow-cold?socket=$d/vm.sock" raw)
+  stop_srv
+  "$V" seal "$d/slow-cache.qcow2" -q
+  start_srv "$d/slow-warm.qcow2" "$d/vm.sock"
+  t_slow_warm=$(boot "$g" "nbd+unix:///slow-warm?socket=$d/vm.sock" raw)
+  stop_srv
+  stop_kit
+
+  pct=$(python3 -c "print(f'{100*$ws/$vsize:.1f}%')")
+  rows+=("| $g | $(human "$vsize") / $(human "$alloc") | $(human "$ws") ($pct) | $(human "$read1") | $(human "$read2") | $t_cold | $t_warm | $t_native | $t_plain | $t_slow_plain | $t_slow_cold | $t_slow_warm |")
+done
+
+echo "| guest | base virtual / data | boot working set (cache) | base read, boot 1 | base read, boot 2 | cold via vmicache (s) | warm via vmicache (s) | native chain (s) | plain local qcow2 (s) | slow base: uncached (s) | slow base: cold (s) | slow base: warm (s) |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
