@@ -190,3 +190,19 @@ fn build_refuses_existing_output_and_bad_sizes() {
     let out = run_status(bin().args(["build", ps(&b), "-o", "x.qcow2", "--quota", "lots"]));
     assert_ne!(out.status.code(), Some(0));
 }
+
+#[test]
+fn man_page_and_completions() {
+    let man = String::from_utf8(run(bin().arg("man")).stdout).unwrap();
+    assert!(
+        man.contains(".TH vmicache 1") && man.contains("warm"),
+        "{man}"
+    );
+    for sh in ["bash", "zsh", "fish"] {
+        let out = run(bin().args(["completions", sh]));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("serve"));
+    }
+    // --help explains exit codes.
+    let help = String::from_utf8(run(bin().arg("--help")).stdout).unwrap();
+    assert!(help.contains("Exit codes"), "{help}");
+}

@@ -42,8 +42,11 @@ pub struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
     /// Print less (errors only).
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
+    /// On errors, print the full chain of causes (one per line) after the one-line message.
+    #[arg(short, long, global = true)]
+    verbose: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -192,14 +195,28 @@ enum Cmd {
     /// The libvirt qemu hook: GUEST OP SUBOP EXTRA, the domain XML on stdin (install
     /// tools/libvirt/qemu as /etc/libvirt/hooks/qemu; see docs/libvirt.md).
     Hook(hook::HookArgs),
+    /// Write the manual page (roff) to stdout: `vmicache man > vmicache.1`.
+    Man,
+    /// Write shell completions to stdout, e.g. `vmicache completions bash >
+    /// /etc/bash_completion.d/vmicache`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    let verbose = cli.verbose;
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vmicache: {}", util::one_line(&e));
+            if verbose {
+                for (i, cause) in e.chain().enumerate() {
+                    eprintln!("  {i}: {cause:?}");
+                }
+            }
             exit::ERROR
         }
     }
@@ -271,5 +288,16 @@ fn run(cli: Cli) -> Result<i32> {
         } => check::run(&image, repair.is_some(), json),
         Cmd::Config { cmd } => config::run(cmd, cli.quiet),
         Cmd::Hook(args) => hook::run(args),
+        Cmd::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+            Ok(exit::OK)
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "vmicache", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
     }
 }
