@@ -16,11 +16,17 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The guest to boot: `minimal` by default, `VMICACHE_TEST_GUEST=systemd` for the long run
+/// (`tools/test.sh --long`).
+fn guest() -> String {
+    std::env::var("VMICACHE_TEST_GUEST").unwrap_or_else(|_| "minimal".into())
+}
+
 fn guest_dir() -> PathBuf {
     std::env::var_os("VMICACHE_IMAGES")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("target/images"))
-        .join("minimal")
+        .join(guest())
 }
 
 fn boot_sh() -> PathBuf {
@@ -97,7 +103,7 @@ fn boot(disk: &str, format: &str) -> f64 {
     let t = Instant::now();
     let out = run_status(
         Command::new(boot_sh())
-            .args(["minimal", disk, format])
+            .args([guest().as_str(), disk, format])
             .env("BOOT_TIMEOUT", "240"),
     );
     let err = String::from_utf8_lossy(&out.stderr);
@@ -145,7 +151,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     let base = g.join("base.raw");
     assert!(
         base.exists(),
-        "{} missing: run images/build.sh minimal (tools/test.sh does)",
+        "{} missing: run images/build.sh GUEST (tools/test.sh does)",
         base.display()
     );
     let d = tempfile::tempdir().unwrap();
@@ -157,7 +163,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     let out = run(bin()
         .args(["warm", ps(&cache), "--boot", "--timeout", "300", "--"])
         .arg(boot_sh())
-        .args(["minimal", "{nbd}", "raw"]));
+        .args([guest().as_str(), "{nbd}", "raw"]));
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("sealed"), "{said}");
     let trace = PathBuf::from(format!("{}.trace", cache.display()));
@@ -261,7 +267,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     run(bin()
         .args(["warm", ps(&small), "--boot", "--timeout", "300", "--"])
         .arg(boot_sh())
-        .args(["minimal", "{nbd}", "raw"]));
+        .args([guest().as_str(), "{nbd}", "raw"]));
     assert!(data_bytes(&small) <= quota, "cache exceeds its quota");
     check_clean(&small);
 }

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need, then runs format, lint and tests.
+#   tools/test.sh          the default run (the minimal guest's boot story included)
+#   tools/test.sh --long   also the boot story on the systemd guest (a few minutes more)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+long=0
+if [ "${1:-}" = "--long" ]; then
+  long=1
+  shift
+fi
 
 tools/deps.sh --boot
 # The test guest for tests/boot.rs (cached under target/images; rebuilt when its recipe changes).
@@ -15,6 +22,13 @@ set +e
 cargo test --all-targets "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
+if [ "$rc" = 0 ] && [ $long = 1 ]; then
+  images/build.sh systemd >/dev/null
+  set +e
+  VMICACHE_TEST_GUEST=systemd cargo test --release --test boot 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+fi
 # One closing line over all test binaries.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
