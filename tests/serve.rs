@@ -229,6 +229,19 @@ fn locks_refuse_second_writer() {
     let out = run_status(tool("qemu-io").args(["-f", "qcow2", "-c", "write 0 512", ps(&s.cache)]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("lock"));
+    // Our own writers respect the lock too: warm, seal and leak repair of a served cache.
+    for args in [
+        vec!["warm", ps(&s.cache), "--full"],
+        vec!["seal", ps(&s.cache)],
+        vec!["check", "--repair", "leaks", ps(&s.cache)],
+    ] {
+        let out = run_status(bin().args(&args));
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("lock"),
+            "{args:?}"
+        );
+    }
     // ... but inspecting with -U works, and so does our inspect.
     qemu_img(&["info", "-U", ps(&s.cache)]);
     run(bin().args(["inspect", ps(&s.cache)]));

@@ -121,6 +121,10 @@ pub fn open(instances: &[(String, PathBuf)], record: bool) -> Result<Served> {
             ..OpenOptions::read_only()
         },
     )?;
+    // Decide again from the locked handle: a `warm --boot` may have sealed the cache between
+    // the probe and the lock.
+    let meta = cache_meta(&cache)?;
+    let fill = fill && matches!(&meta, Some(m) if m.state != CacheState::Sealed);
     if let Some(m) = &meta {
         // A sealed cache must boot without reading its base: compare its shape only. A cache
         // being filled reads from the base anyway: check its content fingerprint too.

@@ -49,7 +49,13 @@ pub struct WarmStats {
 /// Open a cache for warming: writable, a vmicache cache, not sealed, base unchanged. Marks it
 /// `warming`.
 pub fn open_cache_rw(path: &Path) -> Result<Image> {
-    let img = Image::open(path, &OpenOptions::read_write())?;
+    let img = Image::open(
+        path,
+        &OpenOptions {
+            lock: true,
+            ..OpenOptions::read_write()
+        },
+    )?;
     let meta = cache_meta(&img)?.ok_or_else(|| {
         Error::request(path, "not a vmicache cache (no vmicache header extension)")
     })?;
@@ -70,7 +76,13 @@ pub fn open_cache_rw(path: &Path) -> Result<Image> {
 
 /// Seal a cache: mark it complete; nothing writes it afterwards.
 pub fn seal(path: &Path) -> Result<()> {
-    let img = Image::open(path, &OpenOptions::read_write())?;
+    let img = Image::open(
+        path,
+        &OpenOptions {
+            lock: true,
+            ..OpenOptions::read_write()
+        },
+    )?;
     let q = img
         .as_qcow2()
         .ok_or_else(|| Error::request(path, "not a qcow2 image"))?;
@@ -172,7 +184,12 @@ pub fn warm(
         .iter()
         .filter_map(|&(s, l)| {
             let a = s.div_ceil(cs) * cs;
-            let e = (s + l) / cs * cs;
+            // The disk's last cluster may be partial: up to the end counts as whole.
+            let e = if s + l >= size {
+                size
+            } else {
+                (s + l) / cs * cs
+            };
             (e > a).then_some((a, e - a))
         })
         .collect();

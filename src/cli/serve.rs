@@ -110,7 +110,12 @@ pub fn run_serve(
     let s = serve::finish(&served, record)?;
     if !quiet {
         eprintln!("vmicache: {}", summary_line(&s));
-        if let Some(t) = record {
+        if let (Some(t), false) = (record, served.filling) {
+            eprintln!(
+                "vmicache: no trace written to {}: the cache was not being filled",
+                t.display()
+            );
+        } else if let Some(t) = record {
             eprintln!(
                 "vmicache: trace of {} base reads written to {}",
                 s.trace_reads,

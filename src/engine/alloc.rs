@@ -25,6 +25,8 @@ pub(crate) struct Refcounts {
     table: Vec<u64>,
     table_dirty: BTreeSet<usize>,
     blocks: HashMap<u64, Block>,
+    /// How many cached blocks are dirty.
+    dirty_blocks: usize,
     /// No free cluster below this index.
     hint: u64,
     /// One past the highest cluster in the file or allocated by us.
@@ -44,6 +46,7 @@ impl Refcounts {
             table: table::decode_table(&b),
             table_dirty: BTreeSet::new(),
             blocks: HashMap::new(),
+            dirty_blocks: 0,
             hint: 0,
             high_water: geo.clusters_for(len),
         })
@@ -54,11 +57,11 @@ impl Refcounts {
     }
 
     pub(crate) fn is_dirty(&self) -> bool {
-        !self.table_dirty.is_empty() || self.blocks.values().any(|b| b.dirty)
+        !self.table_dirty.is_empty() || self.dirty_blocks > 0
     }
 
     pub(crate) fn dirty_bytes(&self) -> usize {
-        self.blocks.values().filter(|b| b.dirty).count() * self.geo.cluster_size() as usize
+        self.dirty_blocks * self.geo.cluster_size() as usize
     }
 
     /// Drop clean blocks when the cache holds more than `limit` bytes.
@@ -118,7 +121,10 @@ impl Refcounts {
             Error::corrupt(&path, format!("no refcount block for cluster {cluster}"))
         })?;
         refcount::set(&mut b.data, order, slot, v);
-        b.dirty = true;
+        if !b.dirty {
+            b.dirty = true;
+            self.dirty_blocks += 1;
+        }
         Ok(())
     }
 
@@ -149,18 +155,18 @@ impl Refcounts {
         }
         loop {
             let start = self.find_free(st, n)?;
-            let mut moved = false;
+            // Creating a block (and maybe growing the table, which moves it past everything
+            // allocated) changes what is free: search again, until the run needs no new block.
+            let mut created = false;
             let (first_rb, _) = self.geo.refcount_slot(start);
             let (last_rb, _) = self.geo.refcount_slot(start + n - 1);
             for rb in first_rb..=last_rb {
                 if self.block(st, rb)?.is_none() {
-                    let c = self.create_block(st, h, rb)?;
-                    if (start..start + n).contains(&c) {
-                        moved = true;
-                    }
+                    self.create_block(st, h, rb)?;
+                    created = true;
                 }
             }
-            if moved || self.get(st, start)? != 0 {
+            if created {
                 continue;
             }
             for c in start..start + n {
@@ -223,6 +229,7 @@ impl Refcounts {
                 dirty: true,
             },
         );
+        self.dirty_blocks += 1;
         self.table[idx as usize] = off;
         self.table_dirty.insert(idx as usize);
         self.high_water = self.high_water.max(c + 1);
@@ -279,6 +286,7 @@ impl Refcounts {
                         dirty: true,
                     },
                 );
+                self.dirty_blocks += 1;
                 self.table[rb as usize] = at * cs;
             }
             for c in start..next {
@@ -308,6 +316,7 @@ impl Refcounts {
         for (_, b) in dirty {
             st.write_at(&b.data, b.off)?;
             b.dirty = false;
+            self.dirty_blocks -= 1;
         }
         Ok(())
     }

@@ -260,7 +260,6 @@ impl Checker<'_> {
             if c >= self.nb_clusters {
                 self.msg(format!("ERROR refcount block {i} is outside image"));
                 self.r.corruptions += 1;
-                self.rebuild = true;
                 continue;
             }
             self.inc(off, self.cs);
@@ -368,6 +367,11 @@ struct Analysis {
 /// Check the qcow2 image at `path` (the image alone, not its backing files).
 pub fn check(path: &Path, repair: Repair) -> Result<CheckReport> {
     let st = FileStorage::open(path, repair != Repair::None)?;
+    if repair != Repair::None {
+        // Never repair an image another process (a server, a QEMU) has open for writing: its
+        // counted-but-unlinked clusters would look leaked.
+        super::lock::lock(st.file(), path, super::lock::LockMode::Write)?;
+    }
     let h = Qcow2::read_header(&st)?;
     if h.autoclear & header::autoclear::BITMAPS != 0 && h.has_extension(header::ext_kind::BITMAPS) {
         return Err(Error::unsupported(path, "persistent dirty bitmaps (check)"));

@@ -139,6 +139,8 @@ pub(crate) struct Meta {
     l1: Vec<u64>,
     l1_dirty: BTreeSet<usize>,
     l2: HashMap<u64, L2Table>,
+    /// How many cached L2 tables are dirty (kept, so no request scans the cache).
+    l2_dirty: usize,
     pub(crate) rc: Refcounts,
     /// Host clusters whose references were removed in memory; their refcounts drop only after
     /// the removal is on disk.
@@ -219,6 +221,7 @@ impl Qcow2 {
                 l1,
                 l1_dirty: BTreeSet::new(),
                 l2: HashMap::new(),
+                l2_dirty: 0,
                 rc,
                 pending_free: Vec::new(),
                 new_l2: false,
@@ -729,6 +732,7 @@ impl Qcow2 {
                 dirty: true,
             },
         );
+        m.l2_dirty += 1;
         m.l1[l1i] = L1Entry::new(HostOffset(off)).0;
         m.l1_dirty.insert(l1i);
         m.new_l2 = true;
@@ -740,7 +744,10 @@ impl Qcow2 {
         let i = self.geo.l2_index(g);
         let t = self.load_l2(m, off)?;
         t.entries[i] = e.0;
-        t.dirty = true;
+        if !t.dirty {
+            t.dirty = true;
+            m.l2_dirty += 1;
+        }
         Ok(())
     }
 
@@ -908,6 +915,7 @@ impl Qcow2 {
             }
             g += cs;
             self.maybe_flush(&mut m)?;
+            self.maybe_shrink(&mut m)?;
         }
         Ok(())
     }
@@ -996,6 +1004,14 @@ impl Qcow2 {
             for x in i..j {
                 let g = GuestOffset(off + x as u64 * cs);
                 let h = HostOffset(host + (x - i) as u64 * cs);
+                // Callers claim the clusters they fill; should two fills still meet, the
+                // first link wins and the other's cluster is given back.
+                let e = self.entry(m, g)?;
+                if self.decode(m, e)? != L2Mapping::Unallocated {
+                    m.pending_free.push(h.0 >> self.geo.cluster_bits);
+                    st.data_clusters -= 1;
+                    continue;
+                }
                 self.set_entry(m, g, L2Entry::data(h))?;
             }
         }
@@ -1023,8 +1039,8 @@ impl Qcow2 {
     }
 
     fn maybe_flush(&self, m: &mut Meta) -> Result<()> {
-        let dirty = m.l2.values().filter(|t| t.dirty).count() as u64 * self.geo.cluster_size();
-        if dirty as usize > L2_CACHE_BYTES / 2 || m.rc.dirty_bytes() > L2_CACHE_BYTES / 2 {
+        let dirty = m.l2_dirty * self.geo.cluster_size() as usize;
+        if dirty > L2_CACHE_BYTES / 2 || m.rc.dirty_bytes() > L2_CACHE_BYTES / 2 {
             self.flush_locked(m, false)?;
         }
         Ok(())
@@ -1033,7 +1049,7 @@ impl Qcow2 {
     fn maybe_shrink(&self, m: &mut Meta) -> Result<()> {
         let bytes = m.l2.len() * self.geo.cluster_size() as usize;
         if bytes > L2_CACHE_BYTES {
-            if m.l2.values().any(|t| t.dirty) {
+            if m.l2_dirty > 0 || !m.l1_dirty.is_empty() {
                 self.flush_locked(m, false)?;
             }
             m.l2.clear();
@@ -1053,7 +1069,7 @@ impl Qcow2 {
 
     fn flush_locked(&self, m: &mut Meta, durable: bool) -> Result<()> {
         let st = &*self.storage;
-        let l2_dirty = m.l2.values().any(|t| t.dirty) || !m.l1_dirty.is_empty();
+        let l2_dirty = m.l2_dirty > 0 || !m.l1_dirty.is_empty();
         // 1. refcounts (and the data already written) before anything that points at them.
         if m.rc.is_dirty() {
             m.rc.write_dirty(st, &m.header)?;
@@ -1063,15 +1079,17 @@ impl Qcow2 {
             for (off, t) in m.l2.iter_mut().filter(|(_, t)| t.dirty) {
                 st.write_at(&table::encode_table(&t.entries), *off)?;
                 t.dirty = false;
+                m.l2_dirty -= 1;
             }
             // 3. new L2 tables' contents before the L1 entries that point at them.
             if m.new_l2 {
                 st.sync()?;
             }
             let l1_off = m.header.l1_table_offset;
-            let dirty: Vec<usize> = std::mem::take(&mut m.l1_dirty).into_iter().collect();
+            let dirty: Vec<usize> = m.l1_dirty.iter().copied().collect();
             for i in dirty {
                 st.write_at(&m.l1[i].to_be_bytes(), l1_off + i as u64 * 8)?;
+                m.l1_dirty.remove(&i);
             }
             m.new_l2 = false;
         }
