@@ -151,3 +151,45 @@ fn trace_of_another_base_is_refused() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("another base") && e.lines().count() == 1, "{e}");
 }
+
+#[test]
+fn base_served_over_nbd() {
+    // The base lives on a "storage node": qemu-nbd serves it; the cache names it by URI and our
+    // NBD client reads it.
+    let dir = tempfile::tempdir().unwrap();
+    let (base, cache) = setup(dir.path(), "0");
+    let sock = dir.path().join("base.sock");
+    let mut nbd = tool("qemu-nbd")
+        .args(["-t", "-r", "-f", "raw", "-k", ps(&sock), ps(&base)])
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    qemu_img(&["rebase", "-u", "-b", &uri, "-F", "raw", ps(&cache)]);
+    let out = run(bin().args(["warm", ps(&cache), "--full", "--json"]));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(st["base-bytes-read"].as_u64().unwrap() >= 9 << 20, "{st}");
+    check_clean(&cache);
+    let j: serde_json::Value =
+        serde_json::from_slice(&run(bin().args(["inspect", "--json", ps(&cache)])).stdout).unwrap();
+    assert_eq!(j["layers"][1]["path"], uri.as_str());
+    assert_eq!(j["cache"]["base-check"], "ok");
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    // Everything is in the cache now: with the storage node gone, reading it still works
+    // where it is complete (zero and data clusters everywhere).
+    let img = Image::open(
+        &cache,
+        &OpenOptions {
+            backing: false,
+            ..OpenOptions::read_only()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; SIZE];
+    img.read_at(&mut buf, 0).unwrap();
+    assert_bytes_eq("cache alone", &buf, &std::fs::read(&base).unwrap());
+}

@@ -36,10 +36,15 @@ impl NbdUri {
 #[derive(Debug)]
 pub struct NbdStorage {
     name: PathBuf,
-    conn: Mutex<UnixStream>,
+    /// None after an error: the next request connects again (a reply stream that failed
+    /// midway cannot be trusted).
+    conn: Mutex<Option<UnixStream>>,
     size: u64,
     cookie: Mutex<u64>,
 }
+
+/// No base read waits longer than this for the storage node.
+const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn rd<const N: usize>(s: &mut UnixStream) -> std::io::Result<[u8; N]> {
     let mut b = [0u8; N];
@@ -50,6 +55,16 @@ fn rd<const N: usize>(s: &mut UnixStream) -> std::io::Result<[u8; N]> {
 impl NbdStorage {
     /// Connect and negotiate; `name` is the URI as recorded (used in messages).
     pub fn connect(name: &str) -> Result<NbdStorage> {
+        let (s, size) = Self::handshake(name)?;
+        Ok(NbdStorage {
+            name: PathBuf::from(name),
+            conn: Mutex::new(Some(s)),
+            size,
+            cookie: Mutex::new(1),
+        })
+    }
+
+    fn handshake(name: &str) -> Result<(UnixStream, u64)> {
         let uri = NbdUri::parse(name).ok_or_else(|| {
             Error::unsupported(name, "NBD URI form (use nbd+unix:///EXPORT?socket=PATH)")
         })?;
@@ -57,6 +72,8 @@ impl NbdStorage {
         let bad = |w: &str| Error::invalid(name, format!("NBD server: {w}"));
         let mut s =
             UnixStream::connect(&uri.socket).map_err(|e| Error::io(&uri.socket, "connect", e))?;
+        s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+        s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
         let hello = rd::<18>(&mut s).map_err(io)?;
         if u64::from_be_bytes(hello[..8].try_into().unwrap()) != NBDMAGIC
             || u64::from_be_bytes(hello[8..16].try_into().unwrap()) != IHAVEOPT
@@ -118,22 +135,42 @@ impl NbdStorage {
             }
         }
         let size = size.ok_or_else(|| bad("no export size in NBD_OPT_GO reply"))?;
-        Ok(NbdStorage {
-            name: PathBuf::from(name),
-            conn: Mutex::new(s),
-            size,
-            cookie: Mutex::new(1),
-        })
+        Ok((s, size))
     }
 
     fn read_chunk(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let io = |e: std::io::Error| Error::io(&self.name, "NBD read", e);
         let cookie = {
             let mut c = self.cookie.lock().unwrap_or_else(|p| p.into_inner());
             *c += 1;
             *c
         };
-        let mut s = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let (s, size) = Self::handshake(&self.name.to_string_lossy())?;
+            if size != self.size {
+                return Err(Error::chain(
+                    &self.name,
+                    format!("export size changed from {} to {size}", self.size),
+                ));
+            }
+            *guard = Some(s);
+        }
+        let s = guard.as_mut().expect("connected above");
+        let result = Self::request(s, &self.name, cookie, buf, off);
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+
+    fn request(
+        s: &mut UnixStream,
+        name: &Path,
+        cookie: u64,
+        buf: &mut [u8],
+        off: u64,
+    ) -> Result<()> {
+        let io = |e: std::io::Error| Error::io(name, "NBD read", e);
         let mut req = Vec::with_capacity(REQUEST_LEN);
         req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         req.extend_from_slice(&0u16.to_be_bytes());
@@ -142,16 +179,16 @@ impl NbdStorage {
         req.extend_from_slice(&off.to_be_bytes());
         req.extend_from_slice(&(buf.len() as u32).to_be_bytes());
         s.write_all(&req).map_err(io)?;
-        let r = rd::<16>(&mut s).map_err(io)?;
+        let r = rd::<16>(s).map_err(io)?;
         if u32::from_be_bytes(r[..4].try_into().unwrap()) != SIMPLE_REPLY_MAGIC
             || u64::from_be_bytes(r[8..16].try_into().unwrap()) != cookie
         {
-            return Err(Error::invalid(&self.name, "NBD server sent a bad reply"));
+            return Err(Error::invalid(name, "NBD server sent a bad reply"));
         }
         let err = u32::from_be_bytes(r[4..8].try_into().unwrap());
         if err != 0 {
             return Err(Error::io(
-                &self.name,
+                name,
                 "NBD read",
                 std::io::Error::from_raw_os_error(err as i32),
             ));
