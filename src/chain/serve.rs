@@ -51,18 +51,7 @@ impl Export for ChainExport {
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> Result<()> {
-        match &*self.image {
-            Image::Qcow2(q) => q.write_zeroes(offset, len),
-            Image::Raw(_) => {
-                let mut p = offset;
-                while p < offset + len {
-                    let n = (offset + len - p).min(4 << 20);
-                    self.image.write_at(&vec![0u8; n as usize], p)?;
-                    p += n;
-                }
-                Ok(())
-            }
-        }
+        self.image.write_zeroes(offset, len)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
         const HOLE: u32 = 1;

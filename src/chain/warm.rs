@@ -169,12 +169,7 @@ pub fn warm(
     let cs = q.geometry().cluster_size();
     let size = q.virtual_size();
     let quota = cache_meta(cache)?.map(|m| m.quota).unwrap_or(0);
-    let have = q.allocated_clusters()?;
-    let budget = Mutex::new(if quota == 0 {
-        u64::MAX
-    } else {
-        (quota / cs).saturating_sub(have.data + have.compressed)
-    });
+    let budget = Mutex::new(q.quota_budget(quota)?);
     let mut chunks: Vec<(u64, u64, bool)> = coalesce(reads, cs, size, o.chunk)
         .into_iter()
         .map(|(a, b)| (a, b, false))
@@ -248,29 +243,17 @@ fn warm_chunk(
     zero: bool,
     budget: &Mutex<u64>,
 ) -> Result<(FillStats, u64)> {
-    let cs = q.geometry().cluster_size();
-    let mut total = FillStats::default();
-    let mut read = 0;
-    for (s, n) in q.unallocated_runs(off, len)? {
-        let mut buf = vec![0u8; n as usize];
-        let want = if zero { 0 } else { n.div_ceil(cs) };
-        let granted = {
-            let mut b = budget.lock().unwrap();
-            let g = want.min(*b);
-            *b -= g;
-            g
-        };
-        if !zero {
-            q.read_backing(&mut buf, s)?;
-            read += n;
-        }
-        let f = q.fill(s, &buf, granted)?;
-        *budget.lock().unwrap() += granted - f.data_clusters.min(granted);
-        total.data_clusters += f.data_clusters;
-        total.zero_clusters += f.zero_clusters;
-        total.over_quota += f.over_quota;
+    if !zero {
+        let f = q.fill_from_backing(off, len, budget, |_, _| {})?;
+        return Ok((f.stats, f.base_bytes));
     }
-    Ok((total, read))
+    // Known zeros (the base's holes): recorded as zero clusters without reading.
+    let mut total = FillStats::default();
+    for (s, n) in q.unallocated_runs(off, len)? {
+        let f = q.fill(s, &vec![0u8; n as usize], 0)?;
+        total.zero_clusters += f.zero_clusters;
+    }
+    Ok((total, 0))
 }
 
 #[cfg(test)]

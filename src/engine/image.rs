@@ -365,6 +365,14 @@ impl Image {
         }
     }
 
+    /// Make a range read as zeros (qcow2: zero clusters where whole; raw: written zeros).
+    pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        match self {
+            Image::Raw(r) => super::qcow2::write_zero_bytes(off, len, |b, p| r.write_at(b, p)),
+            Image::Qcow2(q) => q.write_zeroes(off, len),
+        }
+    }
+
     /// Write cached metadata in safe order; `durable` syncs to stable storage.
     pub fn flush(&self, durable: bool) -> Result<()> {
         match self {

@@ -26,6 +26,22 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// Write `len` zero bytes at `off` through `write`, in bounded pieces.
+pub(crate) fn write_zero_bytes(
+    off: u64,
+    len: u64,
+    write: impl Fn(&[u8], u64) -> Result<()>,
+) -> Result<()> {
+    let zeros = vec![0u8; len.min(4 << 20) as usize];
+    let mut p = off;
+    while p < off + len {
+        let n = (off + len - p).min(zeros.len() as u64) as usize;
+        write(&zeros[..n], p)?;
+        p += n as u64;
+    }
+    Ok(())
+}
+
 /// All-zero check at memcmp speed.
 pub fn is_zero(b: &[u8]) -> bool {
     static ZEROS: [u8; 65536] = [0; 65536];
@@ -434,13 +450,7 @@ impl Qcow2 {
                 "copy-on-read needs a backing file",
             ));
         }
-        let have = self.allocated_clusters()?;
-        let cs = self.geo.cluster_size();
-        let budget = if quota == 0 {
-            u64::MAX
-        } else {
-            (quota / cs).saturating_sub(have.data + have.compressed)
-        };
+        let budget = self.quota_budget(quota)?;
         let cor = Cor {
             budget: Mutex::new(budget),
             inflight: Mutex::new(Default::default()),
@@ -467,6 +477,63 @@ impl Qcow2 {
             .unwrap_or_default()
     }
 
+    /// Data clusters the quota (bytes; 0 = none) still allows this layer to store.
+    pub fn quota_budget(&self, quota: u64) -> Result<u64> {
+        if quota == 0 {
+            return Ok(u64::MAX);
+        }
+        let have = self.allocated_clusters()?;
+        Ok((quota / self.geo.cluster_size()).saturating_sub(have.data + have.compressed))
+    }
+
+    /// Fill the clusters of `[off, off+len)` still unallocated here from the backing file:
+    /// read what the backing file's metadata does not prove zero, store it (taking data
+    /// clusters from `budget`), and hand each run's content to `sink(offset, bytes)`. The
+    /// caller keeps others off these clusters (a copy-on-read claim, or the image's write
+    /// lock held by one warming process).
+    pub fn fill_from_backing(
+        &self,
+        off: u64,
+        len: u64,
+        budget: &Mutex<u64>,
+        mut sink: impl FnMut(u64, &[u8]),
+    ) -> Result<FillFromBacking> {
+        let cs = self.geo.cluster_size();
+        let backing = self
+            .backing
+            .as_deref()
+            .ok_or_else(|| Error::request(self.path(), "filling needs a backing file"))?;
+        let mut out = FillFromBacking::default();
+        for (s, n) in self.unallocated_runs(off, len)? {
+            let mut buf = vec![0u8; n as usize];
+            let mut nonzero = 0;
+            for (zs, zn, zero) in backing.zero_runs(s, n)? {
+                if !zero {
+                    let at = (zs - s) as usize;
+                    self.read_backing(&mut buf[at..at + zn as usize], zs)?;
+                    out.base_bytes += zn;
+                    nonzero += zn;
+                }
+            }
+            let want = if nonzero == 0 { 0 } else { n.div_ceil(cs) };
+            let granted = {
+                let mut b = budget.lock().unwrap_or_else(|p| p.into_inner());
+                let g = want.min(*b);
+                *b -= g;
+                g
+            };
+            let f = self.fill(s, &buf, granted);
+            let used = f.as_ref().map_or(0, |f| f.data_clusters.min(granted));
+            *budget.lock().unwrap_or_else(|p| p.into_inner()) += granted - used;
+            let f = f?;
+            out.stats.data_clusters += f.data_clusters;
+            out.stats.zero_clusters += f.zero_clusters;
+            out.stats.over_quota += f.over_quota;
+            sink(s, &buf);
+        }
+        Ok(out)
+    }
+
     /// Read `dst` at `pos` (a run unallocated here when planned) with copy-on-read.
     fn cor_read(&self, cor: &Cor, dst: &mut [u8], pos: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
@@ -484,46 +551,28 @@ impl Qcow2 {
         let _claim = Claim { cor, clusters };
         // Under the claim nobody else changes these clusters: what is unallocated now is ours.
         let mut covered = Vec::new();
-        for (s, n) in self.unallocated_runs(a, b - a)? {
-            let mut buf = vec![0u8; n as usize];
-            // Read only what the base's metadata does not prove zero.
-            let backing = self
-                .backing
-                .as_deref()
-                .expect("copy-on-read has a backing file");
-            for (zs, zn, zero) in backing.zero_runs(s, n)? {
-                if !zero {
-                    let at = (zs - s) as usize;
-                    self.read_backing(&mut buf[at..at + zn as usize], zs)?;
-                    cor.stats.base_bytes.fetch_add(zn, Ordering::Relaxed);
-                }
-            }
+        let f = self.fill_from_backing(a, b - a, &cor.budget, |s, buf| {
             if let Some(r) = &cor.record {
-                r.lock().unwrap_or_else(|p| p.into_inner()).push((s, n));
+                r.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((s, buf.len() as u64));
             }
-            let want = n.div_ceil(cs);
-            let granted = {
-                let mut bgt = cor.budget.lock().unwrap_or_else(|p| p.into_inner());
-                let g = want.min(*bgt);
-                *bgt -= g;
-                g
-            };
-            let f = self.fill(s, &buf, granted)?;
-            *cor.budget.lock().unwrap_or_else(|p| p.into_inner()) +=
-                granted - f.data_clusters.min(granted);
-            cor.stats
-                .data_clusters
-                .fetch_add(f.data_clusters, Ordering::Relaxed);
-            cor.stats
-                .zero_clusters
-                .fetch_add(f.zero_clusters, Ordering::Relaxed);
-            let (x, y) = (s.max(pos), (s + n).min(end));
+            let (x, y) = (s.max(pos), (s + buf.len() as u64).min(end));
             if x < y {
                 dst[(x - pos) as usize..(y - pos) as usize]
                     .copy_from_slice(&buf[(x - s) as usize..(y - s) as usize]);
                 covered.push((x, y));
             }
-        }
+        })?;
+        cor.stats
+            .base_bytes
+            .fetch_add(f.base_bytes, Ordering::Relaxed);
+        cor.stats
+            .data_clusters
+            .fetch_add(f.stats.data_clusters, Ordering::Relaxed);
+        cor.stats
+            .zero_clusters
+            .fetch_add(f.stats.zero_clusters, Ordering::Relaxed);
         // The rest was filled by others before we claimed it: read it from here.
         let mut p = pos;
         for (x, y) in covered.into_iter().chain(std::iter::once((end, end))) {
@@ -890,13 +939,7 @@ impl Qcow2 {
         let zeros = |n: u64| vec![0u8; n as usize];
         if !self.v3 {
             // Version 2 has no zero flag.
-            let mut p = off;
-            while p < end {
-                let n = (end - p).min(4 << 20);
-                self.write_at(&zeros(n), p)?;
-                p += n;
-            }
-            return Ok(());
+            return write_zero_bytes(off, len, |b, p| self.write_at(b, p));
         }
         if off < a {
             self.write_at(&zeros(a - off), off)?;
@@ -1162,6 +1205,14 @@ impl Qcow2 {
         }
         Ok(s)
     }
+}
+
+/// What [`Qcow2::fill_from_backing`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FillFromBacking {
+    pub stats: FillStats,
+    /// Bytes read from the backing file (holes its metadata proves zero are not read).
+    pub base_bytes: u64,
 }
 
 /// What a copy-on-read fill stored.
