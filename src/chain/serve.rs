@@ -131,14 +131,7 @@ pub fn open(instances: &[(String, PathBuf)], record: bool) -> Result<Served> {
     let cache = Arc::new(cache);
     let mut exports = Vec::new();
     for (name, path) in instances {
-        let img = Image::open_over(
-            path,
-            &OpenOptions {
-                lock: true,
-                ..OpenOptions::read_write()
-            },
-            cache.clone(),
-        )?;
+        let img = Image::open_over(path, &OpenOptions::locked_write(), cache.clone())?;
         exports.push((name.clone(), Arc::new(img)));
     }
     Ok(Served {

@@ -49,13 +49,7 @@ pub struct WarmStats {
 /// Open a cache for warming: writable, a vmicache cache, not sealed, base unchanged. Marks it
 /// `warming`.
 pub fn open_cache_rw(path: &Path) -> Result<Image> {
-    let img = Image::open(
-        path,
-        &OpenOptions {
-            lock: true,
-            ..OpenOptions::read_write()
-        },
-    )?;
+    let img = Image::open(path, &OpenOptions::locked_write())?;
     let meta = cache_meta(&img)?.ok_or_else(|| {
         Error::request(path, "not a vmicache cache (no vmicache header extension)")
     })?;
@@ -76,13 +70,7 @@ pub fn open_cache_rw(path: &Path) -> Result<Image> {
 
 /// Seal a cache: mark it complete; nothing writes it afterwards.
 pub fn seal(path: &Path) -> Result<()> {
-    let img = Image::open(
-        path,
-        &OpenOptions {
-            lock: true,
-            ..OpenOptions::read_write()
-        },
-    )?;
+    let img = Image::open(path, &OpenOptions::locked_write())?;
     let q = img
         .as_qcow2()
         .ok_or_else(|| Error::request(path, "not a qcow2 image"))?;

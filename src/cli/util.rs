@@ -2,30 +2,8 @@
 
 use humansize::{format_size, BINARY};
 
-/// Parse "4096", "64K", "1.5G", "2GiB", "10M".
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (try 4096, 64K, 10G)"))?;
-    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        "T" | "TB" | "TIB" => 1 << 40,
-        u => return Err(format!("unknown size unit '{u}' in '{s}' (use K, M, G, T)")),
-    };
-    let v = n * mult as f64;
-    if v.fract() != 0.0 || v < 0.0 || v > u64::MAX as f64 {
-        return Err(format!("'{s}' is not a whole number of bytes"));
-    }
-    Ok(v as u64)
-}
+/// Sizes on the command line parse as in the configuration file.
+pub use vmicache::config::parse_size;
 
 /// "1.5 GiB".
 pub fn human(bytes: u64) -> String {

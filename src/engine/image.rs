@@ -59,6 +59,13 @@ impl OpenOptions {
             lock: false,
         }
     }
+    /// Writable, with QEMU-compatible locks (refused while another process writes it).
+    pub fn locked_write() -> Self {
+        OpenOptions {
+            lock: true,
+            ..Self::read_write()
+        }
+    }
     pub fn read_write() -> Self {
         OpenOptions {
             write: true,
