@@ -612,7 +612,11 @@ fn prepare_disks(cfg: &Config, plans: &[DiskPlan], log: &HookLog, undo: &mut Und
         if exists(&p.instance) {
             check_instance_over(&p.instance, cache)?;
         } else {
-            make_instance(cache, &p.instance, img.settings.cluster_size)?;
+            make_instance(
+                cache,
+                &p.instance,
+                crate::chain::build::INSTANCE_CLUSTER_SIZE,
+            )?;
             undo.files.push(p.instance.clone());
             log.line(&format!(
                 "{}: created instance {}",
@@ -768,6 +772,11 @@ fn release(plans: &[DiskPlan], remove: bool, log: &HookLog) -> Result<()> {
                 first_err.get_or_insert(e);
                 continue;
             }
+            // The recorded first boot is over: seal its cache, so later boots share it
+            // read-only and never touch the base.
+            if let Err(e) = seal_after_recording(p, log) {
+                first_err.get_or_insert(e);
+            }
         }
         if remove && p.ephemeral() && exists(&p.instance) {
             match remove_regular(&p.instance) {
@@ -861,6 +870,25 @@ fn alive(pid: i32) -> bool {
 }
 
 /// Stop this disk's server if one runs (SIGTERM; SIGKILL after 10 s), remove its pid file.
+/// Seal the disk's cache if its server was recording (a cache still warming, recording on).
+fn seal_after_recording(p: &DiskPlan, log: &HookLog) -> Result<()> {
+    let (Ok(img), Some(cache)) = (p.image(), p.cache.as_ref()) else {
+        return Ok(());
+    };
+    if !img.settings.record || !exists(cache) {
+        return Ok(());
+    }
+    let state = {
+        let c = Image::open(cache, &OpenOptions::read_only())?;
+        cache_meta(&c)?.map(|m| m.state)
+    };
+    if state == Some(CacheState::Warming) {
+        crate::chain::warm::seal(cache)?;
+        log.line(&format!("{}: sealed cache {}", p.dev, cache.display()));
+    }
+    Ok(())
+}
+
 fn stop_server(p: &DiskPlan, log: &HookLog) -> Result<()> {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need, then runs format, lint and tests.
 #   tools/test.sh          the default run (the minimal guest's boot story included)
-#   tools/test.sh --long   also the boot story on the systemd guest (a few minutes more)
+#   tools/test.sh --long   also the boot story on the systemd guest and the real-libvirt test
+#                          (tools/libvirt-test.sh; a few minutes more; root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 long=0
@@ -27,9 +28,13 @@ if [ "$rc" = 0 ] && [ $long = 1 ]; then
   set +e
   VMICACHE_TEST_GUEST=systemd cargo test --release --test boot 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
+  if [ "$rc" = 0 ]; then
+    tools/libvirt-test.sh 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+  fi
   set -e
 fi
 # One closing line over all test binaries.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+awk '/^(test result:|libvirt: [0-9]+ passed)/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
 exit "$rc"
