@@ -883,8 +883,16 @@ fn seal_after_recording(p: &DiskPlan, log: &HookLog) -> Result<()> {
         cache_meta(&c)?.map(|m| m.state)
     };
     if state == Some(CacheState::Warming) {
-        crate::chain::warm::seal(cache)?;
-        log.line(&format!("{}: sealed cache {}", p.dev, cache.display()));
+        match crate::chain::warm::seal(cache) {
+            Ok(()) => log.line(&format!("{}: sealed cache {}", p.dev, cache.display())),
+            // Another domain's server is still filling it; its release seals it.
+            Err(Error::Locked { .. }) => log.line(&format!(
+                "{}: cache {} still being filled by another server; not sealed yet",
+                p.dev,
+                cache.display()
+            )),
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -935,7 +943,11 @@ fn start_server(cfg: &Config, p: &DiskPlan, record: Option<&Path>, log: &HookLog
     let out = open_append(&p.log, 0o640)?;
     let err = out.try_clone().map_err(|e| Error::io(&p.log, "dup", e))?;
     let mut cmd = Command::new(&exe);
-    cmd.arg("serve").arg(&p.instance).arg("--socket").arg(sock);
+    cmd.arg("serve")
+        .arg(&p.instance)
+        .arg("--socket")
+        .arg(sock)
+        .arg("--pass-through-if-busy");
     if !p.export.is_empty() {
         // An empty export name (no name= in the XML) reaches the only export anyway.
         cmd.arg("--export").arg(&p.export);

@@ -318,3 +318,37 @@ fn kill_9_during_copy_on_read_leaves_consistent_images() {
         run(tool("qemu-img").args(["compare", ps(&s.cache), ps(&s.base)]));
     }
 }
+
+#[test]
+fn second_server_passes_through_when_asked() {
+    let s = setup("0");
+    let srv = serve(&s, &[]);
+    let inst2 = s.dir.join("vm2.qcow2");
+    run(bin().args(["chain", ps(&s.cache), "-o", ps(&inst2)]));
+    let sock2 = s.dir.join("b.sock");
+    let mut c = bin()
+        .args([
+            "serve",
+            ps(&inst2),
+            "--socket",
+            ps(&sock2),
+            "--pass-through-if-busy",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_socket(&sock2, &mut c);
+    let before = std::fs::read(&s.cache).unwrap();
+    let u2 = format!("nbd+unix:///vm2?socket={}", sock2.display());
+    run(tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &u2, ps(&s.base)]));
+    let err = stop(c);
+    assert!(err.contains("pass through"), "{err}");
+    assert_eq!(
+        before,
+        std::fs::read(&s.cache).unwrap(),
+        "the busy cache was touched"
+    );
+    stop(srv);
+    check_clean(&s.cache);
+    check_clean(&inst2);
+}

@@ -8,7 +8,7 @@ use super::trace::Trace;
 use crate::engine::image::resolve_backing;
 use crate::engine::qcow2::Qcow2;
 use crate::engine::storage::FileStorage;
-use crate::engine::{Image, OpenOptions};
+use crate::engine::{Format, Image, OpenOptions};
 use crate::format::ext::{CacheState, FillRecord};
 use crate::nbd::Export;
 use crate::{Error, Result};
@@ -78,6 +78,8 @@ pub struct Served {
     pub cache: Arc<Image>,
     /// Copy-on-read into the cache is on (an unsealed vmicache cache).
     pub filling: bool,
+    /// Another server is filling the cache: these instances stand on its base directly.
+    pub passing_through: bool,
     pub exports: Vec<(String, Arc<Image>)>,
 }
 
@@ -94,22 +96,40 @@ pub fn backing_path(image: &Path) -> Result<PathBuf> {
 /// Open instances (export name, path) over their common cache, taking locks and turning on
 /// copy-on-read when the cache is an unsealed vmicache cache.
 pub fn open(instances: &[(String, PathBuf)], record: bool) -> Result<Served> {
+    open_with(instances, record, false)
+}
+
+/// As [`open`]; with `pass_through_if_busy`, a cache another server is filling is left alone:
+/// the instances stand directly on the cache's base (same content), so their reads pass
+/// through and nothing waits or fights over the fill.
+pub fn open_with(
+    instances: &[(String, PathBuf)],
+    record: bool,
+    pass_through_if_busy: bool,
+) -> Result<Served> {
     let (_, first) = instances
         .first()
         .ok_or_else(|| Error::request(".", "nothing to serve"))?;
     let cache_path = backing_path(first)?;
     let probe = Image::open(&cache_path, &OpenOptions::read_only())?;
     let meta = cache_meta(&probe)?;
-    drop(probe);
     let fill = matches!(&meta, Some(m) if m.state != CacheState::Sealed);
-    let cache = Image::open(
+    let opened = Image::open(
         &cache_path,
         &OpenOptions {
             write: fill,
             lock: true,
             ..OpenOptions::read_only()
         },
-    )?;
+    );
+    let cache = match opened {
+        Err(Error::Locked { .. }) if pass_through_if_busy && fill => {
+            drop(probe);
+            return pass_through(instances, &cache_path);
+        }
+        r => r?,
+    };
+    drop(probe);
     // Decide again from the locked handle: a `warm --boot` may have sealed the cache between
     // the probe and the lock.
     let meta = cache_meta(&cache)?;
@@ -137,6 +157,33 @@ pub fn open(instances: &[(String, PathBuf)], record: bool) -> Result<Served> {
     Ok(Served {
         cache,
         filling: fill,
+        passing_through: false,
+        exports,
+    })
+}
+
+/// Serve instances over their cache's base, leaving the (busy) cache alone.
+fn pass_through(instances: &[(String, PathBuf)], cache_path: &Path) -> Result<Served> {
+    let base_path = backing_path(cache_path)?;
+    let header = Qcow2::read_header(&FileStorage::open(cache_path, false)?)?;
+    let fmt = header.backing_format.as_deref().and_then(Format::parse);
+    let base = Arc::new(Image::open(
+        &base_path,
+        &OpenOptions {
+            lock: true,
+            format: fmt,
+            ..OpenOptions::read_only()
+        },
+    )?);
+    let mut exports = Vec::new();
+    for (name, path) in instances {
+        let img = Image::open_over_any(path, &OpenOptions::locked_write(), base.clone())?;
+        exports.push((name.clone(), Arc::new(img)));
+    }
+    Ok(Served {
+        cache: base,
+        filling: false,
+        passing_through: true,
         exports,
     })
 }

@@ -133,6 +133,11 @@ enum Cmd {
         /// Export name (one instance only).
         #[arg(long)]
         export: Option<String>,
+        /// When another server is filling the cache (it holds the cache's write lock), serve
+        /// the instances straight over the cache's base instead of refusing: their reads pass
+        /// through (the libvirt hook uses this for concurrent starts on a cold cache).
+        #[arg(long)]
+        pass_through_if_busy: bool,
     },
     /// Fill a cache without booting (replay a trace, or copy all the base holds), or by a
     /// recorded first boot (--boot).
@@ -257,11 +262,13 @@ fn run(cli: Cli) -> Result<i32> {
             socket,
             record,
             export,
+            pass_through_if_busy,
         } => serve::run_serve(
             &instances,
             &socket,
             record.as_deref(),
             export.as_deref(),
+            pass_through_if_busy,
             cli.quiet,
         ),
         Cmd::Warm {

@@ -54,8 +54,9 @@ fn start(
     instances: &[(String, PathBuf)],
     socket: &Path,
     record: bool,
+    pass_through_if_busy: bool,
 ) -> Result<(Server, serve::Served)> {
-    let served = serve::open(instances, record)?;
+    let served = serve::open_with(instances, record, pass_through_if_busy)?;
     let exports: Vec<(String, Arc<dyn Export>)> = served
         .exports
         .iter()
@@ -73,6 +74,7 @@ pub fn run_serve(
     socket: &Path,
     record: Option<&Path>,
     export: Option<&str>,
+    pass_through_if_busy: bool,
     quiet: bool,
 ) -> Result<i32> {
     // Signals go to one waiting thread; block them before any other thread starts.
@@ -81,7 +83,7 @@ pub fn run_serve(
     sigs.add(Signal::SIGTERM);
     sigs.thread_block()?;
     let names = export_names(instances, export)?;
-    let (server, served) = start(&names, socket, record.is_some())?;
+    let (server, served) = start(&names, socket, record.is_some(), pass_through_if_busy)?;
     if !quiet {
         eprintln!(
             "vmicache: serving {} on {} over cache {} ({})",
@@ -94,6 +96,8 @@ pub fn run_serve(
             served.cache.path().display(),
             if served.filling {
                 "copy-on-read, filling"
+            } else if served.passing_through {
+                "its cache is busy filling for another server: reads pass through to the base"
             } else {
                 "read-only"
             }
@@ -160,7 +164,7 @@ pub fn run_boot(
     let result = (|| -> Result<(ServeSummary, f64)> {
         make_instance(cache, &inst, vmicache::chain::build::INSTANCE_CLUSTER_SIZE)?;
         let names = vec![("boot".to_string(), inst.clone())];
-        let (server, served) = start(&names, &socket, true)?;
+        let (server, served) = start(&names, &socket, true, false)?;
         if !served.filling {
             bail!(
                 "{}: cache is sealed or not a vmicache cache: nothing to record",

@@ -225,6 +225,21 @@ impl Image {
     /// Open the qcow2 image at `path` over an already opened backing image (several instances
     /// sharing one cache object). The image's recorded backing file must be that image.
     pub fn open_over(path: &Path, opts: &OpenOptions, backing: Arc<Image>) -> Result<Image> {
+        Self::open_over_checked(path, opts, backing, true)
+    }
+
+    /// As [`Image::open_over`] without checking that `backing` is the file the header names:
+    /// for standing an instance directly on its cache's base, which has the same content.
+    pub fn open_over_any(path: &Path, opts: &OpenOptions, backing: Arc<Image>) -> Result<Image> {
+        Self::open_over_checked(path, opts, backing, false)
+    }
+
+    fn open_over_checked(
+        path: &Path,
+        opts: &OpenOptions,
+        backing: Arc<Image>,
+        check: bool,
+    ) -> Result<Image> {
         let fs = FileStorage::open(path, opts.write)?;
         if opts.lock {
             let mode = if opts.write {
@@ -239,15 +254,17 @@ impl Image {
             .backing_file
             .as_deref()
             .ok_or_else(|| Error::chain(path, "image has no backing file"))?;
-        let want = std::fs::canonicalize(resolve_backing(path, name)?)
-            .map_err(|e| Error::io(path, "resolve backing file", e))?;
-        let have = std::fs::canonicalize(backing.path())
-            .map_err(|e| Error::io(backing.path(), "resolve", e))?;
-        if want != have {
-            return Err(Error::chain(
-                path,
-                format!("backing file is {}, not {}", want.display(), have.display()),
-            ));
+        if check {
+            let want = std::fs::canonicalize(resolve_backing(path, name)?)
+                .map_err(|e| Error::io(path, "resolve backing file", e))?;
+            let have = std::fs::canonicalize(backing.path())
+                .map_err(|e| Error::io(backing.path(), "resolve", e))?;
+            if want != have {
+                return Err(Error::chain(
+                    path,
+                    format!("backing file is {}, not {}", want.display(), have.display()),
+                ));
+            }
         }
         Ok(Image::Qcow2(Box::new(Qcow2::open(
             Box::new(fs),

@@ -31,6 +31,9 @@ type Exports = Arc<Vec<(String, Arc<dyn Export>)>>;
 struct Shared {
     stopping: AtomicBool,
     path: PathBuf,
+    /// A second handle on the listening socket: shutting it down wakes `accept()` even when
+    /// the socket file is gone (so stop never depends on the path).
+    listener: UnixListener,
     conns: Mutex<Conns>,
     /// Signalled whenever a connection ends.
     conn_ended: Condvar,
@@ -78,11 +81,14 @@ impl Stopper {
     /// open connections answer the requests they have read, and closes them. Calling it
     /// again, or before `run`, is harmless (a later `run` returns at once).
     ///
-    /// `run` is woken by a connection to the socket path, so the socket file must not have
-    /// been removed or replaced by someone else in the meantime.
+    /// `run` is woken by shutting the listening socket down (and, belt and braces, by a
+    /// connection to the socket path).
     pub fn stop(&self) {
         if !self.shared.stopping.swap(true, Ordering::SeqCst) {
-            // Wake the accept() of run() by connecting to ourselves.
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&self.shared.listener),
+                nix::sys::socket::Shutdown::Both,
+            );
             let _ = UnixStream::connect(&self.shared.path);
         }
     }
@@ -145,12 +151,16 @@ impl Server {
             Err(e) => return Err(Error::io(socket, "stat", e)),
         }
         let listener = UnixListener::bind(socket).map_err(|e| Error::io(socket, "bind", e))?;
+        let second = listener
+            .try_clone()
+            .map_err(|e| Error::io(socket, "dup", e))?;
         Ok(Server {
             listener,
             exports: Arc::new(exports),
             shared: Arc::new(Shared {
                 stopping: AtomicBool::new(false),
                 path: socket.to_path_buf(),
+                listener: second,
                 conns: Mutex::new(Conns::default()),
                 conn_ended: Condvar::new(),
             }),
