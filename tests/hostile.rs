@@ -13,16 +13,6 @@ use vmicache::format::header::Header;
 /// or allocated.
 const FAST: Duration = Duration::from_secs(5);
 
-fn write_at(path: &Path, off: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    f.write_all_at(bytes, off)
-        .unwrap_or_else(|e| panic!("write {}@{off:#x}: {e}", path.display()));
-}
-
 fn read_u64(path: &Path, off: u64) -> u64 {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).unwrap();

@@ -432,16 +432,6 @@ fn read_u64(f: &std::fs::File, off: u64) -> u64 {
     u64::from_be_bytes(b)
 }
 
-fn write_at(path: &Path, off: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    f.write_all_at(bytes, off)
-        .unwrap_or_else(|e| panic!("write {}@{off:#x}: {e}", path.display()));
-}
-
 /// Where the damage helpers poke, read from the header (refcount_bits = 16 only).
 struct Layout {
     cluster_size: u64,

@@ -370,3 +370,14 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     }
     out
 }
+
+/// Overwrite bytes of a file in place (to damage images on purpose).
+pub fn write_at(path: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.write_all_at(bytes, off)
+        .unwrap_or_else(|e| panic!("write {}@{off:#x}: {e}", path.display()));
+}
