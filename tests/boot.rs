@@ -139,6 +139,12 @@ fn boot_served(dir: &Path, inst: &Path) -> f64 {
     secs
 }
 
+/// Point a cache's backing file at the base served by nbdkit on `sock`.
+fn rebase_onto_nbd(cache: &Path, sock: &Path) {
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    qemu_img(&["rebase", "-u", "-b", &uri, "-F", "raw", ps(cache)]);
+}
+
 fn data_bytes(img: &Path) -> u64 {
     let j: serde_json::Value =
         serde_json::from_slice(&run(bin().args(["inspect", "--json", ps(img)])).stdout).unwrap();
@@ -187,15 +193,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
         &base,
         &[&format!("logfile={}", log.display())],
     );
-    qemu_img(&[
-        "rebase",
-        "-u",
-        "-b",
-        &format!("nbd+unix:///?socket={}", bsock.display()),
-        "-F",
-        "raw",
-        ps(&cache),
-    ]);
+    rebase_onto_nbd(&cache, &bsock);
 
     // 2. A warm boot through vmicache reads 0 bytes from the base.
     let before = base_reads(&log);
@@ -247,15 +245,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     run(bin().args(["seal", ps(&cache2)]));
     let inst3 = dir.join("vm3.qcow2");
     run(bin().args(["chain", ps(&cache2), "-o", ps(&inst3)]));
-    qemu_img(&[
-        "rebase",
-        "-u",
-        "-b",
-        &format!("nbd+unix:///?socket={}", bsock.display()),
-        "-F",
-        "raw",
-        ps(&cache2),
-    ]);
+    rebase_onto_nbd(&cache2, &bsock);
     boot_served(dir, &inst3);
     kit.stop();
 

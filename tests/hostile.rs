@@ -341,17 +341,7 @@ fn backing_file_name_too_long() {
     let raw = dir.path().join("base.raw");
     std::fs::write(&raw, vec![0u8; MIB as usize]).unwrap();
     let img = dir.path().join("long.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        ps(&img),
-    ]);
+    qemu_overlay(&img, "base.raw", "raw");
     assert_ne!(read_u64(&img, 8), 0, "no backing file name");
     write_at(&img, 16, &2000u32.to_be_bytes());
     refused_everywhere(&img, &["backing file name"]);

@@ -132,17 +132,7 @@ fn cache_with_backing_written_then_chained() {
     let cache = dir.path().join("cache.qcow2");
     run(bin().args(["build", ps(&base), "-o", ps(&cache)]));
     let twin = dir.path().join("twin.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        ps(&twin),
-    ]);
+    qemu_overlay(&twin, "base.raw", "raw");
     let w = writes(99, size, 200, 200 * KIB);
     apply_ours(&cache, &w);
     apply_qemu(&twin, &w);

@@ -381,3 +381,19 @@ pub fn write_at(path: &Path, off: u64, bytes: &[u8]) {
     f.write_all_at(bytes, off)
         .unwrap_or_else(|e| panic!("write {}@{off:#x}: {e}", path.display()));
 }
+
+/// `qemu-img create -f qcow2 -b BACKING -F FMT PATH` (the backing name as given, relative names
+/// resolve from PATH's directory).
+pub fn qemu_overlay(path: &Path, backing: &str, backing_fmt: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        backing_fmt,
+        ps(path),
+    ]);
+}
