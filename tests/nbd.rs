@@ -548,10 +548,11 @@ fn nbdcopy_one_and_several_connections() {
 // A hand-written client for error paths
 // ---------------------------------------------------------------------------
 
-/// A read-only export whose reads fail in `[1 MiB, 1 MiB + 4 KiB)`.
+/// A read-only export whose reads fail in `[BAD, BAD + 4 KiB)`.
 struct Flaky(MemExport);
 
-const BAD: u64 = MIB;
+/// In a data block of `pattern` (the server never reads holes).
+const BAD: u64 = MIB + 2 * MEM_BLOCK;
 
 impl Export for Flaky {
     fn size(&self) -> u64 {
@@ -838,6 +839,58 @@ fn protocol_options_and_errors() {
     let (_, _, _, p) = c.chunk();
     assert_eq!(p.len(), 12, "one descriptor");
     assert_eq!(u32::from_be_bytes(p[4..8].try_into().unwrap()), b - 100);
+    // Without DF, what the export knows to be zero goes as hole chunks, in offset order,
+    // the last chunk flagged done.
+    c.request(proto::CMD_READ, 0, 11, 0, 4 * b);
+    let want = [
+        (proto::REPLY_TYPE_OFFSET_DATA, 0u64, b as usize),
+        (proto::REPLY_TYPE_OFFSET_HOLE, u64::from(b), b as usize),
+        (
+            proto::REPLY_TYPE_OFFSET_DATA,
+            2 * u64::from(b),
+            2 * b as usize,
+        ),
+    ];
+    for (i, (typ, off, len)) in want.into_iter().enumerate() {
+        let (f, t, cookie, p) = c.chunk();
+        let done = if i == 2 { proto::REPLY_FLAG_DONE } else { 0 };
+        assert_eq!((f, t, cookie), (done, typ, 11), "chunk {i}");
+        assert_eq!(u64::from_be_bytes(p[0..8].try_into().unwrap()), off);
+        if typ == proto::REPLY_TYPE_OFFSET_HOLE {
+            assert_eq!(p.len(), 12);
+            assert_eq!(
+                u32::from_be_bytes(p[8..12].try_into().unwrap()) as usize,
+                len
+            );
+        } else {
+            assert!(p[8..] == data[off as usize..off as usize + len]);
+        }
+    }
+    // A read inside a hole is one final hole chunk; with DF it is data (zeroes).
+    c.request(proto::CMD_READ, 0, 12, u64::from(b) + 512, 4096);
+    let (f, t, _, p) = c.chunk();
+    assert_eq!(
+        (f, t),
+        (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_HOLE)
+    );
+    assert_eq!(
+        u64::from_be_bytes(p[0..8].try_into().unwrap()),
+        u64::from(b) + 512
+    );
+    assert_eq!(u32::from_be_bytes(p[8..12].try_into().unwrap()), 4096);
+    c.request(
+        proto::CMD_READ,
+        proto::CMD_FLAG_DF,
+        13,
+        u64::from(b) + 512,
+        4096,
+    );
+    let (f, t, _, p) = c.chunk();
+    assert_eq!(
+        (f, t),
+        (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA)
+    );
+    assert!(p[8..].iter().all(|&x| x == 0) && p.len() == 8 + 4096);
     // Still alive after all those errors.
     c.request(proto::CMD_READ, 0, 10, 0, 512);
     let (_, t, cookie, p) = c.chunk();

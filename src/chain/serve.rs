@@ -53,6 +53,13 @@ impl Export for ChainExport {
     fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> Result<()> {
         self.image.write_zeroes(offset, len)
     }
+    fn zero_runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let mut runs = Vec::new();
+        for (_, n, zero) in self.image.zero_runs(offset, len)? {
+            crate::nbd::push_run(&mut runs, n, zero);
+        }
+        Ok(runs)
+    }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
         const HOLE: u32 = 1;
         const ZERO: u32 = 2;

@@ -30,8 +30,9 @@
 //!
 //!   An empty export name selects the default export: the one named `""` if there is one,
 //!   otherwise the first export.
-//! - **Transmission**: `READ` (simple replies, or one `OFFSET_DATA` chunk when structured
-//!   replies were negotiated; `DF` is supported up to 32 MiB), `WRITE` (+`FUA`), `FLUSH`,
+//! - **Transmission**: `READ` (simple replies; with structured replies, `OFFSET_DATA` chunks
+//!   for data and `OFFSET_HOLE` chunks for what [`Export::zero_runs`] knows to read as zeroes,
+//!   or one `OFFSET_DATA` chunk with `DF`, supported up to 32 MiB), `WRITE` (+`FUA`), `FLUSH`,
 //!   `TRIM`, `WRITE_ZEROES` (+`NO_HOLE`; `FAST_ZERO` is not offered), `DISC` and
 //!   `BLOCK_STATUS` for `base:allocation` (+`REQ_ONE`). Transmission flags: `HAS_FLAGS`,
 //!   `SEND_FLUSH`, `SEND_FUA`, `SEND_DF` (with structured replies), `CAN_MULTI_CONN`, and
@@ -111,6 +112,40 @@ pub trait Export: Send + Sync {
     /// A human-readable description for `NBD_INFO_DESCRIPTION`; none unless overridden.
     fn description(&self) -> Option<String> {
         None
+    }
+    /// Splits `len` bytes at `offset` into consecutive runs `(length, reads_as_zero)`, without
+    /// reading data: a run marked `true` is known to read as zeroes, one marked `false` may
+    /// hold data. The lengths add up to `len`. The server sends zero runs of a read as
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE` chunks instead of bytes. Asked before every read, so it
+    /// must be cheap; the default derives the runs from [`Export::block_status`].
+    fn zero_runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let before = pos;
+            for (l, flags) in self.block_status(pos, end - pos)? {
+                let l = l.min(end - pos);
+                if l > 0 {
+                    push_run(&mut runs, l, flags & STATE_ZERO != 0);
+                    pos += l;
+                }
+            }
+            if pos == before {
+                // An export that describes nothing: the rest may hold data.
+                push_run(&mut runs, end - pos, false);
+                break;
+            }
+        }
+        Ok(runs)
+    }
+}
+
+/// Appends a run to `runs`, merging it with the last one when both are alike.
+pub fn push_run(runs: &mut Vec<(u64, bool)>, len: u64, zero: bool) {
+    match runs.last_mut() {
+        Some(last) if last.1 == zero => last.0 += len,
+        _ => runs.push((len, zero)),
     }
 }
 
