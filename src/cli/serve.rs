@@ -106,7 +106,9 @@ pub fn run_serve(
     let stopper = server.stopper();
     std::thread::spawn(move || {
         if let Ok(sig) = sigs.wait() {
-            eprintln!("vmicache: {sig:?}: stopping");
+            if !quiet {
+                eprintln!("vmicache: {sig:?}: stopping");
+            }
         }
         stopper.stop();
     });
