@@ -24,7 +24,7 @@ use crate::{Error, Result};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 /// Write `len` zero bytes at `off` through `write`, in bounded pieces.
 pub(crate) fn write_zero_bytes(
@@ -86,6 +86,13 @@ pub struct Qcow2 {
     compression: CompressionType,
     writable: bool,
     meta: Mutex<Meta>,
+    /// Data I/O at host offsets taken from the L2 tables happens without the metadata lock,
+    /// under a shared guard of this gate taken while the lock was still held; applying
+    /// deferred frees (which lets a host cluster be reused) takes it exclusively. So a request
+    /// never reads or writes a cluster that has meanwhile been given to another guest offset.
+    /// Rule that keeps it deadlock-free: the gate is taken shared only under the metadata
+    /// lock, and its holder never waits for the metadata lock.
+    gate: RwLock<()>,
     backing: Option<Arc<Image>>,
     preallocated: std::sync::OnceLock<bool>,
     cor: std::sync::OnceLock<Cor>,
@@ -242,6 +249,7 @@ impl Qcow2 {
                 pending_free: Vec::new(),
                 new_l2: false,
             }),
+            gate: RwLock::new(()),
             backing,
             storage,
             preallocated: std::sync::OnceLock::new(),
@@ -289,6 +297,11 @@ impl Qcow2 {
     fn lock(&self) -> MutexGuard<'_, Meta> {
         // A panic while holding the lock is a bug; the data on disk is still ordered.
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A shared guard of the I/O gate; the metadata guard proves the lock is held.
+    fn gate(&self, _held: &mut Meta) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn corrupt(&self, what: impl Into<String>) -> Error {
@@ -418,10 +431,11 @@ impl Qcow2 {
     /// the backing file when copy-on-read is on).
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
-        let plan = {
+        let (plan, gate) = {
             let mut m = self.lock();
             self.maybe_shrink(&mut m)?;
-            self.plan(&mut m, off, buf.len() as u64)?
+            let plan = self.plan(&mut m, off, buf.len() as u64)?;
+            (plan, self.gate(&mut m))
         };
         let cor = self.cor.get();
         if let Some(c) = cor {
@@ -430,11 +444,27 @@ impl Qcow2 {
             let counter = if miss { &c.stats.misses } else { &c.stats.hits };
             counter.fetch_add(1, Ordering::Relaxed);
         }
-        for (pos, n, src) in plan {
+        // This layer's own pieces under the gate, then (without it) what comes from below.
+        self.read_local(buf, off, &plan)?;
+        drop(gate);
+        for &(pos, n, src) in &plan {
             let dst = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
             match (src, cor) {
                 (Source::Backing, Some(c)) => self.cor_read(c, dst, pos)?,
-                _ => self.read_source(dst, pos, src)?,
+                (Source::Backing, None) => self.read_backing(dst, pos)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The pieces of `plan` (for `buf` at guest offset `off`) that this layer holds; the
+    /// caller holds the I/O gate.
+    fn read_local(&self, buf: &mut [u8], off: u64, plan: &[(u64, u64, Source)]) -> Result<()> {
+        for &(pos, n, src) in plan {
+            if src != Source::Backing {
+                let dst = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
+                self.read_source(dst, pos, src)?;
             }
         }
         Ok(())
@@ -577,13 +607,18 @@ impl Qcow2 {
         let mut p = pos;
         for (x, y) in covered.into_iter().chain(std::iter::once((end, end))) {
             if p < x {
-                let plan = {
+                let (plan, gate) = {
                     let mut m = self.lock();
-                    self.plan(&mut m, p, x - p)?
+                    let plan = self.plan(&mut m, p, x - p)?;
+                    (plan, self.gate(&mut m))
                 };
+                self.read_local(&mut dst[(p - pos) as usize..(x - pos) as usize], p, &plan)?;
+                drop(gate);
                 for (q, n, src) in plan {
-                    let d = &mut dst[(q - pos) as usize..(q - pos + n) as usize];
-                    self.read_source(d, q, src)?;
+                    if src == Source::Backing {
+                        let d = &mut dst[(q - pos) as usize..(q - pos + n) as usize];
+                        self.read_backing(d, q)?;
+                    }
                 }
             }
             p = p.max(y);
@@ -740,6 +775,25 @@ impl Qcow2 {
         }
     }
 
+    /// [`Self::old_cluster`], taking the content of a cluster still unallocated here from
+    /// `below` when it was read there beforehand.
+    fn old_content(
+        &self,
+        m: &Meta,
+        gc_off: u64,
+        e: L2Entry,
+        below: &[(u64, Vec<u8>)],
+        out: &mut [u8],
+    ) -> Result<()> {
+        if self.decode(m, e)? == L2Mapping::Unallocated {
+            if let Some((_, c)) = below.iter().find(|(g, _)| *g == gc_off) {
+                out.copy_from_slice(c);
+                return Ok(());
+            }
+        }
+        self.old_cluster(m, gc_off, e, out)
+    }
+
     /// Host clusters an entry references (freed when the entry is replaced).
     fn referenced_clusters(&self, e: L2Entry) -> Vec<u64> {
         let cb = self.geo.cluster_bits;
@@ -801,13 +855,21 @@ impl Qcow2 {
     }
 
     /// Write guest bytes at this layer (allocating and filling partial clusters from below).
+    ///
+    /// Clusters that need allocating are written and linked under the metadata lock; the old
+    /// content of partial clusters unallocated here is read from below before taking it (a
+    /// slow base does not stall the other requests of the disk). Clusters already allocated
+    /// here are written in place after the lock is let go, under the I/O gate.
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         self.require_writable()?;
         self.check_range(off, buf.len() as u64)?;
         let cs = self.geo.cluster_size();
+        let end = off + buf.len() as u64;
+        let below = self.cow_preread(off, end)?;
         let mut m = self.lock();
         self.maybe_shrink(&mut m)?;
-        let end = off + buf.len() as u64;
+        // (host offset, range of buf) written in place once the lock is let go.
+        let mut in_place: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
         let mut pos = off;
         while pos < end {
             let g = GuestOffset(pos);
@@ -835,8 +897,10 @@ impl Qcow2 {
                             _ => break,
                         }
                     }
-                    let data = &buf[(pos - off) as usize..(pos - off + run) as usize];
-                    self.storage.write_at(data, host.0 + inc)?;
+                    in_place.push((
+                        host.0 + inc,
+                        (pos - off) as usize..(pos - off + run) as usize,
+                    ));
                     pos += run;
                 }
                 L2Mapping::Zero {
@@ -850,17 +914,67 @@ impl Qcow2 {
                     pos += n;
                 }
                 _ => {
-                    pos = self.write_new_run(&mut m, buf, off, pos)?;
+                    pos = self.write_new_run(&mut m, buf, off, pos, &below)?;
                 }
             }
             self.maybe_flush(&mut m)?;
         }
+        if in_place.is_empty() {
+            return Ok(());
+        }
+        // The clusters stay ours while the gate is held (frees wait for it).
+        let _gate = self.gate(&mut m);
+        drop(m);
+        for (host, r) in in_place {
+            self.storage.write_at(&buf[r], host)?;
+        }
         Ok(())
+    }
+
+    /// The old content of the partial first and last clusters of a write of `[off, end)`
+    /// that are unallocated here, read from the backing file without the metadata lock:
+    /// (guest cluster offset, content). Used by [`Self::write_new_run`] when the cluster is
+    /// still unallocated once the lock is held (the backing content does not change).
+    fn cow_preread(&self, off: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        if self.backing.is_none() {
+            return Ok(Vec::new());
+        }
+        let cs = self.geo.cluster_size();
+        let head = self.geo.align_down(off);
+        let tail = self.geo.align_down(end - 1);
+        let mut partial = Vec::new();
+        if off > head || end < head + cs {
+            partial.push(head);
+        }
+        if tail != head && end < tail + cs {
+            partial.push(tail);
+        }
+        let mut out = Vec::new();
+        for g in partial {
+            let unallocated = {
+                let mut m = self.lock();
+                let e = self.entry(&mut m, GuestOffset(g))?;
+                self.decode(&m, e)? == L2Mapping::Unallocated
+            };
+            if unallocated {
+                let mut c = vec![0u8; cs as usize];
+                self.read_backing(&mut c, g)?;
+                out.push((g, c));
+            }
+        }
+        Ok(out)
     }
 
     /// Allocate a run of clusters for guest clusters that need new ones, starting at `pos`;
     /// returns the guest offset where the run ends.
-    fn write_new_run(&self, m: &mut Meta, buf: &[u8], off: u64, pos: u64) -> Result<u64> {
+    fn write_new_run(
+        &self,
+        m: &mut Meta,
+        buf: &[u8],
+        off: u64,
+        pos: u64,
+        below: &[(u64, Vec<u8>)],
+    ) -> Result<u64> {
         const MAX_RUN: u64 = 64 << 20;
         let cs = self.geo.cluster_size();
         let end = off + buf.len() as u64;
@@ -894,17 +1008,13 @@ impl Qcow2 {
         let run_end = end.min(first + nclusters * cs);
         // Fill a partial head and tail from the old content (copy-on-write).
         if pos > first || run_end < first + cs {
-            self.old_cluster(m, first, olds[0], &mut data[..cs as usize])?;
+            self.old_content(m, first, olds[0], below, &mut data[..cs as usize])?;
         }
         let last_g = first + (nclusters - 1) * cs;
         if nclusters > 1 && run_end < last_g + cs {
             let at = ((nclusters - 1) * cs) as usize;
-            self.old_cluster(
-                m,
-                last_g,
-                olds[olds.len() - 1],
-                &mut data[at..at + cs as usize],
-            )?;
+            let out = &mut data[at..at + cs as usize];
+            self.old_content(m, last_g, olds[olds.len() - 1], below, out)?;
         }
         let from = (pos - off) as usize;
         let to = (run_end - off) as usize;
@@ -1139,6 +1249,8 @@ impl Qcow2 {
         // 4. deferred frees, once the references are gone from disk.
         if !m.pending_free.is_empty() {
             st.sync()?;
+            // No request may still be reading or writing a cluster about to become free.
+            let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
             let frees = std::mem::take(&mut m.pending_free);
             for c in frees {
                 m.rc.decrement(st, c)?;
