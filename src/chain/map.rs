@@ -1,8 +1,6 @@
 //! Where each guest byte of a chain lives: extents with the layer (depth) that holds them, in
 //! the shape and with the merge rules of `qemu-img map --output=json`.
 
-use crate::engine::qcow2::LayerStatus;
-use crate::engine::storage::{file_status, FileStatus};
 use crate::engine::Image;
 use crate::Result;
 use std::fmt::Write;
@@ -41,57 +39,17 @@ impl Extent {
 
 /// Status of `[off, off+len)` walking down the chain; returns the extent for a prefix.
 fn status(top: &Image, off: u64, len: u64) -> Result<Extent> {
-    let mut img = top;
-    let mut depth = 0;
-    let mut len = len;
-    loop {
-        let e = |present, zero, data, compressed, offset, length| Extent {
-            start: off,
-            length,
-            depth,
-            present,
-            zero,
-            data,
-            compressed,
-            offset,
-        };
-        match img {
-            Image::Raw(r) => {
-                let (data, n) = r.block_status(off, len)?;
-                return Ok(e(true, !data, data, false, Some(off), n));
-            }
-            Image::Qcow2(q) => {
-                let (st, n) = q.block_status(off, len)?;
-                match st {
-                    LayerStatus::Data { offset } => {
-                        // In a metadata-preallocated image QEMU asks the file system whether
-                        // the host range holds data; a hole reads as zeros.
-                        if q.metadata_preallocated()? {
-                            let (fs, fnum) = file_status(q.storage(), offset, n)?;
-                            return Ok(match fs {
-                                FileStatus::Data => e(true, false, true, false, Some(offset), fnum),
-                                FileStatus::Hole => e(true, true, true, false, Some(offset), fnum),
-                                FileStatus::Eof => e(true, true, true, false, Some(offset), n),
-                            });
-                        }
-                        return Ok(e(true, false, true, false, Some(offset), n));
-                    }
-                    LayerStatus::Zero { offset } => {
-                        return Ok(e(true, true, false, false, offset, n))
-                    }
-                    LayerStatus::Compressed => return Ok(e(true, false, true, true, None, n)),
-                    LayerStatus::Unallocated => match q.backing() {
-                        Some(b) if off < b.virtual_size() => {
-                            len = n.min(b.virtual_size() - off);
-                            img = b;
-                            depth += 1;
-                        }
-                        _ => return Ok(e(false, true, false, false, None, n)),
-                    },
-                }
-            }
-        }
-    }
+    let st = top.chain_status(off, len)?;
+    Ok(Extent {
+        start: off,
+        length: st.length,
+        depth: st.depth,
+        present: st.present,
+        zero: st.zero,
+        data: st.data,
+        compressed: st.compressed,
+        offset: st.offset,
+    })
 }
 
 /// The map of the whole chain under `top`, merged as qemu-img merges.

@@ -74,6 +74,23 @@ impl OpenOptions {
     }
 }
 
+/// What [`Image::chain_status`] says of a run of guest bytes; the fields mean what they mean
+/// in `qemu-img map --output=json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainStatus {
+    pub length: u64,
+    /// 0 is this image, 1 its backing file, ...
+    pub depth: usize,
+    /// Allocated at `depth` (false: nothing in the chain holds it; reads as zeros).
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    pub data: bool,
+    pub compressed: bool,
+    /// Host offset in the file at `depth`, when there is one.
+    pub offset: Option<u64>,
+}
+
 #[derive(Debug)]
 pub enum Image {
     Raw(Raw),
@@ -351,41 +368,76 @@ impl Image {
     /// runs that may hold data (false), without reading data. Used to skip reading holes.
     pub fn zero_runs(&self, off: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        let end = off + len;
+        let end = (off + len).min(self.virtual_size());
         let mut pos = off;
         while pos < end {
-            let (zero, n) = self.zero_status(pos, end - pos)?;
+            let st = self.chain_status(pos, end - pos)?;
             match out.last_mut() {
-                Some(l) if l.2 == zero && l.0 + l.1 == pos => l.1 += n,
-                _ => out.push((pos, n, zero)),
+                Some(l) if l.2 == st.zero && l.0 + l.1 == pos => l.1 += st.length,
+                _ => out.push((pos, st.length, st.zero)),
             }
-            pos += n;
+            pos += st.length;
+        }
+        if end < off + len {
+            // Past the virtual size reads as zeros.
+            match out.last_mut() {
+                Some(l) if l.2 => l.1 += off + len - end,
+                _ => out.push((end.max(off), off + len - end.max(off), true)),
+            }
         }
         Ok(out)
     }
 
-    fn zero_status(&self, off: u64, len: u64) -> Result<(bool, u64)> {
+    /// Status of the run at `off` (at most `len` bytes, within the virtual size) walking down
+    /// the chain from this image, as QEMU's block status reports it (`qemu-img map`): the
+    /// layer that holds it and what it holds there. Reads only metadata.
+    pub fn chain_status(&self, off: u64, len: u64) -> Result<ChainStatus> {
         use super::qcow2::LayerStatus;
-        if off >= self.virtual_size() {
-            return Ok((true, len));
-        }
-        let len = len.min(self.virtual_size() - off);
-        match self {
-            Image::Raw(r) => {
-                let (data, n) = r.block_status(off, len)?;
-                Ok((!data, n))
-            }
-            Image::Qcow2(q) => {
-                let (st, n) = q.block_status(off, len)?;
-                match st {
-                    LayerStatus::Zero { .. } => Ok((true, n)),
-                    LayerStatus::Data { .. } | LayerStatus::Compressed => Ok((false, n)),
-                    LayerStatus::Unallocated => match q.backing() {
-                        None => Ok((true, n)),
-                        Some(b) => b.zero_status(off, n),
-                    },
+        use super::storage::{file_status, FileStatus};
+        let mut img = self;
+        let mut depth = 0;
+        let mut len = len;
+        loop {
+            let st = |present, zero, data, compressed, offset, length| ChainStatus {
+                length,
+                depth,
+                present,
+                zero,
+                data,
+                compressed,
+                offset,
+            };
+            let q = match img {
+                Image::Raw(r) => {
+                    let (data, n) = r.block_status(off, len)?;
+                    return Ok(st(true, !data, data, false, Some(off), n));
                 }
-            }
+                Image::Qcow2(q) => q,
+            };
+            let (ls, n) = q.block_status(off, len)?;
+            return Ok(match ls {
+                // In a metadata-preallocated image QEMU asks the file system whether the
+                // host range holds data; a hole reads as zeros.
+                LayerStatus::Data { offset } if q.metadata_preallocated()? => {
+                    match file_status(q.storage(), offset, n)? {
+                        (FileStatus::Data, m) => st(true, false, true, false, Some(offset), m),
+                        (FileStatus::Hole, m) => st(true, true, true, false, Some(offset), m),
+                        (FileStatus::Eof, _) => st(true, true, true, false, Some(offset), n),
+                    }
+                }
+                LayerStatus::Data { offset } => st(true, false, true, false, Some(offset), n),
+                LayerStatus::Zero { offset } => st(true, true, false, false, offset, n),
+                LayerStatus::Compressed => st(true, false, true, true, None, n),
+                LayerStatus::Unallocated => match q.backing() {
+                    Some(b) if off < b.virtual_size() => {
+                        len = n.min(b.virtual_size() - off);
+                        img = b;
+                        depth += 1;
+                        continue;
+                    }
+                    _ => st(false, true, false, false, None, n),
+                },
+            });
         }
     }
 
