@@ -23,6 +23,9 @@ struct Block {
 pub(crate) struct Refcounts {
     geo: Geometry,
     table: Vec<u64>,
+    /// Where the table is on disk until it is first needed: (offset, bytes). Readers that
+    /// never look at refcounts (a read-only base) never load it.
+    unloaded: Option<(u64, u64)>,
     table_dirty: BTreeSet<usize>,
     blocks: HashMap<u64, Block>,
     /// How many cached blocks are dirty.
@@ -38,12 +41,12 @@ const OFFSET_MASK: u64 = table::OFFSET_MASK;
 impl Refcounts {
     pub(crate) fn load(st: &dyn Storage, h: &Header) -> Result<Refcounts> {
         let geo = h.geometry;
-        let mut b = vec![0u8; h.refcount_table_clusters as usize * geo.cluster_size() as usize];
-        st.read_at(&mut b, h.refcount_table_offset)?;
+        let bytes = u64::from(h.refcount_table_clusters) * geo.cluster_size();
         let len = st.len()?;
         Ok(Refcounts {
             geo,
-            table: table::decode_table(&b),
+            table: Vec::new(),
+            unloaded: Some((h.refcount_table_offset, bytes)),
             table_dirty: BTreeSet::new(),
             blocks: HashMap::new(),
             dirty_blocks: 0,
@@ -71,9 +74,21 @@ impl Refcounts {
         }
     }
 
+    /// Read the refcount table, the first time it is needed.
+    fn load_table(&mut self, st: &dyn Storage) -> Result<()> {
+        if let Some((off, bytes)) = self.unloaded {
+            let mut b = vec![0u8; bytes as usize];
+            st.read_at(&mut b, off)?;
+            self.table = table::decode_table(&b);
+            self.unloaded = None;
+        }
+        Ok(())
+    }
+
     /// Load block `idx` (refcount table index); None when the table has no block there.
     fn block(&mut self, st: &dyn Storage, idx: u64) -> Result<Option<&mut Block>> {
         if !self.blocks.contains_key(&idx) {
+            self.load_table(st)?;
             let Some(&e) = self.table.get(idx as usize) else {
                 return Ok(None);
             };
@@ -205,6 +220,7 @@ impl Refcounts {
     /// Create the refcount block for table index `idx`, placed in the range it covers and
     /// counting itself. Returns the block's cluster index.
     fn create_block(&mut self, st: &dyn Storage, h: &mut Header, idx: u64) -> Result<u64> {
+        self.load_table(st)?;
         if idx as usize >= self.table.len() {
             self.grow_table(st, h, idx as usize + 1)?;
             if let Some(b) = self.block(st, idx)? {
