@@ -29,6 +29,18 @@ fn writes(seed: u64, size: u64, n: usize, max_len: u64) -> Vec<(u64, u64, u8)> {
         .collect()
 }
 
+/// A qcow2 image made by our engine, with `cluster`-byte clusters, over `base.raw` next to it
+/// when `over_base`.
+fn create_ours(img: &Path, size: u64, cluster: u64, over_base: bool) {
+    let mut o = CreateOptions::new(size);
+    o.cluster_size = cluster;
+    if over_base {
+        o.backing_file = Some("base.raw".into());
+        o.backing_format = Some("raw".into());
+    }
+    create(img, &o).unwrap();
+}
+
 fn apply_ours(img: &Path, w: &[(u64, u64, u8)]) {
     let im = Image::open(img, &OpenOptions::read_write()).unwrap();
     for &(off, len, p) in w {
@@ -223,11 +235,7 @@ fn concurrent_case(cluster: u64) {
     let base = dir.path().join("base.raw");
     std::fs::File::create(&base).unwrap().set_len(size).unwrap();
     let img = dir.path().join("c.qcow2");
-    let mut o = CreateOptions::new(size);
-    o.cluster_size = cluster;
-    o.backing_file = Some("base.raw".into());
-    o.backing_format = Some("raw".into());
-    create(&img, &o).unwrap();
+    create_ours(&img, size, cluster, true);
     let im = Image::open(&img, &OpenOptions::read_write()).unwrap();
     std::thread::scope(|s| {
         for t in 0..THREADS {
@@ -290,6 +298,18 @@ struct Stalling {
     at: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
+impl Stalling {
+    /// The image at `path` over a stalling file, and the offset to set to arm the stall.
+    fn open(path: &Path, write: bool) -> (Image, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        let at = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let st = Stalling {
+            inner: vmicache::engine::storage::FileStorage::open(path, write).unwrap(),
+            at: at.clone(),
+        };
+        (Image::from_storage(Box::new(st), write).unwrap(), at)
+    }
+}
+
 impl vmicache::engine::storage::Storage for Stalling {
     fn path(&self) -> &Path {
         self.inner.path()
@@ -343,15 +363,8 @@ fn a_stalled_read_holds_off_the_reuse_of_its_cluster() {
     const CS: u64 = 4096;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("c.qcow2");
-    let mut o = CreateOptions::new(MIB);
-    o.cluster_size = CS;
-    create(&img, &o).unwrap();
-    let at = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-    let st = Stalling {
-        inner: vmicache::engine::storage::FileStorage::open(&img, true).unwrap(),
-        at: at.clone(),
-    };
-    let im = Image::from_storage(Box::new(st), true).unwrap();
+    create_ours(&img, MIB, CS, false);
+    let (im, at) = Stalling::open(&img, true);
     let mut a = vec![0u8; CS as usize];
     tag(&mut a, 0, CS, 0xA);
     im.write_at(&a, 0).unwrap();
@@ -392,17 +405,9 @@ fn a_copy_on_write_from_a_stalled_backing_does_not_block_other_requests() {
     let dir = tempfile::tempdir().unwrap();
     let base = make_base(dir.path(), MIB);
     let inst = dir.path().join("i.qcow2");
-    let mut o = CreateOptions::new(MIB);
-    o.cluster_size = CS;
-    o.backing_file = Some("base.raw".into());
-    o.backing_format = Some("raw".into());
-    create(&inst, &o).unwrap();
-    let at = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-    let st = Stalling {
-        inner: vmicache::engine::storage::FileStorage::open(&base, false).unwrap(),
-        at: at.clone(),
-    };
-    let below = std::sync::Arc::new(Image::from_storage(Box::new(st), false).unwrap());
+    create_ours(&inst, MIB, CS, true);
+    let (below, at) = Stalling::open(&base, false);
+    let below = std::sync::Arc::new(below);
     let im = Image::open_over(&inst, &OpenOptions::read_write(), below).unwrap();
     im.write_at(&vec![1u8; CS as usize], CS).unwrap();
     let g = 128 * CS; // in the base's data

@@ -5,51 +5,20 @@ use crate::engine::Image;
 use crate::Result;
 use std::fmt::Write;
 
-/// One extent of the map. Field meanings follow `qemu-img map --output=json`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Extent {
-    pub start: u64,
-    pub length: u64,
-    /// 0 is the top image, 1 its backing file, ...
-    pub depth: usize,
-    /// Allocated at `depth` (false: nothing in the chain holds it, reads as zeros).
-    pub present: bool,
-    pub zero: bool,
-    pub data: bool,
-    pub compressed: bool,
-    /// Host offset in the file at `depth`, when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub offset: Option<u64>,
-}
+pub use crate::engine::image::Extent;
 
-impl Extent {
-    fn mergeable(&self, n: &Extent) -> bool {
-        self.depth == n.depth
-            && self.present == n.present
-            && self.zero == n.zero
-            && self.data == n.data
-            && self.compressed == n.compressed
-            && match (self.offset, n.offset) {
-                (None, None) => true,
-                (Some(a), Some(b)) => a + self.length == b,
-                _ => false,
-            }
-    }
-}
-
-/// Status of `[off, off+len)` walking down the chain; returns the extent for a prefix.
-fn status(top: &Image, off: u64, len: u64) -> Result<Extent> {
-    let st = top.chain_status(off, len)?;
-    Ok(Extent {
-        start: off,
-        length: st.length,
-        depth: st.depth,
-        present: st.present,
-        zero: st.zero,
-        data: st.data,
-        compressed: st.compressed,
-        offset: st.offset,
-    })
+/// Whether qemu-img would print `n` as part of `e` (it follows `e`).
+fn mergeable(e: &Extent, n: &Extent) -> bool {
+    e.depth == n.depth
+        && e.present == n.present
+        && e.zero == n.zero
+        && e.data == n.data
+        && e.compressed == n.compressed
+        && match (e.offset, n.offset) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a + e.length == b,
+            _ => false,
+        }
 }
 
 /// The map of the whole chain under `top`, merged as qemu-img merges.
@@ -74,10 +43,10 @@ pub fn map_range(top: &Image, start: u64, end: u64) -> Result<Vec<Extent>> {
     let mut out: Vec<Extent> = Vec::new();
     let mut off = start;
     while off < end {
-        let e = status(top, off, end - off)?;
+        let e = top.chain_status(off, end - off)?;
         off += e.length;
         match out.last_mut() {
-            Some(last) if last.mergeable(&e) => last.length += e.length,
+            Some(last) if mergeable(last, &e) => last.length += e.length,
             _ => out.push(e),
         }
     }

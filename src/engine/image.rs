@@ -74,10 +74,11 @@ impl OpenOptions {
     }
 }
 
-/// What [`Image::chain_status`] says of a run of guest bytes; the fields mean what they mean
-/// in `qemu-img map --output=json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChainStatus {
+/// A run of guest bytes and where it lives in a chain ([`Image::chain_status`]); the fields
+/// mean what they mean in `qemu-img map --output=json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Extent {
+    pub start: u64,
     pub length: u64,
     /// 0 is this image, 1 its backing file, ...
     pub depth: usize,
@@ -88,6 +89,7 @@ pub struct ChainStatus {
     pub data: bool,
     pub compressed: bool,
     /// Host offset in the file at `depth`, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
 }
 
@@ -391,14 +393,15 @@ impl Image {
     /// Status of the run at `off` (at most `len` bytes, within the virtual size) walking down
     /// the chain from this image, as QEMU's block status reports it (`qemu-img map`): the
     /// layer that holds it and what it holds there. Reads only metadata.
-    pub fn chain_status(&self, off: u64, len: u64) -> Result<ChainStatus> {
+    pub fn chain_status(&self, off: u64, len: u64) -> Result<Extent> {
         use super::qcow2::LayerStatus;
         use super::storage::{file_status, FileStatus};
         let mut img = self;
         let mut depth = 0;
         let mut len = len;
         loop {
-            let st = |present, zero, data, compressed, offset, length| ChainStatus {
+            let st = |present, zero, data, compressed, offset, length| Extent {
+                start: off,
                 length,
                 depth,
                 present,
