@@ -404,40 +404,17 @@ fn qemu_img_bench_queue_depth_16() {
     }
 }
 
-/// An export whose reads take 50 ms each.
-struct Slow(MemExport);
-
-impl Export for Slow {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_only(&self) -> bool {
-        true
-    }
-    fn read(&self, buf: &mut [u8], offset: u64) -> vmicache::Result<()> {
-        std::thread::sleep(Duration::from_millis(50));
-        self.0.read(buf, offset)
-    }
-    fn write(&self, buf: &[u8], offset: u64, fua: bool) -> vmicache::Result<()> {
-        self.0.write(buf, offset, fua)
-    }
-    fn flush(&self) -> vmicache::Result<()> {
-        self.0.flush()
-    }
-    fn trim(&self, offset: u64, len: u64) -> vmicache::Result<()> {
-        self.0.trim(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> vmicache::Result<()> {
-        self.0.write_zeroes(offset, len, may_trim)
-    }
-    fn block_status(&self, offset: u64, len: u64) -> vmicache::Result<Vec<(u64, u32)>> {
-        self.0.block_status(offset, len)
-    }
-}
-
 #[test]
 fn requests_of_one_connection_run_in_parallel() {
-    let slow: Arc<dyn Export> = Arc::new(Slow(MemExport::new(MIB)));
+    // Data everywhere, so that every read reaches the export (holes are answered from
+    // block status alone).
+    let slow: Arc<dyn Export> = Arc::new(Hooked(
+        MemExport::from_vec(vec![1; MIB as usize]),
+        |_, _| {
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(())
+        },
+    ));
     let s = Served::start(vec![("slow", slow)]);
     // 32 reads of 50 ms at queue depth 16 over one connection: 1.6 s if served one by one,
     // about 0.4 s with 4 workers.
@@ -459,7 +436,7 @@ fn requests_of_one_connection_run_in_parallel() {
     );
     let took = t0.elapsed();
     assert!(
-        took < Duration::from_millis(1200),
+        took < Duration::from_millis(1200) && took >= Duration::from_millis(390),
         "32 slow reads took {took:?}"
     );
 }
@@ -548,13 +525,24 @@ fn nbdcopy_one_and_several_connections() {
 // A hand-written client for error paths
 // ---------------------------------------------------------------------------
 
-/// A read-only export whose reads fail in `[BAD, BAD + 4 KiB)`.
-struct Flaky(MemExport);
+/// A read-only [`MemExport`] whose reads call a hook first (which may delay or fail them).
+struct Hooked(MemExport, fn(u64, usize) -> vmicache::Result<()>);
 
-/// In a data block of `pattern` (the server never reads holes).
+/// Reads of `flaky` exports fail in `[BAD, BAD + 4 KiB)`, a data block of `pattern` (the
+/// server never reads holes).
 const BAD: u64 = MIB + 2 * MEM_BLOCK;
 
-impl Export for Flaky {
+fn flaky(data: Vec<u8>) -> Hooked {
+    Hooked(MemExport::from_vec(data), |offset, len| {
+        if offset < BAD + 4096 && BAD < offset + len as u64 {
+            let e = std::io::Error::from_raw_os_error(5);
+            return Err(vmicache::Error::io("flaky", "read", e));
+        }
+        Ok(())
+    })
+}
+
+impl Export for Hooked {
     fn size(&self) -> u64 {
         self.0.size()
     }
@@ -562,10 +550,7 @@ impl Export for Flaky {
         true
     }
     fn read(&self, buf: &mut [u8], offset: u64) -> vmicache::Result<()> {
-        if offset < BAD + 4096 && BAD < offset + buf.len() as u64 {
-            let e = std::io::Error::from_raw_os_error(5);
-            return Err(vmicache::Error::io("flaky", "read", e));
-        }
+        (self.1)(offset, buf.len())?;
         self.0.read(buf, offset)
     }
     fn write(&self, buf: &[u8], offset: u64, fua: bool) -> vmicache::Result<()> {
@@ -693,7 +678,7 @@ fn structured_error(chunk: &(u16, u16, u64, Vec<u8>)) -> u32 {
 #[test]
 fn protocol_options_and_errors() {
     let data = pattern(2 * MIB, 4);
-    let flaky: Arc<dyn Export> = Arc::new(Flaky(MemExport::from_vec(data.clone())));
+    let flaky: Arc<dyn Export> = Arc::new(flaky(data.clone()));
     let s = Served::start(vec![("flaky", flaky)]);
     let mut c = Client::connect(&s.sock, 3);
 
@@ -904,7 +889,7 @@ fn protocol_options_and_errors() {
 #[test]
 fn old_clients_simple_replies() {
     let data = pattern(2 * MIB, 5);
-    let flaky: Arc<dyn Export> = Arc::new(Flaky(MemExport::from_vec(data.clone())));
+    let flaky: Arc<dyn Export> = Arc::new(flaky(data.clone()));
     let s = Served::start(vec![("flaky", flaky)]);
 
     // Fixed newstyle without NO_ZEROES: EXPORT_NAME is answered with 124 zero bytes.

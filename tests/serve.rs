@@ -20,13 +20,28 @@ struct Setup {
 }
 
 fn setup(quota: &str) -> Setup {
+    setup_with(quota, false)
+}
+
+/// A 16 MiB base with data in 0..6M and 10M..11M, zeros elsewhere (holes when `sparse`, else
+/// written zeros), a cache over it with `quota`, and an instance over the cache.
+fn setup_with(quota: &str, sparse: bool) -> Setup {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().to_path_buf();
     let base = dir.join("base.raw");
     let mut data = vec![0u8; SIZE];
     data[..6 << 20].copy_from_slice(&pattern(11, 6 << 20));
     data[10 << 20..11 << 20].copy_from_slice(&pattern(12, 1 << 20));
-    std::fs::write(&base, data).unwrap();
+    if sparse {
+        std::fs::File::create(&base)
+            .unwrap()
+            .set_len(SIZE as u64)
+            .unwrap();
+        write_at(&base, 0, &data[..6 << 20]);
+        write_at(&base, 10 << 20, &data[10 << 20..11 << 20]);
+    } else {
+        std::fs::write(&base, data).unwrap();
+    }
     let cache = dir.join("cache.qcow2");
     let inst = dir.join("vm1.qcow2");
     run(bin().args(["build", ps(&base), "-o", ps(&cache), "--quota", quota]));
@@ -246,6 +261,30 @@ fn locks_refuse_second_writer() {
     qemu_img(&["info", "-U", ps(&s.cache)]);
     run(bin().args(["inspect", ps(&s.cache)]));
     stop(srv);
+}
+
+/// Reads of holes of the base while the cache fills: QEMU gets them as hole chunks from the
+/// cache's zero clusters, not from the base's metadata, so the cache stores zero clusters there
+/// and the trace records the reads (a replay caches the same).
+#[test]
+fn base_holes_read_while_filling_become_zero_clusters_and_are_traced() {
+    let s = setup_with("0", true);
+    let trace = s.dir.join("boot.trace");
+    let srv = serve(&s, &["--record", ps(&trace)]);
+    let u = uri(&s, "vm1");
+    qemu_io(
+        Path::new(&u),
+        &["-f", "raw"],
+        &["read -q -P 0 13107200 65536", "read -q 0 65536"],
+    );
+    stop(srv);
+    check_clean(&s.cache);
+    let recorded = depth0(&s.cache);
+    assert_eq!(recorded, vec![(0, false), (200, true)]);
+    let cache2 = s.dir.join("cache2.qcow2");
+    run(bin().args(["build", ps(&s.base), "-o", ps(&cache2)]));
+    run(bin().args(["warm", ps(&cache2), "--trace", ps(&trace)]));
+    assert_eq!(depth0(&cache2), recorded);
 }
 
 #[test]

@@ -409,6 +409,9 @@ fn a_copy_on_write_from_a_stalled_backing_does_not_block_other_requests() {
     let (below, at) = Stalling::open(&base, false);
     let below = std::sync::Arc::new(below);
     let im = Image::open_over(&inst, &OpenOptions::read_write(), below).unwrap();
+    // Empty writes (NBD allows them) change nothing, at the start and inside a cluster.
+    im.write_at(&[], 0).unwrap();
+    im.write_at(&[], 200 * CS + 7).unwrap();
     im.write_at(&vec![1u8; CS as usize], CS).unwrap();
     let g = 128 * CS; // in the base's data
     at.store(g, std::sync::atomic::Ordering::SeqCst);
@@ -435,4 +438,17 @@ fn a_copy_on_write_from_a_stalled_backing_does_not_block_other_requests() {
     want[CS as usize..2 * CS as usize].fill(2);
     want[(g + 10) as usize..(g + 110) as usize].fill(9);
     assert_bytes_eq("instance", &to_raw(&inst), &want);
+    let m = qemu_img_json(&["map", "--output=json", ps(&inst)]);
+    let ours: Vec<(u64, u64)> = m
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        ours,
+        vec![(CS, CS), (g, CS)],
+        "only the two written clusters"
+    );
 }

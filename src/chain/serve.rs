@@ -53,10 +53,24 @@ impl Export for ChainExport {
     fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> Result<()> {
         self.image.write_zeroes(offset, len)
     }
+    /// Zero runs from the chain's metadata. While the cache fills, what only the base knows
+    /// to be zero is not reported as such: those reads go through copy-on-read, so the cache
+    /// stores them as zero clusters and the trace records them, as for any other base read.
     fn zero_runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let filling = self
+            .image
+            .backing()
+            .and_then(Image::as_qcow2)
+            .is_some_and(|c| c.cor().is_some());
+        let end = offset + len;
         let mut runs = Vec::new();
-        for (_, n, zero) in self.image.zero_runs(offset, len)? {
-            crate::nbd::push_run(&mut runs, n, zero);
+        let mut pos = offset;
+        while pos < end {
+            let st = self.image.chain_status(pos, end - pos)?;
+            // Depth 0 is the instance, 1 the cache, 2 and more what lies below it.
+            let zero = st.zero && !(filling && st.depth >= 2);
+            crate::nbd::push_run(&mut runs, st.length, zero);
+            pos += st.length;
         }
         Ok(runs)
     }

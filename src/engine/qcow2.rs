@@ -863,6 +863,9 @@ impl Qcow2 {
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         self.require_writable()?;
         self.check_range(off, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
         let cs = self.geo.cluster_size();
         let end = off + buf.len() as u64;
         let below = self.cow_preread(off, end)?;
@@ -919,6 +922,9 @@ impl Qcow2 {
             }
             self.maybe_flush(&mut m)?;
         }
+        // (Should a step above fail, the clusters collected for in-place writes are left
+        // unwritten while later new ones are linked: the request fails, and its range then
+        // holds old and new bytes, as a failed write may.)
         if in_place.is_empty() {
             return Ok(());
         }
