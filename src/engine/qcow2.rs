@@ -11,6 +11,13 @@
 //! blocks are cached; `flush` writes refcount blocks, syncs, writes L2 tables, syncs, writes L1
 //! entries, then applies deferred frees. A crash at any point therefore leaves at worst clusters
 //! whose refcount is too high (leaks), which `check --repair leaks` reclaims.
+//!
+//! Concurrency: the metadata (header, L1, cached L2 tables, refcounts, deferred frees) sits
+//! behind one mutex. Data I/O at host offsets found in the L2 tables (reads, in-place writes)
+//! runs without it, under a shared guard of the I/O gate taken before the mutex is let go;
+//! applying deferred frees takes the gate exclusively, so no cluster is reused while a request
+//! still reads or writes it. Allocating writes write and link their new clusters under the
+//! mutex; the old content of partial clusters they copy from the backing file is read before.
 
 use super::alloc::Refcounts;
 use super::image::Image;
