@@ -3,7 +3,7 @@
 //! QEMU's file driver (block/file-posix.c, `raw_apply_lock_bytes`) takes shared OFD byte-range
 //! locks: byte `100 + i` for each permission `i` it holds, byte `200 + i` for each permission it
 //! does not share with others. Permission bits: 0 consistent read, 1 write, 2 write unchanged,
-//! 3 resize. Before locking, it probes the opposite bytes for locks held by others. We do the
+//! 3 resize. Having taken them, it probes the opposite bytes for locks held by others. We do the
 //! same, so `qemu-io` opening a cache we serve for writing is refused by QEMU itself, and we
 //! refuse a cache QEMU holds open for writing.
 
@@ -56,11 +56,55 @@ fn held_by_other(file: &File, byte: i64) -> nix::Result<bool> {
     Ok(f.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+fn set(file: &File, ty: libc::c_int, byte: i64) -> nix::Result<()> {
+    let f = flock(ty as libc::c_short, byte);
+    fcntl(file, FcntlArg::F_OFD_SETLK(&f)).map(|_| ())
+}
+
 /// Lock `file` (at `path`) for `mode`, or say who is in the way.
+///
+/// As QEMU does, the lock bytes are taken first and the other side's bytes checked after, so
+/// that of a QEMU and a vmicache racing for the same image at least one sees the other. Among
+/// vmicache processes the whole step runs under an exclusive `flock(2)` of the file (which
+/// QEMU's byte-range locks do not see), so that exactly one of racing writers succeeds. A
+/// refusal leaves no lock behind.
 pub fn lock(file: &File, path: &Path, mode: LockMode) -> Result<()> {
+    let err = |e: nix::errno::Errno| Error::io(path, "lock", e.into());
+    // A duplicate descriptor shares the open file description, which flock(2) locks.
+    let dup = file.try_clone().map_err(|e| Error::io(path, "lock", e))?;
+    let mutex = nix::fcntl::Flock::lock(dup, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| err(e))?;
+    let r = lock_and_check(file, path, mode);
+    if r.is_err() {
+        for byte in (PERM_BASE..PERM_BASE + 4).chain(SHARED_BASE..SHARED_BASE + 4) {
+            let _ = set(file, libc::F_UNLCK, byte);
+        }
+    }
+    drop(mutex);
+    r
+}
+
+fn lock_and_check(file: &File, path: &Path, mode: LockMode) -> Result<()> {
     let (held, shared) = mode.perms();
     let unshared = ALL & !shared;
     let err = |e: nix::errno::Errno| Error::io(path, "lock", e.into());
+    for i in 0..4 {
+        let bit = 1 << i;
+        for (set_bits, base) in [(held, PERM_BASE), (unshared, SHARED_BASE)] {
+            if set_bits & bit != 0 {
+                set(file, libc::F_RDLCK, base + i64::from(i)).map_err(|e| {
+                    if e == nix::errno::Errno::EAGAIN || e == nix::errno::Errno::EACCES {
+                        Error::Locked {
+                            path: path.into(),
+                            what: "image is locked by another process".into(),
+                        }
+                    } else {
+                        err(e)
+                    }
+                })?;
+            }
+        }
+    }
     for i in 0..4 {
         let bit = 1 << i;
         if held & bit != 0 && held_by_other(file, SHARED_BASE + i64::from(i)).map_err(err)? {
@@ -82,23 +126,46 @@ pub fn lock(file: &File, path: &Path, mode: LockMode) -> Result<()> {
             });
         }
     }
-    for i in 0..4 {
-        let bit = 1 << i;
-        for (set, base) in [(held, PERM_BASE), (unshared, SHARED_BASE)] {
-            if set & bit != 0 {
-                let f = flock(libc::F_RDLCK as libc::c_short, base + i64::from(i));
-                fcntl(file, FcntlArg::F_OFD_SETLK(&f)).map_err(|e| {
-                    if e == nix::errno::Errno::EAGAIN || e == nix::errno::Errno::EACCES {
-                        Error::Locked {
-                            path: path.into(),
-                            what: "image is locked by another process".into(),
-                        }
-                    } else {
-                        err(e)
-                    }
-                })?;
-            }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writers racing for one image (separate open file descriptions, as separate processes
+    /// have): exactly one wins each round, and the losers leave no lock behind.
+    #[test]
+    fn racing_writers_exactly_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, b"x").unwrap();
+        for _ in 0..100 {
+            let files: Vec<File> = (0..6)
+                .map(|_| File::options().read(true).write(true).open(&path).unwrap())
+                .collect();
+            let barrier = std::sync::Barrier::new(files.len());
+            let wins: Vec<bool> = std::thread::scope(|s| {
+                let hs: Vec<_> = files
+                    .iter()
+                    .map(|f| {
+                        let b = &barrier;
+                        let p = &path;
+                        s.spawn(move || {
+                            b.wait();
+                            lock(f, p, LockMode::Write).is_ok()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(wins.iter().filter(|&&w| w).count(), 1, "{wins:?}");
+            // The winner gone, a new writer gets the image: the losers hold nothing.
+            let winner = wins.iter().position(|&w| w).unwrap();
+            let mut files = files;
+            files.remove(winner);
+            let late = File::options().read(true).write(true).open(&path).unwrap();
+            lock(&late, &path, LockMode::Write).unwrap();
         }
     }
-    Ok(())
 }
