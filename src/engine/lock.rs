@@ -64,16 +64,17 @@ fn set(file: &File, ty: libc::c_int, byte: i64) -> nix::Result<()> {
 /// Lock `file` (at `path`) for `mode`, or say who is in the way.
 ///
 /// As QEMU does, the lock bytes are taken first and the other side's bytes checked after, so
-/// that of a QEMU and a vmicache racing for the same image at least one sees the other. Among
-/// vmicache processes the whole step runs under an exclusive `flock(2)` of the file (which
-/// QEMU's byte-range locks do not see), so that exactly one of racing writers succeeds. A
-/// refusal leaves no lock behind.
+/// that of a QEMU and a vmicache racing for the same image at least one sees the other. A
+/// writer (the only kind that must win alone) does the whole step under an exclusive
+/// `flock(2)` of the file, which QEMU's byte-range locks do not see, so that exactly one of
+/// racing vmicache writers succeeds. The flock is only tried for a few seconds (on NFS it is a
+/// byte-range lock of the whole file, which QEMU's locks hold off): then the image counts as
+/// locked. A refusal leaves no lock behind.
 pub fn lock(file: &File, path: &Path, mode: LockMode) -> Result<()> {
-    let err = |e: nix::errno::Errno| Error::io(path, "lock", e.into());
-    // A duplicate descriptor shares the open file description, which flock(2) locks.
-    let dup = file.try_clone().map_err(|e| Error::io(path, "lock", e))?;
-    let mutex = nix::fcntl::Flock::lock(dup, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| err(e))?;
+    let mutex = match mode {
+        LockMode::Write => Some(writers_mutex(file, path)?),
+        LockMode::Read => None,
+    };
     let r = lock_and_check(file, path, mode);
     if r.is_err() {
         for byte in (PERM_BASE..PERM_BASE + 4).chain(SHARED_BASE..SHARED_BASE + 4) {
@@ -82,6 +83,29 @@ pub fn lock(file: &File, path: &Path, mode: LockMode) -> Result<()> {
     }
     drop(mutex);
     r
+}
+
+/// The exclusive flock that serializes vmicache writers locking `file`.
+fn writers_mutex(file: &File, path: &Path) -> Result<nix::fcntl::Flock<File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        // A duplicate descriptor shares the open file description, which flock(2) locks.
+        let dup = file.try_clone().map_err(|e| Error::io(path, "lock", e))?;
+        match Flock::lock(dup, FlockArg::LockExclusiveNonblock) {
+            Ok(f) => return Ok(f),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(Error::Locked {
+                    path: path.into(),
+                    what: "image is locked by another process".into(),
+                })
+            }
+            Err((_, e)) => return Err(Error::io(path, "lock", e.into())),
+        }
+    }
 }
 
 fn lock_and_check(file: &File, path: &Path, mode: LockMode) -> Result<()> {
