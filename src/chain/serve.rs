@@ -53,26 +53,11 @@ impl Export for ChainExport {
     fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> Result<()> {
         self.image.write_zeroes(offset, len)
     }
-    /// Zero runs from the chain's metadata. While the cache fills, what only the base knows
-    /// to be zero is not reported as such: those reads go through copy-on-read, so the cache
-    /// stores them as zero clusters and the trace records them, as for any other base read.
-    fn zero_runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
-        let filling = self
-            .image
-            .backing()
-            .and_then(Image::as_qcow2)
-            .is_some_and(|c| c.cor().is_some());
-        let end = offset + len;
-        let mut runs = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let st = self.image.chain_status(pos, end - pos)?;
-            // Depth 0 is the instance, 1 the cache, 2 and more what lies below it.
-            let zero = st.zero && !(filling && st.depth >= 2);
-            crate::nbd::push_run(&mut runs, st.length, zero);
-            pos += st.length;
-        }
-        Ok(runs)
+    /// One walk of the chain: zero clusters (and holes of the base while nothing fills the
+    /// cache) are runs of zeroes; what copy-on-read fetches is data, so the cache stores it
+    /// (as zero clusters where it is zero) and the trace records it.
+    fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<(u64, bool)>> {
+        self.image.read_sparse(buf, offset)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
         const HOLE: u32 = 1;

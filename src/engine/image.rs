@@ -360,6 +360,44 @@ impl Image {
             Image::Qcow2(q) => q.read_at(buf, off),
         }
     }
+    /// [`Self::read_at`], also saying which parts metadata proves zero: consecutive runs
+    /// (length, reads_as_zero) covering `buf`; `buf` is left as it was in the zero runs. One
+    /// walk of the chain; what copy-on-read fetches counts as data.
+    pub fn read_sparse(&self, buf: &mut [u8], off: u64) -> Result<Vec<(u64, bool)>> {
+        let mut zeros = Vec::new();
+        self.read_noting_zeros(buf, off, Some(&mut zeros))?;
+        zeros.sort_unstable();
+        let end = off + buf.len() as u64;
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut push = |len: u64, zero: bool| match runs.last_mut() {
+            Some(last) if last.1 == zero => last.0 += len,
+            _ if len > 0 => runs.push((len, zero)),
+            _ => {}
+        };
+        let mut pos = off;
+        for (z, n) in zeros {
+            // The ranges are disjoint; clip anyway rather than trust that blindly.
+            let start = z.max(pos);
+            push(start - pos, false);
+            push((z + n).saturating_sub(start), true);
+            pos = pos.max(z + n);
+        }
+        push(end - pos, false);
+        Ok(runs)
+    }
+
+    pub(crate) fn read_noting_zeros(
+        &self,
+        buf: &mut [u8],
+        off: u64,
+        zeros: Option<&mut Vec<(u64, u64)>>,
+    ) -> Result<()> {
+        match self {
+            Image::Raw(r) => r.read_noting_zeros(buf, off, zeros),
+            Image::Qcow2(q) => q.read_noting_zeros(buf, off, zeros),
+        }
+    }
+
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         match self {
             Image::Raw(r) => r.write_at(buf, off),

@@ -437,6 +437,19 @@ impl Qcow2 {
     /// Read guest bytes through this layer and its backing chain (filling this layer from
     /// the backing file when copy-on-read is on).
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.read_noting_zeros(buf, off, None)
+    }
+
+    /// [`Self::read_at`], also noting in `zeros` the (offset, length) ranges that metadata
+    /// proves zero (zero clusters here or below, holes of a raw base), in no particular order;
+    /// those ranges of `buf` are then left as they were. What copy-on-read fetches is data,
+    /// whatever it holds.
+    pub(crate) fn read_noting_zeros(
+        &self,
+        buf: &mut [u8],
+        off: u64,
+        mut zeros: Option<&mut Vec<(u64, u64)>>,
+    ) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
         let (plan, gate) = {
             let mut m = self.lock();
@@ -452,24 +465,37 @@ impl Qcow2 {
             counter.fetch_add(1, Ordering::Relaxed);
         }
         // This layer's own pieces under the gate, then (without it) what comes from below.
-        self.read_local(buf, off, &plan)?;
+        self.read_local(buf, off, &plan, zeros.is_none())?;
         drop(gate);
         for &(pos, n, src) in &plan {
             let dst = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
             match (src, cor) {
                 (Source::Backing, Some(c)) => self.cor_read(c, dst, pos)?,
-                (Source::Backing, None) => self.read_backing(dst, pos)?,
+                (Source::Backing, None) => {
+                    self.read_backing_noting(dst, pos, zeros.as_deref_mut())?
+                }
+                (Source::Zero, _) => {
+                    if let Some(z) = zeros.as_deref_mut() {
+                        z.push((pos, n));
+                    }
+                }
                 _ => {}
             }
         }
         Ok(())
     }
 
-    /// The pieces of `plan` (for `buf` at guest offset `off`) that this layer holds; the
-    /// caller holds the I/O gate.
-    fn read_local(&self, buf: &mut [u8], off: u64, plan: &[(u64, u64, Source)]) -> Result<()> {
+    /// The pieces of `plan` (for `buf` at guest offset `off`) that this layer holds (zero
+    /// clusters only with `fill_zeros`); the caller holds the I/O gate.
+    fn read_local(
+        &self,
+        buf: &mut [u8],
+        off: u64,
+        plan: &[(u64, u64, Source)],
+        fill_zeros: bool,
+    ) -> Result<()> {
         for &(pos, n, src) in plan {
-            if src != Source::Backing {
+            if src != Source::Backing && (fill_zeros || src != Source::Zero) {
                 let dst = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
                 self.read_source(dst, pos, src)?;
             }
@@ -619,7 +645,8 @@ impl Qcow2 {
                     let plan = self.plan(&mut m, p, x - p)?;
                     (plan, self.gate(&mut m))
                 };
-                self.read_local(&mut dst[(p - pos) as usize..(x - pos) as usize], p, &plan)?;
+                let d = &mut dst[(p - pos) as usize..(x - pos) as usize];
+                self.read_local(d, p, &plan, true)?;
                 drop(gate);
                 for (q, n, src) in plan {
                     if src == Source::Backing {
@@ -653,16 +680,30 @@ impl Qcow2 {
 
     /// Read from the backing file; past its end (or without one) reads zeros.
     pub fn read_backing(&self, dst: &mut [u8], pos: u64) -> Result<()> {
-        match &self.backing {
-            None => dst.fill(0),
+        self.read_backing_noting(dst, pos, None)
+    }
+
+    /// [`Self::read_backing`], noting proven zeros as [`Self::read_noting_zeros`] does.
+    fn read_backing_noting(
+        &self,
+        dst: &mut [u8],
+        pos: u64,
+        mut zeros: Option<&mut Vec<(u64, u64)>>,
+    ) -> Result<()> {
+        let have = match &self.backing {
+            None => 0,
             Some(b) => {
-                let bsize = b.virtual_size();
-                let have = bsize.saturating_sub(pos).min(dst.len() as u64) as usize;
+                let have = b.virtual_size().saturating_sub(pos).min(dst.len() as u64) as usize;
                 if have > 0 {
-                    b.read_at(&mut dst[..have], pos)?;
+                    b.read_noting_zeros(&mut dst[..have], pos, zeros.as_deref_mut())?;
                 }
-                dst[have..].fill(0);
+                have
             }
+        };
+        match zeros {
+            Some(z) if have < dst.len() => z.push((pos + have as u64, (dst.len() - have) as u64)),
+            Some(_) => {}
+            None => dst[have..].fill(0),
         }
         Ok(())
     }

@@ -42,6 +42,33 @@ impl Raw {
         self.check(off, buf.len() as u64)?;
         self.storage.read_at(buf, off)
     }
+    /// [`Self::read_at`]; with `zeros`, holes of the file are not read (nor is `buf` touched
+    /// there) but noted as (offset, length).
+    pub(crate) fn read_noting_zeros(
+        &self,
+        buf: &mut [u8],
+        off: u64,
+        zeros: Option<&mut Vec<(u64, u64)>>,
+    ) -> Result<()> {
+        let Some(z) = zeros else {
+            return self.read_at(buf, off);
+        };
+        self.check(off, buf.len() as u64)?;
+        let end = off + buf.len() as u64;
+        let mut pos = off;
+        while pos < end {
+            let (st, n) = file_status(&*self.storage, pos, end - pos)?;
+            let n = n.min(end - pos);
+            let dst = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
+            if st == FileStatus::Data {
+                self.storage.read_at(dst, pos)?;
+            } else {
+                z.push((pos, n));
+            }
+            pos += n;
+        }
+        Ok(())
+    }
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         if !self.writable {
             return Err(Error::request(self.path(), "image is open read-only"));

@@ -31,7 +31,7 @@
 //!   An empty export name selects the default export: the one named `""` if there is one,
 //!   otherwise the first export.
 //! - **Transmission**: `READ` (simple replies; with structured replies, `OFFSET_DATA` chunks
-//!   for data and `OFFSET_HOLE` chunks for what [`Export::zero_runs`] knows to read as zeroes,
+//!   for data and `OFFSET_HOLE` chunks for what [`Export::read_sparse`] knows to read as zeroes,
 //!   or one `OFFSET_DATA` chunk with `DF`, supported up to 32 MiB), `WRITE` (+`FUA`), `FLUSH`,
 //!   `TRIM`, `WRITE_ZEROES` (+`NO_HOLE`; `FAST_ZERO` is not offered), `DISC` and
 //!   `BLOCK_STATUS` for `base:allocation` (+`REQ_ONE`). Transmission flags: `HAS_FLAGS`,
@@ -113,14 +113,15 @@ pub trait Export: Send + Sync {
     fn description(&self) -> Option<String> {
         None
     }
-    /// Splits `len` bytes at `offset` into consecutive runs `(length, reads_as_zero)`, without
-    /// reading data: a run marked `true` is known to read as zeroes, one marked `false` may
-    /// hold data. The lengths add up to `len`. The server sends zero runs of a read as
-    /// `NBD_REPLY_TYPE_OFFSET_HOLE` chunks instead of bytes. Asked before every read, so it
-    /// must be cheap; the default derives the runs from [`Export::block_status`].
-    fn zero_runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+    /// Fills `buf` from `offset` as [`Export::read`] does and says which parts are known to
+    /// read as zeroes: consecutive runs `(length, reads_as_zero)` covering `buf`; the zero runs
+    /// of `buf` need not be written (the server hands in zeroes). The server sends zero runs
+    /// as `NBD_REPLY_TYPE_OFFSET_HOLE` chunks instead of bytes. The default reads everything
+    /// and takes the runs from [`Export::block_status`].
+    fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<(u64, bool)>> {
+        self.read(buf, offset)?;
         let mut runs: Vec<(u64, bool)> = Vec::new();
-        let end = offset + len;
+        let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {
             let before = pos;
@@ -142,7 +143,7 @@ pub trait Export: Send + Sync {
 }
 
 /// Appends a run to `runs`, merging it with the last one when both are alike.
-pub fn push_run(runs: &mut Vec<(u64, bool)>, len: u64, zero: bool) {
+fn push_run(runs: &mut Vec<(u64, bool)>, len: u64, zero: bool) {
     match runs.last_mut() {
         Some(last) if last.1 == zero => last.0 += len,
         _ => runs.push((len, zero)),

@@ -763,30 +763,32 @@ impl Connection {
 
     /// A read's reply: the data follows the simple reply header or, with structured replies,
     /// forms a single final `OFFSET_DATA` chunk; with structured replies and without `DF`,
-    /// runs the export knows to be zero go as `OFFSET_HOLE` chunks instead
-    /// ([`Self::sparse_read`]), as qemu-nbd does.
+    /// runs the export knows to be zero go as `OFFSET_HOLE` chunks instead, as qemu-nbd does.
     fn read(&self, req: &Request) -> Vec<u8> {
         let len = req.length as usize;
         if self.structured && len == 0 {
             return chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0).to_vec();
         }
-        if self.structured && req.flags & CMD_FLAG_DF == 0 {
-            // Should the export fail to tell, the plain read below says what is wrong.
-            match self.export.zero_runs(req.offset, u64::from(req.length)) {
-                Ok(runs) if Self::usable_runs(&runs, req.length) => {
-                    return self.sparse_read(req, &runs)
-                }
-                _ => {}
-            }
-        }
+        let sparse = self.structured && req.flags & CMD_FLAG_DF == 0;
         let head = if self.structured {
             CHUNK_HEADER_LEN + 8
         } else {
             SIMPLE_REPLY_LEN
         };
         let mut out = vec![0u8; head + len];
-        if let Err(e) = self.export.read(&mut out[head..], req.offset) {
-            return self.error_reply(req, errno(&e), &e.to_string());
+        let read = if sparse {
+            self.export.read_sparse(&mut out[head..], req.offset)
+        } else {
+            self.export
+                .read(&mut out[head..], req.offset)
+                .map(|()| Vec::new())
+        };
+        let runs = match read {
+            Ok(runs) => runs,
+            Err(e) => return self.error_reply(req, errno(&e), &e.to_string()),
+        };
+        if Self::has_holes(&runs, req.length) {
+            return Self::sparse_reply(req, &runs, &out[head..]);
         }
         if self.structured {
             out[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(
@@ -802,46 +804,42 @@ impl Connection {
         out
     }
 
-    /// Whether `runs` describe a read of `len` bytes exactly and hold a zero run worth a
-    /// hole chunk (otherwise the read goes as one data chunk).
-    fn usable_runs(runs: &[(u64, bool)], len: u32) -> bool {
+    /// Whether `runs` describe a read of `len` bytes exactly and hold a zero run (otherwise
+    /// the read goes as one data chunk).
+    fn has_holes(runs: &[(u64, bool)], len: u32) -> bool {
         runs.iter().any(|r| r.1)
             && runs.iter().all(|r| r.0 > 0)
             && runs.iter().map(|r| r.0).sum::<u64>() == u64::from(len)
     }
 
     /// A read's reply as consecutive chunks in offset order: `OFFSET_HOLE` for each zero run,
-    /// `OFFSET_DATA` for each other run (read from the export); the last one is flagged done.
-    /// On a read error, only an error chunk is sent.
-    fn sparse_read(&self, req: &Request, runs: &[(u64, bool)]) -> Vec<u8> {
+    /// `OFFSET_DATA` for each other run (from `data`, the bytes read); the last one is
+    /// flagged done.
+    fn sparse_reply(req: &Request, runs: &[(u64, bool)], data: &[u8]) -> Vec<u8> {
         const HOLE_LEN: usize = 12;
-        let data: u64 = runs.iter().filter(|r| !r.1).map(|r| r.0).sum();
-        let mut out =
-            Vec::with_capacity(runs.len() * (CHUNK_HEADER_LEN + HOLE_LEN) + data as usize);
-        let mut pos = req.offset;
+        let bytes: u64 = runs.iter().filter(|r| !r.1).map(|r| r.0 + 8).sum();
+        let mut out = Vec::with_capacity(runs.len() * CHUNK_HEADER_LEN + bytes as usize + HOLE_LEN);
+        let mut pos = 0usize;
         for (i, &(n, zero)) in runs.iter().enumerate() {
             let flags = if i + 1 == runs.len() {
                 REPLY_FLAG_DONE
             } else {
                 0
             };
+            let at = req.offset + pos as u64;
             // Every run is at most req.length long: lengths fit in u32.
             if zero {
                 let h = chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, HOLE_LEN as u32);
                 out.extend_from_slice(&h);
-                out.extend_from_slice(&pos.to_be_bytes());
+                out.extend_from_slice(&at.to_be_bytes());
                 out.extend_from_slice(&(n as u32).to_be_bytes());
             } else {
                 let h = chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req.cookie, n as u32 + 8);
                 out.extend_from_slice(&h);
-                out.extend_from_slice(&pos.to_be_bytes());
-                let at = out.len();
-                out.resize(at + n as usize, 0);
-                if let Err(e) = self.export.read(&mut out[at..], pos) {
-                    return self.error_reply(req, errno(&e), &e.to_string());
-                }
+                out.extend_from_slice(&at.to_be_bytes());
+                out.extend_from_slice(&data[pos..pos + n as usize]);
             }
-            pos += n;
+            pos += n as usize;
         }
         out
     }
