@@ -74,6 +74,9 @@ impl OpenOptions {
     }
 }
 
+/// Where a read notes the (offset, length) ranges that metadata proves zero, when asked to.
+pub(crate) type ZeroNotes<'a> = Option<&'a mut Vec<(u64, u64)>>;
+
 /// A run of guest bytes and where it lives in a chain ([`Image::chain_status`]); the fields
 /// mean what they mean in `qemu-img map --output=json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -390,7 +393,7 @@ impl Image {
         &self,
         buf: &mut [u8],
         off: u64,
-        zeros: Option<&mut Vec<(u64, u64)>>,
+        zeros: ZeroNotes,
     ) -> Result<()> {
         match self {
             Image::Raw(r) => r.read_noting_zeros(buf, off, zeros),

@@ -21,6 +21,7 @@
 
 use super::alloc::Refcounts;
 use super::image::Image;
+use super::image::ZeroNotes;
 use super::storage::Storage;
 use crate::format::compress;
 use crate::format::ext as vext;
@@ -448,7 +449,7 @@ impl Qcow2 {
         &self,
         buf: &mut [u8],
         off: u64,
-        mut zeros: Option<&mut Vec<(u64, u64)>>,
+        mut zeros: ZeroNotes,
     ) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
         let (plan, gate) = {
@@ -684,12 +685,7 @@ impl Qcow2 {
     }
 
     /// [`Self::read_backing`], noting proven zeros as [`Self::read_noting_zeros`] does.
-    fn read_backing_noting(
-        &self,
-        dst: &mut [u8],
-        pos: u64,
-        mut zeros: Option<&mut Vec<(u64, u64)>>,
-    ) -> Result<()> {
+    fn read_backing_noting(&self, dst: &mut [u8], pos: u64, mut zeros: ZeroNotes) -> Result<()> {
         let have = match &self.backing {
             None => 0,
             Some(b) => {

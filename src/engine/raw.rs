@@ -1,5 +1,6 @@
 //! A raw image: guest offset = file offset.
 
+use super::image::ZeroNotes;
 use super::storage::{file_status, FileStatus, Storage};
 use crate::{Error, Result};
 use std::path::Path;
@@ -48,7 +49,7 @@ impl Raw {
         &self,
         buf: &mut [u8],
         off: u64,
-        zeros: Option<&mut Vec<(u64, u64)>>,
+        zeros: ZeroNotes,
     ) -> Result<()> {
         let Some(z) = zeros else {
             return self.read_at(buf, off);
