@@ -528,8 +528,7 @@ fn nbdcopy_one_and_several_connections() {
 /// A read-only [`MemExport`] whose reads call a hook first (which may delay or fail them).
 struct Hooked(MemExport, fn(u64, usize) -> vmicache::Result<()>);
 
-/// Reads of `flaky` exports fail in `[BAD, BAD + 4 KiB)`, a data block of `pattern` (the
-/// server never reads holes).
+/// Reads of `flaky` exports fail in `[BAD, BAD + 4 KiB)`, a data block of `pattern`.
 const BAD: u64 = MIB + 2 * MEM_BLOCK;
 
 fn flaky(data: Vec<u8>) -> Hooked {

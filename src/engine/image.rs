@@ -379,11 +379,12 @@ impl Image {
         };
         let mut pos = off;
         for (z, n) in zeros {
-            // The ranges are disjoint; clip anyway rather than trust that blindly.
-            let start = z.max(pos);
+            // The ranges are disjoint and within buf; clip anyway rather than trust that.
+            let start = z.clamp(pos, end);
+            let stop = (z + n).clamp(start, end);
             push(start - pos, false);
-            push((z + n).saturating_sub(start), true);
-            pos = pos.max(z + n);
+            push(stop - start, true);
+            pos = stop;
         }
         push(end - pos, false);
         Ok(runs)

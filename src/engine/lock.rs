@@ -69,15 +69,20 @@ fn set(file: &File, ty: libc::c_int, byte: i64) -> nix::Result<()> {
 /// `flock(2)` of the file, which QEMU's byte-range locks do not see, so that exactly one of
 /// racing vmicache writers succeeds. The flock is only tried for a few seconds (on NFS it is a
 /// byte-range lock of the whole file, which QEMU's locks hold off): then the image counts as
-/// locked. A refusal leaves no lock behind.
+/// locked; where the file system has no flock, writers go on without it. A refusal leaves
+/// no lock behind.
+///
+/// `file` must be a freshly opened file holding no locks (byte-range locks of one open file
+/// description do not stack: a second call on it would change what the first one took).
 pub fn lock(file: &File, path: &Path, mode: LockMode) -> Result<()> {
     let mutex = match mode {
-        LockMode::Write => Some(writers_mutex(file, path)?),
+        LockMode::Write => writers_mutex(file, path)?,
         LockMode::Read => None,
     };
-    let r = lock_and_check(file, path, mode);
+    let mut taken = Vec::new();
+    let r = lock_and_check(file, path, mode, &mut taken);
     if r.is_err() {
-        for byte in (PERM_BASE..PERM_BASE + 4).chain(SHARED_BASE..SHARED_BASE + 4) {
+        for byte in taken {
             let _ = set(file, libc::F_UNLCK, byte);
         }
     }
@@ -85,19 +90,25 @@ pub fn lock(file: &File, path: &Path, mode: LockMode) -> Result<()> {
     r
 }
 
-/// The exclusive flock that serializes vmicache writers locking `file`.
-fn writers_mutex(file: &File, path: &Path) -> Result<nix::fcntl::Flock<File>> {
+/// The exclusive flock that serializes vmicache writers locking `file`; None where the file
+/// system has no flock.
+fn writers_mutex(file: &File, path: &Path) -> Result<Option<nix::fcntl::Flock<File>>> {
+    use nix::errno::Errno;
     use nix::fcntl::{Flock, FlockArg};
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         // A duplicate descriptor shares the open file description, which flock(2) locks.
         let dup = file.try_clone().map_err(|e| Error::io(path, "lock", e))?;
         match Flock::lock(dup, FlockArg::LockExclusiveNonblock) {
-            Ok(f) => return Ok(f),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+            Ok(f) => return Ok(Some(f)),
+            Err((_, Errno::EINTR)) => {}
+            Err((_, Errno::ENOLCK | Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL)) => {
+                return Ok(None)
+            }
+            Err((_, Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            Err((_, Errno::EWOULDBLOCK)) => {
                 return Err(Error::Locked {
                     path: path.into(),
                     what: "image is locked by another process".into(),
@@ -108,7 +119,8 @@ fn writers_mutex(file: &File, path: &Path) -> Result<nix::fcntl::Flock<File>> {
     }
 }
 
-fn lock_and_check(file: &File, path: &Path, mode: LockMode) -> Result<()> {
+/// Takes the lock bytes of `mode` (noting each in `taken`), then checks the other side's.
+fn lock_and_check(file: &File, path: &Path, mode: LockMode, taken: &mut Vec<i64>) -> Result<()> {
     let (held, shared) = mode.perms();
     let unshared = ALL & !shared;
     let err = |e: nix::errno::Errno| Error::io(path, "lock", e.into());
@@ -116,7 +128,8 @@ fn lock_and_check(file: &File, path: &Path, mode: LockMode) -> Result<()> {
         let bit = 1 << i;
         for (set_bits, base) in [(held, PERM_BASE), (unshared, SHARED_BASE)] {
             if set_bits & bit != 0 {
-                set(file, libc::F_RDLCK, base + i64::from(i)).map_err(|e| {
+                let byte = base + i64::from(i);
+                set(file, libc::F_RDLCK, byte).map_err(|e| {
                     if e == nix::errno::Errno::EAGAIN || e == nix::errno::Errno::EACCES {
                         Error::Locked {
                             path: path.into(),
@@ -126,6 +139,7 @@ fn lock_and_check(file: &File, path: &Path, mode: LockMode) -> Result<()> {
                         err(e)
                     }
                 })?;
+                taken.push(byte);
             }
         }
     }

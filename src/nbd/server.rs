@@ -818,7 +818,8 @@ impl Connection {
     fn sparse_reply(req: &Request, runs: &[(u64, bool)], data: &[u8]) -> Vec<u8> {
         const HOLE_LEN: usize = 12;
         let bytes: u64 = runs.iter().filter(|r| !r.1).map(|r| r.0 + 8).sum();
-        let mut out = Vec::with_capacity(runs.len() * CHUNK_HEADER_LEN + bytes as usize + HOLE_LEN);
+        let mut out =
+            Vec::with_capacity(runs.len() * (CHUNK_HEADER_LEN + HOLE_LEN) + bytes as usize);
         let mut pos = 0usize;
         for (i, &(n, zero)) in runs.iter().enumerate() {
             let flags = if i + 1 == runs.len() {
