@@ -223,19 +223,11 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     let inst2 = dir.join("vm2.qcow2");
     // Made by QEMU (`chain` would verify the base's content, which cannot be read now), with
     // 4 KiB clusters like vmicache's instances.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        "-b",
-        "cache.qcow2",
-        "-F",
-        "qcow2",
-        ps(&inst2),
-    ]);
+    qemu_create(
+        &inst2,
+        None,
+        &["-o", "cluster_size=4k", "-b", "cache.qcow2", "-F", "qcow2"],
+    );
     boot_served(dir, &inst2);
 
     // 5. Replay: a fresh cache warmed from the trace boots with the base unreadable too.

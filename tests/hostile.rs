@@ -25,16 +25,7 @@ fn read_u64(path: &Path, off: u64) -> u64 {
 /// 4 L2, 5,6 data for 0..128k, 7 data for 1M; 0x80000 bytes.
 fn base_image(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(name);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        ps(&p),
-        "8M",
-    ]);
+    qemu_create(&p, Some("8M"), &["-o", "cluster_size=65536"]);
     qemu_io_qcow2(&p, &["write -q -P 0xaa 0 128k", "write -q -P 0xbb 1M 64k"]);
     p
 }
@@ -257,21 +248,13 @@ fn chain_deeper_than_the_limit() {
     let n = 300;
     let name = |i: usize| format!("c{i:03}.qcow2");
     let last = dir.path().join(name(n));
-    qemu_img(&["create", "-q", "-f", "qcow2", ps(&last), "1M"]);
+    qemu_create(&last, Some("1M"), &[]);
     let template = dir.path().join("template.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        &name(1),
-        "-F",
-        "qcow2",
-        ps(&template),
-        "1M",
-    ]);
+    qemu_create(
+        &template,
+        Some("1M"),
+        &["-u", "-b", &name(1), "-F", "qcow2"],
+    );
     let t = std::fs::read(&template).unwrap();
     let at = read_u64(&template, 8) as usize;
     assert_eq!(&t[at..at + 10], name(1).as_bytes());
@@ -315,19 +298,7 @@ fn backing_loop() {
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
     for (img, backing) in [(&a, "b.qcow2"), (&b, "a.qcow2")] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            backing,
-            "-F",
-            "qcow2",
-            ps(img),
-            "1M",
-        ]);
+        qemu_create(img, Some("1M"), &["-u", "-b", backing, "-F", "qcow2"]);
     }
     refused_everywhere(&a, &["loop"]);
 }
@@ -339,19 +310,7 @@ fn missing_backing_file() {
     // file or directory`. vmicache check must refuse too, naming the missing file.
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("orphan.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "gone.qcow2",
-        "-F",
-        "qcow2",
-        ps(&img),
-        "1M",
-    ]);
+    qemu_create(&img, Some("1M"), &["-u", "-b", "gone.qcow2", "-F", "qcow2"]);
     refused_everywhere(&img, &["gone.qcow2"]);
 }
 
@@ -360,29 +319,15 @@ fn external_data_file_and_extended_l2() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ext.qcow2");
     let data_file = dir.path().join("ext.data");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={}", ps(&data_file)),
-        ps(&data),
-        "4M",
-    ]);
+    qemu_create(
+        &data,
+        Some("4M"),
+        &["-o", &format!("data_file={}", ps(&data_file))],
+    );
     refused_everywhere(&data, &["external data file"]);
 
     let ext = dir.path().join("extl2.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        ps(&ext),
-        "4M",
-    ]);
+    qemu_create(&ext, Some("4M"), &["-o", "extended_l2=on"]);
     qemu_io_qcow2(&ext, &["write -q -P 1 0 4k"]);
     refused_everywhere(&ext, &["extended L2"]);
 }
@@ -446,16 +391,7 @@ fn library_reads_of_bad_clusters_fail_cleanly() {
 
     // A compressed cluster whose bytes are garbage.
     let comp = dir.path().join("comp.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        ps(&comp),
-        "8M",
-    ]);
+    qemu_create(&comp, Some("8M"), &["-o", "cluster_size=65536"]);
     qemu_io_qcow2(
         &comp,
         &["write -q -c -P 0x5a 0 64k", "write -q -P 1 1M 64k"],
@@ -496,18 +432,7 @@ fn header_parser_survives_random_damage() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("h.qcow2");
     std::fs::write(dir.path().join("b.raw"), [0u8; 4096]).unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "b.raw",
-        "-F",
-        "raw",
-        ps(&img),
-        "64M",
-    ]);
+    qemu_create(&img, Some("64M"), &["-b", "b.raw", "-F", "raw"]);
     let file_len = std::fs::metadata(&img).unwrap().len();
     let orig = read_prefix(&img, 65536);
     assert!(Header::parse(&orig, file_len).is_ok());

@@ -86,19 +86,18 @@ fn overlay_case(cluster: u64, refcount_bits: u32, nwrites: usize, max_len: u64) 
     o.backing_format = Some("raw".into());
     create(&ours, &o).unwrap();
     check_clean(&ours);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("cluster_size={cluster},refcount_bits={refcount_bits}"),
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        ps(&twin),
-    ]);
+    qemu_create(
+        &twin,
+        None,
+        &[
+            "-o",
+            &format!("cluster_size={cluster},refcount_bits={refcount_bits}"),
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+        ],
+    );
     let w = writes(cluster ^ u64::from(refcount_bits), size, nwrites, max_len);
     apply_ours(&ours, &w);
     apply_qemu(&twin, &w);

@@ -384,6 +384,15 @@ pub fn write_at(path: &Path, off: u64, bytes: &[u8]) {
 
 /// `qemu-img create -f qcow2 -b BACKING -F FMT PATH` (the backing name as given, relative names
 /// resolve from PATH's directory).
+/// `qemu-img create -q -f qcow2 OPTS... PATH [SIZE]`: a qcow2 image made by QEMU.
+pub fn qemu_create(path: &Path, size: Option<&str>, opts: &[&str]) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(opts);
+    args.push(ps(path));
+    args.extend(size);
+    qemu_img(&args);
+}
+
 pub fn qemu_overlay(path: &Path, backing: &str, backing_fmt: &str) {
     qemu_img(&[
         "create",
