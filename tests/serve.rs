@@ -158,21 +158,43 @@ fn reads_fill_exactly_what_was_read_and_writes_stay_in_instance() {
 
 #[test]
 fn compare_through_nbd_and_full_read_fills_cache() {
-    let s = setup("0");
-    let srv = serve(&s, &[]);
-    let u = uri(&s, "vm1");
-    run(tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &u, ps(&s.base)]));
-    // A second pass reads nothing from the base.
-    run(tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &u, ps(&s.base)]));
-    let err = stop(srv);
-    // The base file is fully written (no holes), so all of it is read once.
+    // The base file fully written (no holes): all of it is read once, and every cluster is
+    // now in the cache: data where the base has data, zero clusters elsewhere.
+    let (s, err) = compare_twice(false);
     assert!(err.contains("read 16 MiB from the base"), "{err}");
-    check_clean(&s.cache);
-    // Every cluster is now in the cache: data where the base has data, zero elsewhere.
     let c = depth0(&s.cache);
     assert_eq!(c.len(), SIZE / 65536);
     assert_eq!(c.iter().filter(|x| !x.1).count(), 96 + 16);
+}
+
+#[test]
+fn compare_through_nbd_fills_the_data_of_a_sparse_base() {
+    // qemu-img compare asks block status first and skips what both sides report as zero:
+    // the base's holes are never read, so only its 7 MiB of data is fetched and cached.
+    let (s, err) = compare_twice(true);
+    assert!(err.contains("read 7 MiB from the base"), "{err}");
+    assert_eq!(
+        depth0(&s.cache),
+        (0..96)
+            .chain(160..176)
+            .map(|c| (c, false))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Two `qemu-img compare` passes through NBD against the base, then the same between the
+/// cache and the base; both images clean. Returns serve's log.
+fn compare_twice(sparse: bool) -> (Setup, String) {
+    let s = setup_with("0", sparse);
+    let srv = serve(&s, &[]);
+    let u = uri(&s, "vm1");
+    run(tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &u, ps(&s.base)]));
+    run(tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &u, ps(&s.base)]));
+    let err = stop(srv);
+    check_clean(&s.cache);
+    check_clean(&s.inst);
     run(tool("qemu-img").args(["compare", ps(&s.cache), ps(&s.base)]));
+    (s, err)
 }
 
 #[test]
