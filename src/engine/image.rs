@@ -77,6 +77,16 @@ impl OpenOptions {
 /// Where a read notes the (offset, length) ranges that metadata proves zero, when asked to.
 pub(crate) type ZeroNotes<'a> = Option<&'a mut Vec<(u64, u64)>>;
 
+/// Appends a run `(length, reads_as_zero)` to `runs`, merging it into the last one when both
+/// are alike; empty runs are dropped.
+pub fn push_run(runs: &mut Vec<(u64, bool)>, len: u64, zero: bool) {
+    match runs.last_mut() {
+        Some(last) if last.1 == zero => last.0 += len,
+        _ if len > 0 => runs.push((len, zero)),
+        _ => {}
+    }
+}
+
 /// A run of guest bytes and where it lives in a chain ([`Image::chain_status`]); the fields
 /// mean what they mean in `qemu-img map --output=json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -372,21 +382,16 @@ impl Image {
         zeros.sort_unstable();
         let end = off + buf.len() as u64;
         let mut runs: Vec<(u64, bool)> = Vec::new();
-        let mut push = |len: u64, zero: bool| match runs.last_mut() {
-            Some(last) if last.1 == zero => last.0 += len,
-            _ if len > 0 => runs.push((len, zero)),
-            _ => {}
-        };
         let mut pos = off;
         for (z, n) in zeros {
             // The ranges are disjoint and within buf; clip anyway rather than trust that.
             let start = z.clamp(pos, end);
             let stop = (z + n).clamp(start, end);
-            push(start - pos, false);
-            push(stop - start, true);
+            push_run(&mut runs, start - pos, false);
+            push_run(&mut runs, stop - start, true);
             pos = stop;
         }
-        push(end - pos, false);
+        push_run(&mut runs, end - pos, false);
         Ok(runs)
     }
 

@@ -71,6 +71,7 @@ use std::sync::RwLock;
 
 pub use server::{Server, Stopper, WORKERS_PER_CONNECTION};
 
+use crate::engine::image::push_run;
 use crate::{Error, Result};
 
 /// `base:allocation` status bit: the extent is not allocated.
@@ -143,14 +144,6 @@ pub trait Export: Send + Sync {
             }
         }
         Ok(runs)
-    }
-}
-
-/// Appends a run to `runs`, merging it with the last one when both are alike.
-fn push_run(runs: &mut Vec<(u64, bool)>, len: u64, zero: bool) {
-    match runs.last_mut() {
-        Some(last) if last.1 == zero => last.0 += len,
-        _ => runs.push((len, zero)),
     }
 }
 
