@@ -96,16 +96,17 @@ fn writers_mutex(file: &File, path: &Path) -> Result<Option<nix::fcntl::Flock<Fi
     use nix::errno::Errno;
     use nix::fcntl::{Flock, FlockArg};
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // A duplicate descriptor shares the open file description, which flock(2) locks.
+    let mut dup = file.try_clone().map_err(|e| Error::io(path, "lock", e))?;
     loop {
-        // A duplicate descriptor shares the open file description, which flock(2) locks.
-        let dup = file.try_clone().map_err(|e| Error::io(path, "lock", e))?;
         match Flock::lock(dup, FlockArg::LockExclusiveNonblock) {
             Ok(f) => return Ok(Some(f)),
-            Err((_, Errno::EINTR)) => {}
+            Err((f, Errno::EINTR)) => dup = f,
             Err((_, Errno::ENOLCK | Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL)) => {
                 return Ok(None)
             }
-            Err((_, Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+            Err((f, Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                dup = f;
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
             Err((_, Errno::EWOULDBLOCK)) => {
