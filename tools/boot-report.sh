@@ -52,6 +52,20 @@ boot() {
   err=$(images/boot.sh "$1" "$2" "$3" 2>&1 >/dev/null) || { echo "boot of $1 from $2 failed: $err" >&2; exit 1; }
   sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' <<<"$err"
 }
+# served_boot INSTANCE NAME: boots guest $g through `vmicache serve INSTANCE`; sets $t
+served_boot() {
+  start_srv "$1" "$d/vm.sock"
+  t=$(boot "$g" "nbd+unix:///$2?socket=$d/vm.sock" raw)
+  stop_srv
+}
+# cold_boot CACHE NAME: stands CACHE on the nbdkit base, boots a new instance NAME on it
+# through vmicache serve (the recorded first boot), seals CACHE; sets $t
+cold_boot() {
+  qemu-img rebase -u -b "$uri" -F raw "$1"
+  qemu-img create -q -f qcow2 -o cluster_size=4k -b "$1" -F qcow2 "$d/$2.qcow2"
+  served_boot "$d/$2.qcow2" "$2"
+  "$V" seal "$1" -q
+}
 
 rows=()
 for g in "${guests[@]}"; do
@@ -73,21 +87,16 @@ for g in "${guests[@]}"; do
   "$V" chain "$d/cache.qcow2" -o "$d/warm.qcow2" -q
   "$V" chain "$d/cache.qcow2" -o "$d/native.qcow2" -q
   start_kit "$bsock" "$d/kit1.log" "$base"
-  qemu-img rebase -u -b "$uri" -F raw "$d/cache.qcow2"
-  qemu-img create -q -f qcow2 -o cluster_size=4k -b "$d/cache.qcow2" -F qcow2 "$d/cold.qcow2"
-  start_srv "$d/cold.qcow2" "$d/vm.sock"
-  t_cold=$(boot "$g" "nbd+unix:///cold?socket=$d/vm.sock" raw)
-  stop_srv
-  "$V" seal "$d/cache.qcow2" -q
+  cold_boot "$d/cache.qcow2" cold
+  t_cold=$t
   read1=$(log_bytes "$d/kit1.log")
   ws=$("$V" inspect --json "$d/cache.qcow2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["allocated-bytes"])')
   stop_kit
 
   # Boot 2: warm, new instance on the sealed cache.
   start_kit "$bsock" "$d/kit2.log" "$base"
-  start_srv "$d/warm.qcow2" "$d/vm.sock"
-  t_warm=$(boot "$g" "nbd+unix:///warm?socket=$d/vm.sock" raw)
-  stop_srv
+  served_boot "$d/warm.qcow2" warm
+  t_warm=$t
   read2=$(log_bytes "$d/kit2.log")
   # QEMU's native chain on the same sealed cache.
   t_native=$(boot "$g" "$d/native.qcow2" qcow2)
@@ -99,15 +108,10 @@ for g in "${guests[@]}"; do
   t_slow_plain=$(boot "$g" "$d/slow-plain.qcow2" qcow2)
   "$V" build "$base" -o "$d/slow-cache.qcow2" -q
   "$V" chain "$d/slow-cache.qcow2" -o "$d/slow-warm.qcow2" -q
-  qemu-img rebase -u -b "$uri" -F raw "$d/slow-cache.qcow2"
-  qemu-img create -q -f qcow2 -o cluster_size=4k -b "$d/slow-cache.qcow2" -F qcow2 "$d/slow-cold.qcow2"
-  start_srv "$d/slow-cold.qcow2" "$d/vm.sock"
-  t_slow_cold=$(boot "$g" "nbd+unix:///slow-cold?socket=$d/vm.sock" raw)
-  stop_srv
-  "$V" seal "$d/slow-cache.qcow2" -q
-  start_srv "$d/slow-warm.qcow2" "$d/vm.sock"
-  t_slow_warm=$(boot "$g" "nbd+unix:///slow-warm?socket=$d/vm.sock" raw)
-  stop_srv
+  cold_boot "$d/slow-cache.qcow2" slow-cold
+  t_slow_cold=$t
+  served_boot "$d/slow-warm.qcow2" slow-warm
+  t_slow_warm=$t
   stop_kit
 
   pct=$(python3 -c "print(f'{100*$ws/$vsize:.1f}%')")
