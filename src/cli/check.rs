@@ -20,7 +20,7 @@ pub fn run(path: &Path, repair: bool, json: bool) -> Result<i32> {
     drop(Image::open(path, &OpenOptions::read_only())?);
     let r = check(path, if repair { Repair::Leaks } else { Repair::None })?;
     for m in &r.messages {
-        eprintln!("{m}");
+        errln!("{m}");
     }
     if json {
         // The fields of `qemu-img check --output=json`: zero counts are left out.
@@ -42,26 +42,26 @@ pub fn run(path: &Path, repair: bool, json: bool) -> Result<i32> {
         put("compressed-clusters", r.compressed_clusters, false);
         o.insert("filename".into(), r.filename.clone().into());
         o.insert("format".into(), r.format.clone().into());
-        println!("{}", serde_json::to_string_pretty(&o)?);
+        outln!("{}", serde_json::to_string_pretty(&o)?);
         return Ok(r.exit_code());
     }
     if r.leaks_fixed > 0 {
-        println!(
+        outln!(
             "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...",
             r.leaks_fixed
         );
     }
     if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
-        println!("No errors were found on the image.");
+        outln!("No errors were found on the image.");
     }
     if r.corruptions > 0 {
-        println!(
+        outln!(
             "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
             r.corruptions
         );
     }
     if r.leaks > 0 {
-        println!(
+        outln!(
             "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\nRepair with: vmicache check --repair leaks {}",
             r.leaks,
             path.display()
@@ -69,7 +69,7 @@ pub fn run(path: &Path, repair: bool, json: bool) -> Result<i32> {
     }
     if r.total_clusters > 0 && r.allocated_clusters > 0 {
         let a = r.allocated_clusters as f64;
-        println!(
+        outln!(
             "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
             r.allocated_clusters,
             r.total_clusters,
@@ -79,7 +79,7 @@ pub fn run(path: &Path, repair: bool, json: bool) -> Result<i32> {
         );
     }
     if r.image_end_offset > 0 {
-        println!("Image end offset: {}", r.image_end_offset);
+        outln!("Image end offset: {}", r.image_end_offset);
     }
     Ok(r.exit_code())
 }

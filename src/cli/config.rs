@@ -58,7 +58,7 @@ fn check(config: Option<PathBuf>, quiet: bool) -> Result<i32> {
         }
     }
     if !quiet {
-        println!(
+        outln!(
             "{}: ok: {} image entr{}, on_base_change {:?}, socket mode {:04o}",
             path.display(),
             cfg.images.len(),
@@ -67,7 +67,7 @@ fn check(config: Option<PathBuf>, quiet: bool) -> Result<i32> {
             cfg.socket.mode.0
         );
         for n in notes {
-            println!("  note: {n}");
+            outln!("  note: {n}");
         }
     }
     Ok(exit::OK)

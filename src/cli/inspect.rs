@@ -165,10 +165,10 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
     if want_map {
         let m = map(&img)?;
         if json {
-            print!("{}", to_qemu_json(&m));
+            out!("{}", to_qemu_json(&m));
         } else {
             let layers = img.layers();
-            println!(
+            outln!(
                 "{:<18} {:<12} {:>5}  {:<10} {:<18} LAYER",
                 "START", "LENGTH", "DEPTH", "KIND", "OFFSET"
             );
@@ -179,7 +179,7 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
                     (true, false, true) => "compressed",
                     (true, false, false) => "data",
                 };
-                println!(
+                outln!(
                     "{:<#18x} {:<12} {:>5}  {:<10} {:<18} {}",
                     e.start,
                     human(e.length),
@@ -261,10 +261,10 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
         cache,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        outln!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(exit::OK);
     }
-    println!("{}: {} layer(s)", r.image, r.layers.len());
+    outln!("{}: {} layer(s)", r.image, r.layers.len());
     for l in &r.layers {
         let mut s = format!("  [{}] {:<8} {}  {}", l.depth, l.role, l.path, l.format);
         if let Some(v) = l.version {
@@ -283,10 +283,10 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
             );
         }
         s += &format!(", on disk {}", human(l.disk_size));
-        println!("{s}");
+        outln!("{s}");
     }
     if let Some(c) = &r.cache {
-        println!(
+        outln!(
             "cache {}: {}, holds {} in {} clusters, quota {}",
             c.path,
             c.state,
@@ -298,14 +298,14 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
                 human(c.quota)
             }
         );
-        println!(
+        outln!(
             "  covers {} of the base's {} of data ({:.1}%)",
             human(c.covered_bytes),
             human(c.base_data_bytes),
             c.coverage * 100.0
         );
         if let Some(f) = &c.last_fill {
-            println!(
+            outln!(
                 "  last fill: {} reads reached the cache, {} hits, {} misses, {} read from the base",
                 f.requests,
                 f.hits,
@@ -314,7 +314,7 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
             );
         }
         if let (Some(t), Some(cv)) = (c.trace_bytes, c.trace_covered_bytes) {
-            println!(
+            outln!(
                 "  trace: the cache holds {} of its {} ({:.1}%)",
                 human(cv),
                 human(t),
@@ -330,7 +330,7 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
                 serde_json::Value::String(s) if s == "ok" => "matches".to_string(),
                 v => format!("CHANGED: {v}"),
             };
-            println!(
+            outln!(
                 "  base {} ({}, {}), fingerprint {}: {}",
                 b.path,
                 b.format,

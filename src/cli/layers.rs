@@ -24,7 +24,7 @@ pub fn build(
     };
     let id = build_cache(base, out, &o)?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "cache": out.display().to_string(),
@@ -34,7 +34,7 @@ pub fn build(
             })
         );
     } else if !quiet {
-        println!(
+        outln!(
             "built cache {} over {} ({}, {}), {} clusters, quota {}, fingerprint {}",
             out.display(),
             id.path,
@@ -55,12 +55,12 @@ pub fn build(
 pub fn chain(cache: &Path, out: &Path, cluster_size: u64, json: bool, quiet: bool) -> Result<i32> {
     make_instance(cache, out, cluster_size)?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"instance": out.display().to_string(), "cache": cache.display().to_string()})
         );
     } else if !quiet {
-        println!(
+        outln!(
             "created instance {} over cache {} (base verified)",
             out.display(),
             cache.display()

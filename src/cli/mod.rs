@@ -1,12 +1,13 @@
 //! Command-line front end: argument parsing (clap), human and JSON output, exit codes.
 
+#[macro_use]
+pub mod util;
 mod check;
 mod config;
 mod hook;
 mod inspect;
 mod layers;
 mod serve;
-pub mod util;
 mod warm;
 
 use anyhow::Result;
@@ -216,10 +217,10 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vmicache: {}", util::one_line(&e));
+            errln!("vmicache: {}", util::one_line(&e));
             if verbose {
                 for (i, cause) in e.chain().enumerate() {
-                    eprintln!("  {i}: {cause:?}");
+                    errln!("  {i}: {cause:?}");
                 }
             }
             exit::ERROR
@@ -303,7 +304,10 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "vmicache", &mut std::io::stdout());
+            // Into a buffer first: generate() panics when stdout is closed.
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "vmicache", &mut out);
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
             Ok(exit::OK)
         }
     }

@@ -85,7 +85,7 @@ pub fn run_serve(
     let names = export_names(instances, export)?;
     let (server, served) = start(&names, socket, record.is_some(), pass_through_if_busy)?;
     if !quiet {
-        eprintln!(
+        errln!(
             "vmicache: serving {} on {} over cache {} ({})",
             names
                 .iter()
@@ -107,7 +107,7 @@ pub fn run_serve(
     std::thread::spawn(move || {
         if let Ok(sig) = sigs.wait() {
             if !quiet {
-                eprintln!("vmicache: {sig:?}: stopping");
+                errln!("vmicache: {sig:?}: stopping");
             }
         }
         stopper.stop();
@@ -115,14 +115,14 @@ pub fn run_serve(
     server.run()?;
     let s = serve::finish(&served, record)?;
     if !quiet {
-        eprintln!("vmicache: {}", summary_line(&s));
+        errln!("vmicache: {}", summary_line(&s));
         if let (Some(t), false) = (record, served.filling) {
-            eprintln!(
+            errln!(
                 "vmicache: no trace written to {}: the cache was not being filled",
                 t.display()
             );
         } else if let Some(t) = record {
-            eprintln!(
+            errln!(
                 "vmicache: trace of {} base reads written to {}",
                 s.trace_reads,
                 t.display()
@@ -178,7 +178,7 @@ pub fn run_boot(
         let uri = format!("nbd+unix:///boot?socket={}", socket.display());
         let args: Vec<String> = command.iter().map(|a| a.replace("{nbd}", &uri)).collect();
         if !quiet {
-            eprintln!("vmicache: recording first boot: {}", args.join(" "));
+            errln!("vmicache: recording first boot: {}", args.join(" "));
         }
         let t0 = Instant::now();
         let mut child = Command::new(&args[0])
@@ -221,7 +221,7 @@ pub fn run_boot(
     cleanup(&dir);
     let (sum, secs) = result?;
     if !quiet {
-        println!(
+        outln!(
             "recorded first boot in {secs:.1} s: {}; trace {} ({} reads); {} sealed",
             summary_line(&sum),
             trace_path.display(),

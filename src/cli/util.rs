@@ -2,6 +2,31 @@
 
 use humansize::{format_size, BINARY};
 
+/// `println!` that never panics: a closed or full stdout (a log reader that went away) must
+/// not kill the thread that prints, least of all the one that waits for SIGTERM.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
+/// `print!` that never panics (see [`outln!`]).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
+/// `eprintln!` that never panics (see [`outln!`]).
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
+
 /// Sizes on the command line parse as in the configuration file.
 pub use vmicache::config::parse_size;
 

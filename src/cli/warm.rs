@@ -58,10 +58,10 @@ pub fn run_warm(
     let st = warm(&img, &reads, &zeros, &o, &|n| bar.inc(n))?;
     bar.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        outln!("{}", serde_json::to_string_pretty(&st)?);
     } else if !quiet {
         let rate = st.base_bytes_read as f64 / st.seconds.max(1e-9);
-        println!(
+        outln!(
             "warmed {}: read {} from the base in {:.2} s ({}/s); stored {} data and {} zero clusters{}",
             cache.display(),
             human(st.base_bytes_read),
@@ -82,7 +82,7 @@ pub fn run_warm(
 pub fn run_seal(cache: &Path, quiet: bool) -> Result<i32> {
     seal(cache)?;
     if !quiet {
-        println!("sealed {}: shared read-only from now on", cache.display());
+        outln!("sealed {}: shared read-only from now on", cache.display());
     }
     Ok(exit::OK)
 }

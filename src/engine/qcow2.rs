@@ -1398,7 +1398,13 @@ impl Drop for Qcow2 {
     fn drop(&mut self) {
         if self.writable {
             if let Err(e) = self.flush(true) {
-                eprintln!("vmicache: flushing {} on close: {e}", self.path().display());
+                // Never panics on a closed stderr (eprintln! would).
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "vmicache: flushing {} on close: {e}",
+                    self.path().display()
+                );
             }
         }
     }
