@@ -6,6 +6,7 @@
 //! new table and its blocks in an area past everything allocated, syncs, then switches the
 //! header in one write; the old table is freed after that.
 
+use super::overlap::{MetaKind, MetaMap};
 use super::storage::Storage;
 use crate::format::header::Header;
 use crate::format::refcount;
@@ -34,6 +35,8 @@ pub(crate) struct Refcounts {
     hint: u64,
     /// One past the highest cluster in the file or allocated by us.
     high_water: u64,
+    /// Where the metadata lies, for writable images ([`Refcounts::enable_overlap_checks`]).
+    overlap: Option<MetaMap>,
 }
 
 const OFFSET_MASK: u64 = table::OFFSET_MASK;
@@ -52,7 +55,121 @@ impl Refcounts {
             dirty_blocks: 0,
             hint: 0,
             high_water: geo.clusters_for(len),
+            overlap: None,
         })
+    }
+
+    /// Map the image's metadata (header, L1 table `l1`, refcount table and blocks, the L2
+    /// tables `l1` points at) so that no later write lands on it; an image whose metadata
+    /// already overlaps, or whose metadata clusters are counted as free, is corrupt.
+    pub(crate) fn enable_overlap_checks(
+        &mut self,
+        st: &dyn Storage,
+        h: &Header,
+        l1: &[u64],
+    ) -> Result<()> {
+        self.load_table(st)?;
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let span = |off: u64, bytes: u64| (off / cs, (off % cs + bytes).div_ceil(cs).max(1));
+        let mut m = MetaMap::default();
+        let add = |m: &mut MetaMap, (first, n): (u64, u64), kind| {
+            m.insert(first, n, kind)
+                .map_err(|what| Error::corrupt(st.path(), format!("metadata overlap: {what}")))
+        };
+        add(&mut m, (0, 1), MetaKind::Header)?;
+        add(
+            &mut m,
+            span(h.l1_table_offset, u64::from(h.l1_size) * 8),
+            MetaKind::L1,
+        )?;
+        add(
+            &mut m,
+            span(
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters) * cs,
+            ),
+            MetaKind::RefTable,
+        )?;
+        for &e in &self.table {
+            let off = e & OFFSET_MASK;
+            if off != 0 {
+                add(&mut m, span(off, cs), MetaKind::RefBlock)?;
+            }
+        }
+        for &e in l1 {
+            let off = e & OFFSET_MASK;
+            if off != 0 {
+                add(&mut m, span(off, cs), MetaKind::L2)?;
+            }
+        }
+        // Metadata counted as free would be handed out again by the allocator.
+        let clusters: Vec<(u64, MetaKind)> = m.map_iter().collect();
+        for (c, kind) in clusters {
+            if self.get(st, c)? == 0 {
+                return Err(Error::corrupt(
+                    st.path(),
+                    format!(
+                        "the {} at cluster {c} has refcount 0 (run `vmicache check`)",
+                        kind.name()
+                    ),
+                ));
+            }
+        }
+        self.overlap = Some(m);
+        Ok(())
+    }
+
+    /// Note `n` new metadata clusters from `first` (a new L2 table).
+    pub(crate) fn note_metadata(
+        &mut self,
+        st: &dyn Storage,
+        first: u64,
+        n: u64,
+        kind: MetaKind,
+    ) -> Result<()> {
+        match &mut self.overlap {
+            Some(m) => m
+                .insert(first, n, kind)
+                .map_err(|what| Error::corrupt(st.path(), format!("metadata overlap: {what}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuse a write of `len` bytes at host offset `off` that would land on metadata:
+    /// `kind` None for guest data (no metadata at all), else every cluster must hold `kind`.
+    pub(crate) fn check_write(
+        &self,
+        st: &dyn Storage,
+        off: u64,
+        len: u64,
+        kind: Option<MetaKind>,
+    ) -> Result<()> {
+        let Some(m) = &self.overlap else {
+            return Ok(());
+        };
+        let cb = self.geo.cluster_bits;
+        let first = off >> cb;
+        let n = ((off + len.max(1) - 1) >> cb) - first + 1;
+        let bad = match kind {
+            None => m
+                .hit(first, n)
+                .map(|(c, k)| format!("the {} at cluster {c}", k.name())),
+            Some(k) => (first..first + n)
+                .find(|&c| !m.is(c, k))
+                .map(|c| match m.hit(c, 1) {
+                    Some((_, have)) => format!("the {} at cluster {c}", have.name()),
+                    None => format!("cluster {c}, which holds no {}", k.name()),
+                }),
+        };
+        if let Some(at) = bad {
+            let what = kind.map_or("guest data", MetaKind::name);
+            return Err(Error::corrupt(
+                st.path(),
+                format!("metadata overlap: a write of {what} at host offset {off:#x} would land on {at}"),
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn high_water(&self) -> u64 {
@@ -184,6 +301,15 @@ impl Refcounts {
             if created {
                 continue;
             }
+            if let Some((c, kind)) = self.overlap.as_ref().and_then(|m| m.hit(start, n)) {
+                return Err(Error::corrupt(
+                    st.path(),
+                    format!(
+                        "metadata overlap: refcounts say cluster {c} is free, but it holds the {}",
+                        kind.name()
+                    ),
+                ));
+            }
             for c in start..start + n {
                 self.set(st, c, 1)?;
             }
@@ -237,6 +363,7 @@ impl Refcounts {
             1,
         );
         let off = c << self.geo.cluster_bits;
+        self.note_metadata(st, c, 1, MetaKind::RefBlock)?;
         self.blocks.insert(
             idx,
             Block {
@@ -292,6 +419,10 @@ impl Refcounts {
             // Switch in memory.
             let old_off = h.refcount_table_offset;
             let old_clusters = u64::from(h.refcount_table_clusters);
+            self.note_metadata(st, start, tc, MetaKind::RefTable)?;
+            for &(_, at) in &new_blocks {
+                self.note_metadata(st, at, 1, MetaKind::RefBlock)?;
+            }
             self.table.resize(entries, 0);
             for &(rb, at) in &new_blocks {
                 self.blocks.insert(
@@ -318,6 +449,9 @@ impl Refcounts {
             super::qcow2::write_header(st, h)?;
             st.sync()?;
             self.table_dirty.clear();
+            if let Some(m) = &mut self.overlap {
+                m.remove(old_off / cs, old_clusters);
+            }
             for c in (old_off / cs)..(old_off / cs + old_clusters) {
                 self.decrement(st, c)?;
             }
@@ -330,6 +464,17 @@ impl Refcounts {
             self.blocks.iter_mut().filter(|(_, b)| b.dirty).collect();
         dirty.sort_by_key(|(_, b)| b.off);
         for (_, b) in dirty {
+            if let Some(m) = &self.overlap {
+                if !m.is(b.off >> self.geo.cluster_bits, MetaKind::RefBlock) {
+                    return Err(Error::corrupt(
+                        st.path(),
+                        format!(
+                            "metadata overlap: refcount block at {:#x} is not where the refcount table says",
+                            b.off
+                        ),
+                    ));
+                }
+            }
             st.write_at(&b.data, b.off)?;
             b.dirty = false;
             self.dirty_blocks -= 1;

@@ -436,6 +436,37 @@ pub fn check(path: &Path, repair: Repair) -> Result<CheckReport> {
     Ok(second)
 }
 
+/// Above this many clusters in the file, opening for writing checks only the metadata's own
+/// layout and refcounts (`Refcounts::enable_overlap_checks`), not every reference: the full
+/// count needs 4 bytes per cluster.
+const OPEN_CHECK_MAX_CLUSTERS: u64 = 1 << 22;
+
+/// Refuse to write an image that `check` finds corrupt (or cannot check): a write through
+/// damaged refcounts or tables can land on metadata or on another offset's data. Leaks are
+/// fine (what a crash leaves). Run when an image is opened for writing.
+pub(crate) fn refuse_if_corrupt(st: &dyn Storage, h: &Header, path: &Path) -> Result<()> {
+    if st.len()?.div_ceil(h.geometry.cluster_size()) > OPEN_CHECK_MAX_CLUSTERS {
+        return Ok(());
+    }
+    let a = analyze(st, h, path)?;
+    let bad = a.r.corruptions + a.r.check_errors;
+    if bad > 0 {
+        let first =
+            a.r.messages
+                .iter()
+                .find(|m| m.starts_with("ERROR") || m.starts_with("Can't"))
+                .map(|m| format!(" (first: {m})"))
+                .unwrap_or_default();
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "{bad} errors in its metadata{first}: refusing to open it for writing (it can still be read; `vmicache check` lists them, `qemu-img check -r all` repairs)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn new_checker<'a>(st: &'a dyn Storage, h: &'a Header, path: &Path) -> Result<Checker<'a>> {
     let cs = h.geometry.cluster_size();
     let file_len = st.len()?;

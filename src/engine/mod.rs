@@ -5,6 +5,7 @@ pub mod check;
 pub mod create;
 pub mod image;
 pub mod lock;
+mod overlap;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;

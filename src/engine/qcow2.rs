@@ -22,6 +22,7 @@
 use super::alloc::Refcounts;
 use super::image::Image;
 use super::image::ZeroNotes;
+use super::overlap::MetaKind;
 use super::storage::Storage;
 use crate::format::compress;
 use crate::format::ext as vext;
@@ -31,7 +32,7 @@ use crate::format::types::{Geometry, GuestOffset, HostOffset};
 use crate::{Error, Result};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 /// Write `len` zero bytes at `off` through `write`, in bounded pieces.
@@ -104,6 +105,9 @@ pub struct Qcow2 {
     backing: Option<Arc<Image>>,
     preallocated: std::sync::OnceLock<bool>,
     cor: std::sync::OnceLock<Cor>,
+    /// Corruption was found while writing (a metadata overlap): the corrupt bit is set and
+    /// nothing more is written, as QEMU does.
+    broken: AtomicBool,
 }
 
 /// Copy-on-read counters of a cache layer.
@@ -236,6 +240,8 @@ impl Qcow2 {
             if header.has_extension(header::ext_kind::BITMAPS) {
                 return refuse("persistent dirty bitmaps");
             }
+            // Never write through damaged metadata: what `check` calls corrupt is refused.
+            super::check::refuse_if_corrupt(&*storage, &header, &path)?;
         }
         let mut l1 = vec![0u8; header.l1_size as usize * 8];
         storage.read_at(&mut l1, header.l1_table_offset)?;
@@ -262,10 +268,12 @@ impl Qcow2 {
             storage,
             preallocated: std::sync::OnceLock::new(),
             cor: std::sync::OnceLock::new(),
+            broken: AtomicBool::new(false),
         };
         if opts.write {
+            let m = q.meta.get_mut().unwrap_or_else(|p| p.into_inner());
+            m.rc.enable_overlap_checks(&*q.storage, &m.header, &m.l1)?;
             // Autoclear bits we do not maintain must be cleared by a writer (spec).
-            let m = q.meta.get_mut().unwrap();
             if m.header.autoclear != 0 {
                 m.header.autoclear = 0;
                 let h = m.header.clone();
@@ -314,6 +322,26 @@ impl Qcow2 {
 
     fn corrupt(&self, what: impl Into<String>) -> Error {
         Error::corrupt(self.path(), what)
+    }
+
+    /// Pass `r` on; a corruption found while writing marks the image corrupt first (the
+    /// corrupt bit in the header, then no more writes), as QEMU's qcow2_signal_corruption.
+    fn signal<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(Error::Corrupt { what, .. }) = &r {
+            if !self.broken.swap(true, Ordering::SeqCst) {
+                let mut m = self.lock();
+                m.header.incompatible |= header::incompat::CORRUPT;
+                let h = m.header.clone();
+                let marked = write_header(&*self.storage, &h).and_then(|()| self.storage.sync());
+                return Err(self.corrupt(match marked {
+                    Ok(()) => format!(
+                        "{what}; image marked corrupt, no more writes (`qemu-img check -r all` repairs)"
+                    ),
+                    Err(e) => format!("{what}; marking the image corrupt failed too: {e}"),
+                }));
+            }
+        }
+        r
     }
 
     // ----- mapping -------------------------------------------------------------------------
@@ -803,6 +831,11 @@ impl Qcow2 {
         if !self.writable {
             return Err(Error::request(self.path(), "image is open read-only"));
         }
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(self.corrupt(
+                "image was marked corrupt while writing: no more writes (`qemu-img check -r all` repairs)",
+            ));
+        }
         Ok(())
     }
 
@@ -871,6 +904,7 @@ impl Qcow2 {
             )));
         }
         let c = m.rc.alloc(&*self.storage, &mut m.header, 1)?;
+        m.rc.note_metadata(&*self.storage, c, 1, MetaKind::L2)?;
         let off = c << self.geo.cluster_bits;
         m.l2.insert(
             off,
@@ -905,6 +939,10 @@ impl Qcow2 {
     /// slow base does not stall the other requests of the disk). Clusters already allocated
     /// here are written in place after the lock is let go, under the I/O gate.
     pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.signal(self.write_at_inner(buf, off))
+    }
+
+    fn write_at_inner(&self, buf: &[u8], off: u64) -> Result<()> {
         self.require_writable()?;
         self.check_range(off, buf.len() as u64)?;
         if buf.is_empty() {
@@ -944,6 +982,7 @@ impl Qcow2 {
                             _ => break,
                         }
                     }
+                    m.rc.check_write(&*self.storage, host.0 + inc, run, None)?;
                     in_place.push((
                         host.0 + inc,
                         (pos - off) as usize..(pos - off + run) as usize,
@@ -956,6 +995,7 @@ impl Qcow2 {
                 } => {
                     let mut c = vec![0u8; cs as usize];
                     c[inc as usize..(inc + n) as usize].copy_from_slice(src);
+                    m.rc.check_write(&*self.storage, host.0, cs, None)?;
                     self.storage.write_at(&c, host.0)?;
                     self.set_entry(&mut m, g, L2Entry::data(host))?;
                     pos += n;
@@ -1073,6 +1113,7 @@ impl Qcow2 {
         // Clusters of a virtual size that is not cluster aligned are still whole clusters.
         let hc = m.rc.alloc(&*self.storage, &mut m.header, nclusters)?;
         let host = hc << self.geo.cluster_bits;
+        m.rc.check_write(&*self.storage, host, data.len() as u64, None)?;
         self.storage.write_at(&data, host)?;
         for (i, old) in olds.iter().enumerate() {
             let g = GuestOffset(first + i as u64 * cs);
@@ -1086,6 +1127,10 @@ impl Qcow2 {
     /// Make `[off, off+len)` read as zeros: whole clusters become zero clusters (their old
     /// clusters are freed after the new entries are on disk), partial ones are written.
     pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        self.signal(self.write_zeroes_inner(off, len))
+    }
+
+    fn write_zeroes_inner(&self, off: u64, len: u64) -> Result<()> {
         self.require_writable()?;
         self.check_range(off, len)?;
         let cs = self.geo.cluster_size();
@@ -1099,13 +1144,13 @@ impl Qcow2 {
         let zeros = |n: u64| vec![0u8; n as usize];
         if !self.v3 {
             // Version 2 has no zero flag.
-            return write_zero_bytes(off, len, |b, p| self.write_at(b, p));
+            return write_zero_bytes(off, len, |b, p| self.write_at_inner(b, p));
         }
         if off < a {
-            self.write_at(&zeros(a - off), off)?;
+            self.write_at_inner(&zeros(a - off), off)?;
         }
         if b < end {
-            self.write_at(&zeros(end - b), b)?;
+            self.write_at_inner(&zeros(end - b), b)?;
         }
         let mut m = self.lock();
         let mut g = a;
@@ -1128,6 +1173,10 @@ impl Qcow2 {
     /// size). Every cluster still unallocated here takes its content: all-zero clusters become
     /// zero clusters (nothing stored), others are written as data, at most `max_data` of them.
     pub fn fill(&self, off: u64, data: &[u8], max_data: u64) -> Result<FillStats> {
+        self.signal(self.fill_inner(off, data, max_data))
+    }
+
+    fn fill_inner(&self, off: u64, data: &[u8], max_data: u64) -> Result<FillStats> {
         self.require_writable()?;
         let cs = self.geo.cluster_size();
         if !self.geo.is_aligned(off) {
@@ -1185,7 +1234,9 @@ impl Qcow2 {
                     self.ensure_l2(m, GuestOffset(off + x as u64 * cs))?;
                 }
                 let hc = m.rc.alloc(&*self.storage, &mut m.header, k)?;
-                runs.push((i, j, hc << self.geo.cluster_bits));
+                let host = hc << self.geo.cluster_bits;
+                m.rc.check_write(&*self.storage, host, k * cs, None)?;
+                runs.push((i, j, host));
                 st.data_clusters += k;
                 i = j;
             }
@@ -1266,8 +1317,9 @@ impl Qcow2 {
         if !self.writable {
             return Ok(());
         }
-        let mut m = self.lock();
-        self.flush_locked(&mut m, durable)
+        self.require_writable()?;
+        let r = self.flush_locked(&mut self.lock(), durable);
+        self.signal(r)
     }
 
     fn flush_locked(&self, m: &mut Meta, durable: bool) -> Result<()> {
@@ -1280,6 +1332,7 @@ impl Qcow2 {
         if l2_dirty {
             st.sync()?;
             for (off, t) in m.l2.iter_mut().filter(|(_, t)| t.dirty) {
+                m.rc.check_write(st, *off, self.geo.cluster_size(), Some(MetaKind::L2))?;
                 st.write_at(&table::encode_table(&t.entries), *off)?;
                 t.dirty = false;
                 m.l2_dirty -= 1;
@@ -1396,7 +1449,8 @@ pub struct AllocStats {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
-        if self.writable {
+        // A corrupt-marked image is written no more (the error was reported when found).
+        if self.writable && !self.broken.load(Ordering::SeqCst) {
             if let Err(e) = self.flush(true) {
                 // Never panics on a closed stderr (eprintln! would).
                 use std::io::Write as _;
