@@ -114,11 +114,14 @@ fn relative_base_path_recorded_relative_to_cache() {
         ps(&dir.path().join("caches/c.qcow2")),
     ]);
     assert_eq!(info["backing-filename"], "../bases/base.raw");
-    // From any working directory the chain resolves from the cache's directory.
+    // From any working directory the chain resolves from the cache's directory (the
+    // bases' directory allowed: it is not below the cache's).
     let out = run(bin().current_dir("/").args([
         "inspect",
         "--json",
         ps(&dir.path().join("caches/c.qcow2")),
+        "--allow-backing",
+        ps(&dir.path().join("bases")),
     ]));
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["cache"]["base-check"], "ok");

@@ -965,6 +965,8 @@ fn backing_relative_path() {
         !Path::new("../mid.qcow2").exists() && !Path::new("../base.raw").exists(),
         "cwd-relative backing names must not resolve for this test to mean anything"
     );
+    // Backing files above the overlay's directory must be allowed (process-wide).
+    vmicache::engine::image::allow_backing_in(dir.path()).unwrap();
     verify("backing_relative_path", &top);
 }
 

@@ -170,7 +170,11 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
             let layers = img.layers();
             outln!(
                 "{:<18} {:<12} {:>5}  {:<10} {:<18} LAYER",
-                "START", "LENGTH", "DEPTH", "KIND", "OFFSET"
+                "START",
+                "LENGTH",
+                "DEPTH",
+                "KIND",
+                "OFFSET"
             );
             for e in &m {
                 let kind = match (e.present, e.zero, e.compressed) {

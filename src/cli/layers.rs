@@ -17,6 +17,8 @@ pub fn build(
     json: bool,
     quiet: bool,
 ) -> Result<i32> {
+    // The base named here is trusted: the new cache may name it from wherever it lies.
+    allow_dir_of(base)?;
     let o = BuildOptions {
         cluster_size,
         quota,
@@ -67,4 +69,21 @@ pub fn chain(cache: &Path, out: &Path, cluster_size: u64, json: bool, quiet: boo
         );
     }
     Ok(exit::OK)
+}
+
+/// Allow backing files in the directory of `image` (a path or an NBD URI's socket), which the
+/// user named on the command line.
+fn allow_dir_of(image: &Path) -> Result<()> {
+    let s = image.to_string_lossy();
+    let file = match vmicache::nbd::client::NbdUri::parse(&s) {
+        Some(u) => u.socket,
+        None => image.to_path_buf(),
+    };
+    let dir = std::fs::canonicalize(&file)
+        .ok()
+        .and_then(|c| c.parent().map(Path::to_path_buf));
+    if let Some(dir) = dir {
+        vmicache::engine::image::allow_backing_in(&dir)?;
+    }
+    Ok(())
 }

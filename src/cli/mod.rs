@@ -48,6 +48,12 @@ pub struct Cli {
     /// On errors, print the full chain of causes (one per line) after the one-line message.
     #[arg(short, long, global = true)]
     verbose: bool,
+    /// Also allow backing files (and NBD base sockets) below DIR. By default an image's
+    /// backing file must lie in that image's own directory or below, so that an image from
+    /// elsewhere cannot name /etc/shadow or another guest's disk. Repeatable; the
+    /// colon-separated VMICACHE_ALLOW_BACKING adds more.
+    #[arg(long, global = true, value_name = "DIR")]
+    allow_backing: Vec<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -229,6 +235,38 @@ pub fn main() -> i32 {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    for d in &cli.allow_backing {
+        vmicache::engine::image::allow_backing_in(d)?;
+    }
+    // From the environment, directories that do not exist (on this node) are skipped.
+    let from_env = std::env::var_os("VMICACHE_ALLOW_BACKING").unwrap_or_default();
+    for d in std::env::split_paths(&from_env).filter(|p| p.is_dir()) {
+        vmicache::engine::image::allow_backing_in(&d)?;
+    }
+    // An operator's configured directories hold the bases, caches and instances it trusts
+    // (the hook's configuration file when it is given; errors there are the hook's to report).
+    let explicit = match &cli.cmd {
+        Cmd::Hook(a) => a.config.as_deref(),
+        _ => None,
+    };
+    if let Ok(cfg) = vmicache::config::Config::load(&vmicache::config::config_path(explicit)) {
+        let d = &cfg.dirs;
+        let named = cfg.images.values().filter_map(|e| {
+            e.base
+                .as_ref()
+                .and_then(|b| b.0.parent().map(std::path::Path::to_path_buf))
+        });
+        let dirs: Vec<PathBuf> = d
+            .bases
+            .iter()
+            .chain([&d.caches, &d.instances])
+            .map(|x| x.0.clone())
+            .chain(named)
+            .collect();
+        for dir in dirs {
+            let _ = vmicache::engine::image::allow_backing_in(&dir);
+        }
+    }
     match cli.cmd {
         Cmd::Build {
             base,

@@ -7,7 +7,59 @@ use super::storage::{FileStorage, Storage};
 use crate::format::header::MAGIC;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+/// Directories where backing files may lie besides the directory of the image that names them
+/// ([`allow_backing_in`]).
+static ALLOWED_BACKING: RwLock<Vec<PathBuf>> = RwLock::new(Vec::new());
+
+/// Allow backing files (and the sockets of NBD bases) anywhere below `dir`, for the rest of
+/// the process. By default a backing file must lie in the directory of the image that names
+/// it, or below: an image from an untrusted source cannot make vmicache read `/etc/shadow`
+/// or another guest's disk by naming it as its backing file. The CLI passes
+/// `--allow-backing` and `VMICACHE_ALLOW_BACKING` here, the hook its configured directories.
+pub fn allow_backing_in(dir: &Path) -> Result<()> {
+    let canon =
+        std::fs::canonicalize(dir).map_err(|e| Error::io(dir, "allow backing files in", e))?;
+    let mut g = ALLOWED_BACKING.write().unwrap_or_else(|p| p.into_inner());
+    if !g.contains(&canon) {
+        g.push(canon);
+    }
+    Ok(())
+}
+
+/// Refuse a backing file (canonical `target`) outside the places allowed for `overlay`
+/// (the path as given) to name. `what` says what it is ("backing file", "NBD socket").
+fn confine_backing(overlay: &Path, target: &Path, what: &str) -> Result<()> {
+    // The directory of the path as given (how relative names resolve) and of the real file.
+    let given = match overlay.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let own = [
+        std::fs::canonicalize(given).ok(),
+        std::fs::canonicalize(overlay)
+            .ok()
+            .and_then(|c| c.parent().map(Path::to_path_buf)),
+    ];
+    let allowed = ALLOWED_BACKING.read().unwrap_or_else(|p| p.into_inner());
+    if own
+        .iter()
+        .flatten()
+        .chain(allowed.iter())
+        .any(|d| target.starts_with(d))
+    {
+        return Ok(());
+    }
+    Err(Error::chain(
+        overlay,
+        format!(
+            "{what} {} lies outside the image's directory{}: refused (allow it with --allow-backing DIR or VMICACHE_ALLOW_BACKING)",
+            target.display(),
+            if allowed.is_empty() { String::new() } else { " and the allowed directories".into() }
+        ),
+    ))
+}
 
 /// Deepest backing chain we open (QEMU has no fixed limit; this bounds hostile chains).
 pub const MAX_CHAIN_DEPTH: usize = 256;
@@ -152,11 +204,14 @@ impl Image {
     /// Open `path` and, unless told otherwise, its whole backing chain.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
         let mut seen = Vec::new();
-        Self::open_inner(path, opts, opts.format, &mut seen)
+        Self::open_inner(path, None, opts, opts.format, &mut seen)
     }
 
+    /// `named_by`: the image whose header named `path` as its backing file (None for the
+    /// image opened first).
     fn open_inner(
         path: &Path,
+        named_by: Option<&Path>,
         opts: &OpenOptions,
         format: Option<Format>,
         seen: &mut Vec<PathBuf>,
@@ -167,6 +222,11 @@ impl Image {
                     path,
                     "an NBD image is opened read-only here",
                 ));
+            }
+            if let (Some(overlay), Some(u)) = (named_by, crate::nbd::client::NbdUri::parse(uri)) {
+                let sock = std::fs::canonicalize(&u.socket)
+                    .map_err(|e| Error::io(&u.socket, "NBD base socket", e))?;
+                confine_backing(overlay, &sock, "NBD socket")?;
             }
             let st: Box<dyn Storage> = Box::new(crate::nbd::client::NbdStorage::connect(uri)?);
             let format = match format {
@@ -211,6 +271,9 @@ impl Image {
                 format!("backing chain deeper than {MAX_CHAIN_DEPTH} layers"),
             ));
         }
+        if let Some(overlay) = named_by {
+            confine_backing(overlay, &canon, "backing file")?;
+        }
         seen.push(canon);
         let write = opts.write && seen.len() == 1;
         let fs = FileStorage::open(path, write)?;
@@ -240,7 +303,13 @@ impl Image {
                                 Error::unsupported(path, format!("backing format '{f}'"))
                             })?),
                         };
-                        Some(Arc::new(Self::open_inner(&bpath, opts, bfmt, seen)?))
+                        Some(Arc::new(Self::open_inner(
+                            &bpath,
+                            Some(path),
+                            opts,
+                            bfmt,
+                            seen,
+                        )?))
                     }
                     _ => None,
                 };

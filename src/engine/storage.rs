@@ -71,15 +71,40 @@ pub struct FileStorage {
 
 impl FileStorage {
     pub fn open(path: &Path, write: bool) -> Result<Self> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        // O_NONBLOCK: opening a FIFO must not wait for a writer; only regular files pass.
         let file = OpenOptions::new()
             .read(true)
             .write(write)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
             .open(path)
             .map_err(|e| Error::io(path, "open", e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
-        if meta.is_dir() {
-            return Err(Error::invalid(path, "is a directory"));
+        let ft = meta.file_type();
+        let kind = if ft.is_dir() {
+            Some("a directory")
+        } else if ft.is_fifo() {
+            Some("a FIFO")
+        } else if ft.is_socket() {
+            Some("a socket")
+        } else if ft.is_block_device() {
+            Some("a block device")
+        } else if ft.is_char_device() {
+            Some("a character device")
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            return Err(Error::invalid(
+                path,
+                format!("is {kind}, not a regular file"),
+            ));
         }
+        nix::fcntl::fcntl(
+            &file,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
+        .map_err(|e| Error::io(path, "fcntl", e.into()))?;
         let mut st = FileStorage {
             file,
             path: path.to_path_buf(),
