@@ -362,6 +362,52 @@ struct Analysis {
     disk: Vec<Option<u64>>,
     blocks: Vec<Block>,
     rebuild: bool,
+    past_eof: Vec<PastEof>,
+}
+
+/// Slots of one refcount block counting clusters past the end of the file.
+struct PastEof {
+    /// Offset of the block.
+    block: u64,
+    /// The cluster its slot 0 counts.
+    first: u64,
+    /// Slots with a refcount above zero (ascending).
+    slots: Vec<u32>,
+}
+
+/// The refcount slots above zero that count clusters past the end of the file (`nb`
+/// clusters). Each block is read once; blocks themselves past the end are errors elsewhere.
+fn counted_past_eof(
+    st: &dyn Storage,
+    h: &Header,
+    blocks: &[Block],
+    nb: u64,
+) -> Result<Vec<PastEof>> {
+    let geo = h.geometry;
+    let per = geo.refblock_entries();
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut buf = vec![0u8; geo.cluster_size() as usize];
+    for (i, b) in blocks.iter().enumerate() {
+        let first = i as u64 * per;
+        let Block::At(off) = *b else { continue };
+        if first + per <= nb || off / geo.cluster_size() >= nb || !seen.insert(off) {
+            continue;
+        }
+        st.read_at(&mut buf, off)?;
+        let slots: Vec<u32> = (nb.saturating_sub(first)..per)
+            .filter(|&s| refcount::get(&buf, geo.refcount_order, s as usize) > 0)
+            .map(|s| s as u32)
+            .collect();
+        if !slots.is_empty() {
+            out.push(PastEof {
+                block: off,
+                first,
+                slots,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Check the qcow2 image at `path` (the image alone, not its backing files).
@@ -389,8 +435,17 @@ pub fn check(path: &Path, repair: Repair) -> Result<CheckReport> {
     if first.r.leaks == 0 {
         return Ok(first.r);
     }
+    let mut fixed = 0;
+    let mut buf = vec![0u8; h.geometry.cluster_size() as usize];
+    for p in &first.past_eof {
+        st.read_at(&mut buf, p.block)?;
+        for &slot in &p.slots {
+            refcount::set(&mut buf, h.geometry.refcount_order, slot as usize, 0);
+        }
+        st.write_at(&buf, p.block)?;
+        fixed += p.slots.len() as u64;
+    }
     // Lower leaked refcounts, then check again and report what the second pass sees.
-    let cs = h.geometry.cluster_size();
     let per = h.geometry.refblock_entries();
     let nb = first.computed.len() as u64;
     let mut messages: Vec<String> = first
@@ -400,8 +455,6 @@ pub fn check(path: &Path, repair: Repair) -> Result<CheckReport> {
         .filter(|m| m.starts_with("Leaked cluster") || m.starts_with("ERROR cluster"))
         .cloned()
         .collect();
-    let mut fixed = 0;
-    let mut buf = vec![0u8; cs as usize];
     for (bi, b) in first.blocks.iter().enumerate() {
         let Block::At(off) = *b else { continue };
         let first_c = bi as u64 * per;
@@ -535,6 +588,25 @@ fn analyze(st: &dyn Storage, h: &Header, path: &Path) -> Result<Analysis> {
         }
     }
     c.r.image_end_offset = (highest + 1) * cs;
+    // Clusters counted past the end of the file: a crash after clusters were counted and
+    // before their data was written leaves them. Nothing may refer to them (a reference past
+    // the end is an error above), so they are leaks. qemu-img check does not look there, and
+    // an allocator that trusts the counts never reuses them: after the image grows they show
+    // up as leaks that no repair before could have reclaimed.
+    let past_eof = if c.rebuild {
+        Vec::new()
+    } else {
+        counted_past_eof(st, h, &blocks, c.nb_clusters)?
+    };
+    for p in &past_eof {
+        let n = p.slots.len() as u64;
+        let first = p.first + u64::from(p.slots[0]);
+        let last = p.first + u64::from(p.slots[p.slots.len() - 1]);
+        c.msg(format!(
+            "Leaked clusters past the end of the image: {n} between {first} and {last} (refcount above 0, no reference)"
+        ));
+        c.r.leaks += n;
+    }
     // COPIED flags of the active tables, against the on-disk refcounts.
     let mut rc = RefLookup {
         st,
@@ -581,5 +653,6 @@ fn analyze(st: &dyn Storage, h: &Header, path: &Path) -> Result<Analysis> {
         disk,
         blocks,
         rebuild,
+        past_eof,
     })
 }
