@@ -593,7 +593,9 @@ fn analyze(st: &dyn Storage, h: &Header, path: &Path) -> Result<Analysis> {
     // the end is an error above), so they are leaks. qemu-img check does not look there, and
     // an allocator that trusts the counts never reuses them: after the image grows they show
     // up as leaks that no repair before could have reclaimed.
-    let past_eof = if c.rebuild {
+    // (Only on an otherwise sound image: on a damaged one, counts past the end may belong to
+    // references past the end, which are reported as corruptions, as qemu-img does.)
+    let past_eof = if c.rebuild || c.r.corruptions > 0 || c.r.check_errors > 0 {
         Vec::new()
     } else {
         counted_past_eof(st, h, &blocks, c.nb_clusters)?
