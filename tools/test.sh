@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need, then runs format, lint and tests.
 #   tools/test.sh          the default run (the minimal guest's boot story included)
-#   tools/test.sh --long   also the boot story on the systemd guest and the real-libvirt test
-#                          (tools/libvirt-test.sh; a few minutes more; root)
+#   tools/test.sh --long   also the boot story on the systemd guest, the real-libvirt test
+#                          (tools/libvirt-test.sh; root) and 3 minutes of the kill -9
+#                          campaign (tools/crash-campaign.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 long=0
@@ -30,6 +31,12 @@ if [ "$rc" = 0 ] && [ $long = 1 ]; then
   rc=${PIPESTATUS[0]}
   if [ "$rc" = 0 ]; then
     tools/libvirt-test.sh 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+  fi
+  if [ "$rc" = 0 ]; then
+    # The standing kill -9 campaign (a few minutes): crashes may leave leaks, never more.
+    cargo build --release --quiet
+    python3 tools/crash-campaign.py --binary target/release/vmicache --seconds 180 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
   fi
   set -e
