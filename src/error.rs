@@ -46,6 +46,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// A file or server that is not there or does not answer (as opposed to one that is
+    /// there and wrong): what an outage looks like.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Error::Io { .. } => true,
+            Error::Chain { what, .. } => what.starts_with("backing file not found"),
+            _ => false,
+        }
+    }
     pub fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -311,7 +311,16 @@ fn missing_backing_file() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("orphan.qcow2");
     qemu_create(&img, Some("1M"), &["-u", "-b", "gone.qcow2", "-F", "qcow2"]);
-    refused_everywhere(&img, &["gone.qcow2"]);
+    chain_refused(&img, &["gone.qcow2"]);
+    assert_refused(&["check", ps(&img)], &["gone.qcow2"]);
+    assert_refused(&["check", ps(&img), "--json"], &["gone.qcow2"]);
+    // inspect never needs the base (issue #11): the layer is shown as unreachable, exit 0.
+    let out = run(bin().args(["inspect", ps(&img)]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("unreachable") && text.contains("gone.qcow2"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -110,12 +110,32 @@ pub fn cache_meta(img: &Image) -> Result<Option<CacheMeta>> {
     }
 }
 
-/// Verify that the cache's base is still the base it was built over.
+/// Verify that the cache's base is still the base it was built over, as far as it may be
+/// looked at: a sealed cache's base is not contacted (its recorded file size, inode and
+/// modification time are compared when it is a local file that is there); other caches' bases
+/// are fingerprinted (about 1 MiB read).
 pub fn verify_base(cache: &Image) -> Result<Vec<identity::Mismatch>> {
-    verify_base_with(cache, true)
+    verify_base_with(cache, Check::Content)
 }
 
-fn verify_base_with(cache: &Image, content: bool) -> Result<Vec<identity::Mismatch>> {
+/// [`verify_base`], fingerprinting the base even under a sealed cache (`--verify`): fails
+/// when the base cannot be reached.
+pub fn verify_base_content(cache: &Image) -> Result<Vec<identity::Mismatch>> {
+    verify_base_with(cache, Check::Forced)
+}
+
+/// How much of the base a check reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Format and size only.
+    Shape,
+    /// The content fingerprint too, unless the cache is sealed.
+    Content,
+    /// The fingerprint, whatever the state.
+    Forced,
+}
+
+fn verify_base_with(cache: &Image, check: Check) -> Result<Vec<identity::Mismatch>> {
     let meta = cache_meta(cache)?.ok_or_else(|| {
         Error::request(
             cache.path(),
@@ -131,22 +151,45 @@ fn verify_base_with(cache: &Image, content: bool) -> Result<Vec<identity::Mismat
             "cache has no backing file (its base was removed from the header)",
         )
     })?;
-    if content {
-        identity::verify(&recorded, base)
-    } else {
+    if let Some(remote) = base.as_remote_base() {
+        if check != Check::Forced {
+            return Ok(identity::verify_file(&recorded, remote.name()));
+        }
+        let real = remote
+            .probe()
+            .map_err(|why| Error::chain(cache.path(), format!("base unreachable: {why}")))?;
+        return identity::verify(&recorded, &real);
+    }
+    if check == Check::Shape {
         identity::verify_shape(&recorded, base)
+    } else {
+        identity::verify(&recorded, base)
     }
 }
 
-/// Refuse a cache whose base changed since it was built, naming what changed.
+/// Refuse a cache whose base changed since it was built, naming what changed (reading the
+/// base only for caches that are not sealed: see [`verify_base`]).
 pub fn require_base_matches(cache: &Image) -> Result<()> {
-    require_base(cache, true)
+    refuse_mismatches(cache, verify_base_with(cache, Check::Content)?)
 }
 
 /// As [`require_base_matches`]; `content: false` compares format and size only, reading
-/// nothing from the base (a sealed cache serving boots that must not touch it).
+/// nothing from the base.
 pub fn require_base(cache: &Image, content: bool) -> Result<()> {
-    let mism = verify_base_with(cache, content)?;
+    let check = if content {
+        Check::Content
+    } else {
+        Check::Shape
+    };
+    refuse_mismatches(cache, verify_base_with(cache, check)?)
+}
+
+/// As [`require_base_matches`], fingerprinting the base even under a sealed cache.
+pub fn require_base_content(cache: &Image) -> Result<()> {
+    refuse_mismatches(cache, verify_base_with(cache, Check::Forced)?)
+}
+
+fn refuse_mismatches(cache: &Image, mism: Vec<identity::Mismatch>) -> Result<()> {
     if mism.is_empty() {
         return Ok(());
     }
@@ -162,13 +205,28 @@ pub fn require_base(cache: &Image, content: bool) -> Result<()> {
 /// boot whose writes land elsewhere than the recorded boot's did).
 pub const INSTANCE_CLUSTER_SIZE: u64 = 4 << 10;
 
-/// Create a per-VM copy-on-write instance over `cache`, refusing if the base changed.
+/// Create a per-VM copy-on-write instance over `cache`, refusing if the base changed (a sealed
+/// cache's base is not contacted unless `verify`: see [`verify_base`]).
 pub fn make_instance(cache: &Path, instance: &Path, cluster_size: u64) -> Result<()> {
+    make_instance_verified(cache, instance, cluster_size, false)
+}
+
+/// [`make_instance`]; `verify` fingerprints the base even under a sealed cache.
+pub fn make_instance_verified(
+    cache: &Path,
+    instance: &Path,
+    cluster_size: u64,
+    verify: bool,
+) -> Result<()> {
     let img = Image::open(cache, &OpenOptions::read_only())?;
     if img.format() != Format::Qcow2 {
         return Err(Error::request(cache, "a cache must be a qcow2 image"));
     }
-    require_base_matches(&img)?;
+    if verify {
+        require_base_content(&img)?;
+    } else {
+        require_base_matches(&img)?;
+    }
     let mut c = CreateOptions::new(img.virtual_size());
     c.cluster_size = cluster_size;
     c.backing_file = Some(backing_name(cache, instance)?);

@@ -6,7 +6,7 @@
 //! between samples is not seen (documented in docs/format.md).
 
 use crate::engine::Image;
-use crate::format::ext::{hex, BaseIdentity};
+use crate::format::ext::{hex, BaseFile, BaseIdentity};
 use crate::Result;
 
 pub const SCHEME: u32 = 1;
@@ -45,7 +45,46 @@ pub fn identify(img: &Image, path: &str) -> Result<BaseIdentity> {
         virtual_size: img.virtual_size(),
         fingerprint: fingerprint(img)?,
         scheme: SCHEME,
+        file: base_file(img.path()),
     })
+}
+
+/// Size, inode and modification time of a local base file (None for an NBD base or when the
+/// file cannot be looked at). Reads nothing of the file.
+pub fn base_file(path: &std::path::Path) -> Option<BaseFile> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
+    Some(BaseFile {
+        size: m.size(),
+        inode: m.ino(),
+        mtime_ns: (m.mtime() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(m.mtime_nsec() as u64),
+    })
+}
+
+/// Compare a recorded base file with the file at `path` now, reading nothing of it: the
+/// fields that changed (empty when it matches, or when nothing was recorded). A file that is
+/// not there is no mismatch: a sealed cache does not need its base.
+pub fn verify_file(recorded: &BaseIdentity, path: &std::path::Path) -> Vec<Mismatch> {
+    let (Some(r), Some(now)) = (recorded.file, base_file(path)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (field, a, b) in [
+        ("base file size", r.size, now.size),
+        ("base file inode", r.inode, now.inode),
+        ("base file modification time", r.mtime_ns, now.mtime_ns),
+    ] {
+        if a != b {
+            out.push(Mismatch {
+                field,
+                recorded: a.to_string(),
+                now: b.to_string(),
+            });
+        }
+    }
+    out
 }
 
 /// A difference between the recorded identity and the base as it is now.

@@ -6,7 +6,7 @@ use anyhow::Result;
 use serde::Serialize;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use vmicache::chain::build::{cache_meta, verify_base};
+use vmicache::chain::build::{cache_meta, verify_base, verify_base_content};
 use vmicache::chain::map::{map, to_qemu_json};
 use vmicache::engine::{Image, OpenOptions};
 use vmicache::format::ext::{hex, BaseIdentity};
@@ -42,6 +42,9 @@ struct Layer {
     /// Guest bytes allocated at this layer (data + compressed clusters).
     #[serde(skip_serializing_if = "Option::is_none")]
     allocated_bytes: Option<u64>,
+    /// Why this layer (a base) could not be reached; nothing else of it is known then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unreachable: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -54,13 +57,13 @@ struct CacheReport {
     cached_bytes: u64,
     cached_clusters: u64,
     base: Option<BaseIdentity>,
-    /// "ok", or the fields that changed.
+    /// "ok", the fields that changed, or "not done: <why>".
     base_check: serde_json::Value,
-    /// Bytes of data the base holds (its allocated extents).
-    base_data_bytes: u64,
+    /// Bytes of data the base holds (its allocated extents); null when it is unreachable.
+    base_data_bytes: Option<u64>,
     /// Of those, bytes the cache holds.
-    covered_bytes: u64,
-    coverage: f64,
+    covered_bytes: Option<u64>,
+    coverage: Option<f64>,
     created: u64,
     sealed: u64,
     /// The last copy-on-read session (recorded boot).
@@ -105,6 +108,7 @@ fn layer(img: &Image, depth: usize, role: &'static str) -> Result<Layer> {
         zero_clusters: None,
         compressed_clusters: None,
         allocated_bytes: None,
+        unreachable: None,
     };
     if let Some(q) = img.as_qcow2() {
         let h = q.header();
@@ -160,14 +164,71 @@ fn coverage(cache: &Image, base: &Image) -> Result<(u64, u64)> {
     Ok((total, covered))
 }
 
-pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Result<i32> {
-    let img = Image::open(path, &OpenOptions::read_only())?;
+/// The outcome of a base check as inspect reports it.
+fn check_value(
+    r: vmicache::Result<Vec<vmicache::chain::identity::Mismatch>>,
+) -> Result<serde_json::Value> {
+    Ok(match r {
+        Ok(m) if m.is_empty() => serde_json::json!("ok"),
+        Ok(m) => serde_json::to_value(m)?,
+        Err(e) => serde_json::json!(format!("not done: {e}")),
+    })
+}
+
+/// A base below a cache, reached on demand: the real image, or why it cannot be reached.
+fn reach(img: &Image) -> Option<Result<std::sync::Arc<Image>, String>> {
+    img.as_remote_base().map(|r| r.probe())
+}
+
+/// The layers of `img`'s chain as inspect shows them: bases reached on demand are replaced by
+/// their own chain when they can be reached.
+fn shown_layers(img: &Image) -> Vec<(&Image, Option<std::sync::Arc<Image>>, Option<String>)> {
+    let mut out = Vec::new();
+    for l in img.layers() {
+        match reach(l) {
+            None => out.push((l, None, None)),
+            Some(Ok(real)) => out.push((l, Some(real), None)),
+            Some(Err(why)) => out.push((l, None, Some(why))),
+        }
+    }
+    out
+}
+
+pub fn run(
+    path: &Path,
+    json: bool,
+    want_map: bool,
+    verify: bool,
+    trace: Option<&Path>,
+) -> Result<i32> {
+    // Backing files are reached only when needed: inspection never depends on the base.
+    let opts = OpenOptions {
+        lazy_backing: true,
+        ..OpenOptions::read_only()
+    };
+    let img = Image::open(path, &opts)?;
+    let shown = shown_layers(&img);
     if want_map {
+        for (l, _, why) in &shown {
+            if let Some(why) = why {
+                errln!(
+                    "vmicache: {}: base unreachable ({why}): what the layers above do not hold is reported as data at its depth, unresolved",
+                    l.path().display()
+                );
+            }
+        }
         let m = map(&img)?;
         if json {
             out!("{}", to_qemu_json(&m));
         } else {
-            let layers = img.layers();
+            // Layer names by depth, reached bases expanded into their own chains.
+            let mut layers: Vec<std::path::PathBuf> = Vec::new();
+            for (l, real, _) in &shown {
+                match real {
+                    Some(r) => layers.extend(r.layers().iter().map(|x| x.path().to_path_buf())),
+                    None => layers.push(l.path().to_path_buf()),
+                }
+            }
             outln!(
                 "{:<18} {:<12} {:>5}  {:<10} {:<18} LAYER",
                 "START",
@@ -192,7 +253,10 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
                     e.offset
                         .map(|o| format!("{o:#x}"))
                         .unwrap_or_else(|| "-".into()),
-                    layers[e.depth].path().display()
+                    layers
+                        .get(e.depth)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
                 );
             }
         }
@@ -204,28 +268,60 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
         .iter()
         .position(|l| matches!(cache_meta(l), Ok(Some(_))));
     let mut out = Vec::new();
-    for (d, l) in layers.iter().enumerate() {
+    let mut d = 0;
+    for (i, (l, real, why)) in shown.iter().enumerate() {
         let role = match cache_depth {
-            Some(c) if d < c => "instance",
-            Some(c) if d == c => "cache",
+            Some(c) if i < c => "instance",
+            Some(c) if i == c => "cache",
             Some(_) => "base",
             None => "image",
         };
-        out.push(layer(l, d, role)?);
+        match (real, why) {
+            (Some(real), _) => {
+                for r in real.layers() {
+                    out.push(layer(r, d, role)?);
+                    d += 1;
+                }
+            }
+            (None, Some(why)) => {
+                let mut x = layer(l, d, role)?;
+                x.format = "unknown";
+                (x.file_size, x.disk_size) = (0, 0);
+                x.unreachable = Some(why.clone());
+                out.push(x);
+                d += 1;
+            }
+            (None, None) => {
+                out.push(layer(l, d, role)?);
+                d += 1;
+            }
+        }
     }
     let cache = match cache_depth {
         None => None,
         Some(d) => {
             let c = layers[d];
             let meta = cache_meta(c)?.expect("found above");
-            let base_check = match verify_base(c) {
-                Ok(m) if m.is_empty() => serde_json::json!("ok"),
-                Ok(m) => serde_json::to_value(m)?,
-                Err(e) => serde_json::json!(e.to_string()),
+            let reached = c.backing().map(|b| match reach(b) {
+                None => Image::open(b.path(), &opts)
+                    .map(std::sync::Arc::new)
+                    .map_err(|e| e.to_string()),
+                Some(r) => r,
+            });
+            let base = reached.as_ref().and_then(|r| r.as_ref().ok().cloned());
+            let base_check = match (&reached, verify) {
+                (Some(Err(why)), _) => {
+                    serde_json::json!(format!("not done: base unreachable: {why}"))
+                }
+                (_, true) => check_value(verify_base_content(c))?,
+                (_, false) => check_value(verify_base(c))?,
             };
-            let (base_data_bytes, covered_bytes) = match c.backing() {
-                Some(b) => coverage(c, b)?,
-                None => (0, 0),
+            let (base_data_bytes, covered_bytes) = match &base {
+                Some(b) => {
+                    let (t, c) = coverage(c, b)?;
+                    (Some(t), Some(c))
+                }
+                None => (None, None),
             };
             let l = &out[d];
             let (trace_bytes, trace_covered_bytes) = match trace {
@@ -246,10 +342,10 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
                 base_check,
                 base_data_bytes,
                 covered_bytes,
-                coverage: if base_data_bytes == 0 {
-                    1.0
-                } else {
-                    covered_bytes as f64 / base_data_bytes as f64
+                coverage: match (base_data_bytes, covered_bytes) {
+                    (Some(0), _) => Some(1.0),
+                    (Some(t), Some(c)) => Some(c as f64 / t as f64),
+                    _ => None,
                 },
                 created: meta.created,
                 sealed: meta.sealed,
@@ -287,6 +383,12 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
             );
         }
         s += &format!(", on disk {}", human(l.disk_size));
+        if let Some(why) = &l.unreachable {
+            s = format!(
+                "  [{}] {:<8} {}  unreachable: {why}",
+                l.depth, l.role, l.path
+            );
+        }
         outln!("{s}");
     }
     if let Some(c) = &r.cache {
@@ -302,12 +404,15 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
                 human(c.quota)
             }
         );
-        outln!(
-            "  covers {} of the base's {} of data ({:.1}%)",
-            human(c.covered_bytes),
-            human(c.base_data_bytes),
-            c.coverage * 100.0
-        );
+        match (c.covered_bytes, c.base_data_bytes, c.coverage) {
+            (Some(cv), Some(t), Some(r)) => outln!(
+                "  covers {} of the base's {} of data ({:.1}%)",
+                human(cv),
+                human(t),
+                r * 100.0
+            ),
+            _ => outln!("  coverage of the base's data: unknown (base unreachable)"),
+        }
         if let Some(f) = &c.last_fill {
             outln!(
                 "  last fill: {} reads reached the cache, {} hits, {} misses, {} read from the base",
@@ -332,6 +437,9 @@ pub fn run(path: &Path, json: bool, want_map: bool, trace: Option<&Path>) -> Res
         if let Some(b) = &c.base {
             let check = match &c.base_check {
                 serde_json::Value::String(s) if s == "ok" => "matches".to_string(),
+                serde_json::Value::String(s) if s.starts_with("not done") => {
+                    format!("identity check {s}")
+                }
                 v => format!("CHANGED: {v}"),
             };
             outln!(

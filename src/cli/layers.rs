@@ -4,7 +4,7 @@ use super::exit;
 use super::util::human;
 use anyhow::Result;
 use std::path::Path;
-use vmicache::chain::build::{build_cache, make_instance, BuildOptions};
+use vmicache::chain::build::{build_cache, make_instance_verified, BuildOptions};
 use vmicache::engine::Format;
 use vmicache::format::ext::hex;
 
@@ -54,8 +54,15 @@ pub fn build(
     Ok(exit::OK)
 }
 
-pub fn chain(cache: &Path, out: &Path, cluster_size: u64, json: bool, quiet: bool) -> Result<i32> {
-    make_instance(cache, out, cluster_size)?;
+pub fn chain(
+    cache: &Path,
+    out: &Path,
+    cluster_size: u64,
+    json: bool,
+    verify: bool,
+    quiet: bool,
+) -> Result<i32> {
+    make_instance_verified(cache, out, cluster_size, verify)?;
     if json {
         outln!(
             "{}",
@@ -63,9 +70,14 @@ pub fn chain(cache: &Path, out: &Path, cluster_size: u64, json: bool, quiet: boo
         );
     } else if !quiet {
         outln!(
-            "created instance {} over cache {} (base verified)",
+            "created instance {} over cache {} (base {})",
             out.display(),
-            cache.display()
+            cache.display(),
+            if verify {
+                "fingerprint verified"
+            } else {
+                "checked"
+            }
         );
     }
     Ok(exit::OK)

@@ -101,14 +101,25 @@ enum Cmd {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// Fingerprint the base even when the cache is sealed (reads about 1 MiB of it; a
+        /// sealed cache's base is otherwise not contacted: only the size, inode and
+        /// modification time it recorded of a local base file are compared).
+        #[arg(long)]
+        verify: bool,
     },
     /// Show every layer of an image's chain; for a cache, what it holds and whether its base
     /// still matches.
+    ///
+    /// Never needs the base: an unreachable base is shown as such ("unreachable: why"), the
+    /// identity check is then reported as not done, and the exit code stays 0.
     Inspect {
         image: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Fingerprint the base even when the cache is sealed (see `chain --verify`).
+        #[arg(long, conflicts_with = "map")]
+        verify: bool,
         /// List extents and the layer that holds each (with --json: the shape of
         /// `qemu-img map --output=json`).
         #[arg(long)]
@@ -289,13 +300,15 @@ fn run(cli: Cli) -> Result<i32> {
             output,
             cluster_size,
             json,
-        } => layers::chain(&cache, &output, cluster_size, json, cli.quiet),
+            verify,
+        } => layers::chain(&cache, &output, cluster_size, json, verify, cli.quiet),
         Cmd::Inspect {
             image,
             json,
+            verify,
             map,
             trace,
-        } => inspect::run(&image, json, map, trace.as_deref()),
+        } => inspect::run(&image, json, map, verify, trace.as_deref()),
         Cmd::Serve {
             instances,
             socket,

@@ -3,6 +3,7 @@
 use super::lock::{lock, LockMode};
 use super::qcow2::{Qcow2, Qcow2Open};
 use super::raw::Raw;
+use super::remote::RemoteBase;
 use super::storage::{FileStorage, Storage};
 use crate::format::header::MAGIC;
 use crate::{Error, Result};
@@ -61,6 +62,40 @@ fn confine_backing(overlay: &Path, target: &Path, what: &str) -> Result<()> {
     ))
 }
 
+/// `p` with symlinks resolved as far as it exists: the canonical parent directory and the
+/// file name when the file itself is not there (a base that is down).
+fn lenient_canonical(p: &Path) -> PathBuf {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return c;
+    }
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(parent), p.file_name()) {
+        (Ok(d), Some(f)) => d.join(f),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// The vmicache extension of a header, if it has a valid one.
+fn cache_meta_of(h: &crate::format::header::Header) -> Option<crate::format::ext::CacheMeta> {
+    use crate::format::ext;
+    let e = h.extensions.iter().find(|e| e.kind == ext::KIND)?;
+    ext::CacheMeta::decode(&e.data).ok()
+}
+
+/// A sealed vmicache cache that records its base: its base is not opened eagerly.
+fn is_sealed(h: &crate::format::header::Header) -> bool {
+    cache_meta_of(h)
+        .is_some_and(|m| m.state == crate::format::ext::CacheState::Sealed && m.base.is_some())
+}
+
+/// The base size a vmicache cache records.
+fn recorded_base_size(h: &crate::format::header::Header) -> Option<u64> {
+    cache_meta_of(h)?.base.map(|b| b.virtual_size)
+}
+
 /// Deepest backing chain we open (QEMU has no fixed limit; this bounds hostile chains).
 pub const MAX_CHAIN_DEPTH: usize = 256;
 
@@ -100,6 +135,10 @@ pub struct OpenOptions {
     /// Take QEMU-compatible locks: write lock on the top image when writable, read locks
     /// (that refuse writers) on the backing files. Off for inspection, like `qemu-img -U`.
     pub lock: bool,
+    /// A backing file that cannot be reached now (missing, its NBD server down) does not fail
+    /// the open: it is left to be reached when a read needs it ([`RemoteBase`]), as the base
+    /// of a sealed cache always is. For looking at a chain whose base may be down (`inspect`).
+    pub lazy_backing: bool,
 }
 
 impl OpenOptions {
@@ -109,6 +148,7 @@ impl OpenOptions {
             backing: true,
             format: None,
             lock: false,
+            lazy_backing: false,
         }
     }
     /// Writable, with QEMU-compatible locks (refused while another process writes it).
@@ -295,6 +335,12 @@ impl Image {
             Format::Qcow2 => {
                 let header = Qcow2::read_header(&*st)?;
                 let backing = match (&header.backing_file, opts.backing) {
+                    (Some(name), true) if is_sealed(&header) => {
+                        // A sealed cache is opened without its base: reached on first need.
+                        let bpath = resolve_backing(path, name)?;
+                        let size = recorded_base_size(&header).unwrap_or(header.size);
+                        Some(Arc::new(Self::remote_base(path, bpath, size)?))
+                    }
                     (Some(name), true) => {
                         let bpath = resolve_backing(path, name)?;
                         let bfmt = match &header.backing_format {
@@ -303,13 +349,15 @@ impl Image {
                                 Error::unsupported(path, format!("backing format '{f}'"))
                             })?),
                         };
-                        Some(Arc::new(Self::open_inner(
-                            &bpath,
-                            Some(path),
-                            opts,
-                            bfmt,
-                            seen,
-                        )?))
+                        match Self::open_inner(&bpath, Some(path), opts, bfmt, seen) {
+                            Ok(b) => Some(Arc::new(b)),
+                            // Shown as unreachable by whoever looks (inspect).
+                            Err(e) if opts.lazy_backing && e.is_unreachable() => {
+                                let size = recorded_base_size(&header).unwrap_or(header.size);
+                                Some(Arc::new(Self::remote_base(path, bpath, size)?))
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                     _ => None,
                 };
@@ -320,6 +368,29 @@ impl Image {
                     Qcow2Open { write },
                 )?)))
             }
+        }
+    }
+
+    /// The base of the sealed cache `overlay`, named `bpath`, as a raw layer of the size the
+    /// cache recorded that opens the base only when a read needs it ([`RemoteBase`]).
+    fn remote_base(overlay: &Path, bpath: PathBuf, size: u64) -> Result<Image> {
+        // The base may be unreachable now: check where it would be, as far as can be seen.
+        let target = match crate::nbd::client::NbdUri::parse(&bpath.to_string_lossy()) {
+            Some(u) => (lenient_canonical(&u.socket), "NBD socket"),
+            None => (lenient_canonical(&bpath), "backing file"),
+        };
+        confine_backing(overlay, &target.0, target.1)?;
+        Ok(Image::Raw(Raw::open(
+            Box::new(RemoteBase::new(bpath, size)),
+            false,
+        )?))
+    }
+
+    /// The lazily reached base under a sealed cache, when this image is that layer.
+    pub fn as_remote_base(&self) -> Option<&RemoteBase> {
+        match self {
+            Image::Raw(r) => r.storage().as_remote_base(),
+            Image::Qcow2(_) => None,
         }
     }
 
@@ -528,6 +599,16 @@ impl Image {
             };
             let q = match img {
                 Image::Raw(r) => {
+                    // The base of a sealed cache, when it is open already (never opened for
+                    // a status): its own chain answers, one level deeper.
+                    if let Some(real) = r.storage().as_remote_base().and_then(|b| b.opened()) {
+                        if off < real.virtual_size() {
+                            let mut e =
+                                real.chain_status(off, len.min(real.virtual_size() - off))?;
+                            e.depth += depth;
+                            return Ok(e);
+                        }
+                    }
                     let (data, n) = r.block_status(off, len)?;
                     return Ok(st(true, !data, data, false, Some(off), n));
                 }

@@ -8,6 +8,7 @@ pub mod lock;
 mod overlap;
 pub mod qcow2;
 pub mod raw;
+pub mod remote;
 pub mod storage;
 
 pub use image::{Format, Image, OpenOptions};

@@ -23,6 +23,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn seek_hole(&self, off: u64) -> Result<u64>;
     /// Data/hole status of the run at `off`; see [`file_status`].
     fn status(&self, off: u64, len: u64) -> Result<(FileStatus, u64)>;
+    /// This storage as the lazily reached base of a sealed cache, if it is one.
+    fn as_remote_base(&self) -> Option<&super::remote::RemoteBase> {
+        None
+    }
 }
 
 /// What the file system says of a byte range of a file.

@@ -29,6 +29,7 @@ pub mod tag {
     pub const CREATED: u16 = 8;
     pub const SEALED: u16 = 9;
     pub const LAST_FILL: u16 = 10;
+    pub const BASE_FILE: u16 = 11;
 }
 
 /// Lifecycle of a cache layer.
@@ -85,6 +86,19 @@ pub struct BaseIdentity {
     pub fingerprint: [u8; 32],
     /// Sampling scheme the fingerprint was computed with.
     pub scheme: u32,
+    /// What the file system said of a local base file when the cache was built: compared,
+    /// without reading the base, where reading it is not wanted (a sealed cache).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<BaseFile>,
+}
+
+/// A base file's size, inode and modification time (nanoseconds since the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BaseFile {
+    pub size: u64,
+    pub inode: u64,
+    pub mtime_ns: u64,
 }
 
 fn hex32<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
@@ -160,6 +174,7 @@ impl CacheMeta {
             unknown: Vec::new(),
         };
         let (mut path, mut format, mut size, mut fp, mut scheme) = (None, None, None, None, 0);
+        let mut file = None;
         let mut at = 4;
         while at < b.len() {
             if at + 4 > b.len() {
@@ -199,9 +214,18 @@ impl CacheMeta {
                         ended: be_u64(v, 32),
                     })
                 }
-                tag::STATE | tag::FINGERPRINT | tag::FINGERPRINT_SCHEME | tag::LAST_FILL => {
-                    return Err(bad("record of wrong length"))
+                tag::BASE_FILE if len == 24 => {
+                    file = Some(BaseFile {
+                        size: be_u64(v, 0),
+                        inode: be_u64(v, 8),
+                        mtime_ns: be_u64(v, 16),
+                    })
                 }
+                tag::STATE
+                | tag::FINGERPRINT
+                | tag::FINGERPRINT_SCHEME
+                | tag::LAST_FILL
+                | tag::BASE_FILE => return Err(bad("record of wrong length")),
                 _ => m.unknown.push((t, v.to_vec())),
             }
         }
@@ -214,6 +238,7 @@ impl CacheMeta {
                 virtual_size,
                 fingerprint,
                 scheme,
+                file,
             });
         }
         Ok(m)
@@ -234,6 +259,13 @@ impl CacheMeta {
             rec(tag::BASE_SIZE, &base.virtual_size.to_be_bytes());
             rec(tag::FINGERPRINT, &base.fingerprint);
             rec(tag::FINGERPRINT_SCHEME, &base.scheme.to_be_bytes());
+            if let Some(f) = &base.file {
+                let mut v = Vec::with_capacity(24);
+                for x in [f.size, f.inode, f.mtime_ns] {
+                    v.extend_from_slice(&x.to_be_bytes());
+                }
+                rec(tag::BASE_FILE, &v);
+            }
         }
         rec(tag::CREATED, &self.created.to_be_bytes());
         if self.sealed != 0 {
@@ -265,6 +297,11 @@ mod tests {
                 virtual_size: 1 << 30,
                 fingerprint: [7; 32],
                 scheme: 1,
+                file: Some(BaseFile {
+                    size: 1 << 30,
+                    inode: 12,
+                    mtime_ns: 1_700_000_000_123_456_789,
+                }),
             },
             100 << 20,
             1_700_000_000,
