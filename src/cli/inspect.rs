@@ -180,9 +180,12 @@ fn reach(img: &Image) -> Option<Result<std::sync::Arc<Image>, String>> {
     img.as_remote_base().map(|r| r.probe())
 }
 
+/// A layer, and for a base reached on demand: the base itself, or why it is unreachable.
+type Shown<'a> = (&'a Image, Option<std::sync::Arc<Image>>, Option<String>);
+
 /// The layers of `img`'s chain as inspect shows them: bases reached on demand are replaced by
 /// their own chain when they can be reached.
-fn shown_layers(img: &Image) -> Vec<(&Image, Option<std::sync::Arc<Image>>, Option<String>)> {
+fn shown_layers(img: &Image) -> Vec<Shown<'_>> {
     let mut out = Vec::new();
     for l in img.layers() {
         match reach(l) {
