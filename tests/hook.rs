@@ -121,10 +121,11 @@ impl Host {
         out
     }
 
+    /// The pid a pid file names (its first line).
     fn pid(&self, stem: &str) -> Option<i32> {
         std::fs::read_to_string(self.p(&format!("state/{stem}.pid")))
             .ok()
-            .map(|s| s.trim().parse().unwrap())
+            .map(|s| s.lines().next().unwrap_or("").trim().parse().unwrap())
     }
 }
 
@@ -135,7 +136,8 @@ impl Drop for Host {
             for e in rd.flatten() {
                 if e.path().extension().is_some_and(|x| x == "pid") {
                     if let Ok(s) = std::fs::read_to_string(e.path()) {
-                        if let Ok(pid) = s.trim().parse::<i32>() {
+                        let first = s.lines().next().unwrap_or("");
+                        if let Ok(pid) = first.trim().parse::<i32>() {
                             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
                         }
                     }
@@ -821,4 +823,108 @@ fn concurrent_nbd_starts_on_a_cold_cache() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// A domain with one NBD disk whose instance is named by `instance=`.
+fn nbd_domain_with_instance(name: &str, base: &str, instance: &str, socket: &str) -> String {
+    domain(name, base, "", &nbd_disk(socket, name)).replace(
+        &format!("base=\"{base}\""),
+        &format!("base=\"{base}\" instance=\"{instance}\""),
+    )
+}
+
+#[test]
+fn a_newline_in_a_path_cannot_forge_a_log_line() {
+    let h = Host::new("defaults:\n  ephemeral: true\n");
+    let base = h.s("bases/debian.raw");
+    let forged = "1700000000 [1] vda: removed ephemeral instance FORGED";
+    let inst = format!("{}&#10;{forged}.qcow2", h.s("instances/f"));
+    let xmls = [
+        nbd_domain_with_instance("f", &base, &inst, &h.s("sockets/f.sock")),
+        domain("f", &base, "", &file_disk(&inst)),
+    ];
+    for xml in &xmls {
+        let before = h.snapshot();
+        let e = h.fails("f", "prepare", xml);
+        assert!(e.contains("control character"), "{e}");
+        assert_eq!(h.snapshot(), before);
+        h.fails("f", "release", xml);
+    }
+    let log = std::fs::read_to_string(h.p("state/hook.log")).unwrap_or_default();
+    for l in log.lines() {
+        assert!(!l.starts_with("1700000000 [1]"), "forged: {log}");
+    }
+    assert_eq!(std::fs::read_dir(h.p("instances")).unwrap().count(), 0);
+}
+
+/// Run the hook with a deadline; None if it did not finish.
+fn hook_within(h: &Host, guest: &str, op: &str, xml: &str, secs: u64) -> Option<Output> {
+    let mut c = bin();
+    c.args(["hook", guest, op, "begin", "-"])
+        .env("VMICACHE_CONFIG", h.p("config.yaml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed().as_secs() < secs {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn logging_never_stops_the_hook() {
+    let h = Host::new("defaults:\n  ephemeral: true\n");
+    let sock = h.s("sockets/l.sock");
+    let xml = domain("l", &h.s("bases/debian.raw"), "", &nbd_disk(&sock, "l"));
+    // hook.log is a FIFO nobody reads: opening it for writing would wait forever.
+    let fifo = h.p("state/hook.log");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for op in ["prepare", "release"] {
+        let o = hook_within(&h, "l", op, &xml, 20).unwrap_or_else(|| panic!("{op} hung"));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    std::fs::remove_file(&fifo).unwrap();
+    // A full file system (/dev/full) under the hook's log and the server's log; then the
+    // server's log removed while it runs: prepare and release still work.
+    let full = |p: PathBuf| {
+        Command::new("mknod")
+            .arg(&p)
+            .args(["c", "1", "7"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !(full(h.p("state/hook.log")) && full(h.p("state/l.vda.log"))) {
+        eprintln!("mknod not permitted: full-disk case skipped");
+        return;
+    }
+    h.ok("l", "prepare", "begin", &xml);
+    let pid = h.pid("l.vda").unwrap();
+    h.ok("l", "release", "end", &xml);
+    assert!(!alive(pid));
+    std::fs::remove_file(h.p("state/l.vda.log")).unwrap();
+    h.ok("l", "prepare", "begin", &xml);
+    let pid = h.pid("l.vda").unwrap();
+    std::fs::remove_file(h.p("state/l.vda.log")).unwrap();
+    std::fs::remove_file(h.p("state/hook.log")).unwrap();
+    std::fs::create_dir(h.p("state/hook.log")).unwrap();
+    h.ok("l", "release", "end", &xml);
+    assert!(!alive(pid));
+    assert!(!Path::new(&sock).exists());
 }

@@ -1,16 +1,23 @@
 //! Paths confined to the configured directories: everything the hook creates, writes or
 //! deletes goes through here.
 
+use super::log::escape;
 use crate::{Error, Result};
-use std::fs::{File, OpenOptions as FsOpen};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The path the hook may create, write or delete for `p`, which must lie in `dir` (the
 /// configuration's `what` directory): absolute, no `.`/`..`, its parent resolved through
-/// symlinks still inside `dir` resolved, and its final component not a symlink. Returns the
-/// resolved path.
+/// symlinks still inside `dir` resolved, its final component not a symlink, and no control
+/// characters anywhere (a newline in a name would start a line of its own in every log that
+/// names it). Returns the resolved path.
 pub fn confine(p: &Path, dir: &Path, what: &str) -> Result<PathBuf> {
+    let shown = p.to_string_lossy();
+    if shown.chars().any(char::is_control) {
+        return Err(Error::request(
+            escape(&shown).into_owned(),
+            "refused: control character in path",
+        ));
+    }
     let refuse = |why: String| Error::request(p, format!("refused: {why}"));
     if !crate::config::lexically_clean(p) {
         return Err(refuse(
@@ -53,15 +60,4 @@ pub(super) fn remove_regular(p: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(p, "stat", e)),
     }
-}
-
-/// Open for appending, creating with `mode`, never through a symlink.
-pub(super) fn open_append(p: &Path, mode: u32) -> Result<File> {
-    FsOpen::new()
-        .append(true)
-        .create(true)
-        .mode(mode)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(p)
-        .map_err(|e| Error::io(p, "open", e))
 }

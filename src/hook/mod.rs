@@ -35,6 +35,7 @@ mod server;
 mod xml;
 
 pub use confine::confine;
+pub use log::escape;
 pub use plan::{plan, DiskPlan};
 pub use xml::{parse_domain, Domain, ManagedDisk, Source, NS};
 
@@ -76,7 +77,14 @@ pub fn run(
     let cfg = load()?;
     ensure_dirs(&cfg)?;
     let plans = plan(&cfg, guest, &dom)?;
-    let log = HookLog::open(&cfg);
+    let log = HookLog::open(
+        confine(
+            &cfg.dirs.state.0.join("hook.log"),
+            &cfg.dirs.state.0,
+            "state",
+        )
+        .ok(),
+    );
     match op {
         "prepare" => prepare(&cfg, &plans, &log).map(|_| None),
         "release" | "stopped" => release(&plans, op == "release", &log).map(|_| None),

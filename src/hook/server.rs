@@ -1,7 +1,7 @@
 //! Servers: detached `vmicache serve` daemons with a pid file and a log file.
 
-use super::confine::{exists, open_append, remove_regular};
-use super::log::HookLog;
+use super::confine::{exists, remove_regular};
+use super::log::{open_append, HookLog};
 use super::plan::DiskPlan;
 use crate::chain::build::cache_meta;
 use crate::config::Config;
