@@ -857,6 +857,81 @@ fn a_newline_in_a_path_cannot_forge_a_log_line() {
     assert_eq!(std::fs::read_dir(h.p("instances")).unwrap().count(), 0);
 }
 
+/// `/proc/PID/stat` field 22: the process's start time.
+fn start_time(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = s.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    f[19].parse().unwrap()
+}
+
+#[test]
+fn pid_files_naming_another_process_are_not_signalled() {
+    let h = Host::new("");
+    let sock = h.s("sockets/p.sock");
+    let xml = domain("p", &h.s("bases/debian.raw"), "", &nbd_disk(&sock, "p"));
+    h.ok("p", "prepare", "begin", &xml);
+    let pid = h.pid("p.vda").unwrap();
+    let rec = std::fs::read_to_string(h.p("state/p.vda.pid")).unwrap();
+    assert!(rec.contains(&format!("start={}", start_time(pid))), "{rec}");
+    h.ok("p", "release", "end", &xml);
+    assert!(!alive(pid));
+
+    // An unrelated process whose arguments look like the server's ("serve", the socket): a
+    // recycled pid, or a pid file left from an older run.
+    // One process (sh waiting in its `read` builtin), so killing it leaves nothing behind.
+    let mut decoy = Command::new("sh")
+        .args(["-c", "read x", "serve", &sock])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let d = decoy.id() as i32;
+    let d_exe = std::fs::read_link(format!("/proc/{d}/exe")).unwrap();
+    let vmicache = std::fs::canonicalize(env!("CARGO_BIN_EXE_vmicache")).unwrap();
+    let records = [
+        format!("{d}\n"),
+        format!("{d}\nstart=1\nexe={}\n", d_exe.display()),
+        format!("{d}\nstart={}\nexe={}\n", start_time(d), vmicache.display()),
+    ];
+    for rec in &records {
+        std::fs::write(h.p("state/p.vda.pid"), rec).unwrap();
+        h.ok("p", "release", "end", &xml);
+        assert!(alive(d), "signalled by release through {rec:?}");
+        assert!(!h.p("state/p.vda.pid").exists());
+        std::fs::write(h.p("state/p.vda.pid"), rec).unwrap();
+        h.ok("p", "prepare", "begin", &xml);
+        assert!(alive(d), "signalled by prepare through {rec:?}");
+        let server = h.pid("p.vda").unwrap();
+        assert_ne!(server, d);
+        h.ok("p", "release", "end", &xml);
+        assert!(!alive(server));
+    }
+    let _ = decoy.kill();
+    let _ = decoy.wait();
+}
+
+#[test]
+fn a_server_ignoring_sigterm_is_killed_and_waited_for() {
+    let h = Host::new("");
+    let sock = h.s("sockets/k.sock");
+    let xml = domain("k", &h.s("bases/debian.raw"), "", &nbd_disk(&sock, "k"));
+    h.ok("k", "prepare", "begin", &xml);
+    let pid = h.pid("k.vda").unwrap();
+    // A stopped process does not act on SIGTERM; SIGKILL ends it.
+    Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    h.ok("k", "release", "end", &xml);
+    assert!(!alive(pid), "release returned while its server still ran");
+    assert!(t0.elapsed().as_secs() >= 9, "{:?}", t0.elapsed());
+    let log = std::fs::read_to_string(h.p("state/hook.log")).unwrap();
+    assert!(log.contains("ignored SIGTERM; killed"), "{log}");
+    assert!(!h.p("state/k.vda.pid").exists());
+}
+
 /// Run the hook with a deadline; None if it did not finish.
 fn hook_within(h: &Host, guest: &str, op: &str, xml: &str, secs: u64) -> Option<Output> {
     let mut c = bin();

@@ -31,6 +31,7 @@ mod confine;
 mod log;
 mod plan;
 mod prepare;
+mod proc;
 mod server;
 mod xml;
 
@@ -47,7 +48,7 @@ use crate::{Error, Result};
 use confine::{exists, remove_regular};
 use log::HookLog;
 use prepare::prepare;
-use server::{running, seal_after_recording, start_server, stop_server};
+use server::{running, seal_after_recording, start_server, stop_server, Server};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
 /// What the hook printed for libvirt: `Some(xml)` for the XML filters (migrate, restore).
@@ -154,7 +155,7 @@ fn release(plans: &[DiskPlan], remove: bool, log: &HookLog) -> Result<()> {
 
 fn reconnect(cfg: &Config, plans: &[DiskPlan], log: &HookLog) -> Result<()> {
     for p in plans.iter().filter(|p| p.mode == DiskMode::Nbd) {
-        if running(p)?.is_some() {
+        if matches!(running(p)?, Server::Ours(_)) {
             continue;
         }
         if !exists(&p.instance) {

@@ -3,11 +3,13 @@
 use super::confine::{exists, remove_regular};
 use super::log::{open_append, HookLog};
 use super::plan::DiskPlan;
+use super::proc::{Handle, ProcId};
 use crate::chain::build::cache_meta;
 use crate::config::Config;
 use crate::engine::{Image, OpenOptions};
 use crate::format::ext::CacheState;
 use crate::{Error, Result};
+use nix::sys::signal::Signal;
 use std::fs::OpenOptions as FsOpen;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
@@ -17,48 +19,67 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The pid of the live server for this disk, from its pid file (a pid whose process is not a
-/// `vmicache serve` on this socket is stale).
-pub(super) fn running(p: &DiskPlan) -> Result<Option<i32>> {
+/// What a disk's pid file names.
+#[derive(Debug)]
+pub(super) enum Server {
+    /// No pid file, or its process has exited.
+    None,
+    /// A live process that is not this disk's server (a recycled pid, a pid file of an older
+    /// vmicache that recorded no start time): never signalled.
+    Other { pid: i32, why: String },
+    /// This disk's server: the recorded start time and executable, `serve` on its socket.
+    Ours(ProcId),
+}
+
+/// Read this disk's pid file and check the process it names.
+pub(super) fn running(p: &DiskPlan) -> Result<Server> {
     let mut s = String::new();
     match FsOpen::new()
         .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(&p.pid)
     {
-        Ok(mut f) => {
-            f.read_to_string(&mut s)
+        Ok(f) => {
+            f.take(4096)
+                .read_to_string(&mut s)
                 .map_err(|e| Error::io(&p.pid, "read", e))?;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Server::None),
         Err(e) => return Err(Error::io(&p.pid, "open", e)),
     }
-    let Ok(pid) = s.trim().parse::<i32>() else {
-        return Ok(None);
+    let id = match ProcId::parse(&s) {
+        None => return Ok(Server::None),
+        Some(Err(pid)) => {
+            return Ok(match ProcId::of(pid) {
+                None => Server::None,
+                Some(_) => Server::Other {
+                    pid,
+                    why: "the pid file records no start time".into(),
+                },
+            })
+        }
+        Some(Ok(id)) => id,
     };
-    if pid <= 1 || !alive(pid) {
-        return Ok(None);
+    if id.gone() {
+        return Ok(Server::None);
     }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if let Some(why) = id.mismatch() {
+        return Ok(Server::Other { pid: id.pid, why });
+    }
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", id.pid)).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let sock = p
         .socket
         .as_ref()
         .map(|s| s.as_os_str().as_encoded_bytes())
         .unwrap_or_default();
-    let ours = args.contains(&&b"serve"[..]) && args.contains(&sock);
-    Ok(ours.then_some(pid))
-}
-
-/// A process that exists and is not a zombie.
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-        Err(_) => false,
+    if !(args.contains(&&b"serve"[..]) && args.contains(&sock)) {
+        return Ok(Server::Other {
+            pid: id.pid,
+            why: "not serving this socket".into(),
+        });
     }
+    Ok(Server::Ours(id))
 }
 
 /// Seal the disk's cache if its server was recording (a cache still warming, recording on).
@@ -88,24 +109,57 @@ pub(super) fn seal_after_recording(p: &DiskPlan, log: &HookLog) -> Result<()> {
     Ok(())
 }
 
-/// Stop this disk's server if one runs (SIGTERM; SIGKILL after 10 s), remove its pid file.
+/// How long a server has to stop after SIGTERM, and to be gone after SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(10);
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Stop this disk's server if one runs and remove its pid file. Only the process the pid
+/// file records (start time, executable, arguments) is signalled: SIGTERM, then SIGKILL after
+/// 10 s; it is gone when this returns (an error, and the pid file kept, if it outlives
+/// SIGKILL by 5 s). Logging plays no part in whether the server stops.
 pub(super) fn stop_server(p: &DiskPlan, log: &HookLog) -> Result<()> {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    if let Some(pid) = running(p)? {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        let t0 = Instant::now();
-        while alive(pid) && t0.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if alive(pid) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            log.line(&format!("{}: server {pid} ignored SIGTERM; killed", p.dev));
-        } else {
-            log.line(&format!("{}: stopped server {pid}", p.dev));
-        }
+    match running(p)? {
+        Server::None => {}
+        Server::Other { pid, why } => log.line(&format!(
+            "{}: pid file {} names process {pid}, which is not this disk's server ({why}); not signalled",
+            p.dev,
+            p.pid.display()
+        )),
+        Server::Ours(id) => stop(p, &id, log)?,
     }
     remove_regular(&p.pid)
+}
+
+fn stop(p: &DiskPlan, id: &ProcId, log: &HookLog) -> Result<()> {
+    let pid = id.pid;
+    let h = match Handle::open(id) {
+        Ok(h) => h,
+        Err(why) => {
+            log.line(&format!("{}: server {pid} not signalled: {why}", p.dev));
+            return Ok(());
+        }
+    };
+    if h.signal(Signal::SIGTERM).is_err() || id.wait_gone(TERM_GRACE) {
+        log.line(&format!("{}: stopped server {pid}", p.dev));
+        return Ok(());
+    }
+    let _ = h.signal(Signal::SIGKILL);
+    if id.wait_gone(KILL_WAIT) {
+        log.line(&format!("{}: server {pid} ignored SIGTERM; killed", p.dev));
+        return Ok(());
+    }
+    log.line(&format!(
+        "{}: server {pid} still runs {} s after SIGKILL",
+        p.dev,
+        KILL_WAIT.as_secs()
+    ));
+    Err(Error::request(
+        &p.pid,
+        format!(
+            "server {pid} still runs {} s after SIGKILL; pid file kept",
+            KILL_WAIT.as_secs()
+        ),
+    ))
 }
 
 /// The last non-empty line of a server's log (why it stopped).
@@ -175,6 +229,35 @@ pub(super) fn start_server(
         .spawn()
         .map_err(|e| Error::io(&exe, "start vmicache serve", e))?;
     let pid = child.id();
+    let fail = |child: &mut std::process::Child, e: Error| {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = remove_regular(&p.pid);
+        e
+    };
+    let exited = |st: std::process::ExitStatus| {
+        Error::request(
+            sock,
+            format!(
+                "vmicache serve exited ({st}): {} (log: {})",
+                last_line(&p.log),
+                p.log.display()
+            ),
+        )
+    };
+    // The child has exec'd when spawn returns: its start time and executable are final.
+    let Some(id) = ProcId::of(pid as i32) else {
+        return Err(match child.try_wait() {
+            Ok(Some(st)) => exited(st),
+            _ => fail(
+                &mut child,
+                Error::request(
+                    format!("/proc/{pid}/stat"),
+                    "cannot read the server's start time",
+                ),
+            ),
+        });
+    };
     let write_pid = || -> Result<()> {
         remove_regular(&p.pid)?;
         let mut f = FsOpen::new()
@@ -184,13 +267,8 @@ pub(super) fn start_server(
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&p.pid)
             .map_err(|e| Error::io(&p.pid, "create", e))?;
-        writeln!(f, "{pid}").map_err(|e| Error::io(&p.pid, "write", e))
-    };
-    let fail = |child: &mut std::process::Child, e: Error| {
-        let _ = child.kill();
-        let _ = child.wait();
-        let _ = remove_regular(&p.pid);
-        e
+        f.write_all(id.record().as_bytes())
+            .map_err(|e| Error::io(&p.pid, "write", e))
     };
     if let Err(e) = write_pid() {
         return Err(fail(&mut child, e));
@@ -200,14 +278,7 @@ pub(super) fn start_server(
     loop {
         if let Ok(Some(st)) = child.try_wait() {
             let _ = remove_regular(&p.pid);
-            return Err(Error::request(
-                sock,
-                format!(
-                    "vmicache serve exited ({st}): {} (log: {})",
-                    last_line(&p.log),
-                    p.log.display()
-                ),
-            ));
+            return Err(exited(st));
         }
         if std::fs::symlink_metadata(sock)
             .map(|m| m.file_type().is_socket())
