@@ -932,6 +932,54 @@ fn a_server_ignoring_sigterm_is_killed_and_waited_for() {
     assert!(!h.p("state/k.vda.pid").exists());
 }
 
+/// Run `tools/libvirt/qemu` as libvirt does.
+fn hook_script(h: &Host, args: &[&str], xml: &str) -> Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/libvirt/qemu");
+    let mut child = Command::new("sh")
+        .arg(script)
+        .args(args)
+        .env("VMICACHE", env!("CARGO_BIN_EXE_vmicache"))
+        .env("VMICACHE_CONFIG", h.p("config.yaml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn guest_names_are_never_options() {
+    let h = Host::new("");
+    let base = h.s("bases/debian.raw");
+    // A guest named like an option is the guest, not an option.
+    let g = "--config=/tmp/x";
+    let xml = domain(g, &base, "", &file_disk(&h.s("instances/c.qcow2")));
+    let o = hook_script(&h, &[g, "prepare", "begin", "-"], &xml);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("domain '--config=/tmp/x'"), "{e}");
+    assert!(e.contains("needs a name of letters"), "{e}");
+    // `-rf` is a fine name.
+    let inst = h.s("instances/-rf.vda.qcow2");
+    let xml = domain("-rf", &base, "", &nbd_disk(&h.s("sockets/rf.sock"), "rf"));
+    for op in ["prepare", "release"] {
+        let o = hook_script(&h, &["-rf", op, "begin", "-"], &xml);
+        assert!(
+            o.status.success(),
+            "{op}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert!(Path::new(&inst).exists());
+}
+
 /// Run the hook with a deadline; None if it did not finish.
 fn hook_within(h: &Host, guest: &str, op: &str, xml: &str, secs: u64) -> Option<Output> {
     let mut c = bin();
