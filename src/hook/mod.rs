@@ -29,6 +29,7 @@
 
 mod confine;
 mod log;
+mod owner;
 mod plan;
 mod prepare;
 mod proc;
@@ -37,6 +38,7 @@ mod xml;
 
 pub use confine::confine;
 pub use log::escape;
+pub use owner::Owner;
 pub use plan::{plan, DiskPlan};
 pub use xml::{parse_domain, Domain, ManagedDisk, Source, NS};
 
@@ -78,6 +80,13 @@ pub fn run(
     let cfg = load()?;
     ensure_dirs(&cfg)?;
     let plans = plan(&cfg, guest, &dom)?;
+    if op != "release" && op != "stopped" {
+        // Another guest's instance: refused before anything changes. (release and stopped
+        // still stop this guest's own servers, and then refuse.)
+        for p in &plans {
+            p.owner()?;
+        }
+    }
     let log = HookLog::open(
         confine(
             &cfg.dirs.state.0.join("hook.log"),
@@ -126,6 +135,17 @@ pub fn ensure_dirs(cfg: &Config) -> Result<()> {
 fn release(plans: &[DiskPlan], remove: bool, log: &HookLog) -> Result<()> {
     let mut first_err = None;
     for p in plans {
+        if let Err(e) = p.owner() {
+            // Not this guest's instance: stop this guest's own server if it has one (its pid
+            // file is named after the guest), touch nothing else.
+            if p.mode == DiskMode::Nbd {
+                if let Err(e) = stop_server(p, log) {
+                    first_err.get_or_insert(e);
+                }
+            }
+            first_err.get_or_insert(e);
+            continue;
+        }
         if p.mode == DiskMode::Nbd {
             if let Err(e) = stop_server(p, log) {
                 first_err.get_or_insert(e);

@@ -1,6 +1,7 @@
 //! The plan: every path of every managed disk, validated before anything changes.
 
 use super::confine::confine;
+use super::owner::{self, Owner};
 use super::xml::{xml_err, Domain, Source};
 use crate::config::{safe_name, Config, DiskMode, ResolvedImage};
 use crate::{Error, Result};
@@ -9,6 +10,8 @@ use std::path::PathBuf;
 /// One managed disk with every path the hook touches for it.
 #[derive(Debug, Clone)]
 pub struct DiskPlan {
+    /// The guest the disk is planned for.
+    pub guest: String,
     pub dev: String,
     pub mode: DiskMode,
     /// The base's resolution (an error is reported where the base is needed: prepare).
@@ -17,6 +20,8 @@ pub struct DiskPlan {
     pub lock: Option<PathBuf>,
     pub trace: Option<PathBuf>,
     pub instance: PathBuf,
+    /// Whose the instance is (`Err`: the refusal, reported by every operation).
+    pub owner: std::result::Result<Owner, String>,
     pub socket: Option<PathBuf>,
     pub export: String,
     pub pid: PathBuf,
@@ -28,6 +33,12 @@ impl DiskPlan {
         self.image
             .as_ref()
             .map_err(|e| Error::request(format!("disk {}", self.dev), e.clone()))
+    }
+    /// The instance's ownership, or the refusal naming it.
+    pub(super) fn owner(&self) -> Result<Owner> {
+        self.owner
+            .clone()
+            .map_err(|e| Error::request(&self.instance, e))
     }
     pub(super) fn ephemeral(&self) -> bool {
         // A base that no longer resolves keeps its instances (never delete on doubt).
@@ -100,6 +111,23 @@ pub fn plan(cfg: &Config, guest: &str, dom: &Domain) -> Result<Vec<DiskPlan>> {
                 )
             }
         };
+        if instance
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+        {
+            return Err(Error::request(
+                &instance,
+                "refused: an instance name that starts with '.' (the hook's owner records are named so)",
+            ));
+        }
+        // Instances made before owner records: adopted by the guest whose default one it is.
+        let default = confine(
+            &d.instances.0.join(format!("{stem}.qcow2")),
+            &d.instances.0,
+            "instances",
+        )
+        .unwrap_or_default();
+        let owner = owner::check(&instance, guest, &default);
         let (cache, lock, trace) = match &image {
             Ok(i) => (
                 Some(confine(
@@ -127,6 +155,7 @@ pub fn plan(cfg: &Config, guest: &str, dom: &Domain) -> Result<Vec<DiskPlan>> {
             )));
         }
         out.push(DiskPlan {
+            guest: guest.to_string(),
             dev: m.dev.clone(),
             mode: source_mode,
             image,
@@ -134,6 +163,7 @@ pub fn plan(cfg: &Config, guest: &str, dom: &Domain) -> Result<Vec<DiskPlan>> {
             lock,
             trace,
             instance,
+            owner,
             socket,
             export,
             pid: confine(&d.state.0.join(format!("{stem}.pid")), &d.state.0, "state")?,

@@ -3,6 +3,7 @@
 
 use super::confine::{exists, remove_regular};
 use super::log::HookLog;
+use super::owner::claim;
 use super::plan::DiskPlan;
 use super::server::{start_server, stop_server};
 use crate::chain::build::BuildOptions;
@@ -26,6 +27,7 @@ struct Undo {
 pub(super) fn prepare(cfg: &Config, plans: &[DiskPlan], log: &HookLog) -> Result<()> {
     // Everything that can be checked without changing anything, for every disk, first.
     for p in plans {
+        p.owner()?;
         let img = p.image()?;
         let m = std::fs::metadata(&img.base).map_err(|e| Error::io(&img.base, "base image", e))?;
         if !m.is_file() && !m.file_type().is_block_device() {
@@ -76,6 +78,19 @@ fn prepare_disks(cfg: &Config, plans: &[DiskPlan], log: &HookLog, undo: &mut Und
     for p in plans {
         let img = p.image()?;
         let cache = p.cache.as_ref().expect("resolved");
+        // The instance's owner record first (O_EXCL: of guests racing for one name, one wins).
+        if let Some(rec) = claim(&p.instance, &p.guest)? {
+            if exists(&p.instance) {
+                log.line(&format!(
+                    "{}: adopted instance {} (owner record {})",
+                    p.dev,
+                    p.instance.display(),
+                    rec.display()
+                ));
+            } else {
+                undo.files.push(rec);
+            }
+        }
         let state = ensure_cache(cfg, p, img, log, undo)?;
         if exists(&p.instance) && p.ephemeral() {
             // A leftover of a run whose release did not happen.
