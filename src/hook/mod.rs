@@ -22,7 +22,10 @@
 //! `.`/`..`, the parent resolved through symlinks must stay inside, the final component must
 //! not be a symlink, and files are created with `O_EXCL`/`O_NOFOLLOW`. Anything else is
 //! refused with one line before anything is changed; a failure half-way through `prepare`
-//! removes what this run made.
+//! removes what this run made. An instance belongs to the guest it was made for (`owner.rs`):
+//! another guest's XML naming it is refused. Servers are signalled only if their pid file's
+//! start time and executable match (`proc.rs`), and log lines escape control characters
+//! ([`escape`]).
 //!
 //! It never calls back into libvirt, and its servers are detached (`setsid`, output to a log
 //! file in the state directory, a pid file), so libvirt does not wait for them.
