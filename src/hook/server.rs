@@ -139,7 +139,12 @@ fn stop(p: &DiskPlan, id: &ProcId, log: &HookLog) -> Result<()> {
             return Ok(());
         }
     };
-    if h.signal(Signal::SIGTERM).is_err() || id.wait_gone(TERM_GRACE) {
+    if let Err(e) = h.signal(Signal::SIGTERM) {
+        if !id.gone() {
+            return Err(Error::io(&p.pid, "signal the server", e));
+        }
+    }
+    if id.wait_gone(TERM_GRACE) {
         log.line(&format!("{}: stopped server {pid}", p.dev));
         return Ok(());
     }
