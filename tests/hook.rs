@@ -121,10 +121,11 @@ impl Host {
         out
     }
 
+    /// The pid a pid file names (its first line).
     fn pid(&self, stem: &str) -> Option<i32> {
         std::fs::read_to_string(self.p(&format!("state/{stem}.pid")))
             .ok()
-            .map(|s| s.trim().parse().unwrap())
+            .map(|s| s.lines().next().unwrap_or("").trim().parse().unwrap())
     }
 }
 
@@ -135,7 +136,8 @@ impl Drop for Host {
             for e in rd.flatten() {
                 if e.path().extension().is_some_and(|x| x == "pid") {
                     if let Ok(s) = std::fs::read_to_string(e.path()) {
-                        if let Ok(pid) = s.trim().parse::<i32>() {
+                        let first = s.lines().next().unwrap_or("");
+                        if let Ok(pid) = first.trim().parse::<i32>() {
                             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
                         }
                     }
@@ -821,4 +823,373 @@ fn concurrent_nbd_starts_on_a_cold_cache() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// A domain with one NBD disk whose instance is named by `instance=`.
+fn nbd_domain_with_instance(name: &str, base: &str, instance: &str, socket: &str) -> String {
+    domain(name, base, "", &nbd_disk(socket, name)).replace(
+        &format!("base=\"{base}\""),
+        &format!("base=\"{base}\" instance=\"{instance}\""),
+    )
+}
+
+/// A host with a persistent image `keep` and an ephemeral image `eph` over one base.
+fn two_image_host() -> Host {
+    let h = Host::new("");
+    let base = h.s("bases/debian.raw");
+    h.write_config(&format!(
+        "images:\n  keep:\n    base: {base}\n  eph:\n    base: {base}\n    ephemeral: true\n"
+    ));
+    h
+}
+
+fn nbd_io(sock: &str, export: &str, cmd: &str) -> String {
+    let o = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &format!("nbd+unix:///{export}?socket={sock}"),
+            "-c",
+            cmd,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn guests_cannot_touch_each_others_instances() {
+    let h = two_image_host();
+    // Guest A: a persistent NBD disk with its default instance, its server running, data in it.
+    let a_sock = h.s("sockets/A.sock");
+    let a_inst = h.s("instances/A.vda.qcow2");
+    let a_xml = domain("A", "keep", "", &nbd_disk(&a_sock, "A"));
+    h.ok("A", "prepare", "begin", &a_xml);
+    let a_pid = h.pid("A.vda").unwrap();
+    nbd_io(&a_sock, "A", "write -P 0x42 1M 64k");
+    // Guest N: a persistent native disk under a name of its own choosing.
+    let n_inst = h.s("instances/n-root.qcow2");
+    let n_xml = domain("N", "keep", "", &file_disk(&n_inst));
+    h.ok("N", "prepare", "begin", &n_xml);
+    let ino = |p: &str| std::fs::metadata(p).unwrap().ino();
+    let (a_ino, n_ino) = (ino(&a_inst), ino(&n_inst));
+
+    // Guest B names them in every way: ephemeral or not, NBD instance= or native <source file>.
+    let b_sock = h.s("sockets/B.sock");
+    let mut cases = Vec::new();
+    for (victim, owner) in [(&a_inst, "A"), (&n_inst, "N")] {
+        for img in ["eph", "keep"] {
+            cases.push((
+                format!("{img} nbd instance={victim}"),
+                nbd_domain_with_instance("B", img, victim, &b_sock),
+                owner,
+            ));
+            cases.push((
+                format!("{img} native {victim}"),
+                domain("B", img, "", &file_disk(victim)),
+                owner,
+            ));
+        }
+    }
+    for (what, xml, owner) in &cases {
+        for op in [
+            "prepare",
+            "release",
+            "stopped",
+            "reconnect",
+            "migrate",
+            "restore",
+        ] {
+            let before = h.snapshot();
+            let e = h.fails("B", op, xml);
+            assert!(
+                e.contains(&format!("belongs to guest '{owner}'")),
+                "{what} {op}: {e}"
+            );
+            assert_eq!(h.snapshot(), before, "{what} {op} changed files");
+        }
+    }
+    // The hook's own files beside an instance are not instances.
+    let xml = domain(
+        "B",
+        "eph",
+        "",
+        &file_disk(&h.s("instances/.A.vda.qcow2.owner")),
+    );
+    let e = h.fails("B", "prepare", &xml);
+    assert!(e.contains("starts with '.'"), "{e}");
+
+    // A and N are untouched: same files, A's server still serves A's data.
+    assert_eq!((ino(&a_inst), ino(&n_inst)), (a_ino, n_ino));
+    assert_eq!(h.pid("A.vda"), Some(a_pid));
+    assert!(alive(a_pid));
+    let out = nbd_io(&a_sock, "A", "read -P 0x42 1M 64k");
+    assert!(out.contains("read 65536/65536"), "{out}");
+    // Their owners use them as before.
+    h.ok("A", "release", "end", &a_xml);
+    h.ok("N", "release", "end", &n_xml);
+    h.ok("A", "prepare", "begin", &a_xml);
+    assert_eq!(ino(&a_inst), a_ino);
+    h.ok("A", "release", "end", &a_xml);
+}
+
+#[test]
+fn instances_without_owner_record_are_adopted_only_by_their_default_guest() {
+    // Instances made before owner records existed.
+    let h = two_image_host();
+    let a_xml = domain("A", "keep", "", &nbd_disk(&h.s("sockets/A.sock"), "A"));
+    h.ok("A", "prepare", "begin", &a_xml);
+    h.ok("A", "release", "end", &a_xml);
+    let n_inst = h.s("instances/n-root.qcow2");
+    let n_xml = domain("N", "keep", "", &file_disk(&n_inst));
+    h.ok("N", "prepare", "begin", &n_xml);
+    h.ok("N", "release", "end", &n_xml);
+    let a_owner = h.p("instances/.A.vda.qcow2.owner");
+    let n_owner = h.p("instances/.n-root.qcow2.owner");
+    assert_eq!(std::fs::read_to_string(&a_owner).unwrap(), "A\n");
+    std::fs::remove_file(&a_owner).unwrap();
+    std::fs::remove_file(&n_owner).unwrap();
+
+    // Another guest cannot claim either.
+    for victim in [h.s("instances/A.vda.qcow2"), n_inst.clone()] {
+        let xml = domain("B", "eph", "", &file_disk(&victim));
+        let before = h.snapshot();
+        let e = h.fails("B", "prepare", &xml);
+        assert!(e.contains("has no owner record"), "{e}");
+        assert_eq!(h.snapshot(), before);
+    }
+    // A's default name is A's: adopted at its next prepare.
+    h.ok("A", "prepare", "begin", &a_xml);
+    assert_eq!(std::fs::read_to_string(&a_owner).unwrap(), "A\n");
+    h.ok("A", "release", "end", &a_xml);
+    // N's instance has a name of its own: the operator says whose it is.
+    let e = h.fails("N", "prepare", &n_xml);
+    assert!(e.contains(".n-root.qcow2.owner"), "{e}");
+    std::fs::write(&n_owner, "N\n").unwrap();
+    h.ok("N", "prepare", "begin", &n_xml);
+    h.ok("N", "release", "end", &n_xml);
+}
+
+#[test]
+fn a_newline_in_a_path_cannot_forge_a_log_line() {
+    let h = Host::new("defaults:\n  ephemeral: true\n");
+    let base = h.s("bases/debian.raw");
+    let forged = "1700000000 [1] vda: removed ephemeral instance FORGED";
+    let inst = format!("{}&#10;{forged}.qcow2", h.s("instances/f"));
+    let xmls = [
+        nbd_domain_with_instance("f", &base, &inst, &h.s("sockets/f.sock")),
+        domain("f", &base, "", &file_disk(&inst)),
+    ];
+    for xml in &xmls {
+        let before = h.snapshot();
+        let e = h.fails("f", "prepare", xml);
+        assert!(e.contains("control character"), "{e}");
+        assert_eq!(h.snapshot(), before);
+        h.fails("f", "release", xml);
+    }
+    let log = std::fs::read_to_string(h.p("state/hook.log")).unwrap_or_default();
+    for l in log.lines() {
+        assert!(!l.starts_with("1700000000 [1]"), "forged: {log}");
+    }
+    assert_eq!(std::fs::read_dir(h.p("instances")).unwrap().count(), 0);
+}
+
+/// `/proc/PID/stat` field 22: the process's start time.
+fn start_time(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = s.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    f[19].parse().unwrap()
+}
+
+#[test]
+fn pid_files_naming_another_process_are_not_signalled() {
+    let h = Host::new("");
+    let sock = h.s("sockets/p.sock");
+    let xml = domain("p", &h.s("bases/debian.raw"), "", &nbd_disk(&sock, "p"));
+    h.ok("p", "prepare", "begin", &xml);
+    let pid = h.pid("p.vda").unwrap();
+    let rec = std::fs::read_to_string(h.p("state/p.vda.pid")).unwrap();
+    assert!(rec.contains(&format!("start={}", start_time(pid))), "{rec}");
+    h.ok("p", "release", "end", &xml);
+    assert!(!alive(pid));
+
+    // An unrelated process whose arguments look like the server's ("serve", the socket): a
+    // recycled pid, or a pid file left from an older run.
+    // One process (sh waiting in its `read` builtin), so killing it leaves nothing behind.
+    let mut decoy = Command::new("sh")
+        .args(["-c", "read x", "serve", &sock])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let d = decoy.id() as i32;
+    let d_exe = std::fs::read_link(format!("/proc/{d}/exe")).unwrap();
+    let vmicache = std::fs::canonicalize(env!("CARGO_BIN_EXE_vmicache")).unwrap();
+    let records = [
+        format!("{d}\n"),
+        format!("{d}\nstart=1\nexe={}\n", d_exe.display()),
+        format!("{d}\nstart={}\nexe={}\n", start_time(d), vmicache.display()),
+    ];
+    for rec in &records {
+        std::fs::write(h.p("state/p.vda.pid"), rec).unwrap();
+        h.ok("p", "release", "end", &xml);
+        assert!(alive(d), "signalled by release through {rec:?}");
+        assert!(!h.p("state/p.vda.pid").exists());
+        std::fs::write(h.p("state/p.vda.pid"), rec).unwrap();
+        h.ok("p", "prepare", "begin", &xml);
+        assert!(alive(d), "signalled by prepare through {rec:?}");
+        let server = h.pid("p.vda").unwrap();
+        assert_ne!(server, d);
+        h.ok("p", "release", "end", &xml);
+        assert!(!alive(server));
+    }
+    let _ = decoy.kill();
+    let _ = decoy.wait();
+}
+
+#[test]
+fn a_server_ignoring_sigterm_is_killed_and_waited_for() {
+    let h = Host::new("");
+    let sock = h.s("sockets/k.sock");
+    let xml = domain("k", &h.s("bases/debian.raw"), "", &nbd_disk(&sock, "k"));
+    h.ok("k", "prepare", "begin", &xml);
+    let pid = h.pid("k.vda").unwrap();
+    // A stopped process does not act on SIGTERM; SIGKILL ends it.
+    Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    h.ok("k", "release", "end", &xml);
+    assert!(!alive(pid), "release returned while its server still ran");
+    assert!(t0.elapsed().as_secs() >= 9, "{:?}", t0.elapsed());
+    let log = std::fs::read_to_string(h.p("state/hook.log")).unwrap();
+    assert!(log.contains("ignored SIGTERM; killed"), "{log}");
+    assert!(!h.p("state/k.vda.pid").exists());
+}
+
+/// Run `tools/libvirt/qemu` as libvirt does.
+fn hook_script(h: &Host, args: &[&str], xml: &str) -> Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/libvirt/qemu");
+    let mut child = Command::new("sh")
+        .arg(script)
+        .args(args)
+        .env("VMICACHE", env!("CARGO_BIN_EXE_vmicache"))
+        .env("VMICACHE_CONFIG", h.p("config.yaml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn guest_names_are_never_options() {
+    let h = Host::new("");
+    let base = h.s("bases/debian.raw");
+    // A guest named like an option is the guest, not an option.
+    let g = "--config=/tmp/x";
+    let xml = domain(g, &base, "", &file_disk(&h.s("instances/c.qcow2")));
+    let o = hook_script(&h, &[g, "prepare", "begin", "-"], &xml);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("domain '--config=/tmp/x'"), "{e}");
+    assert!(e.contains("needs a name of letters"), "{e}");
+    // `-rf` is a fine name.
+    let inst = h.s("instances/-rf.vda.qcow2");
+    let xml = domain("-rf", &base, "", &nbd_disk(&h.s("sockets/rf.sock"), "rf"));
+    for op in ["prepare", "release"] {
+        let o = hook_script(&h, &["-rf", op, "begin", "-"], &xml);
+        assert!(
+            o.status.success(),
+            "{op}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert!(Path::new(&inst).exists());
+    assert_eq!(
+        std::fs::read_to_string(h.p("instances/.-rf.vda.qcow2.owner")).unwrap(),
+        "-rf\n"
+    );
+}
+
+/// Run the hook with a deadline; None if it did not finish.
+fn hook_within(h: &Host, guest: &str, op: &str, xml: &str, secs: u64) -> Option<Output> {
+    let mut c = bin();
+    c.args(["hook", guest, op, "begin", "-"])
+        .env("VMICACHE_CONFIG", h.p("config.yaml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed().as_secs() < secs {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn logging_never_stops_the_hook() {
+    let h = Host::new("defaults:\n  ephemeral: true\n");
+    let sock = h.s("sockets/l.sock");
+    let xml = domain("l", &h.s("bases/debian.raw"), "", &nbd_disk(&sock, "l"));
+    // hook.log is a FIFO nobody reads: opening it for writing would wait forever.
+    let fifo = h.p("state/hook.log");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for op in ["prepare", "release"] {
+        let o = hook_within(&h, "l", op, &xml, 20).unwrap_or_else(|| panic!("{op} hung"));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    std::fs::remove_file(&fifo).unwrap();
+    // A full file system (/dev/full) under the hook's log and the server's log; then the
+    // server's log removed while it runs: prepare and release still work.
+    let full = |p: PathBuf| {
+        Command::new("mknod")
+            .arg(&p)
+            .args(["c", "1", "7"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !(full(h.p("state/hook.log")) && full(h.p("state/l.vda.log"))) {
+        eprintln!("mknod not permitted: full-disk case skipped");
+        return;
+    }
+    h.ok("l", "prepare", "begin", &xml);
+    let pid = h.pid("l.vda").unwrap();
+    h.ok("l", "release", "end", &xml);
+    assert!(!alive(pid));
+    std::fs::remove_file(h.p("state/l.vda.log")).unwrap();
+    h.ok("l", "prepare", "begin", &xml);
+    let pid = h.pid("l.vda").unwrap();
+    std::fs::remove_file(h.p("state/l.vda.log")).unwrap();
+    std::fs::remove_file(h.p("state/hook.log")).unwrap();
+    std::fs::create_dir(h.p("state/hook.log")).unwrap();
+    h.ok("l", "release", "end", &xml);
+    assert!(!alive(pid));
+    assert!(!Path::new(&sock).exists());
 }

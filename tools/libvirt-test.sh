@@ -65,7 +65,7 @@ if [ -e "$hook" ]; then saved=$(mktemp); cp "$hook" "$saved"; fi
 mkdir -p /etc/libvirt/hooks
 cat > "$hook" <<HOOK
 #!/bin/sh
-VMICACHE_CONFIG=$P/config.yaml exec $repo/target/release/vmicache hook "\$@"
+VMICACHE_CONFIG=$P/config.yaml exec $repo/target/release/vmicache hook -- "\$@"
 HOOK
 chmod 755 "$hook"
 pgrep -x virtlogd >/dev/null || virtlogd -d
