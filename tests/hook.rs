@@ -1193,3 +1193,46 @@ fn logging_never_stops_the_hook() {
     assert!(!alive(pid));
     assert!(!Path::new(&sock).exists());
 }
+
+/// Issue #9 item 2: a qcow2 base placed in `dirs.bases` whose backing file is a host file
+/// outside the configured directories (absolute, through `..`, or through a symlink) is
+/// refused at prepare, naming it, and nothing of it reaches a cache or an instance.
+#[test]
+fn bases_backed_by_host_files_are_refused() {
+    let h = Host::new("");
+    std::os::unix::fs::symlink("/etc/passwd", h.p("bases/link.raw")).unwrap();
+    for (i, name) in [
+        "/etc/passwd",
+        "../../../../../../../../etc/passwd",
+        "link.raw",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let base = h.s(&format!("bases/evil{i}.qcow2"));
+        let o = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "raw"])
+            .args([&base, "1M"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        for disk in [
+            nbd_disk(&h.s("sockets/e.sock"), "e"),
+            file_disk(&h.s(&format!("instances/e{i}.qcow2"))),
+        ] {
+            let err = h.fails("e", "prepare", &domain("e", &base, "", &disk));
+            assert!(
+                err.contains("lies outside") && err.contains("/etc/passwd"),
+                "{err}"
+            );
+            // No cache, instance or server came of it (a build lock file may stay).
+            for d in ["caches", "instances", "sockets"] {
+                for e in std::fs::read_dir(h.p(d)).unwrap() {
+                    let n = e.unwrap().file_name().to_string_lossy().to_string();
+                    assert!(n.ends_with(".lock"), "{d}/{n} left behind");
+                }
+            }
+            assert!(h.pid("e.vda").is_none());
+        }
+    }
+}
