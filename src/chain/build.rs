@@ -9,8 +9,14 @@ use crate::{Error, Result};
 use std::path::{Component, Path, PathBuf};
 
 /// How `new_path` should name `target` in its header: relative to `new_path`'s directory when
-/// the user named the target relatively, absolute when absolutely.
+/// the user named the target relatively, absolute when absolutely; an NBD URI as it is.
 pub fn backing_name(target: &Path, new_path: &Path) -> Result<String> {
+    if let Some(uri) = target
+        .to_str()
+        .filter(|s| crate::engine::image::is_nbd_uri(s))
+    {
+        return Ok(uri.to_string());
+    }
     let name = if target.is_absolute() {
         target.to_path_buf()
     } else {

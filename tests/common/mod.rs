@@ -5,7 +5,8 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use vmicache::engine::{Image, OpenOptions};
 
@@ -405,4 +406,65 @@ pub fn qemu_overlay(path: &Path, backing: &str, backing_fmt: &str) {
         backing_fmt,
         ps(path),
     ]);
+}
+
+// ---------------------------------------------------------------------------
+// Servers started by tests (nbdkit, vmicache serve)
+// ---------------------------------------------------------------------------
+
+pub fn wait_for(p: &Path, child: &mut std::process::Child, what: &str) {
+    let t = Instant::now();
+    while !p.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("{what} exited early: {st}");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{what}: {} never appeared",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// nbdkit serving `base` read-only on `sock`; `pre` are filter options, `post` plugin/filter
+/// parameters.
+/// A child process killed when dropped (a failing assertion must not leave servers behind
+/// holding the test's output pipes).
+pub struct Proc(pub Option<std::process::Child>);
+
+impl Proc {
+    pub fn stop(mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn nbdkit(sock: &Path, pre: &[&str], base: &Path, post: &[&str]) -> Proc {
+    let _ = std::fs::remove_file(sock);
+    let mut c = Command::new("nbdkit")
+        .args(["-r", "-f", "-U", ps(sock)])
+        .args(pre)
+        .arg("file")
+        .arg(base)
+        .args(post)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nbdkit (tools/deps.sh --boot installs it)");
+    wait_for(sock, &mut c, "nbdkit");
+    Proc(Some(c))
 }
