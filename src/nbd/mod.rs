@@ -63,13 +63,16 @@
 //! seconds for connections to finish and then close the remaining ones.
 
 pub mod client;
+mod handshake;
+mod listener;
 pub mod proto;
-mod server;
+mod transmission;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
-pub use server::{Server, Stopper, WORKERS_PER_CONNECTION};
+pub use listener::{Server, Stopper};
+pub use transmission::WORKERS_PER_CONNECTION;
 
 use crate::engine::image::push_run;
 use crate::{Error, Result};
