@@ -5,12 +5,14 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use super::listener::{lock, Exports, Shared};
+use super::listener::{lock, ExportSlot, Exports, Shared};
 use super::proto::*;
 use super::Export;
 
 /// What the handshake settled.
 pub(super) struct Negotiated {
+    /// The connection's place in its export's count, held for the transmission phase.
+    pub(super) slot: ExportSlot,
     pub(super) export: Arc<dyn Export>,
     pub(super) structured: bool,
     pub(super) base_allocation: bool,
@@ -69,28 +71,27 @@ pub(super) fn handshake(
     r: &mut impl Read,
     writer: &Mutex<UnixStream>,
     exports: &Exports,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> io::Result<Option<Negotiated>> {
-    let send = |bytes: &[u8]| lock(writer).write_all(bytes);
-    let reply = |opt: u32, typ: u32, data: &[u8]| send(&option_reply(opt, typ, data));
-
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
     greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
     greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    send(&greeting)?;
+    lock(writer).write_all(&greeting)?;
 
     let client_flags = read_u32(r)?;
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(violation("unknown client flags"));
     }
     let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
-
-    let mut structured = false;
-    // Export index and selection of the last SET_META_CONTEXT.
-    let mut meta: Option<(usize, bool)> = None;
-
+    let mut h = Haggle {
+        writer,
+        exports,
+        shared,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+        structured: false,
+        meta: None,
+    };
     loop {
         if read_u64(r)? != IHAVEOPT {
             return Err(violation("bad option magic"));
@@ -109,143 +110,218 @@ pub(super) fn handshake(
                 "option other than EXPORT_NAME without fixed newstyle",
             ));
         }
-        if shared.stopping() && opt != OPT_ABORT && opt != OPT_EXPORT_NAME {
-            reply(opt, REP_ERR_SHUTDOWN, b"server is shutting down")?;
-            continue;
+        let step = if shared.stopping() && opt != OPT_ABORT && opt != OPT_EXPORT_NAME {
+            h.reply(opt, REP_ERR_SHUTDOWN, b"server is shutting down")
+                .map(|()| Step::Next)
+        } else {
+            match opt {
+                OPT_EXPORT_NAME => h.export_name(&data),
+                OPT_ABORT => {
+                    // The client may already be gone; that is fine.
+                    let _ = h.reply(opt, REP_ACK, &[]);
+                    Ok(Step::Leave)
+                }
+                OPT_LIST => h.list(&data),
+                OPT_STRUCTURED_REPLY => h.structured_reply(&data),
+                OPT_INFO | OPT_GO => h.info_go(opt, &data),
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => h.meta_context(opt, &data),
+                _ => {
+                    // STARTTLS, EXTENDED_HEADERS and anything newer.
+                    let msg = format!("option {opt} is not supported");
+                    h.reply(opt, REP_ERR_UNSUP, msg.as_bytes())
+                        .map(|()| Step::Next)
+                }
+            }
+        };
+        match step? {
+            Step::Next => {}
+            Step::Leave => return Ok(None),
+            Step::Go(n) => return Ok(Some(n)),
         }
-        match opt {
-            OPT_EXPORT_NAME => {
-                let Some(idx) = std::str::from_utf8(&data)
-                    .ok()
-                    .and_then(|name| lookup(exports, name))
-                else {
-                    return Ok(None);
-                };
-                if shared.stopping() {
-                    return Ok(None);
-                }
-                let export = exports[idx].1.clone();
-                let mut b = Vec::with_capacity(134);
-                b.extend_from_slice(&export.size().to_be_bytes());
-                b.extend_from_slice(&transmission_flags(&*export, structured).to_be_bytes());
-                if !no_zeroes {
-                    b.extend_from_slice(&[0u8; 124]);
-                }
-                send(&b)?;
-                return Ok(Some(Negotiated {
-                    export,
-                    structured,
-                    base_allocation: meta == Some((idx, true)),
-                }));
-            }
-            OPT_ABORT => {
-                // The client may already be gone; that is fine.
-                let _ = reply(opt, REP_ACK, &[]);
-                return Ok(None);
-            }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    reply(opt, REP_ERR_INVALID, b"LIST takes no data")?;
-                    continue;
-                }
-                for (name, _) in exports.iter() {
-                    let mut d = Vec::with_capacity(4 + name.len());
-                    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-                    d.extend_from_slice(name.as_bytes());
-                    reply(opt, REP_SERVER, &d)?;
-                }
-                reply(opt, REP_ACK, &[])?;
-            }
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    reply(opt, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data")?;
-                    continue;
-                }
-                structured = true;
-                reply(opt, REP_ACK, &[])?;
-            }
-            OPT_INFO | OPT_GO => {
-                let mut d = OptionData::new(&data);
-                let parsed = (|| {
-                    let name = d.string()?;
-                    let n = d.u16()?;
-                    let requests = (0..n).map(|_| d.u16()).collect::<Option<Vec<u16>>>()?;
-                    d.is_empty().then_some((name, requests))
-                })();
-                let Some((name, requests)) = parsed else {
-                    reply(opt, REP_ERR_INVALID, b"malformed INFO/GO request")?;
-                    continue;
-                };
-                let Some(idx) = lookup(exports, name) else {
-                    let msg = format!("no export named {name:?}");
-                    reply(opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
-                    continue;
-                };
-                let (canonical, export) = &exports[idx];
-                send_info(&reply, opt, canonical, &**export, structured, &requests)?;
-                reply(opt, REP_ACK, &[])?;
-                if opt == OPT_GO {
-                    return Ok(Some(Negotiated {
-                        export: export.clone(),
-                        structured,
-                        base_allocation: meta == Some((idx, true)),
-                    }));
-                }
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                let set = opt == OPT_SET_META_CONTEXT;
-                if set {
-                    meta = None;
-                }
-                if !structured {
-                    reply(opt, REP_ERR_INVALID, b"structured replies not negotiated")?;
-                    continue;
-                }
-                let mut d = OptionData::new(&data);
-                let parsed = (|| {
-                    let name = d.string()?;
-                    let n = d.u32()?;
-                    // Each query takes at least 4 bytes: bound n before collecting.
-                    if n as usize > data.len() / 4 {
-                        return None;
-                    }
-                    let queries = (0..n).map(|_| d.string()).collect::<Option<Vec<&str>>>()?;
-                    d.is_empty().then_some((name, queries))
-                })();
-                let Some((name, queries)) = parsed else {
-                    reply(opt, REP_ERR_INVALID, b"malformed meta context request")?;
-                    continue;
-                };
-                let Some(idx) = lookup(exports, name) else {
-                    let msg = format!("no export named {name:?}");
-                    reply(opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
-                    continue;
-                };
-                let selected = if set {
-                    queries.contains(&CONTEXT_BASE_ALLOCATION)
-                } else {
-                    queries.is_empty()
-                        || queries
-                            .iter()
-                            .any(|q| *q == CONTEXT_BASE_ALLOCATION || *q == "base:")
-                };
-                if selected {
-                    let id = if set { CONTEXT_ID_BASE_ALLOCATION } else { 0 };
-                    let mut d = id.to_be_bytes().to_vec();
-                    d.extend_from_slice(CONTEXT_BASE_ALLOCATION.as_bytes());
-                    reply(opt, REP_META_CONTEXT, &d)?;
-                }
-                if set {
-                    meta = Some((idx, selected));
-                }
-                reply(opt, REP_ACK, &[])?;
-            }
-            _ => {
-                // STARTTLS, EXTENDED_HEADERS and anything newer.
-                let msg = format!("option {opt} is not supported");
-                reply(opt, REP_ERR_UNSUP, msg.as_bytes())?;
-            }
+    }
+}
+
+/// What to do after an option.
+enum Step {
+    /// Read the next option.
+    Next,
+    /// End the connection.
+    Leave,
+    /// Enter transmission.
+    Go(Negotiated),
+}
+
+/// The state of option haggling on one connection.
+struct Haggle<'a> {
+    writer: &'a Mutex<UnixStream>,
+    exports: &'a Exports,
+    shared: &'a Arc<Shared>,
+    no_zeroes: bool,
+    structured: bool,
+    /// Export index and selection of the last SET_META_CONTEXT.
+    meta: Option<(usize, bool)>,
+}
+
+impl Haggle<'_> {
+    fn reply(&self, opt: u32, typ: u32, data: &[u8]) -> io::Result<()> {
+        lock(self.writer).write_all(&option_reply(opt, typ, data))
+    }
+
+    /// The transmission phase on export `idx`, or `None` when the export is at its
+    /// connection limit.
+    fn negotiated(&self, idx: usize) -> Option<Negotiated> {
+        Some(Negotiated {
+            slot: self.shared.export_slot(idx)?,
+            export: self.exports[idx].1.clone(),
+            structured: self.structured,
+            base_allocation: self.meta == Some((idx, true)),
+        })
+    }
+
+    /// `NBD_OPT_EXPORT_NAME`: no way to refuse but closing.
+    fn export_name(&self, data: &[u8]) -> io::Result<Step> {
+        let Some(idx) = std::str::from_utf8(data)
+            .ok()
+            .and_then(|name| lookup(self.exports, name))
+        else {
+            return Ok(Step::Leave);
+        };
+        if self.shared.stopping() {
+            return Ok(Step::Leave);
         }
+        let Some(neg) = self.negotiated(idx) else {
+            return Ok(Step::Leave);
+        };
+        let export = &*neg.export;
+        let mut b = Vec::with_capacity(134);
+        b.extend_from_slice(&export.size().to_be_bytes());
+        b.extend_from_slice(&transmission_flags(export, self.structured).to_be_bytes());
+        if !self.no_zeroes {
+            b.extend_from_slice(&[0u8; 124]);
+        }
+        lock(self.writer).write_all(&b)?;
+        Ok(Step::Go(neg))
+    }
+
+    fn list(&self, data: &[u8]) -> io::Result<Step> {
+        let opt = OPT_LIST;
+        if !data.is_empty() {
+            self.reply(opt, REP_ERR_INVALID, b"LIST takes no data")?;
+            return Ok(Step::Next);
+        }
+        for (name, _) in self.exports.iter() {
+            let mut d = Vec::with_capacity(4 + name.len());
+            d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            d.extend_from_slice(name.as_bytes());
+            self.reply(opt, REP_SERVER, &d)?;
+        }
+        self.reply(opt, REP_ACK, &[])?;
+        Ok(Step::Next)
+    }
+
+    fn structured_reply(&mut self, data: &[u8]) -> io::Result<Step> {
+        let opt = OPT_STRUCTURED_REPLY;
+        if !data.is_empty() {
+            self.reply(opt, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data")?;
+            return Ok(Step::Next);
+        }
+        self.structured = true;
+        self.reply(opt, REP_ACK, &[])?;
+        Ok(Step::Next)
+    }
+
+    fn info_go(&self, opt: u32, data: &[u8]) -> io::Result<Step> {
+        let mut d = OptionData::new(data);
+        let parsed = (|| {
+            let name = d.string()?;
+            let n = d.u16()?;
+            let requests = (0..n).map(|_| d.u16()).collect::<Option<Vec<u16>>>()?;
+            d.is_empty().then_some((name, requests))
+        })();
+        let Some((name, requests)) = parsed else {
+            self.reply(opt, REP_ERR_INVALID, b"malformed INFO/GO request")?;
+            return Ok(Step::Next);
+        };
+        let Some(idx) = lookup(self.exports, name) else {
+            let msg = format!("no export named {name:?}");
+            self.reply(opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
+            return Ok(Step::Next);
+        };
+        let (canonical, export) = &self.exports[idx];
+        let neg = if opt == OPT_GO {
+            let Some(neg) = self.negotiated(idx) else {
+                let msg = format!(
+                    "export {canonical:?} has its maximum of {} connections",
+                    self.shared.limits.max_connections_per_export
+                );
+                self.reply(opt, REP_ERR_POLICY, msg.as_bytes())?;
+                return Ok(Step::Next);
+            };
+            Some(neg)
+        } else {
+            None
+        };
+        let reply = |opt: u32, typ: u32, data: &[u8]| self.reply(opt, typ, data);
+        send_info(
+            &reply,
+            opt,
+            canonical,
+            &**export,
+            self.structured,
+            &requests,
+        )?;
+        self.reply(opt, REP_ACK, &[])?;
+        Ok(neg.map_or(Step::Next, Step::Go))
+    }
+
+    fn meta_context(&mut self, opt: u32, data: &[u8]) -> io::Result<Step> {
+        let set = opt == OPT_SET_META_CONTEXT;
+        if set {
+            self.meta = None;
+        }
+        if !self.structured {
+            self.reply(opt, REP_ERR_INVALID, b"structured replies not negotiated")?;
+            return Ok(Step::Next);
+        }
+        let mut d = OptionData::new(data);
+        let parsed = (|| {
+            let name = d.string()?;
+            let n = d.u32()?;
+            // Each query takes at least 4 bytes: bound n before collecting.
+            if n as usize > data.len() / 4 {
+                return None;
+            }
+            let queries = (0..n).map(|_| d.string()).collect::<Option<Vec<&str>>>()?;
+            d.is_empty().then_some((name, queries))
+        })();
+        let Some((name, queries)) = parsed else {
+            self.reply(opt, REP_ERR_INVALID, b"malformed meta context request")?;
+            return Ok(Step::Next);
+        };
+        let Some(idx) = lookup(self.exports, name) else {
+            let msg = format!("no export named {name:?}");
+            self.reply(opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
+            return Ok(Step::Next);
+        };
+        let selected = if set {
+            queries.contains(&CONTEXT_BASE_ALLOCATION)
+        } else {
+            queries.is_empty()
+                || queries
+                    .iter()
+                    .any(|q| *q == CONTEXT_BASE_ALLOCATION || *q == "base:")
+        };
+        if selected {
+            let id = if set { CONTEXT_ID_BASE_ALLOCATION } else { 0 };
+            let mut d = id.to_be_bytes().to_vec();
+            d.extend_from_slice(CONTEXT_BASE_ALLOCATION.as_bytes());
+            self.reply(opt, REP_META_CONTEXT, &d)?;
+        }
+        if set {
+            self.meta = Some((idx, selected));
+        }
+        self.reply(opt, REP_ACK, &[])?;
+        Ok(Step::Next)
     }
 }
 

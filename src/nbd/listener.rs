@@ -16,15 +16,52 @@ use super::transmission::serve_connection;
 use super::Export;
 use crate::{Error, Result};
 
-/// How long [`Server::run`] waits, once stopped, for connections to finish their requests
-/// before closing them.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// What one server allows its clients: every connection costs a thread, a descriptor and
+/// buffers, so all of it is bounded. [`Limits::default`] suits a server of a few VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections, in any phase; a connection beyond it is closed as soon as it is
+    /// accepted (before the greeting). Default 16.
+    pub max_connections: usize,
+    /// Connections in transmission on one export; `NBD_OPT_GO` beyond it is refused with
+    /// `NBD_REP_ERR_POLICY` (`NBD_OPT_EXPORT_NAME` is closed). Default 8.
+    pub max_connections_per_export: usize,
+    /// Time from accept to the end of option haggling, however the client trickles its
+    /// bytes; a client still haggling after it is dropped. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Bytes of replies (and write payloads) one connection may hold in memory at once;
+    /// when they are reached the server stops reading requests from that connection until
+    /// the client reads its replies. A single request larger than this (up to the 32 MiB
+    /// payload limit) is served alone. Default 32 MiB.
+    pub max_queued_reply_bytes: usize,
+    /// Once stopped, how long requests already being served may take to finish (and their
+    /// replies to go out) before the connections are closed; requests read but not started
+    /// are dropped. Default 1 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 16,
+            max_connections_per_export: 8,
+            handshake_timeout: Duration::from_secs(10),
+            max_queued_reply_bytes: 32 << 20,
+            shutdown_grace: Duration::from_secs(1),
+        }
+    }
+}
 
 pub(super) type Exports = Arc<Vec<(String, Arc<dyn Export>)>>;
 
 /// State shared by the server, its stoppers and its connection threads.
 pub(super) struct Shared {
     stopping: AtomicBool,
+    /// Set when a connection thread panicked: `run` stops and reports it.
+    panicked: Mutex<Option<String>>,
+    pub(super) limits: Limits,
+    /// Connections in transmission, per export (same order as the exports).
+    per_export: Mutex<Vec<usize>>,
     path: PathBuf,
     /// A second handle on the listening socket: shutting it down wakes `accept()` even when
     /// the socket file is gone (so stop never depends on the path).
@@ -48,6 +85,46 @@ impl Shared {
 
     pub(super) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting (see [`Stopper::stop`]).
+    fn stop(&self) {
+        if !self.stopping.swap(true, Ordering::SeqCst) {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&self.listener),
+                nix::sys::socket::Shutdown::Both,
+            );
+            let _ = UnixStream::connect(&self.path);
+        }
+    }
+
+    /// Takes a transmission slot on export `idx`, or `None` when the export has
+    /// [`Limits::max_connections_per_export`] connections already.
+    pub(super) fn export_slot(self: &Arc<Self>, idx: usize) -> Option<ExportSlot> {
+        let mut counts = lock(&self.per_export);
+        let n = counts.get_mut(idx)?;
+        if *n >= self.limits.max_connections_per_export {
+            return None;
+        }
+        *n += 1;
+        Some(ExportSlot {
+            shared: self.clone(),
+            idx,
+        })
+    }
+}
+
+/// A connection's place in the count of its export; given back on drop.
+pub(super) struct ExportSlot {
+    shared: Arc<Shared>,
+    idx: usize,
+}
+
+impl Drop for ExportSlot {
+    fn drop(&mut self) {
+        if let Some(n) = lock(&self.shared.per_export).get_mut(self.idx) {
+            *n = n.saturating_sub(1);
+        }
     }
 }
 
@@ -79,13 +156,7 @@ impl Stopper {
     /// `run` is woken by shutting the listening socket down (and, belt and braces, by a
     /// connection to the socket path).
     pub fn stop(&self) {
-        if !self.shared.stopping.swap(true, Ordering::SeqCst) {
-            let _ = nix::sys::socket::shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(&self.shared.listener),
-                nix::sys::socket::Shutdown::Both,
-            );
-            let _ = UnixStream::connect(&self.shared.path);
-        }
+        self.shared.stop();
     }
 }
 
@@ -103,6 +174,22 @@ impl Server {
     /// replaced). An empty name is allowed and names the default export; without one, the
     /// first export is the default.
     pub fn bind(socket: &Path, exports: Vec<(String, Arc<dyn Export>)>) -> Result<Server> {
+        Server::bind_with(socket, exports, Limits::default())
+    }
+
+    /// [`Server::bind`] with other [`Limits`] than the defaults. Limits of 0 connections
+    /// or 0 bytes are raised to 1.
+    pub fn bind_with(
+        socket: &Path,
+        exports: Vec<(String, Arc<dyn Export>)>,
+        limits: Limits,
+    ) -> Result<Server> {
+        let limits = Limits {
+            max_connections: limits.max_connections.max(1),
+            max_connections_per_export: limits.max_connections_per_export.max(1),
+            max_queued_reply_bytes: limits.max_queued_reply_bytes.max(1),
+            ..limits
+        };
         if exports.is_empty() {
             return Err(Error::request(socket, "NBD server: no export to serve"));
         }
@@ -145,6 +232,7 @@ impl Server {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(socket, "stat", e)),
         }
+        let nexports = exports.len();
         let listener = UnixListener::bind(socket).map_err(|e| Error::io(socket, "bind", e))?;
         let second = listener
             .try_clone()
@@ -154,6 +242,9 @@ impl Server {
             exports: Arc::new(exports),
             shared: Arc::new(Shared {
                 stopping: AtomicBool::new(false),
+                panicked: Mutex::new(None),
+                limits,
+                per_export: Mutex::new(vec![0; nexports]),
                 path: socket.to_path_buf(),
                 listener: second,
                 conns: Mutex::new(Conns::default()),
@@ -175,8 +266,16 @@ impl Server {
         }
     }
 
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.shared.limits
+    }
+
     /// Serves connections, each on its own thread, until [`Stopper::stop`]; then removes
     /// the socket file and ends the connections (see [`Stopper::stop`]) before returning.
+    ///
+    /// A connection beyond [`Limits::max_connections`] is closed at once. If a connection
+    /// thread panics, the server stops as if stopped and `run` returns an error.
     pub fn run(&self) -> Result<()> {
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         while !self.shared.stopping() {
@@ -199,6 +298,12 @@ impl Server {
             };
             let id = {
                 let mut conns = self.shared.conns();
+                if conns.open.len() >= self.shared.limits.max_connections {
+                    // Refused before the greeting: the client sees the connection closed.
+                    drop(conns);
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
                 conns.next_id += 1;
                 let id = conns.next_id;
                 conns.open.insert(id, clone);
@@ -229,17 +334,26 @@ impl Server {
         for t in threads {
             let _ = t.join();
         }
-        Ok(())
+        match lock(&self.shared.panicked).take() {
+            Some(what) => Err(Error::io(
+                &self.shared.path,
+                "serve",
+                io::Error::other(format!(
+                    "a connection thread panicked ({what}); server stopped"
+                )),
+            )),
+            None => Ok(()),
+        }
     }
 
-    /// Ends the reading side of every connection, waits up to [`SHUTDOWN_GRACE`] for them
-    /// to answer what they have read, then closes what remains.
+    /// Ends the reading side of every connection, waits up to [`Limits::shutdown_grace`]
+    /// for the requests being served to be answered, then closes what remains.
     fn close_connections(&self) {
         let mut conns = self.shared.conns();
         for s in conns.open.values() {
             let _ = s.shutdown(std::net::Shutdown::Read);
         }
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        let deadline = Instant::now() + self.shared.limits.shutdown_grace;
         while !conns.open.is_empty() {
             let now = Instant::now();
             if now >= deadline {
@@ -270,7 +384,8 @@ impl Drop for Server {
     }
 }
 
-/// Removes a connection from [`Conns`] when its thread ends, however it ends.
+/// Removes a connection from [`Conns`] when its thread ends, however it ends; when it ends
+/// by a panic, stops the server (a server with a dead part must not live on).
 struct Registration<'a> {
     shared: &'a Shared,
     id: u64,
@@ -278,6 +393,10 @@ struct Registration<'a> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
+        if thread::panicking() {
+            lock(&self.shared.panicked).get_or_insert_with(|| format!("connection {}", self.id));
+            self.shared.stop();
+        }
         self.shared.conns().open.remove(&self.id);
         self.shared.conn_ended.notify_all();
     }

@@ -3,91 +3,222 @@
 
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use super::handshake::{handshake, violation};
-use super::listener::{lock, Exports, Shared};
+use super::listener::{lock, ExportSlot, Exports, Shared};
 use super::proto::*;
 use super::Export;
 use crate::Error;
 
 /// Worker threads serving the requests of one connection.
 pub const WORKERS_PER_CONNECTION: usize = 4;
+
 /// Buffer of the reading side of a connection.
 const READ_BUFFER: usize = 256 << 10;
-pub(super) fn serve_connection(stream: UnixStream, exports: &Exports, shared: &Shared) {
+
+/// What a request holds of a connection's reply budget besides its data: headers, an error
+/// message.
+const REPLY_OVERHEAD: usize = 1 << 10;
+
+/// What a block status request holds of the reply budget (its reply is a list of extents).
+const BLOCK_STATUS_RESERVE: usize = 64 << 10;
+
+/// How often a request waiting for reply budget looks whether its connection is ending.
+const BUDGET_POLL: Duration = Duration::from_millis(50);
+
+/// Handshake, then transmission, on one accepted connection.
+pub(super) fn serve_connection(stream: UnixStream, exports: &Exports, shared: &Arc<Shared>) {
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
+    let limits = shared.limits;
+    let deadline = Instant::now() + limits.handshake_timeout;
+    // A client that does not read its option replies must not hold us past the deadline
+    // either (the descriptors share one socket, so this covers both halves).
+    let _ = write_half.set_write_timeout(Some(limits.handshake_timeout.max(MIN_TIMEOUT)));
+    let mut reader = BufReader::with_capacity(
+        READ_BUFFER,
+        Incoming {
+            stream,
+            deadline: Some(deadline),
+        },
+    );
     let writer = Mutex::new(write_half);
     if let Ok(Some(neg)) = handshake(&mut reader, &writer, exports, shared) {
-        let conn = Connection {
-            export: neg.export,
-            structured: neg.structured,
-            base_allocation: neg.base_allocation,
-            writer,
-        };
-        conn.transmission(&mut reader);
-        let _ = lock(&conn.writer).shutdown(std::net::Shutdown::Both);
-    } else {
-        let _ = lock(&writer).shutdown(std::net::Shutdown::Both);
+        reader.get_mut().deadline = None;
+        let reset = (
+            reader.get_ref().stream.set_read_timeout(None),
+            lock(&writer).set_write_timeout(None),
+        );
+        if let (Ok(()), Ok(()), false) = (reset.0, reset.1, shared.stopping()) {
+            let conn = Connection {
+                export: neg.export,
+                structured: neg.structured,
+                base_allocation: neg.base_allocation,
+                _slot: neg.slot,
+                writer,
+                shared,
+                dead: AtomicBool::new(false),
+                budget: Budget {
+                    used: Mutex::new(0),
+                    freed: Condvar::new(),
+                    cap: limits.max_queued_reply_bytes,
+                },
+            };
+            conn.transmission(&mut reader);
+            let _ = lock(&conn.writer).shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    }
+    let _ = lock(&writer).shutdown(std::net::Shutdown::Both);
+}
+
+/// The shortest socket timeout set (a zero timeout means none to the kernel).
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+
+/// The reading side of a connection. While `deadline` is set (during the handshake) every
+/// read waits at most until then, however the client trickles its bytes.
+struct Incoming {
+    stream: UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl Read for Incoming {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timeout"));
+            }
+            self.stream.set_read_timeout(Some(left.max(MIN_TIMEOUT)))?;
+        }
+        self.stream.read(buf)
     }
 }
+
 // ---------------------------------------------------------------------------
 // Transmission
 // ---------------------------------------------------------------------------
 
 /// A request handed to a worker, with its payload for writes (`None` when the payload was
-/// too large and has been skipped).
-struct Job {
+/// too large and has been skipped), and its share of the reply budget.
+struct Job<'a> {
     req: Request,
     payload: Option<Vec<u8>>,
+    _held: Held<'a>,
+}
+
+/// The bytes of replies (and write payloads) a connection may hold at once
+/// ([`super::Limits::max_queued_reply_bytes`]).
+struct Budget {
+    used: Mutex<usize>,
+    freed: Condvar,
+    cap: usize,
+}
+
+/// A share of a [`Budget`], given back on drop.
+struct Held<'a> {
+    budget: &'a Budget,
+    bytes: usize,
+}
+
+impl Budget {
+    /// Waits until `bytes` more fit (a request larger than the whole budget waits until
+    /// nothing else is held) and takes them; `None` if `give_up` says so first.
+    fn take(&self, bytes: usize, give_up: impl Fn() -> bool) -> Option<Held<'_>> {
+        let bytes = bytes.min(self.cap);
+        let mut used = lock(&self.used);
+        while *used + bytes > self.cap {
+            if give_up() {
+                return None;
+            }
+            used = self
+                .freed
+                .wait_timeout(used, BUDGET_POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *used += bytes;
+        Some(Held {
+            budget: self,
+            bytes,
+        })
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut used = lock(&self.budget.used);
+        *used = used.saturating_sub(self.bytes);
+        self.budget.freed.notify_all();
+    }
 }
 
 /// The transmission phase of one connection.
-struct Connection {
+struct Connection<'a> {
     export: Arc<dyn Export>,
     structured: bool,
     base_allocation: bool,
+    /// Counts this connection against its export's limit until it ends.
+    _slot: ExportSlot,
     writer: Mutex<UnixStream>,
+    shared: &'a Shared,
+    /// The client is gone (a reply could not be written): requests not started are dropped.
+    dead: AtomicBool,
+    budget: Budget,
 }
 
 /// A refused or failed request: NBD error number and a message for humans.
 type Failure = (u32, String);
 
-impl Connection {
-    /// Serves requests until the client disconnects, the socket fails or the client violates
-    /// the protocol, then waits until every request read is answered.
+impl Connection<'_> {
+    /// Whether requests read but not started should be dropped: the client is gone or the
+    /// server is stopping.
+    fn ending(&self) -> bool {
+        self.dead.load(Ordering::Acquire) || self.shared.stopping()
+    }
+
+    /// Serves requests until the client disconnects, the socket fails, the client violates
+    /// the protocol or the server stops. Requests read are answered, unless the client is
+    /// gone or the server stops first: then those not started are dropped.
     ///
     /// Leader/follower: each worker takes the reader in turn, reads one request, lets go of
     /// the reader, serves the request and writes its reply whole under the writer lock. No
     /// request changes threads, so a queue of small cached reads costs no hand-offs, and up to
-    /// `WORKERS_PER_CONNECTION` requests are served at once.
+    /// `WORKERS_PER_CONNECTION` requests are served at once. The reply budget is taken before
+    /// a request's payload is read and given back once its reply is written: a client that
+    /// does not read its replies stops being read from.
     fn transmission<R: Read + Send>(&self, r: &mut R) {
         let reader = Mutex::new(r);
-        let done = std::sync::atomic::AtomicBool::new(false);
+        let done = AtomicBool::new(false);
         thread::scope(|scope| {
             for _ in 0..WORKERS_PER_CONNECTION {
                 scope.spawn(|| loop {
                     let job = {
                         let mut r = lock(&reader);
-                        if done.load(std::sync::atomic::Ordering::Acquire) {
+                        if done.load(Ordering::Acquire) || self.ending() {
                             break;
                         }
                         match self.next_job(&mut **r) {
                             Ok(Some(job)) => job,
                             _ => {
-                                done.store(true, std::sync::atomic::Ordering::Release);
+                                done.store(true, Ordering::Release);
                                 break;
                             }
                         }
                     };
+                    if self.ending() {
+                        break;
+                    }
                     let reply = self.serve(&job.req, job.payload);
                     let mut w = lock(&self.writer);
                     if w.write_all(&reply).is_err() {
-                        // The client is gone: make the reader notice too.
+                        // The client is gone: drop what is queued and make the reader notice.
+                        self.dead.store(true, Ordering::Release);
                         let _ = w.shutdown(std::net::Shutdown::Both);
                     }
                 });
@@ -95,13 +226,29 @@ impl Connection {
         });
     }
 
-    /// The next request to serve; `Ok(None)` on `NBD_CMD_DISC`.
-    fn next_job(&self, r: &mut impl Read) -> io::Result<Option<Job>> {
+    /// The share of the reply budget a request holds while it is served and answered.
+    fn cost(req: &Request) -> usize {
+        let data = match req.typ {
+            CMD_READ | CMD_WRITE if req.length <= MAX_PAYLOAD => req.length as usize,
+            CMD_BLOCK_STATUS => BLOCK_STATUS_RESERVE,
+            _ => 0,
+        };
+        data + REPLY_OVERHEAD
+    }
+
+    /// The next request to serve; `Ok(None)` on `NBD_CMD_DISC`, or when the connection ends
+    /// while the request waits for reply budget.
+    fn next_job(&self, r: &mut impl Read) -> io::Result<Option<Job<'_>>> {
         let mut hdr = [0u8; REQUEST_LEN];
         r.read_exact(&mut hdr)?;
         let req = Request::decode(&hdr).ok_or_else(|| violation("bad request magic"))?;
+        if req.typ == CMD_DISC {
+            return Ok(None);
+        }
+        let Some(held) = self.budget.take(Self::cost(&req), || self.ending()) else {
+            return Ok(None);
+        };
         let payload = match req.typ {
-            CMD_DISC => return Ok(None),
             CMD_WRITE if req.length <= MAX_PAYLOAD => {
                 let mut buf = vec![0u8; req.length as usize];
                 r.read_exact(&mut buf)?;
@@ -116,7 +263,11 @@ impl Connection {
             }
             _ => None,
         };
-        Ok(Some(Job { req, payload }))
+        Ok(Some(Job {
+            req,
+            payload,
+            _held: held,
+        }))
     }
 
     /// The complete reply to one request.
