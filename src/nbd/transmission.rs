@@ -172,6 +172,19 @@ struct Connection<'a> {
     budget: Budget,
 }
 
+/// Closes the connection if its worker panics: the other workers, blocked reading
+/// requests, must not keep the connection (and the server's panic report) waiting.
+struct PanicCloses<'a, 'b>(&'a Connection<'b>);
+
+impl Drop for PanicCloses<'_, '_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.dead.store(true, Ordering::Release);
+            let _ = lock(&self.0.writer).shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// A refused or failed request: NBD error number and a message for humans.
 type Failure = (u32, String);
 
@@ -197,33 +210,41 @@ impl Connection<'_> {
         let done = AtomicBool::new(false);
         thread::scope(|scope| {
             for _ in 0..WORKERS_PER_CONNECTION {
-                scope.spawn(|| loop {
-                    let job = {
-                        let mut r = lock(&reader);
-                        if done.load(Ordering::Acquire) || self.ending() {
-                            break;
-                        }
-                        match self.next_job(&mut **r) {
-                            Ok(Some(job)) => job,
-                            _ => {
-                                done.store(true, Ordering::Release);
-                                break;
-                            }
-                        }
-                    };
-                    if self.ending() {
-                        break;
-                    }
-                    let reply = self.serve(&job.req, job.payload);
-                    let mut w = lock(&self.writer);
-                    if w.write_all(&reply).is_err() {
-                        // The client is gone: drop what is queued and make the reader notice.
-                        self.dead.store(true, Ordering::Release);
-                        let _ = w.shutdown(std::net::Shutdown::Both);
-                    }
+                scope.spawn(|| {
+                    let _closes = PanicCloses(self);
+                    self.work(&reader, &done);
                 });
             }
         });
+    }
+
+    /// One worker's loop (see [`Connection::transmission`]).
+    fn work<R: Read>(&self, reader: &Mutex<&mut R>, done: &AtomicBool) {
+        loop {
+            let job = {
+                let mut r = lock(reader);
+                if done.load(Ordering::Acquire) || self.ending() {
+                    break;
+                }
+                match self.next_job(&mut **r) {
+                    Ok(Some(job)) => job,
+                    _ => {
+                        done.store(true, Ordering::Release);
+                        break;
+                    }
+                }
+            };
+            if self.ending() {
+                break;
+            }
+            let reply = self.serve(&job.req, job.payload);
+            let mut w = lock(&self.writer);
+            if w.write_all(&reply).is_err() {
+                // The client is gone: drop what is queued and make the reader notice.
+                self.dead.store(true, Ordering::Release);
+                let _ = w.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 
     /// The share of the reply budget a request holds while it is served and answered.
