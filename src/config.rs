@@ -47,6 +47,10 @@ pub struct Config {
     /// Seconds the hook waits for a server's socket to accept (1–300).
     #[serde(default = "default_start_timeout")]
     pub start_timeout: Seconds,
+    /// Limits of the NBD servers the hook starts; unset ones keep the defaults of
+    /// [`crate::nbd::Limits`].
+    #[serde(default)]
+    pub nbd: NbdLimits,
     /// Per-image settings, keyed by a name (used in the domain XML as `base="NAME"`, with a
     /// `base:` path) or by the base image's absolute path.
     #[serde(default)]
@@ -465,6 +469,77 @@ impl AsRef<Path> for AbsDir {
     }
 }
 
+/// The `nbd:` section: limits of the hook's NBD servers, as the `vmicache serve` options
+/// of the same names (`max_connections` is `--max-connections`, and so on).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdLimits {
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    #[serde(default)]
+    pub max_connections_per_export: Option<usize>,
+    /// Seconds, 1 to 300.
+    #[serde(default)]
+    pub handshake_timeout: Option<Seconds>,
+    #[serde(default)]
+    pub max_queued_reply_bytes: Option<Size>,
+    /// Seconds, 1 to 300.
+    #[serde(default)]
+    pub shutdown_grace: Option<Seconds>,
+}
+
+impl NbdLimits {
+    /// The server's limits: these settings over [`crate::nbd::Limits::default`].
+    pub fn limits(&self) -> crate::nbd::Limits {
+        let d = crate::nbd::Limits::default();
+        let secs = |s: Option<Seconds>, d| s.map_or(d, |s| std::time::Duration::from_secs(s.0));
+        crate::nbd::Limits {
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_export: self
+                .max_connections_per_export
+                .unwrap_or(d.max_connections_per_export),
+            handshake_timeout: secs(self.handshake_timeout, d.handshake_timeout),
+            max_queued_reply_bytes: self
+                .max_queued_reply_bytes
+                .and_then(|s| usize::try_from(s.0).ok())
+                .unwrap_or(d.max_queued_reply_bytes),
+            shutdown_grace: secs(self.shutdown_grace, d.shutdown_grace),
+        }
+    }
+
+    /// The `vmicache serve` options for the settings given (none for unset ones).
+    pub fn serve_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        let mut push = |flag: &str, v: Option<String>| {
+            if let Some(v) = v {
+                a.push(flag.to_string());
+                a.push(v);
+            }
+        };
+        push(
+            "--max-connections",
+            self.max_connections.map(|n| n.to_string()),
+        );
+        push(
+            "--max-connections-per-export",
+            self.max_connections_per_export.map(|n| n.to_string()),
+        );
+        push(
+            "--handshake-timeout",
+            self.handshake_timeout.map(|s| s.0.to_string()),
+        );
+        push(
+            "--max-queued-reply-bytes",
+            self.max_queued_reply_bytes.map(|s| s.0.to_string()),
+        );
+        push(
+            "--shutdown-grace",
+            self.shutdown_grace.map(|s| s.0.to_string()),
+        );
+        a
+    }
+}
+
 /// A size in bytes: an integer, or a string with a K/M/G/T suffix (powers of 1024).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Size(pub u64);
@@ -652,6 +727,37 @@ images:
 
     fn parse(t: &str) -> Result<Config> {
         Config::parse(t, Path::new("c.yaml"))
+    }
+
+    #[test]
+    fn nbd_limits() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.nbd, NbdLimits::default());
+        assert_eq!(c.nbd.limits(), crate::nbd::Limits::default());
+        assert!(c.nbd.serve_args().is_empty());
+        let t = format!("{GOOD}nbd:\n  max_connections: 4\n  handshake_timeout: 3\n  max_queued_reply_bytes: 8M\n");
+        let c = parse(&t).unwrap();
+        let l = c.nbd.limits();
+        assert_eq!(l.max_connections, 4);
+        assert_eq!(l.handshake_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(l.max_queued_reply_bytes, 8 << 20);
+        assert_eq!(
+            l.max_connections_per_export,
+            crate::nbd::Limits::default().max_connections_per_export
+        );
+        assert_eq!(
+            c.nbd.serve_args(),
+            [
+                "--max-connections",
+                "4",
+                "--handshake-timeout",
+                "3",
+                "--max-queued-reply-bytes",
+                "8388608"
+            ]
+        );
+        assert!(parse(&format!("{GOOD}nbd:\n  max_conections: 4\n")).is_err());
+        assert!(parse(&format!("{GOOD}nbd:\n  handshake_timeout: 0\n")).is_err());
     }
 
     #[test]

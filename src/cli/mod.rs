@@ -156,6 +156,8 @@ enum Cmd {
         /// through (the libvirt hook uses this for concurrent starts on a cold cache).
         #[arg(long)]
         pass_through_if_busy: bool,
+        #[command(flatten)]
+        limits: serve::LimitArgs,
     },
     /// Fill a cache without booting (replay a trace, or copy all the base holds), or by a
     /// recorded first boot (--boot).
@@ -315,12 +317,14 @@ fn run(cli: Cli) -> Result<i32> {
             record,
             export,
             pass_through_if_busy,
+            limits,
         } => serve::run_serve(
             &instances,
             &socket,
             record.as_deref(),
             export.as_deref(),
             pass_through_if_busy,
+            limits.limits(),
             cli.quiet,
         ),
         Cmd::Warm {

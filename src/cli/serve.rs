@@ -11,7 +11,61 @@ use std::time::{Duration, Instant};
 use vmicache::chain::build::make_instance;
 use vmicache::chain::serve::{self, ChainExport, ServeSummary};
 use vmicache::chain::warm::seal;
-use vmicache::nbd::{Export, Server};
+use vmicache::nbd::{Export, Limits, Server};
+
+/// The NBD server's limits on the command line (`vmicache serve`); unset ones keep the
+/// library's defaults ([`Limits::default`]).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LimitArgs {
+    /// Open connections at most (any phase); more are closed at once. Default 16.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Connections in transmission per export at most; more are refused. Default 8.
+    #[arg(long, value_name = "N")]
+    max_connections_per_export: Option<usize>,
+    /// Seconds a client may take from connecting to choosing an export. Default 10.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    handshake_timeout: Option<Duration>,
+    /// Bytes of replies one connection may hold while its client does not read them; then
+    /// its requests are no longer read. Default 32M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_usize_size)]
+    max_queued_reply_bytes: Option<usize>,
+    /// Seconds requests being served may take to finish once stopped. Default 1.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    shutdown_grace: Option<Duration>,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        let d = Limits::default();
+        Limits {
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_export: self
+                .max_connections_per_export
+                .unwrap_or(d.max_connections_per_export),
+            handshake_timeout: self.handshake_timeout.unwrap_or(d.handshake_timeout),
+            max_queued_reply_bytes: self
+                .max_queued_reply_bytes
+                .unwrap_or(d.max_queued_reply_bytes),
+            shutdown_grace: self.shutdown_grace.unwrap_or(d.shutdown_grace),
+        }
+    }
+}
+
+/// Seconds, fractions allowed ("2", "0.5").
+fn parse_secs(s: &str) -> std::result::Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && (0.0..=86400.0 * 365.0).contains(&x) => {
+            Ok(Duration::from_secs_f64(x))
+        }
+        _ => Err(format!("'{s}' is not a number of seconds")),
+    }
+}
+
+fn parse_usize_size(s: &str) -> std::result::Result<usize, String> {
+    let n = super::util::parse_size(s)?;
+    usize::try_from(n).map_err(|_| format!("'{s}' is too large"))
+}
 
 fn export_names(instances: &[PathBuf], name: Option<&str>) -> Result<Vec<(String, PathBuf)>> {
     if name.is_some() && instances.len() > 1 {
@@ -55,6 +109,7 @@ fn start(
     socket: &Path,
     record: bool,
     pass_through_if_busy: bool,
+    limits: Limits,
 ) -> Result<(Server, serve::Served)> {
     let served = serve::open_with(instances, record, pass_through_if_busy)?;
     let exports: Vec<(String, Arc<dyn Export>)> = served
@@ -65,7 +120,7 @@ fn start(
             (n.clone(), e)
         })
         .collect();
-    let server = Server::bind(socket, exports)?;
+    let server = Server::bind_with(socket, exports, limits)?;
     Ok((server, served))
 }
 
@@ -75,6 +130,7 @@ pub fn run_serve(
     record: Option<&Path>,
     export: Option<&str>,
     pass_through_if_busy: bool,
+    limits: Limits,
     quiet: bool,
 ) -> Result<i32> {
     // Signals go to one waiting thread; block them before any other thread starts.
@@ -83,7 +139,13 @@ pub fn run_serve(
     sigs.add(Signal::SIGTERM);
     sigs.thread_block()?;
     let names = export_names(instances, export)?;
-    let (server, served) = start(&names, socket, record.is_some(), pass_through_if_busy)?;
+    let (server, served) = start(
+        &names,
+        socket,
+        record.is_some(),
+        pass_through_if_busy,
+        limits,
+    )?;
     if !quiet {
         errln!(
             "vmicache: serving {} on {} over cache {} ({})",
@@ -104,16 +166,30 @@ pub fn run_serve(
         );
     }
     let stopper = server.stopper();
+    let signal_thread_died = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let died = signal_thread_died.clone();
     std::thread::spawn(move || {
+        // However this thread ends (a panic included), the server stops: a server nobody
+        // can stop must not live on.
+        let _stop = OnExit(|| {
+            if std::thread::panicking() {
+                died.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            stopper.stop();
+        });
         if let Ok(sig) = sigs.wait() {
             if !quiet {
                 errln!("vmicache: {sig:?}: stopping");
             }
         }
-        stopper.stop();
     });
-    server.run()?;
-    let s = serve::finish(&served, record)?;
+    let ran = server.run();
+    let s = serve::finish(&served, record);
+    ran?;
+    if signal_thread_died.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("the signal-handling thread died; server stopped");
+    }
+    let s = s?;
     if !quiet {
         errln!("vmicache: {}", summary_line(&s));
         if let (Some(t), false) = (record, served.filling) {
@@ -130,6 +206,15 @@ pub fn run_serve(
         }
     }
     Ok(exit::OK)
+}
+
+/// Runs a closure when dropped (also when the thread unwinds).
+struct OnExit<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnExit<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
 }
 
 /// `warm --boot`: a recorded first boot, then seal.
@@ -149,6 +234,12 @@ pub fn run_boot(
     sigs.thread_block()?;
     static INTERRUPTED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
     std::thread::spawn(move || {
+        // A panic here counts as an interruption (-1): nobody could stop us otherwise.
+        let _died = OnExit(|| {
+            if std::thread::panicking() {
+                INTERRUPTED.store(-1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
         if let Ok(sig) = sigs.wait() {
             INTERRUPTED.store(sig as i32, std::sync::atomic::Ordering::SeqCst);
         }
@@ -166,7 +257,7 @@ pub fn run_boot(
     let result = (|| -> Result<(ServeSummary, f64)> {
         make_instance(cache, &inst, vmicache::chain::build::INSTANCE_CLUSTER_SIZE)?;
         let names = vec![("boot".to_string(), inst.clone())];
-        let (server, served) = start(&names, &socket, true, false)?;
+        let (server, served) = start(&names, &socket, true, false, Limits::default())?;
         if !served.filling {
             bail!(
                 "{}: cache is sealed or not a vmicache cache: nothing to record",

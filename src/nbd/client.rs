@@ -3,14 +3,21 @@
 //!
 //! Fixed newstyle handshake with NBD_OPT_GO, simple replies, one request at a time per
 //! connection (the connection sits behind a mutex). Reads only: a base is never written.
+//!
+//! A dead storage node never hangs a reader: connecting and the handshake give up after
+//! [`Timeouts::connect`] (5 s by default), each socket read or write of a request after
+//! [`Timeouts::io`] (30 s); a failed request drops the connection and the next one connects
+//! again.
 
 use super::proto::*;
 use crate::engine::storage::{seek_status, FileStatus, Storage};
 use crate::{Error, Result};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Parsed `nbd+unix:///EXPORT?socket=PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,10 +39,29 @@ impl NbdUri {
     }
 }
 
+/// How long the client waits for a storage node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connecting and the whole handshake, each time the client (re)connects. Default 5 s.
+    pub connect: Duration,
+    /// Each read or write on the socket while a request is served. Default 30 s.
+    pub io: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            io: Duration::from_secs(30),
+        }
+    }
+}
+
 /// A read-only NBD export as storage.
 #[derive(Debug)]
 pub struct NbdStorage {
     name: PathBuf,
+    timeouts: Timeouts,
     /// None after an error: the next request connects again (a reply stream that failed
     /// midway cannot be trusted).
     conn: Mutex<Option<UnixStream>>,
@@ -43,8 +69,46 @@ pub struct NbdStorage {
     cookie: Mutex<u64>,
 }
 
-/// No base read waits longer than this for the storage node.
-const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The shortest socket timeout set (zero means none to the kernel).
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+
+/// A Unix socket connection to `path`, waiting at most until `deadline` (a listener whose
+/// backlog is full makes a blocking connect wait indefinitely).
+fn connect_until(path: &Path, deadline: Instant) -> std::io::Result<UnixStream> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+    let addr = UnixAddr::new(path)?;
+    loop {
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        match socket::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => {
+                let s = UnixStream::from(fd);
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(Errno::EAGAIN | Errno::EINTR) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(Errno::EAGAIN) => return Err(Errno::ETIMEDOUT.into()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Arms `s` so that its next reads and writes give up at `deadline`.
+fn arm(s: &UnixStream, deadline: Instant) -> std::io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(nix::errno::Errno::ETIMEDOUT.into());
+    }
+    s.set_read_timeout(Some(left.max(MIN_TIMEOUT)))?;
+    s.set_write_timeout(Some(left.max(MIN_TIMEOUT)))
+}
 
 fn rd<const N: usize>(s: &mut UnixStream) -> std::io::Result<[u8; N]> {
     let mut b = [0u8; N];
@@ -53,27 +117,34 @@ fn rd<const N: usize>(s: &mut UnixStream) -> std::io::Result<[u8; N]> {
 }
 
 impl NbdStorage {
-    /// Connect and negotiate; `name` is the URI as recorded (used in messages).
+    /// Connect and negotiate with the default [`Timeouts`]; `name` is the URI as recorded
+    /// (used in messages).
     pub fn connect(name: &str) -> Result<NbdStorage> {
-        let (s, size) = Self::handshake(name)?;
+        Self::connect_with(name, Timeouts::default())
+    }
+
+    /// Connect and negotiate, waiting for the storage node at most as `timeouts` say.
+    pub fn connect_with(name: &str, timeouts: Timeouts) -> Result<NbdStorage> {
+        let (s, size) = Self::handshake(name, timeouts)?;
         Ok(NbdStorage {
             name: PathBuf::from(name),
+            timeouts,
             conn: Mutex::new(Some(s)),
             size,
             cookie: Mutex::new(1),
         })
     }
 
-    fn handshake(name: &str) -> Result<(UnixStream, u64)> {
+    fn handshake(name: &str, timeouts: Timeouts) -> Result<(UnixStream, u64)> {
         let uri = NbdUri::parse(name).ok_or_else(|| {
             Error::unsupported(name, "NBD URI form (use nbd+unix:///EXPORT?socket=PATH)")
         })?;
         let io = |e: std::io::Error| Error::io(name, "NBD handshake", e);
         let bad = |w: &str| Error::invalid(name, format!("NBD server: {w}"));
-        let mut s =
-            UnixStream::connect(&uri.socket).map_err(|e| Error::io(&uri.socket, "connect", e))?;
-        s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-        s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+        let deadline = Instant::now() + timeouts.connect;
+        let mut s = connect_until(&uri.socket, deadline)
+            .map_err(|e| Error::io(&uri.socket, "connect", e))?;
+        arm(&s, deadline).map_err(io)?;
         let hello = rd::<18>(&mut s).map_err(io)?;
         if u64::from_be_bytes(hello[..8].try_into().unwrap()) != NBDMAGIC
             || u64::from_be_bytes(hello[8..16].try_into().unwrap()) != IHAVEOPT
@@ -98,9 +169,11 @@ impl NbdStorage {
         out.extend_from_slice(&(name_b.len() as u32).to_be_bytes());
         out.extend_from_slice(name_b);
         out.extend_from_slice(&0u16.to_be_bytes());
+        arm(&s, deadline).map_err(io)?;
         s.write_all(&out).map_err(io)?;
         let mut size = None;
         loop {
+            arm(&s, deadline).map_err(io)?;
             let h = rd::<20>(&mut s).map_err(io)?;
             if u64::from_be_bytes(h[..8].try_into().unwrap()) != OPT_REPLY_MAGIC {
                 return Err(bad("bad option reply"));
@@ -135,6 +208,9 @@ impl NbdStorage {
             }
         }
         let size = size.ok_or_else(|| bad("no export size in NBD_OPT_GO reply"))?;
+        let request_timeout = Some(timeouts.io.max(MIN_TIMEOUT));
+        s.set_read_timeout(request_timeout).map_err(io)?;
+        s.set_write_timeout(request_timeout).map_err(io)?;
         Ok((s, size))
     }
 
@@ -146,7 +222,7 @@ impl NbdStorage {
         };
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
-            let (s, size) = Self::handshake(&self.name.to_string_lossy())?;
+            let (s, size) = Self::handshake(&self.name.to_string_lossy(), self.timeouts)?;
             if size != self.size {
                 return Err(Error::chain(
                     &self.name,

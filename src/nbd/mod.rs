@@ -56,20 +56,39 @@
 //! connections, so its `flush` must make every completed write durable, whichever connection
 //! sent it.
 //!
+//! # Limits
+//!
+//! Every connection costs a thread (plus its workers), a descriptor and buffers, so a
+//! [`Limits`] bounds them all ([`Server::bind_with`]; [`Server::bind`] takes the defaults):
+//! a total number of connections (excess ones are closed as soon as they are accepted) and a
+//! number per export (`NBD_OPT_GO` beyond it gets `NBD_REP_ERR_POLICY`), a handshake timeout
+//! (a client still haggling after it is dropped, however it trickles its bytes), and the
+//! bytes of replies and write payloads one connection may hold: when they are reached the
+//! server stops reading that connection's requests until the client reads its replies. A
+//! connection thus holds at most about twice `max(max_queued_reply_bytes, 32 MiB)` while
+//! building replies and `max_queued_reply_bytes` while waiting for a client to read them.
+//! When a reply cannot be written (the client went away), the requests of that connection
+//! not yet started are dropped.
+//!
 //! # Shutdown
 //!
 //! [`Stopper::stop`] makes [`Server::run`] stop accepting, remove the socket file, end every
-//! connection's reading side (requests already received are still answered), wait a few
-//! seconds for connections to finish and then close the remaining ones.
+//! connection's reading side and drop the requests read but not started; requests being
+//! served may finish during [`Limits::shutdown_grace`] (1 s by default), then the remaining
+//! connections are closed. If a connection thread panics, the server stops the same way and
+//! `run` returns an error.
 
 pub mod client;
+mod handshake;
+mod listener;
 pub mod proto;
-mod server;
+mod transmission;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
-pub use server::{Server, Stopper, WORKERS_PER_CONNECTION};
+pub use listener::{Limits, Server, Stopper};
+pub use transmission::WORKERS_PER_CONNECTION;
 
 use crate::engine::image::push_run;
 use crate::{Error, Result};

@@ -1,0 +1,558 @@
+//! The transmission phase of one connection: reading requests, serving them on the
+//! connection's workers, and writing replies. See the module documentation of [`crate::nbd`].
+
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::handshake::{handshake, violation};
+use super::listener::{lock, ExportSlot, Exports, Shared};
+use super::proto::*;
+use super::Export;
+use crate::Error;
+
+/// Worker threads serving the requests of one connection.
+pub const WORKERS_PER_CONNECTION: usize = 4;
+
+/// Buffer of the reading side of a connection.
+const READ_BUFFER: usize = 256 << 10;
+
+/// What a request holds of a connection's reply budget besides its data: headers, an error
+/// message.
+const REPLY_OVERHEAD: usize = 1 << 10;
+
+/// What a block status request holds of the reply budget (its reply is a list of extents).
+const BLOCK_STATUS_RESERVE: usize = 64 << 10;
+
+/// How often a request waiting for reply budget looks whether its connection is ending.
+const BUDGET_POLL: Duration = Duration::from_millis(50);
+
+/// Handshake, then transmission, on one accepted connection.
+pub(super) fn serve_connection(stream: UnixStream, exports: &Exports, shared: &Arc<Shared>) {
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let limits = shared.limits;
+    let deadline = Instant::now() + limits.handshake_timeout;
+    // A client that does not read its option replies must not hold us past the deadline
+    // either (the descriptors share one socket, so this covers both halves).
+    let _ = write_half.set_write_timeout(Some(limits.handshake_timeout.max(MIN_TIMEOUT)));
+    let mut reader = BufReader::with_capacity(
+        READ_BUFFER,
+        Incoming {
+            stream,
+            deadline: Some(deadline),
+        },
+    );
+    let writer = Mutex::new(write_half);
+    if let Ok(Some(neg)) = handshake(&mut reader, &writer, exports, shared) {
+        reader.get_mut().deadline = None;
+        let reset = (
+            reader.get_ref().stream.set_read_timeout(None),
+            lock(&writer).set_write_timeout(None),
+        );
+        if let (Ok(()), Ok(()), false) = (reset.0, reset.1, shared.stopping()) {
+            let conn = Connection {
+                export: neg.export,
+                structured: neg.structured,
+                base_allocation: neg.base_allocation,
+                _slot: neg.slot,
+                writer,
+                shared,
+                dead: AtomicBool::new(false),
+                budget: Budget {
+                    used: Mutex::new(0),
+                    freed: Condvar::new(),
+                    cap: limits.max_queued_reply_bytes,
+                },
+            };
+            conn.transmission(&mut reader);
+            let _ = lock(&conn.writer).shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    }
+    let _ = lock(&writer).shutdown(std::net::Shutdown::Both);
+}
+
+/// The shortest socket timeout set (a zero timeout means none to the kernel).
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+
+/// The reading side of a connection. While `deadline` is set (during the handshake) every
+/// read waits at most until then, however the client trickles its bytes.
+struct Incoming {
+    stream: UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl Read for Incoming {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timeout"));
+            }
+            self.stream.set_read_timeout(Some(left.max(MIN_TIMEOUT)))?;
+        }
+        self.stream.read(buf)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Transmission
+// ---------------------------------------------------------------------------
+
+/// A request handed to a worker, with its payload for writes (`None` when the payload was
+/// too large and has been skipped), and its share of the reply budget.
+struct Job<'a> {
+    req: Request,
+    payload: Option<Vec<u8>>,
+    _held: Held<'a>,
+}
+
+/// The bytes of replies (and write payloads) a connection may hold at once
+/// ([`super::Limits::max_queued_reply_bytes`]).
+struct Budget {
+    used: Mutex<usize>,
+    freed: Condvar,
+    cap: usize,
+}
+
+/// A share of a [`Budget`], given back on drop.
+struct Held<'a> {
+    budget: &'a Budget,
+    bytes: usize,
+}
+
+impl Budget {
+    /// Waits until `bytes` more fit (a request larger than the whole budget waits until
+    /// nothing else is held) and takes them; `None` if `give_up` says so first.
+    fn take(&self, bytes: usize, give_up: impl Fn() -> bool) -> Option<Held<'_>> {
+        let bytes = bytes.min(self.cap);
+        let mut used = lock(&self.used);
+        while *used + bytes > self.cap {
+            if give_up() {
+                return None;
+            }
+            used = self
+                .freed
+                .wait_timeout(used, BUDGET_POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *used += bytes;
+        Some(Held {
+            budget: self,
+            bytes,
+        })
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut used = lock(&self.budget.used);
+        *used = used.saturating_sub(self.bytes);
+        self.budget.freed.notify_all();
+    }
+}
+
+/// The transmission phase of one connection.
+struct Connection<'a> {
+    export: Arc<dyn Export>,
+    structured: bool,
+    base_allocation: bool,
+    /// Counts this connection against its export's limit until it ends.
+    _slot: ExportSlot,
+    writer: Mutex<UnixStream>,
+    shared: &'a Shared,
+    /// The client is gone (a reply could not be written): requests not started are dropped.
+    dead: AtomicBool,
+    budget: Budget,
+}
+
+/// Closes the connection if its worker panics: the other workers, blocked reading
+/// requests, must not keep the connection (and the server's panic report) waiting.
+struct PanicCloses<'a, 'b>(&'a Connection<'b>);
+
+impl Drop for PanicCloses<'_, '_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.dead.store(true, Ordering::Release);
+            let _ = lock(&self.0.writer).shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A refused or failed request: NBD error number and a message for humans.
+type Failure = (u32, String);
+
+impl Connection<'_> {
+    /// Whether requests read but not started should be dropped: the client is gone or the
+    /// server is stopping.
+    fn ending(&self) -> bool {
+        self.dead.load(Ordering::Acquire) || self.shared.stopping()
+    }
+
+    /// Serves requests until the client disconnects, the socket fails, the client violates
+    /// the protocol or the server stops. Requests read are answered, unless the client is
+    /// gone or the server stops first: then those not started are dropped.
+    ///
+    /// Leader/follower: each worker takes the reader in turn, reads one request, lets go of
+    /// the reader, serves the request and writes its reply whole under the writer lock. No
+    /// request changes threads, so a queue of small cached reads costs no hand-offs, and up to
+    /// `WORKERS_PER_CONNECTION` requests are served at once. The reply budget is taken before
+    /// a request's payload is read and given back once its reply is written: a client that
+    /// does not read its replies stops being read from.
+    fn transmission<R: Read + Send>(&self, r: &mut R) {
+        let reader = Mutex::new(r);
+        let done = AtomicBool::new(false);
+        thread::scope(|scope| {
+            for _ in 0..WORKERS_PER_CONNECTION {
+                scope.spawn(|| {
+                    let _closes = PanicCloses(self);
+                    self.work(&reader, &done);
+                });
+            }
+        });
+    }
+
+    /// One worker's loop (see [`Connection::transmission`]).
+    fn work<R: Read>(&self, reader: &Mutex<&mut R>, done: &AtomicBool) {
+        loop {
+            let job = {
+                let mut r = lock(reader);
+                if done.load(Ordering::Acquire) || self.ending() {
+                    break;
+                }
+                match self.next_job(&mut **r) {
+                    Ok(Some(job)) => job,
+                    _ => {
+                        done.store(true, Ordering::Release);
+                        break;
+                    }
+                }
+            };
+            if self.ending() {
+                break;
+            }
+            let reply = self.serve(&job.req, job.payload);
+            let mut w = lock(&self.writer);
+            if w.write_all(&reply).is_err() {
+                // The client is gone: drop what is queued and make the reader notice.
+                self.dead.store(true, Ordering::Release);
+                let _ = w.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// The share of the reply budget a request holds while it is served and answered.
+    fn cost(req: &Request) -> usize {
+        let data = match req.typ {
+            CMD_READ | CMD_WRITE if req.length <= MAX_PAYLOAD => req.length as usize,
+            CMD_BLOCK_STATUS => BLOCK_STATUS_RESERVE,
+            _ => 0,
+        };
+        data + REPLY_OVERHEAD
+    }
+
+    /// The next request to serve; `Ok(None)` on `NBD_CMD_DISC`, or when the connection ends
+    /// while the request waits for reply budget.
+    fn next_job(&self, r: &mut impl Read) -> io::Result<Option<Job<'_>>> {
+        let mut hdr = [0u8; REQUEST_LEN];
+        r.read_exact(&mut hdr)?;
+        let req = Request::decode(&hdr).ok_or_else(|| violation("bad request magic"))?;
+        if req.typ == CMD_DISC {
+            return Ok(None);
+        }
+        let Some(held) = self.budget.take(Self::cost(&req), || self.ending()) else {
+            return Ok(None);
+        };
+        let payload = match req.typ {
+            CMD_WRITE if req.length <= MAX_PAYLOAD => {
+                let mut buf = vec![0u8; req.length as usize];
+                r.read_exact(&mut buf)?;
+                Some(buf)
+            }
+            CMD_WRITE => {
+                let skipped = io::copy(&mut r.take(u64::from(req.length)), &mut io::sink())?;
+                if skipped != u64::from(req.length) {
+                    return Err(violation("truncated write payload"));
+                }
+                None
+            }
+            _ => None,
+        };
+        Ok(Some(Job {
+            req,
+            payload,
+            _held: held,
+        }))
+    }
+
+    /// The complete reply to one request.
+    fn serve(&self, req: &Request, payload: Option<Vec<u8>>) -> Vec<u8> {
+        if let Err((errno, msg)) = self.check(req) {
+            return self.error_reply(req, errno, &msg);
+        }
+        let (off, len) = (req.offset, u64::from(req.length));
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let export = &*self.export;
+        let done = match req.typ {
+            CMD_READ => return self.read(req),
+            CMD_BLOCK_STATUS => return self.block_status(req),
+            CMD_WRITE => match payload {
+                Some(buf) => export.write(&buf, off, fua),
+                None => {
+                    let msg = format!("write of {len} bytes exceeds the {MAX_PAYLOAD} limit");
+                    return self.error_reply(req, EINVAL, &msg);
+                }
+            },
+            CMD_FLUSH => export.flush(),
+            CMD_TRIM => export
+                .trim(off, len)
+                .and_then(|()| if fua { export.flush() } else { Ok(()) }),
+            CMD_WRITE_ZEROES => export
+                .write_zeroes(off, len, req.flags & CMD_FLAG_NO_HOLE == 0)
+                .and_then(|()| if fua { export.flush() } else { Ok(()) }),
+            _ => unreachable!("check() refuses unknown commands"),
+        };
+        match done {
+            Ok(()) => simple_reply(0, req.cookie).to_vec(),
+            Err(e) => self.error_reply(req, errno(&e), &e.to_string()),
+        }
+    }
+
+    /// Validates flags, permissions and range of a request.
+    fn check(&self, req: &Request) -> std::result::Result<(), Failure> {
+        let allowed = match req.typ {
+            CMD_READ if self.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
+            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+            CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+            t => return Err((EINVAL, format!("unknown command {t}"))),
+        };
+        if req.flags & !allowed != 0 {
+            return Err((
+                EINVAL,
+                format!("flags {:#x} not valid for command {}", req.flags, req.typ),
+            ));
+        }
+        let writes = matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        if writes && self.export.read_only() {
+            return Err((EPERM, "the export is read-only".to_string()));
+        }
+        if req.typ == CMD_READ && req.length > MAX_PAYLOAD {
+            let errno = if req.flags & CMD_FLAG_DF != 0 {
+                EOVERFLOW
+            } else {
+                EINVAL
+            };
+            let msg = format!(
+                "read of {} bytes exceeds the {MAX_PAYLOAD} limit",
+                req.length
+            );
+            return Err((errno, msg));
+        }
+        if req.typ == CMD_FLUSH {
+            return Ok(());
+        }
+        let size = self.export.size();
+        match req.offset.checked_add(u64::from(req.length)) {
+            Some(end) if end <= size => {}
+            _ => {
+                let msg = format!(
+                    "request {}+{} beyond the end of the export ({size} bytes)",
+                    req.offset, req.length
+                );
+                return Err((if writes { ENOSPC } else { EINVAL }, msg));
+            }
+        }
+        if req.typ == CMD_BLOCK_STATUS {
+            if !self.base_allocation {
+                return Err((EINVAL, "no metadata context was negotiated".to_string()));
+            }
+            if req.length == 0 {
+                return Err((EINVAL, "block status of 0 bytes".to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A read's reply: the data follows the simple reply header or, with structured replies,
+    /// forms a single final `OFFSET_DATA` chunk; with structured replies and without `DF`,
+    /// runs the export knows to be zero go as `OFFSET_HOLE` chunks instead, as qemu-nbd does.
+    fn read(&self, req: &Request) -> Vec<u8> {
+        let len = req.length as usize;
+        if self.structured && len == 0 {
+            return chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0).to_vec();
+        }
+        let sparse = self.structured && req.flags & CMD_FLAG_DF == 0;
+        let head = if self.structured {
+            CHUNK_HEADER_LEN + 8
+        } else {
+            SIMPLE_REPLY_LEN
+        };
+        let mut out = vec![0u8; head + len];
+        let read = if sparse {
+            self.export.read_sparse(&mut out[head..], req.offset)
+        } else {
+            self.export
+                .read(&mut out[head..], req.offset)
+                .map(|()| Vec::new())
+        };
+        let runs = match read {
+            Ok(runs) => runs,
+            Err(e) => return self.error_reply(req, errno(&e), &e.to_string()),
+        };
+        if Self::has_holes(&runs, req.length) {
+            return Self::sparse_reply(req, &runs, &out[head..]);
+        }
+        if self.structured {
+            out[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                (len + 8) as u32,
+            ));
+            out[CHUNK_HEADER_LEN..head].copy_from_slice(&req.offset.to_be_bytes());
+        } else {
+            out[..SIMPLE_REPLY_LEN].copy_from_slice(&simple_reply(0, req.cookie));
+        }
+        out
+    }
+
+    /// Whether `runs` describe a read of `len` bytes exactly and hold a zero run (otherwise
+    /// the read goes as one data chunk).
+    fn has_holes(runs: &[(u64, bool)], len: u32) -> bool {
+        runs.iter().any(|r| r.1)
+            && runs.iter().all(|r| r.0 > 0)
+            && runs.iter().map(|r| r.0).sum::<u64>() == u64::from(len)
+    }
+
+    /// A read's reply as consecutive chunks in offset order: `OFFSET_HOLE` for each zero run,
+    /// `OFFSET_DATA` for each other run (from `data`, the bytes read); the last one is
+    /// flagged done.
+    fn sparse_reply(req: &Request, runs: &[(u64, bool)], data: &[u8]) -> Vec<u8> {
+        const HOLE_LEN: usize = 12;
+        let bytes: u64 = runs.iter().filter(|r| !r.1).map(|r| r.0 + 8).sum();
+        let mut out =
+            Vec::with_capacity(runs.len() * (CHUNK_HEADER_LEN + HOLE_LEN) + bytes as usize);
+        let mut pos = 0usize;
+        for (i, &(n, zero)) in runs.iter().enumerate() {
+            let flags = if i + 1 == runs.len() {
+                REPLY_FLAG_DONE
+            } else {
+                0
+            };
+            let at = req.offset + pos as u64;
+            // Every run is at most req.length long: lengths fit in u32.
+            if zero {
+                let h = chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, HOLE_LEN as u32);
+                out.extend_from_slice(&h);
+                out.extend_from_slice(&at.to_be_bytes());
+                out.extend_from_slice(&(n as u32).to_be_bytes());
+            } else {
+                let h = chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req.cookie, n as u32 + 8);
+                out.extend_from_slice(&h);
+                out.extend_from_slice(&at.to_be_bytes());
+                out.extend_from_slice(&data[pos..pos + n as usize]);
+            }
+            pos += n as usize;
+        }
+        out
+    }
+
+    /// A `base:allocation` block status reply: the export's extents clipped to the request,
+    /// merged when their flags are equal, and only the first with `REQ_ONE`.
+    fn block_status(&self, req: &Request) -> Vec<u8> {
+        let len = u64::from(req.length);
+        let extents = match self.export.block_status(req.offset, len) {
+            Ok(e) => e,
+            Err(e) => return self.error_reply(req, errno(&e), &e.to_string()),
+        };
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        let mut covered = 0u64;
+        for (l, f) in extents {
+            let l = l.min(len - covered);
+            if l == 0 {
+                continue;
+            }
+            let f = f & (STATE_HOLE | STATE_ZERO);
+            // Lengths fit in u32: their sum never exceeds req.length.
+            match out.last_mut() {
+                Some(last) if last.1 == f => last.0 += l as u32,
+                _ => out.push((l as u32, f)),
+            }
+            covered += l;
+            if covered == len {
+                break;
+            }
+        }
+        if out.is_empty() {
+            // Nothing known: "allocated, contents unknown" is always a safe answer.
+            out.push((req.length, 0));
+        }
+        if req.flags & CMD_FLAG_REQ_ONE != 0 {
+            out.truncate(1);
+        }
+        block_status_chunk(req.cookie, CONTEXT_ID_BASE_ALLOCATION, &out)
+    }
+
+    /// An error reply: a structured error chunk (with the message) when structured replies
+    /// were negotiated, a simple reply otherwise.
+    fn error_reply(&self, req: &Request, errno: u32, msg: &str) -> Vec<u8> {
+        if self.structured {
+            error_chunk(req.cookie, errno, msg)
+        } else {
+            simple_reply(errno, req.cookie).to_vec()
+        }
+    }
+}
+
+/// The NBD error number for a vmicache error.
+fn errno(e: &Error) -> u32 {
+    match e {
+        Error::Io { source, .. } => io_errno(source),
+        Error::Request { .. } => EINVAL,
+        Error::Locked { .. } => EPERM,
+        _ => EIO,
+    }
+}
+
+fn io_errno(e: &io::Error) -> u32 {
+    use io::ErrorKind as K;
+    match e.raw_os_error() {
+        // EPERM, EACCES, EROFS
+        Some(1 | 13 | 30) => return EPERM,
+        // ENOSPC, EDQUOT, EFBIG
+        Some(28 | 122 | 27) => return ENOSPC,
+        Some(22) => return EINVAL,
+        Some(_) => return EIO,
+        None => {}
+    }
+    match e.kind() {
+        K::PermissionDenied | K::ReadOnlyFilesystem => EPERM,
+        K::StorageFull | K::QuotaExceeded | K::FileTooLarge => ENOSPC,
+        K::InvalidInput => EINVAL,
+        _ => EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_nbd_numbers() {
+        let io = |k| Error::io("x", "write", io::Error::from(k));
+        assert_eq!(errno(&io(io::ErrorKind::PermissionDenied)), EPERM);
+        assert_eq!(errno(&io(io::ErrorKind::StorageFull)), ENOSPC);
+        assert_eq!(errno(&io(io::ErrorKind::UnexpectedEof)), EIO);
+        let os = Error::io("x", "write", io::Error::from_raw_os_error(28));
+        assert_eq!(errno(&os), ENOSPC);
+        assert_eq!(errno(&Error::request("x", "out of range")), EINVAL);
+        assert_eq!(errno(&Error::corrupt("x", "bad L2")), EIO);
+    }
+}
