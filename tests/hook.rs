@@ -1236,3 +1236,36 @@ fn bases_backed_by_host_files_are_refused() {
         }
     }
 }
+
+/// The `nbd:` section of the configuration reaches the servers the hook starts, and those
+/// servers read the same configuration (VMICACHE_CONFIG), whatever the hook was given.
+#[test]
+fn nbd_limits_reach_hook_started_servers() {
+    let h = Host::new("nbd:\n  max_connections: 3\n  handshake_timeout: 4\n");
+    let sock = h.s("sockets/lim.sock");
+    let xml = domain(
+        "lim",
+        &h.s("bases/debian.raw"),
+        " mode=\"nbd\"",
+        &nbd_disk(&sock, "lim"),
+    );
+    h.ok("lim", "prepare", "begin", &xml);
+    let pid = h.pid("lim.vda").expect("a server");
+    let args: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let has = |a: &str, b: &str| args.windows(2).any(|w| w[0] == a && w[1] == b);
+    assert!(
+        has("--max-connections", "3") && has("--handshake-timeout", "4"),
+        "{args:?}"
+    );
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let want = format!("VMICACHE_CONFIG={}", h.s("config.yaml"));
+    assert!(
+        env.split(|&b| b == 0).any(|e| e == want.as_bytes()),
+        "the server does not read the hook's configuration"
+    );
+    h.ok("lim", "release", "end", &xml);
+}

@@ -211,6 +211,10 @@ pub(super) fn start_server(
     if let Some(t) = record {
         cmd.arg("--record").arg(t);
     }
+    // The limits of the configuration's `nbd:` section; the server reads the same
+    // configuration (its directories are where backing files may lie).
+    cmd.args(cfg.nbd.serve_args());
+    cmd.env("VMICACHE_CONFIG", &cfg.path);
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
