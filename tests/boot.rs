@@ -23,10 +23,15 @@ fn guest() -> String {
 }
 
 fn guest_dir() -> PathBuf {
-    std::env::var_os("VMICACHE_IMAGES")
+    let d = std::env::var_os("VMICACHE_IMAGES")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("target/images"))
-        .join(guest())
+        .join(guest());
+    // Caches in the tests' scratch directories name the guest's base in its own directory:
+    // allowed for every vmicache this test runs.
+    static ALLOW: std::sync::Once = std::sync::Once::new();
+    ALLOW.call_once(|| std::env::set_var("VMICACHE_ALLOW_BACKING", &d));
+    d
 }
 
 fn boot_sh() -> PathBuf {

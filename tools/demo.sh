@@ -14,6 +14,9 @@ export PATH="$repo/target/install/bin:$PATH"
 echo "== building the test guest (cached under target/images)"
 images/build.sh minimal
 base=${VMICACHE_IMAGES:-$repo/target/images}/minimal/base.raw
+# The cache (in the demo's directory) names the base in the guest's directory: allow it
+# (backing files must otherwise lie beside or below the image that names them).
+export VMICACHE_ALLOW_BACKING=$(dirname "$base")
 
 dir=${VMICACHE_DEMO_DIR:-$repo/target/demo}
 rm -rf "$dir" && mkdir -p "$dir"

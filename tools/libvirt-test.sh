@@ -122,7 +122,7 @@ boot() {
   grep -aq "$BOOT_MARKER" "$P/console.log"
 }
 cache_state() {
-  "$repo/target/release/vmicache" inspect --json "$P"/caches/*.qcow2 |
+  VMICACHE_CONFIG=$P/config.yaml "$repo/target/release/vmicache" inspect --json "$P"/caches/*.qcow2 |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["cache"]["state"])'
 }
 

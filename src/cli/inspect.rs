@@ -305,13 +305,13 @@ pub fn run(
         Some(d) => {
             let c = layers[d];
             let meta = cache_meta(c)?.expect("found above");
-            let reached = c.backing().map(|b| match reach(b) {
-                None => Image::open(b.path(), &opts)
-                    .map(std::sync::Arc::new)
-                    .map_err(|e| e.to_string()),
-                Some(r) => r,
-            });
-            let base = reached.as_ref().and_then(|r| r.as_ref().ok().cloned());
+            // The base: reached on demand when it is lazy (a sealed cache), else as opened.
+            let reached = c.backing().and_then(reach);
+            let base: Option<&Image> = match &reached {
+                Some(Ok(real)) => Some(real),
+                Some(Err(_)) => None,
+                None => c.backing(),
+            };
             let base_check = match (&reached, verify) {
                 (Some(Err(why)), _) => {
                     serde_json::json!(format!("not done: base unreachable: {why}"))
@@ -319,7 +319,7 @@ pub fn run(
                 (_, true) => check_value(verify_base_content(c))?,
                 (_, false) => check_value(verify_base(c))?,
             };
-            let (base_data_bytes, covered_bytes) = match &base {
+            let (base_data_bytes, covered_bytes) = match base {
                 Some(b) => {
                     let (t, c) = coverage(c, b)?;
                     (Some(t), Some(c))

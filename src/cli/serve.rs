@@ -255,6 +255,10 @@ pub fn run_boot(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(format!("{}.trace", cache.display())));
     let result = (|| -> Result<(ServeSummary, f64)> {
+        // The instance made here, in a scratch directory, stands on the cache it was given.
+        if let Some(dir) = std::fs::canonicalize(cache)?.parent() {
+            vmicache::engine::image::allow_backing_in(dir)?;
+        }
         make_instance(cache, &inst, vmicache::chain::build::INSTANCE_CLUSTER_SIZE)?;
         let names = vec![("boot".to_string(), inst.clone())];
         let (server, served) = start(&names, &socket, true, false, Limits::default())?;

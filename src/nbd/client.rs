@@ -139,7 +139,7 @@ impl NbdStorage {
         let uri = NbdUri::parse(name).ok_or_else(|| {
             Error::unsupported(name, "NBD URI form (use nbd+unix:///EXPORT?socket=PATH)")
         })?;
-        let io = |e: std::io::Error| Error::io(name, "NBD handshake", e);
+        let io = |e: std::io::Error| Error::io(name, "NBD handshake", timed_out(e));
         let bad = |w: &str| Error::invalid(name, format!("NBD server: {w}"));
         let deadline = Instant::now() + timeouts.connect;
         let mut s = connect_until(&uri.socket, deadline)
@@ -246,7 +246,7 @@ impl NbdStorage {
         buf: &mut [u8],
         off: u64,
     ) -> Result<()> {
-        let io = |e: std::io::Error| Error::io(name, "NBD read", e);
+        let io = |e: std::io::Error| Error::io(name, "NBD read", timed_out(e));
         let mut req = Vec::with_capacity(REQUEST_LEN);
         req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         req.extend_from_slice(&0u16.to_be_bytes());
@@ -308,6 +308,18 @@ impl Storage for NbdStorage {
     }
     fn status(&self, off: u64, len: u64) -> Result<(FileStatus, u64)> {
         seek_status(self, off, len)
+    }
+}
+
+/// A socket timeout surfaces as EAGAIN ("Resource temporarily unavailable"): say what it is.
+fn timed_out(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "timed out (no answer from the server)",
+        )
+    } else {
+        e
     }
 }
 

@@ -254,6 +254,13 @@ impl Server {
         })
     }
 
+    /// Serves one already connected stream to its end in this thread, as a connection
+    /// thread of [`Server::run`] does (same limits, same exports): for a connection handed
+    /// over by someone else, and for fuzzing the handshake and transmission phases.
+    pub fn serve_stream(&self, stream: UnixStream) {
+        serve_connection(stream, &self.exports, &self.shared);
+    }
+
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.shared.path
