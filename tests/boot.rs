@@ -126,7 +126,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     let working_set = data_bytes(&cache);
     assert!(working_set > 8 << 20, "working set {working_set}");
 
-    // Instances are made while the base is still a local file (chain verifies its content).
+    // Instances are made while the base is still a local file.
     let inst = dir.join("vm1.qcow2");
     run(bin().args(["chain", ps(&cache), "-o", ps(&inst)]));
     let inst_native = dir.join("native.qcow2");
@@ -169,8 +169,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
         &["error-pread=EIO", "error-pread-rate=100%"],
     );
     let inst2 = dir.join("vm2.qcow2");
-    // Made by QEMU (`chain` would verify the base's content, which cannot be read now), with
-    // 4 KiB clusters like vmicache's instances.
+    // Made by QEMU this time, with 4 KiB clusters like vmicache's instances.
     qemu_create(
         &inst2,
         None,
@@ -188,6 +187,13 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     rebase_onto_nbd(&cache2, &bsock);
     boot_served(dir, &inst3);
     kit.stop();
+
+    // 5b. The storage node down altogether (no nbdkit at all): a sealed cache needs nothing
+    //     of its base; `chain` makes an instance and `serve` starts and boots it.
+    let _ = std::fs::remove_file(&bsock);
+    let inst4 = dir.join("vm4.qcow2");
+    run(bin().args(["chain", ps(&cache), "-o", ps(&inst4)]));
+    boot_served(dir, &inst4);
 
     // 6. Quota below the working set: the boot still succeeds, reads pass through, the cache
     //    stays within its quota.
