@@ -138,7 +138,7 @@ impl Drop for Host {
                     if let Ok(s) = std::fs::read_to_string(e.path()) {
                         let first = s.lines().next().unwrap_or("");
                         if let Ok(pid) = first.trim().parse::<i32>() {
-                            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                            kill(pid, "-9");
                         }
                     }
                 }
@@ -154,6 +154,11 @@ fn make_base(path: &Path, size: u64) {
     use std::os::unix::fs::FileExt;
     f.write_all_at(&[0xab; 65536], 0).unwrap();
     f.write_all_at(b"vmicache-test-pattern", size / 2).unwrap();
+}
+
+/// `kill SIG PID` (errors ignored: the process may be gone).
+fn kill(pid: i32, sig: &str) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
 }
 
 fn alive(pid: i32) -> bool {
@@ -373,10 +378,7 @@ fn reconnect_restarts_a_dead_server() {
     let xml = domain("db", &h.s("bases/debian.raw"), "", &nbd_disk(&sock, "db"));
     h.ok("db", "prepare", "begin", &xml);
     let pid = h.pid("db.vda").unwrap();
-    Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
+    kill(pid, "-9");
     let t0 = std::time::Instant::now();
     while alive(pid) && t0.elapsed().as_secs() < 5 {
         std::thread::sleep(std::time::Duration::from_millis(10));
@@ -1057,10 +1059,7 @@ fn a_server_ignoring_sigterm_is_killed_and_waited_for() {
     h.ok("k", "prepare", "begin", &xml);
     let pid = h.pid("k.vda").unwrap();
     // A stopped process does not act on SIGTERM; SIGKILL ends it.
-    Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .unwrap();
+    kill(pid, "-STOP");
     let t0 = std::time::Instant::now();
     h.ok("k", "release", "end", &xml);
     assert!(!alive(pid), "release returned while its server still ran");

@@ -576,23 +576,29 @@ fn misbehaving_clients_cost_bounded_memory_and_sigterm_is_prompt() {
     );
 }
 
+/// Start `cmd` with its output piped, read one byte of stderr and close both pipes: like a
+/// log reader (`| head -c 1`) that went away.
+fn spawn_then_lose_output(cmd: &mut std::process::Command) -> std::process::Child {
+    let mut c = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = c.stderr.take().unwrap();
+    let mut one = [0u8; 1];
+    err.read_exact(&mut one).unwrap();
+    drop(err);
+    drop(c.stdout.take());
+    c
+}
+
 /// #15: a server whose stdout and stderr readers went away still stops on SIGTERM, flushes
 /// its instance and removes its socket.
 #[test]
 fn serve_with_closed_output_stops_on_sigterm() {
     let s = setup("0");
-    let mut srv = bin()
-        .args(["serve", ps(&s.inst), "--socket", ps(&s.sock)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Like `| head -c 1`: one byte read, then the reader leaves.
-    let mut err = srv.stderr.take().unwrap();
-    let mut one = [0u8; 1];
-    err.read_exact(&mut one).unwrap();
-    drop(err);
-    drop(srv.stdout.take());
+    let mut srv =
+        spawn_then_lose_output(bin().args(["serve", ps(&s.inst), "--socket", ps(&s.sock)]));
     wait_socket(&s.sock, &mut srv);
     // Some writes, so that there is something to flush.
     run(tool("qemu-io").args(["-f", "raw", "-c", "write -P 7 1M 64k", &uri(&s, "vm1")]));
@@ -611,18 +617,11 @@ fn warm_boot_with_closed_output_stops_on_sigterm() {
     let s = setup("0");
     let tmp = s.dir.join("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    let mut w = bin()
-        .args(["warm", ps(&s.cache), "--boot", "--", "sleep", "30"])
-        .env("TMPDIR", &tmp)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = w.stderr.take().unwrap();
-    let mut one = [0u8; 1];
-    err.read_exact(&mut one).unwrap();
-    drop(err);
-    drop(w.stdout.take());
+    let mut w = spawn_then_lose_output(
+        bin()
+            .args(["warm", ps(&s.cache), "--boot", "--", "sleep", "30"])
+            .env("TMPDIR", &tmp),
+    );
     let boot_dir = tmp.join(format!("vmicache-boot-{}", w.id()));
     wait_socket(&boot_dir.join("nbd.sock"), &mut w);
     sigterm(&w);
