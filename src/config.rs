@@ -340,7 +340,22 @@ impl Config {
         }
         // Resolved through every symlink, the final component's included: a link in a bases
         // directory to a file elsewhere is refused like the file itself.
-        let real = std::fs::canonicalize(&p).map_err(|e| Error::io(&p, "base image", e))?;
+        let real = match std::fs::canonicalize(&p) {
+            Ok(r) => r,
+            // A base that is not there (a storage node down) is placed by its directory: a
+            // sealed cache over it needs nothing of it. A dangling symlink is not let through.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && std::fs::symlink_metadata(&p).is_err() =>
+            {
+                let dir = p.parent().and_then(|d| std::fs::canonicalize(d).ok());
+                match (dir, p.file_name()) {
+                    (Some(d), Some(f)) => d.join(f),
+                    _ => return Err(Error::io(&p, "base image", e)),
+                }
+            }
+            Err(e) => return Err(Error::io(&p, "base image", e)),
+        };
         let allowed = self.dirs.bases.iter().any(|d| {
             std::fs::canonicalize(&d.0)
                 .map(|cd| real.starts_with(cd))

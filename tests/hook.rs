@@ -1268,3 +1268,75 @@ fn nbd_limits_reach_hook_started_servers() {
     );
     h.ok("lim", "release", "end", &xml);
 }
+
+/// Issue #11: with its cache sealed, a domain starts although its base is gone (a storage
+/// node down), in both modes: prepare compares only what the cache recorded and reads
+/// nothing of the base.
+#[test]
+fn sealed_caches_start_without_their_base() {
+    let h = Host::new("");
+    h.write_config(&format!(
+        "images:\n  debian:\n    base: {}\n",
+        h.s("bases/debian.raw")
+    ));
+    let sock = h.s("sockets/s1.sock");
+    let nbd = domain("s1", "debian", " mode=\"nbd\"", &nbd_disk(&sock, "s1"));
+    h.ok("s1", "prepare", "begin", &nbd);
+    h.ok("s1", "release", "end", &nbd);
+    let caches: Vec<PathBuf> = std::fs::read_dir(h.p("caches"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+        .collect();
+    assert_eq!(caches.len(), 1);
+    assert!(bin()
+        .args(["seal", caches[0].to_str().unwrap(), "-q"])
+        .env("VMICACHE_CONFIG", h.p("config.yaml"))
+        .status()
+        .unwrap()
+        .success());
+    std::fs::rename(h.p("bases/debian.raw"), h.p("outside/debian.raw")).unwrap();
+    h.ok("s1", "prepare", "begin", &nbd);
+    h.ok("s1", "release", "end", &nbd);
+    let native = domain("s2", "debian", "", &file_disk(&h.s("instances/s2.qcow2")));
+    h.ok("s2", "prepare", "begin", &native);
+    h.ok("s2", "release", "end", &native);
+    // Named by its path rather than by an `images` entry, likewise.
+    h.write_config("");
+    let by_path = domain(
+        "s3",
+        &h.s("bases/debian.raw"),
+        "",
+        &file_disk(&h.s("instances/s3.qcow2")),
+    );
+    std::fs::rename(h.p("outside/debian.raw"), h.p("bases/debian.raw")).unwrap();
+    h.ok("s3", "prepare", "begin", &by_path);
+    h.ok("s3", "release", "end", &by_path);
+    let caches: Vec<PathBuf> = std::fs::read_dir(h.p("caches"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("debian.raw-")
+        })
+        .collect();
+    assert!(bin()
+        .args(["seal", caches[0].to_str().unwrap(), "-q"])
+        .env("VMICACHE_CONFIG", h.p("config.yaml"))
+        .status()
+        .unwrap()
+        .success());
+    std::fs::rename(h.p("bases/debian.raw"), h.p("outside/debian.raw")).unwrap();
+    h.ok("s3", "prepare", "begin", &by_path);
+    h.ok("s3", "release", "end", &by_path);
+    h.write_config(&format!(
+        "images:\n  debian:\n    base: {}\n",
+        h.s("bases/debian.raw")
+    ));
+    // The base back, but another file (rewritten): refused, naming what changed.
+    std::fs::copy(h.p("outside/debian.raw"), h.p("bases/debian.raw")).unwrap();
+    let err = h.fails("s1", "prepare", &nbd);
+    assert!(err.contains("base file"), "{err}");
+}

@@ -29,11 +29,21 @@ pub(super) fn prepare(cfg: &Config, plans: &[DiskPlan], log: &HookLog) -> Result
     for p in plans {
         p.owner()?;
         let img = p.image()?;
-        let m = std::fs::metadata(&img.base).map_err(|e| Error::io(&img.base, "base image", e))?;
-        if !m.is_file() && !m.file_type().is_block_device() {
-            return Err(Error::request(&img.base, "base image is not a file"));
-        }
         let cache = p.cache.as_ref().expect("resolved");
+        // A sealed cache needs nothing of its base (a storage node may be down): what it
+        // recorded of the base is compared below without reading it.
+        let sealed = exists(cache)
+            && Image::open(cache, &OpenOptions::read_only())
+                .ok()
+                .and_then(|c| cache_meta(&c).ok().flatten())
+                .is_some_and(|m| m.state == CacheState::Sealed);
+        if !sealed {
+            let m =
+                std::fs::metadata(&img.base).map_err(|e| Error::io(&img.base, "base image", e))?;
+            if !m.is_file() && !m.file_type().is_block_device() {
+                return Err(Error::request(&img.base, "base image is not a file"));
+            }
+        }
         if exists(cache) && cfg.on_base_change == OnBaseChange::Refuse {
             let c = Image::open(cache, &OpenOptions::read_only())?;
             require_base_matches(&c).map_err(|e| {
