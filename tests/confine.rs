@@ -152,3 +152,46 @@ fn nbd_base_sockets_outside_the_bounds_are_refused() {
         "{err}"
     );
 }
+
+/// `serve` (and `warm --boot`) open the instance's cache themselves: the same bounds apply.
+#[test]
+fn serve_refuses_an_instance_backed_by_a_host_file() {
+    let d = tempfile::tempdir().unwrap();
+    let img = overlay_naming(d.path(), "i.qcow2", "/etc/passwd");
+    let sock = d.path().join("s.sock");
+    let err = refused(&["serve", ps(&img), "--socket", ps(&sock)], None);
+    assert!(
+        err.contains("lies outside") && err.contains("/etc/passwd"),
+        "{err}"
+    );
+    assert!(!sock.exists());
+}
+
+/// The base of a sealed cache is reached lazily; it is opened in the format the cache recorded,
+/// never probed: a raw base whose first bytes are a qcow2 header naming /etc/passwd reads as
+/// those bytes.
+#[test]
+fn a_lazily_reached_base_is_never_probed() {
+    let d = tempfile::tempdir().unwrap();
+    let trap = overlay_naming(d.path(), "trap.qcow2", "/etc/passwd");
+    let base = d.path().join("base.raw");
+    let mut bytes = std::fs::read(&trap).unwrap();
+    bytes.resize(1 << 20, 0);
+    std::fs::write(&base, &bytes).unwrap();
+    let cache = d.path().join("c.qcow2");
+    run(bin().args([
+        "build",
+        ps(&base),
+        "--base-format",
+        "raw",
+        "-o",
+        ps(&cache),
+        "-q",
+    ]));
+    run(bin().args(["seal", ps(&cache), "-q"]));
+    let img =
+        vmicache::engine::Image::open(&cache, &vmicache::engine::OpenOptions::read_only()).unwrap();
+    let mut got = vec![0u8; 4096];
+    img.read_at(&mut got, 0).unwrap();
+    assert_eq!(&got[..], &bytes[..4096], "the base was not read as raw");
+}

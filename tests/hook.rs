@@ -1335,8 +1335,18 @@ fn sealed_caches_start_without_their_base() {
         "images:\n  debian:\n    base: {}\n",
         h.s("bases/debian.raw")
     ));
-    // The base back, but another file (rewritten): refused, naming what changed.
+    // The base back as another file with the same content (restored from a backup): its
+    // fingerprint decides, and it is accepted.
     std::fs::copy(h.p("outside/debian.raw"), h.p("bases/debian.raw")).unwrap();
+    h.ok("s1", "prepare", "begin", &nbd);
+    h.ok("s1", "release", "end", &nbd);
+    // Rewritten: refused, naming what changed.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(h.p("bases/debian.raw"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 4096], 0).unwrap();
+    drop(f);
     let err = h.fails("s1", "prepare", &nbd);
-    assert!(err.contains("base file"), "{err}");
+    assert!(err.contains("fingerprint"), "{err}");
 }

@@ -158,8 +158,22 @@ fn verify_base_with(cache: &Image, check: Check) -> Result<Vec<identity::Mismatc
         )
     })?;
     if let Some(remote) = base.as_remote_base() {
+        let name = remote.name();
         if check != Check::Forced {
-            return Ok(identity::verify_file(&recorded, remote.name()));
+            let file = identity::verify_file(&recorded, name);
+            let local =
+                !crate::engine::image::is_nbd_uri(&name.to_string_lossy()) && name.is_file();
+            if !local || (recorded.file.is_some() && file.is_empty()) {
+                // Not contacted: what was recorded of it matches, or it is not a local file.
+                return Ok(file);
+            }
+            // A local base file whose identity the cache did not record (built before it
+            // did), or whose file changed (restored from a backup, copied): its content
+            // decides, as it did before caches recorded the file.
+            return match remote.probe() {
+                Ok(real) => identity::verify(&recorded, &real),
+                Err(_) => Ok(file),
+            };
         }
         let real = remote
             .probe()

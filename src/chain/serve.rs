@@ -5,7 +5,7 @@
 use super::build::{cache_meta, require_base};
 use super::map::map_range;
 use super::trace::Trace;
-use crate::engine::image::resolve_backing;
+use crate::engine::image::{place_backing, resolve_backing};
 use crate::engine::qcow2::Qcow2;
 use crate::engine::storage::FileStorage;
 use crate::engine::{Format, Image, OpenOptions};
@@ -89,14 +89,17 @@ pub struct Served {
     pub exports: Vec<(String, Arc<Image>)>,
 }
 
-/// The backing file an image's header names, resolved.
+/// The backing file an image's header names, resolved, and refused when it lies outside the
+/// places allowed for that image ([`place_backing`]).
 pub fn backing_path(image: &Path) -> Result<PathBuf> {
     let st = FileStorage::open(image, false)?;
     let h = Qcow2::read_header(&st)?;
     let name = h
         .backing_file
         .ok_or_else(|| Error::chain(image, "instance has no backing file (expected its cache)"))?;
-    resolve_backing(image, &name)
+    let p = resolve_backing(image, &name)?;
+    place_backing(image, &p)?;
+    Ok(p)
 }
 
 /// Open instances (export name, path) over their common cache, taking locks and turning on

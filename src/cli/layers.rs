@@ -17,6 +17,8 @@ pub fn build(
     json: bool,
     quiet: bool,
 ) -> Result<i32> {
+    // Later commands open the base as the cache's backing file: will they need it allowed?
+    let outside = vmicache::engine::image::place_backing(out, base).is_err();
     // The base named here is trusted: the new cache may name it from wherever it lies.
     allow_dir_of(base)?;
     let o = BuildOptions {
@@ -25,6 +27,16 @@ pub fn build(
         base_format: base_format.as_deref().and_then(Format::parse),
     };
     let id = build_cache(base, out, &o)?;
+    if outside && !quiet {
+        let dir = std::fs::canonicalize(base)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        errln!(
+            "vmicache: note: the base lies outside the cache's directory: later commands need --allow-backing {} (or VMICACHE_ALLOW_BACKING, or the directory in /etc/vmicache/config.yaml)",
+            dir.display()
+        );
+    }
     if json {
         outln!(
             "{}",

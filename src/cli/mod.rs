@@ -263,21 +263,22 @@ fn run(cli: Cli) -> Result<i32> {
         _ => None,
     };
     if let Ok(cfg) = vmicache::config::Config::load(&vmicache::config::config_path(explicit)) {
+        // Caches name bases (dirs.bases, and the base files named in `images`, exactly);
+        // instances name caches. Nothing may name an instance: it is not allowed.
         let d = &cfg.dirs;
-        let named = cfg.images.values().filter_map(|e| {
-            e.base
-                .as_ref()
-                .and_then(|b| b.0.parent().map(std::path::Path::to_path_buf))
-        });
-        let dirs: Vec<PathBuf> = d
+        let named = cfg
+            .images
+            .values()
+            .filter_map(|e| e.base.as_ref().map(|b| b.0.clone()));
+        let allowed: Vec<PathBuf> = d
             .bases
             .iter()
-            .chain([&d.caches, &d.instances])
             .map(|x| x.0.clone())
+            .chain([d.caches.0.clone()])
             .chain(named)
             .collect();
-        for dir in dirs {
-            let _ = vmicache::engine::image::allow_backing_in(&dir);
+        for p in allowed {
+            let _ = vmicache::engine::image::allow_backing_in(&p);
         }
     }
     match cli.cmd {

@@ -14,14 +14,21 @@ use std::sync::{Arc, RwLock};
 /// ([`allow_backing_in`]).
 static ALLOWED_BACKING: RwLock<Vec<PathBuf>> = RwLock::new(Vec::new());
 
-/// Allow backing files (and the sockets of NBD bases) anywhere below `dir`, for the rest of
-/// the process. By default a backing file must lie in the directory of the image that names
+/// Allow backing files (and the sockets of NBD bases) anywhere below `dir` (or the file
+/// `dir` itself), for the rest of the process. By default a backing file must lie in the directory of the image that names
 /// it, or below: an image from an untrusted source cannot make vmicache read `/etc/shadow`
 /// or another guest's disk by naming it as its backing file. The CLI passes
 /// `--allow-backing` and `VMICACHE_ALLOW_BACKING` here, the hook its configured directories.
 pub fn allow_backing_in(dir: &Path) -> Result<()> {
-    let canon =
-        std::fs::canonicalize(dir).map_err(|e| Error::io(dir, "allow backing files in", e))?;
+    // A file (a base named in a configuration) allows itself alone; one that is not there
+    // now (its storage node down) is placed by its directory.
+    let canon = match std::fs::canonicalize(dir) {
+        Ok(c) => c,
+        Err(e) => match (dir.parent().map(std::fs::canonicalize), dir.file_name()) {
+            (Some(Ok(d)), Some(f)) if std::fs::symlink_metadata(dir).is_err() => d.join(f),
+            _ => return Err(Error::io(dir, "allow backing files in", e)),
+        },
+    };
     let mut g = ALLOWED_BACKING.write().unwrap_or_else(|p| p.into_inner());
     if !g.contains(&canon) {
         g.push(canon);
@@ -62,20 +69,34 @@ fn confine_backing(overlay: &Path, target: &Path, what: &str) -> Result<()> {
     ))
 }
 
-/// `p` with symlinks resolved as far as it exists: the canonical parent directory and the
-/// file name when the file itself is not there (a base that is down).
-fn lenient_canonical(p: &Path) -> PathBuf {
-    if let Ok(c) = std::fs::canonicalize(p) {
-        return c;
-    }
-    let parent = match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
+/// Where the backing file `name` (resolved: a path, or an NBD URI) that `overlay` names
+/// really lies: its canonical path (of the socket, for an NBD base), refused when outside the
+/// places allowed for `overlay` ([`confine_backing`]). A file that is not there (a base that
+/// is down) is placed by its directory, which must resolve; a dangling symlink is refused.
+pub fn place_backing(overlay: &Path, name: &Path) -> Result<PathBuf> {
+    let (p, what) = match crate::nbd::client::NbdUri::parse(&name.to_string_lossy()) {
+        Some(u) => (u.socket, "NBD socket"),
+        None => (name.to_path_buf(), "backing file"),
     };
-    match (std::fs::canonicalize(parent), p.file_name()) {
-        (Ok(d), Some(f)) => d.join(f),
-        _ => p.to_path_buf(),
-    }
+    let canon = match std::fs::canonicalize(&p) {
+        Ok(c) => c,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && std::fs::symlink_metadata(&p).is_err() =>
+        {
+            let parent = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            match (std::fs::canonicalize(parent), p.file_name()) {
+                (Ok(d), Some(f)) => d.join(f),
+                _ => return Err(Error::io(&p, what, e)),
+            }
+        }
+        Err(e) => return Err(Error::io(&p, what, e)),
+    };
+    confine_backing(overlay, &canon, what)?;
+    Ok(canon)
 }
 
 /// The vmicache extension of a header, if it has a valid one.
@@ -89,11 +110,6 @@ fn cache_meta_of(h: &crate::format::header::Header) -> Option<crate::format::ext
 fn is_sealed(h: &crate::format::header::Header) -> bool {
     cache_meta_of(h)
         .is_some_and(|m| m.state == crate::format::ext::CacheState::Sealed && m.base.is_some())
-}
-
-/// The base size a vmicache cache records.
-fn recorded_base_size(h: &crate::format::header::Header) -> Option<u64> {
-    cache_meta_of(h)?.base.map(|b| b.virtual_size)
 }
 
 /// Deepest backing chain we open (QEMU has no fixed limit; this bounds hostile chains).
@@ -263,10 +279,8 @@ impl Image {
                     "an NBD image is opened read-only here",
                 ));
             }
-            if let (Some(overlay), Some(u)) = (named_by, crate::nbd::client::NbdUri::parse(uri)) {
-                let sock = std::fs::canonicalize(&u.socket)
-                    .map_err(|e| Error::io(&u.socket, "NBD base socket", e))?;
-                confine_backing(overlay, &sock, "NBD socket")?;
+            if let Some(overlay) = named_by {
+                place_backing(overlay, path)?;
             }
             let st: Box<dyn Storage> = Box::new(crate::nbd::client::NbdStorage::connect(uri)?);
             let format = match format {
@@ -338,8 +352,9 @@ impl Image {
                     (Some(name), true) if is_sealed(&header) => {
                         // A sealed cache is opened without its base: reached on first need.
                         let bpath = resolve_backing(path, name)?;
-                        let size = recorded_base_size(&header).unwrap_or(header.size);
-                        Some(Arc::new(Self::remote_base(path, bpath, size)?))
+                        Some(Arc::new(Self::remote_base(
+                            path, bpath, &header, opts, true,
+                        )?))
                     }
                     (Some(name), true) => {
                         let bpath = resolve_backing(path, name)?;
@@ -352,10 +367,9 @@ impl Image {
                         match Self::open_inner(&bpath, Some(path), opts, bfmt, seen) {
                             Ok(b) => Some(Arc::new(b)),
                             // Shown as unreachable by whoever looks (inspect).
-                            Err(e) if opts.lazy_backing && e.is_unreachable() => {
-                                let size = recorded_base_size(&header).unwrap_or(header.size);
-                                Some(Arc::new(Self::remote_base(path, bpath, size)?))
-                            }
+                            Err(e) if opts.lazy_backing && e.is_unreachable() => Some(Arc::new(
+                                Self::remote_base(path, bpath, &header, opts, false)?,
+                            )),
                             Err(e) => return Err(e),
                         }
                     }
@@ -371,19 +385,42 @@ impl Image {
         }
     }
 
-    /// The base of the sealed cache `overlay`, named `bpath`, as a raw layer of the size the
-    /// cache recorded that opens the base only when a read needs it ([`RemoteBase`]).
-    fn remote_base(overlay: &Path, bpath: PathBuf, size: u64) -> Result<Image> {
-        // The base may be unreachable now: check where it would be, as far as can be seen.
-        let target = match crate::nbd::client::NbdUri::parse(&bpath.to_string_lossy()) {
-            Some(u) => (lenient_canonical(&u.socket), "NBD socket"),
-            None => (lenient_canonical(&bpath), "backing file"),
+    /// The base of the cache `overlay` (header `h`), named `bpath`, as a raw layer that opens
+    /// the base only when a read needs it ([`RemoteBase`]). `recorded`: the base must still
+    /// have the format and size the cache recorded (a sealed cache); otherwise (a base that
+    /// could not be opened, for inspection) it keeps the size the header implies.
+    fn remote_base(
+        overlay: &Path,
+        bpath: PathBuf,
+        h: &crate::format::header::Header,
+        opts: &OpenOptions,
+        recorded: bool,
+    ) -> Result<Image> {
+        // Checked now, as far as can be seen, and again whenever the base is opened.
+        place_backing(overlay, &bpath)?;
+        let meta = cache_meta_of(h).and_then(|m| m.base);
+        let format = match (&h.backing_format, &meta) {
+            (Some(f), _) => Some(
+                Format::parse(f)
+                    .ok_or_else(|| Error::unsupported(overlay, format!("backing format '{f}'")))?,
+            ),
+            (None, Some(b)) => Format::parse(&b.format),
+            (None, None) => None,
         };
-        confine_backing(overlay, &target.0, target.1)?;
-        Ok(Image::Raw(Raw::open(
-            Box::new(RemoteBase::new(bpath, size)),
-            false,
-        )?))
+        let expect = match (&meta, recorded) {
+            (Some(b), true) => Some(b.virtual_size),
+            _ => None,
+        };
+        let size = meta.map_or(h.size, |b| b.virtual_size);
+        let base = RemoteBase::new(super::remote::Target {
+            name: bpath,
+            overlay: overlay.to_path_buf(),
+            format,
+            size,
+            expect_size: expect,
+            lock: opts.lock,
+        });
+        Ok(Image::Raw(Raw::open(Box::new(base), false)?))
     }
 
     /// The lazily reached base under a sealed cache, when this image is that layer.

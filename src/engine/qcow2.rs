@@ -327,7 +327,11 @@ impl Qcow2 {
     /// Pass `r` on; a corruption found while writing marks the image corrupt first (the
     /// corrupt bit in the header, then no more writes), as QEMU's qcow2_signal_corruption.
     fn signal<T>(&self, r: Result<T>) -> Result<T> {
-        if let Err(Error::Corrupt { what, .. }) = &r {
+        // Only this image's own damage: a corrupt backing file is not this image's fault.
+        if let Err(Error::Corrupt { what, path }) = &r {
+            if path != self.path() {
+                return r;
+            }
             if !self.broken.swap(true, Ordering::SeqCst) {
                 let mut m = self.lock();
                 m.header.incompatible |= header::incompat::CORRUPT;

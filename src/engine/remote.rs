@@ -12,21 +12,38 @@
 //! that comes back (an NBD server restarted, a file restored) is used again, and a read error
 //! through an open base drops it so that the next try reopens it.
 
-use super::image::{Image, OpenOptions};
+use super::image::{place_backing, Format, Image, OpenOptions};
 use super::storage::{FileStatus, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// What a [`RemoteBase`] stands for.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The base as the cache names it, resolved (a path, or an NBD URI).
+    pub name: PathBuf,
+    /// The image that names it (its place is checked against that image's bounds).
+    pub overlay: PathBuf,
+    /// Its format, as the header or the cache's record says (never probed when known).
+    pub format: Option<Format>,
+    /// Guest size it is read as.
+    pub size: u64,
+    /// The virtual size the cache recorded, which the base must still have (a sealed cache).
+    pub expect_size: Option<u64>,
+    /// Take a QEMU-compatible read lock on it when it is opened.
+    pub lock: bool,
+}
+
 /// The base of a sealed cache, opened on first use and reopened after failures.
 #[derive(Debug)]
 pub struct RemoteBase {
-    /// The base as the cache names it (a path, or an NBD URI).
-    name: PathBuf,
-    /// Guest size the cache recorded for it.
-    size: u64,
+    t: Target,
     state: Mutex<State>,
+    /// Held while the base is being opened, so that readers wait for one open instead of
+    /// starting their own, while [`RemoteBase::opened`] (block status) never waits.
+    opening: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -40,42 +57,88 @@ impl RemoteBase {
     pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
     pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-    /// `name` as resolved from the cache's header (confinement already checked).
-    pub fn new(name: PathBuf, size: u64) -> RemoteBase {
+    pub fn new(t: Target) -> RemoteBase {
         RemoteBase {
-            name,
-            size,
+            t,
             state: Mutex::new(State::default()),
+            opening: Mutex::new(()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The base if it is open, or the failure that still holds (backoff).
+    fn current(&self) -> Option<Result<Arc<Image>>> {
+        let s = self.state();
+        if let Some(img) = &s.open {
+            return Some(Ok(img.clone()));
+        }
+        match &s.failed {
+            Some((at, why, wait)) if at.elapsed() < *wait => {
+                Some(Err(unreachable(&self.t.name, why)))
+            }
+            _ => None,
         }
     }
 
     /// The base, opening it if it is not open and the backoff allows a try.
     fn get(&self) -> Result<Arc<Image>> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(img) = &s.open {
-            return Ok(img.clone());
+        if let Some(r) = self.current() {
+            return r;
         }
-        if let Some((at, why, wait)) = &s.failed {
-            if at.elapsed() < *wait {
-                return Err(unreachable(&self.name, why));
-            }
+        let _one = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+        // Another reader may have opened it (or failed) while we waited.
+        if let Some(r) = self.current() {
+            return r;
         }
-        match Image::open(&self.name, &OpenOptions::read_only()) {
+        match self.open() {
             Ok(img) => {
                 let img = Arc::new(img);
+                let mut s = self.state();
                 s.open = Some(img.clone());
-                s.failed = None;
                 Ok(img)
             }
-            Err(e) => {
-                let why = e.to_string();
-                Self::failed(&mut s, why.clone());
-                Err(unreachable(&self.name, &why))
+            Err(why) => {
+                self.failed(None, why.clone());
+                Err(unreachable(&self.t.name, &why))
             }
         }
     }
 
-    fn failed(s: &mut State, why: String) {
+    /// Open the base as the cache named it: placed within bounds again (what the name leads
+    /// to may have changed since the cache was opened), in its known format, locked as asked,
+    /// and still of the size the cache recorded.
+    fn open(&self) -> std::result::Result<Image, String> {
+        let t = &self.t;
+        place_backing(&t.overlay, &t.name).map_err(|e| e.to_string())?;
+        let opts = OpenOptions {
+            format: t.format,
+            lock: t.lock,
+            ..OpenOptions::read_only()
+        };
+        let img = Image::open(&t.name, &opts).map_err(|e| match e {
+            Error::Io { source, .. } => format!("{}: {source}", t.name.display()),
+            e => e.to_string(),
+        })?;
+        match t.expect_size {
+            Some(want) if img.virtual_size() != want => Err(format!(
+                "base changed: its size is now {} bytes, the cache recorded {want}",
+                img.virtual_size()
+            )),
+            _ => Ok(img),
+        }
+    }
+
+    /// Record a failure (dropping the open base if it is still `was`, or whatever is open
+    /// when `was` is None) and lengthen the backoff.
+    fn failed(&self, was: Option<&Arc<Image>>, why: String) {
+        let mut s = self.state();
+        match (was, &s.open) {
+            (Some(a), Some(b)) if !Arc::ptr_eq(a, b) => return,
+            _ => {}
+        }
         let wait = match &s.failed {
             Some((_, _, w)) => (*w * 2).min(Self::MAX_BACKOFF),
             None => Self::FIRST_BACKOFF,
@@ -84,32 +147,22 @@ impl RemoteBase {
         s.failed = Some((Instant::now(), why, wait));
     }
 
-    /// A read through the open base failed: drop it, so the next try reopens (reconnects).
-    fn drop_after(&self, e: &Error) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        Self::failed(&mut s, e.to_string());
-    }
-
-    /// The base if it is open now (nothing is tried).
-    pub fn opened(&self) -> Option<Arc<Image>> {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .open
-            .clone()
-    }
-
-    /// The base as the cache names it.
-    pub fn name(&self) -> &Path {
-        &self.name
-    }
-
     /// Try to reach the base now (for `inspect`): Ok, or why it cannot be reached.
     pub fn probe(&self) -> std::result::Result<Arc<Image>, String> {
         self.get().map_err(|e| match e {
             Error::Io { source, .. } => source.to_string(),
             e => e.to_string(),
         })
+    }
+
+    /// The base if it is open now (nothing is tried).
+    pub fn opened(&self) -> Option<Arc<Image>> {
+        self.state().open.clone()
+    }
+
+    /// The base as the cache names it.
+    pub fn name(&self) -> &Path {
+        &self.t.name
     }
 }
 
@@ -153,54 +206,63 @@ fn unreachable(name: &Path, why: &str) -> Error {
 
 impl Storage for RemoteBase {
     fn path(&self) -> &Path {
-        &self.name
+        &self.t.name
     }
     fn len(&self) -> Result<u64> {
-        Ok(self.size)
+        Ok(self.t.size)
     }
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         // A base whose own chain leads back to this cache would recurse through fresh opens.
-        let _depth = Depth::enter(&self.name)?;
+        let _depth = Depth::enter(&self.t.name)?;
         let img = self.get()?;
         // Past the base's end reads as zeros, as past the end of a file.
-        let end = self.size.min(img.virtual_size());
+        let end = self.t.size.min(img.virtual_size());
         let have = end.saturating_sub(off).min(buf.len() as u64) as usize;
         buf[have..].fill(0);
         if have == 0 {
             return Ok(());
         }
-        img.read_at(&mut buf[..have], off)
-            .inspect_err(|e| self.drop_after(e))
+        match img.read_at(&mut buf[..have], off) {
+            Ok(()) => {
+                // A read that worked ends any backoff.
+                let mut s = self.state();
+                if s.failed.is_some() {
+                    s.failed = None;
+                }
+                Ok(())
+            }
+            // The connection or file failed: drop it so the next try reopens (reconnects).
+            Err(e @ Error::Io { .. }) => {
+                self.failed(Some(&img), e.to_string());
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
     fn write_at(&self, _buf: &[u8], _off: u64) -> Result<()> {
-        Err(Error::request(&self.name, "a base is never written"))
+        Err(Error::request(&self.t.name, "a base is never written"))
     }
     fn sync(&self) -> Result<()> {
         Ok(())
     }
     fn set_len(&self, _len: u64) -> Result<()> {
-        Err(Error::request(&self.name, "a base is never written"))
+        Err(Error::request(&self.t.name, "a base is never written"))
     }
     fn seek_data(&self, off: u64) -> Result<Option<u64>> {
-        Ok((off < self.size).then_some(off))
+        Ok((off < self.t.size).then_some(off))
     }
     fn seek_hole(&self, _off: u64) -> Result<u64> {
-        Ok(self.size)
+        Ok(self.t.size)
     }
-    /// What the base's own metadata says when it is open; data (unknown) otherwise, so that
-    /// nothing is taken for zeros that the base was not asked about.
     fn as_remote_base(&self) -> Option<&RemoteBase> {
         Some(self)
     }
+    /// Data for what is within the size (unknown here: an open base's own chain answers
+    /// block status through [`Image::chain_status`], which looks through this layer).
     fn status(&self, off: u64, len: u64) -> Result<(FileStatus, u64)> {
-        if off >= self.size {
+        if off >= self.t.size {
             return Ok((FileStatus::Eof, len));
         }
-        let len = len.min(self.size - off);
-        match self.opened().map(|img| img.chain_status(off, len)) {
-            Some(Ok(x)) if x.zero => Ok((FileStatus::Hole, x.length)),
-            Some(Ok(x)) => Ok((FileStatus::Data, x.length)),
-            _ => Ok((FileStatus::Data, len)),
-        }
+        Ok((FileStatus::Data, len.min(self.t.size - off)))
     }
 }

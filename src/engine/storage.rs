@@ -76,7 +76,30 @@ pub struct FileStorage {
 impl FileStorage {
     pub fn open(path: &Path, write: bool) -> Result<Self> {
         use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-        // O_NONBLOCK: opening a FIFO must not wait for a writer; only regular files pass.
+        // Only regular files and block devices (an LVM volume as a base): a FIFO would block
+        // the open, a character device or socket is no image. Looked at before opening (no
+        // side effects of opening a device), and again on what was opened (no race).
+        let refuse = |ft: std::fs::FileType| {
+            let kind = if ft.is_dir() {
+                "a directory"
+            } else if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_socket() {
+                "a socket"
+            } else if ft.is_char_device() {
+                "a character device"
+            } else {
+                return Ok(());
+            };
+            Err(Error::invalid(
+                path,
+                format!("is {kind}, not a regular file"),
+            ))
+        };
+        if let Ok(m) = std::fs::metadata(path) {
+            refuse(m.file_type())?;
+        }
+        // O_NONBLOCK: should a FIFO be swapped in meanwhile, opening it does not wait.
         let file = OpenOptions::new()
             .read(true)
             .write(write)
@@ -84,26 +107,7 @@ impl FileStorage {
             .open(path)
             .map_err(|e| Error::io(path, "open", e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
-        let ft = meta.file_type();
-        let kind = if ft.is_dir() {
-            Some("a directory")
-        } else if ft.is_fifo() {
-            Some("a FIFO")
-        } else if ft.is_socket() {
-            Some("a socket")
-        } else if ft.is_block_device() {
-            Some("a block device")
-        } else if ft.is_char_device() {
-            Some("a character device")
-        } else {
-            None
-        };
-        if let Some(kind) = kind {
-            return Err(Error::invalid(
-                path,
-                format!("is {kind}, not a regular file"),
-            ));
-        }
+        refuse(meta.file_type())?;
         nix::fcntl::fcntl(
             &file,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),

@@ -105,8 +105,14 @@ pub(super) fn claim(instance: &Path, guest: &str) -> Result<Option<PathBuf>> {
         .open(&rec)
     {
         Ok(mut f) => {
-            f.write_all(format!("{guest}\n").as_bytes())
-                .map_err(|e| Error::io(&rec, "write owner record", e))?;
+            if let Err(e) = f
+                .write_all(format!("{guest}\n").as_bytes())
+                .and_then(|()| f.sync_all())
+            {
+                // An empty record would refuse this guest for good: leave none.
+                let _ = std::fs::remove_file(&rec);
+                return Err(Error::io(&rec, "write owner record", e));
+            }
             Ok(Some(rec))
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match read_record(&rec)? {
