@@ -257,8 +257,12 @@ pub fn compact(path: &Path, compression: Option<CompressionType>) -> Result<Comp
                 }
             }
         }
+        let mut uses: HashMap<u64, u64> = HashMap::new();
         for s in &refs {
-            if (s.first..=s.last).any(|c| lay.rc[c as usize] > 1) {
+            *uses.entry(s.entry).or_insert(0) += 1;
+        }
+        for s in &refs {
+            if uses[&s.entry] > 1 {
                 stats.shared_clusters += 1;
             }
             if s.entry & table::COMPRESSED != 0 {
