@@ -515,3 +515,62 @@ fn remove_stale_temps(path: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(meta: usize) -> Layout {
+        Layout {
+            cs: 4096,
+            rc: vec![1; meta],
+            cpos: 0,
+            cend: 0,
+            limit: 3,
+        }
+    }
+
+    #[test]
+    fn blobs_pack_and_span_only_at_the_end() {
+        let mut l = layout(3);
+        assert_eq!(l.place_blob(3000), 3 * 4096);
+        // Spans into a new cluster: the stream is at the end of the file.
+        assert_eq!(l.place_blob(3000), 3 * 4096 + 3000);
+        assert_eq!(l.rc.len(), 5);
+        // A plain cluster after the stream: the next blob that does not fit starts afresh...
+        assert_eq!(l.alloc(), 5);
+        assert_eq!(l.place_blob(3000), 6 * 4096);
+        // ...but one that fits in the stream's last cluster still goes there.
+        assert_eq!(l.alloc(), 7);
+        assert_eq!(l.place_blob(1000), 6 * 4096 + 3000);
+    }
+
+    #[test]
+    fn sharing_stops_at_the_refcount_limit() {
+        let mut l = layout(1);
+        let c = l.alloc();
+        let s = Stored {
+            entry: c * 4096,
+            first: c,
+            last: c,
+        };
+        for _ in 0..3 {
+            assert!(l.can_share(&s));
+            l.reference(&s);
+        }
+        assert!(!l.can_share(&s));
+    }
+
+    #[test]
+    fn refcount_blocks_count_themselves() {
+        let g = Geometry {
+            cluster_bits: 9,
+            refcount_order: 4,
+        };
+        // 256 entries per 512-byte block: 255 used clusters + table + block need two blocks.
+        let (off, rt, rb) = refcount_layout(Path::new("x"), &g, 255).unwrap();
+        assert_eq!((off, rt, rb), (255 * 512, 1, 2));
+        let (_, rt, rb) = refcount_layout(Path::new("x"), &g, 10).unwrap();
+        assert_eq!((rt, rb), (1, 1));
+    }
+}
