@@ -123,6 +123,10 @@ impl Layout {
 /// compression, but identical clusters still shared).
 pub fn compact(path: &Path, compression: Option<CompressionType>) -> Result<CompactStats> {
     let t0 = std::time::Instant::now();
+    let shown = path;
+    // A symlinked cache keeps its link: the file it names is replaced.
+    let real = std::fs::canonicalize(path).map_err(|e| Error::io(path, "open", e))?;
+    let path = real.as_path();
     // The engine's write lock on the cache: refused while anyone has it open (a server, a QEMU
     // reading it as a backing file, another compaction).
     let lock_file = std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
@@ -192,7 +196,7 @@ pub fn compact(path: &Path, compression: Option<CompressionType>) -> Result<Comp
     let st = FileStorage::create(&tmp)?;
     let out = (|| -> Result<CompactStats> {
         let mut stats = CompactStats {
-            path: path.display().to_string(),
+            path: shown.display().to_string(),
             compression: compression.map_or("none", |c| c.name()),
             cluster_size: cs,
             refcount_bits: 0,
