@@ -186,6 +186,57 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     run(bin().args(["chain", ps(&cache2), "-o", ps(&inst3)]));
     rebase_onto_nbd(&cache2, &bsock);
     boot_served(dir, &inst3);
+
+    // 6. The replayed cache compacted (zstd): served, it boots with the base unreadable.
+    let plain_size = std::fs::metadata(&cache2).unwrap().len();
+    run(bin().args(["seal", "--compact", "--compress", "zstd", ps(&cache2)]));
+    check_clean(&cache2);
+    eprintln!(
+        "compacted cache: {plain_size} -> {} bytes",
+        std::fs::metadata(&cache2).unwrap().len()
+    );
+    let inst4 = dir.join("vm4.qcow2");
+    qemu_create(
+        &inst4,
+        None,
+        &[
+            "-o",
+            "cluster_size=4k",
+            "-b",
+            "replayed.qcow2",
+            "-F",
+            "qcow2",
+        ],
+    );
+    let served = boot_served(dir, &inst4);
+    kit.stop();
+    // Native chain over the compacted cache: QEMU decompresses it itself.
+    let kit = nbdkit(
+        &bsock,
+        &["--filter=log"],
+        &base,
+        &[&format!("logfile={}", log.display())],
+    );
+    let inst5 = dir.join("vm5.qcow2");
+    qemu_create(
+        &inst5,
+        None,
+        &[
+            "-o",
+            "cluster_size=4k",
+            "-b",
+            "replayed.qcow2",
+            "-F",
+            "qcow2",
+        ],
+    );
+    let before = base_reads(&log);
+    let native = boot(ps(&inst5), "qcow2");
+    check_clean(&inst5);
+    eprintln!(
+        "compacted cache: served boot {served:.1} s, native boot {native:.1} s ({} base reads)",
+        base_reads(&log) - before
+    );
     kit.stop();
 
     // 5b. The storage node down altogether (no nbdkit at all): a sealed cache needs nothing
@@ -195,7 +246,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     run(bin().args(["chain", ps(&cache), "-o", ps(&inst4)]));
     boot_served(dir, &inst4);
 
-    // 6. Quota below the working set: the boot still succeeds, reads pass through, the cache
+    // 7. Quota below the working set: the boot still succeeds, reads pass through, the cache
     //    stays within its quota.
     let small = dir.join("small.qcow2");
     let quota = 8u64 << 20;

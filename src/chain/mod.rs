@@ -2,6 +2,7 @@
 //! identity binding to its base, and maps of where guest data lives.
 
 pub mod build;
+pub mod compact;
 pub mod identity;
 pub mod map;
 pub mod serve;

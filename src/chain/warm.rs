@@ -173,7 +173,7 @@ pub fn warm(
             } else {
                 (s + l) / cs * cs
             };
-            (e > a).then_some((a, e - a))
+            (e > a).then(|| (a, e - a))
         })
         .collect();
     chunks.extend(

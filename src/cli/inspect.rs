@@ -42,6 +42,16 @@ struct Layer {
     /// Guest bytes allocated at this layer (data + compressed clusters).
     #[serde(skip_serializing_if = "Option::is_none")]
     allocated_bytes: Option<u64>,
+    /// Data and compressed clusters whose stored bytes other guest clusters share (a
+    /// compacted cache).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared_clusters: Option<u64>,
+    /// Host bytes storing the allocated data, and the guest bytes it saves by sharing and
+    /// compression.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stored_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    saved_bytes: Option<u64>,
     /// Why this layer (a base) could not be reached; nothing else of it is known then.
     #[serde(skip_serializing_if = "Option::is_none")]
     unreachable: Option<String>,
@@ -108,6 +118,9 @@ fn layer(img: &Image, depth: usize, role: &'static str) -> Result<Layer> {
         zero_clusters: None,
         compressed_clusters: None,
         allocated_bytes: None,
+        shared_clusters: None,
+        stored_bytes: None,
+        saved_bytes: None,
         unreachable: None,
     };
     if let Some(q) = img.as_qcow2() {
@@ -124,6 +137,9 @@ fn layer(img: &Image, depth: usize, role: &'static str) -> Result<Layer> {
         l.zero_clusters = Some(s.zero);
         l.compressed_clusters = Some(s.compressed);
         l.allocated_bytes = Some((s.data + s.compressed) * cs);
+        l.shared_clusters = Some(s.shared);
+        l.stored_bytes = Some(s.stored_bytes);
+        l.saved_bytes = Some(s.saved_bytes(cs));
     }
     Ok(l)
 }
@@ -384,6 +400,17 @@ pub fn run(
                 ", holds {} ({d} data, {z} zero, {c} compressed clusters)",
                 human(l.allocated_bytes.unwrap_or(0))
             );
+        }
+        if let (Some(sh), Some(c), Some(saved)) =
+            (l.shared_clusters, l.compressed_clusters, l.saved_bytes)
+        {
+            if sh > 0 || c > 0 {
+                s += &format!(
+                    ", compacted: {sh} shared, {c} compressed clusters stored in {}, saves {}",
+                    human(l.stored_bytes.unwrap_or(0)),
+                    human(saved)
+                );
+            }
         }
         s += &format!(", on disk {}", human(l.disk_size));
         if let Some(why) = &l.unreachable {

@@ -198,7 +198,25 @@ enum Cmd {
         json: bool,
     },
     /// Mark a cache complete: from now on it is shared read-only and never written.
-    Seal { cache: PathBuf },
+    ///
+    /// --compact rewrites a sealed cache smaller, as a plain qcow2 that QEMU opens natively:
+    /// identical clusters share one host cluster (refcount > 1), clusters that compress well
+    /// are stored as qcow2 compressed clusters (--compress), all-zero clusters become zero
+    /// clusters. The new image is written beside the cache and renamed over it: a crash leaves
+    /// the old cache or the new one. Refused for an unsealed cache and while the cache is open
+    /// (a server, a QEMU using it).
+    Seal {
+        cache: PathBuf,
+        /// Rewrite the (already sealed) cache compacted instead of sealing it.
+        #[arg(long)]
+        compact: bool,
+        /// With --compact: how clusters are compressed (zstd needs QEMU 5.1 or later).
+        #[arg(long, requires = "compact", value_parser = ["zstd", "zlib", "none"], default_value = "zstd")]
+        compress: String,
+        /// With --compact: print what was done as JSON.
+        #[arg(long, requires = "compact")]
+        json: bool,
+    },
     /// Check a qcow2 image's metadata (refcounts against references, COPIED flags, tables
     /// inside the file), counting as `qemu-img check` counts.
     ///
@@ -344,7 +362,13 @@ fn run(cli: Cli) -> Result<i32> {
             json,
             ..
         } => warm::run_warm(&cache, trace.as_deref(), full, jobs, json, cli.quiet),
-        Cmd::Seal { cache } => warm::run_seal(&cache, cli.quiet),
+        Cmd::Seal {
+            cache,
+            compact: true,
+            compress,
+            json,
+        } => warm::run_compact(&cache, &compress, json, cli.quiet),
+        Cmd::Seal { cache, .. } => warm::run_seal(&cache, cli.quiet),
         Cmd::Check {
             image,
             repair,

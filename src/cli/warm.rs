@@ -79,6 +79,42 @@ pub fn run_warm(
     Ok(exit::OK)
 }
 
+pub fn run_compact(cache: &Path, compress: &str, json: bool, quiet: bool) -> Result<i32> {
+    use vmicache::format::header::CompressionType;
+    let kind = match compress {
+        "zstd" => Some(CompressionType::Zstd),
+        "zlib" => Some(CompressionType::Deflate),
+        _ => None,
+    };
+    let s = vmicache::chain::compact::compact(cache, kind)?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&s)?);
+    } else if !quiet {
+        outln!(
+            "compacted {} ({}): {} -> {} ({} clusters -> {})",
+            cache.display(),
+            s.compression,
+            human(s.bytes_before),
+            human(s.bytes_after),
+            s.clusters_before,
+            s.clusters_after
+        );
+        outln!(
+            "  {} data clusters stored as {} contents: {} shared, {} compressed (in {} host \
+             clusters), {} plain; {} zero clusters ({} were zero-filled data)",
+            s.data_clusters_after,
+            s.stored_contents,
+            s.shared_clusters,
+            s.compressed_clusters,
+            s.compressed_host_clusters,
+            s.plain_host_clusters,
+            s.zero_clusters,
+            s.zeroed_clusters
+        );
+    }
+    Ok(exit::OK)
+}
+
 pub fn run_seal(cache: &Path, quiet: bool) -> Result<i32> {
     seal(cache)?;
     if !quiet {

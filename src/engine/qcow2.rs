@@ -1397,30 +1397,75 @@ impl Qcow2 {
         }
     }
 
-    /// Count of host bytes of data clusters allocated at this layer (guest view): walks L2.
-    pub fn allocated_clusters(&self) -> Result<AllocStats> {
-        let mut m = self.lock();
-        let mut s = AllocStats::default();
+    /// Every guest cluster this layer maps (data, zero or compressed), in guest order, as
+    /// `f(guest cluster index, mapping)`; unallocated clusters are skipped. The metadata lock is
+    /// not held while `f` runs, so `f` may read the image.
+    pub fn for_each_mapping(&self, mut f: impl FnMut(u64, L2Mapping) -> Result<()>) -> Result<()> {
         let guest_clusters = self.geo.clusters_for(self.size);
         let per = self.geo.l2_entries();
         let l1n = self.geo.l1_entries_for(self.size) as usize;
         for l1i in 0..l1n {
-            let Some(off) = self.l2_offset(&m, l1i)? else {
-                continue;
+            let maps = {
+                let mut m = self.lock();
+                let Some(off) = self.l2_offset(&m, l1i)? else {
+                    continue;
+                };
+                let entries = self.load_l2(&mut m, off)?.entries.clone();
+                let n = (guest_clusters - l1i as u64 * per).min(per) as usize;
+                let maps = entries[..n]
+                    .iter()
+                    .map(|&e| self.decode(&m, L2Entry(e)))
+                    .collect::<Result<Vec<_>>>()?;
+                if m.l2.len() * self.geo.cluster_size() as usize > L2_CACHE_BYTES {
+                    self.maybe_shrink(&mut m)?;
+                }
+                maps
             };
-            let entries = self.load_l2(&mut m, off)?.entries.clone();
-            let n = (guest_clusters - l1i as u64 * per).min(per) as usize;
-            for &e in &entries[..n] {
-                match self.decode(&m, L2Entry(e))? {
-                    L2Mapping::Unallocated => {}
-                    L2Mapping::Zero { .. } => s.zero += 1,
-                    L2Mapping::Data { .. } => s.data += 1,
-                    L2Mapping::Compressed { .. } => s.compressed += 1,
+            for (i, map) in maps.into_iter().enumerate() {
+                if map != L2Mapping::Unallocated {
+                    f(l1i as u64 * per + i as u64, map)?;
                 }
             }
-            if m.l2.len() * self.geo.cluster_size() as usize > L2_CACHE_BYTES {
-                self.maybe_shrink(&mut m)?;
+        }
+        Ok(())
+    }
+
+    /// Guest clusters of this layer by kind, how many share their stored data, and the host
+    /// bytes that data takes: walks L2.
+    pub fn allocated_clusters(&self) -> Result<AllocStats> {
+        let mut s = AllocStats::default();
+        // Plain data host offsets and compressed descriptors -> references at this layer.
+        let mut plain: HashMap<u64, (u64, bool)> = HashMap::new();
+        let mut packed: HashMap<(u64, u64), u64> = HashMap::new();
+        self.for_each_mapping(|_, map| {
+            match map {
+                L2Mapping::Unallocated => {}
+                L2Mapping::Zero { .. } => s.zero += 1,
+                L2Mapping::Data { host, copied } => {
+                    s.data += 1;
+                    let e = plain.entry(host.0).or_insert((0, false));
+                    e.0 += 1;
+                    e.1 |= !copied;
+                }
+                L2Mapping::Compressed { host, len } => {
+                    s.compressed += 1;
+                    *packed.entry((host.0, len)).or_insert(0) += 1;
+                }
             }
+            Ok(())
+        })?;
+        let cs = self.geo.cluster_size();
+        for (n, uncopied) in plain.values() {
+            if *n > 1 || *uncopied {
+                s.shared += n;
+            }
+            s.stored_bytes += cs;
+        }
+        for ((_, len), n) in &packed {
+            if *n > 1 {
+                s.shared += n;
+            }
+            s.stored_bytes += len.min(&cs);
         }
         Ok(s)
     }
@@ -1449,6 +1494,19 @@ pub struct AllocStats {
     pub data: u64,
     pub zero: u64,
     pub compressed: u64,
+    /// Data and compressed clusters whose stored bytes other guest clusters use too (an L2
+    /// entry without COPIED, or a host cluster or descriptor referenced more than once).
+    pub shared: u64,
+    /// Host bytes the data takes: distinct data clusters, plus the distinct compressed
+    /// descriptors' bytes (to the end of their last 512-byte sector).
+    pub stored_bytes: u64,
+}
+
+impl AllocStats {
+    /// Guest bytes of data (plain and compressed clusters) less the host bytes storing them.
+    pub fn saved_bytes(&self, cluster_size: u64) -> u64 {
+        ((self.data + self.compressed) * cluster_size).saturating_sub(self.stored_bytes)
+    }
 }
 
 impl Drop for Qcow2 {
