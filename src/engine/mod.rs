@@ -3,6 +3,7 @@
 pub mod alloc;
 pub mod check;
 pub mod create;
+pub(crate) mod header_io;
 pub mod image;
 pub mod lock;
 mod overlap;
