@@ -2,6 +2,7 @@
 
 pub mod alloc;
 pub mod check;
+pub mod cor;
 pub mod create;
 pub(crate) mod header_io;
 pub mod image;

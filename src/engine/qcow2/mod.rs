@@ -20,16 +20,15 @@
 //! mutex; the old content of partial clusters they copy from the backing file is read before.
 
 mod cache;
-mod cor;
 mod fill;
 mod header;
 mod mapping;
 mod read;
 mod write;
 
-pub use cor::{Cor, CorStats, FillFromBacking};
 pub use fill::FillStats;
 pub use mapping::AllocStats;
+pub(crate) use read::ReadFilter;
 pub(crate) use write::write_zero_bytes;
 
 use super::alloc::Refcounts;
@@ -95,7 +94,8 @@ pub struct Qcow2 {
     gate: RwLock<()>,
     backing: Option<Arc<Image>>,
     preallocated: std::sync::OnceLock<bool>,
-    cor: std::sync::OnceLock<Cor>,
+    /// Copy-on-read, when on (installed from above: `crate::engine::cor`).
+    filter: std::sync::OnceLock<Box<dyn ReadFilter>>,
     /// Corruption was found while writing (a metadata overlap): the corrupt bit is set and
     /// nothing more is written, as QEMU does.
     broken: AtomicBool,
@@ -197,7 +197,7 @@ impl Qcow2 {
             backing,
             storage,
             preallocated: std::sync::OnceLock::new(),
-            cor: std::sync::OnceLock::new(),
+            filter: std::sync::OnceLock::new(),
             broken: AtomicBool::new(false),
         };
         if opts.write {
@@ -274,7 +274,7 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn require_writable(&self) -> Result<()> {
+    pub(crate) fn require_writable(&self) -> Result<()> {
         if !self.writable {
             return Err(Error::request(self.path(), "image is open read-only"));
         }

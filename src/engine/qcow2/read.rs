@@ -5,9 +5,34 @@ use crate::engine::image::ZeroNotes;
 use crate::format::compress;
 use crate::format::types::HostOffset;
 use crate::{Error, Result};
-use std::sync::atomic::Ordering;
+
+/// A filter over the reads of one layer (copy-on-read, `crate::engine::cor`), installed from
+/// above with [`Qcow2::set_read_filter`]; the driver calls it and knows nothing else of it.
+pub(crate) trait ReadFilter: Send + Sync {
+    /// A read request reached this layer; `miss`: some of it is unallocated here.
+    fn request(&self, miss: bool);
+    /// Read `dst` at guest offset `pos`, a run unallocated here when the read was planned
+    /// (without the metadata lock or the I/O gate held).
+    fn read_unallocated(&self, q: &Qcow2, dst: &mut [u8], pos: u64) -> Result<()>;
+    /// For finding the filter's own type again.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
 
 impl Qcow2 {
+    /// Install the read filter; it stays for the life of the image. Gives it back when one
+    /// is installed already.
+    pub(crate) fn set_read_filter(
+        &self,
+        f: Box<dyn ReadFilter>,
+    ) -> std::result::Result<(), Box<dyn ReadFilter>> {
+        self.filter.set(f)
+    }
+
+    /// The read filter, when one is installed.
+    pub(crate) fn read_filter(&self) -> Option<&dyn ReadFilter> {
+        self.filter.get().map(|f| &**f)
+    }
+
     /// Read guest bytes through this layer and its backing chain (filling this layer from
     /// the backing file when copy-on-read is on).
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
@@ -31,20 +56,17 @@ impl Qcow2 {
             let plan = self.plan(&mut m, off, buf.len() as u64)?;
             (plan, self.gate(&mut m))
         };
-        let cor = self.cor.get();
-        if let Some(c) = cor {
-            c.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let miss = plan.iter().any(|p| p.2 == Source::Backing);
-            let counter = if miss { &c.stats.misses } else { &c.stats.hits };
-            counter.fetch_add(1, Ordering::Relaxed);
+        let filter = self.filter.get();
+        if let Some(f) = filter {
+            f.request(plan.iter().any(|p| p.2 == Source::Backing));
         }
         // This layer's own pieces under the gate, then (without it) what comes from below.
         self.read_local(buf, off, &plan, zeros.is_none())?;
         drop(gate);
         for &(pos, n, src) in &plan {
             let dst = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
-            match (src, cor) {
-                (Source::Backing, Some(c)) => self.cor_read(c, dst, pos)?,
+            match (src, filter) {
+                (Source::Backing, Some(f)) => f.read_unallocated(self, dst, pos)?,
                 (Source::Backing, None) => {
                     self.read_backing_noting(dst, pos, zeros.as_deref_mut())?
                 }
@@ -59,9 +81,28 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Read `dst` at `pos` as it is now: this layer's clusters, what is unallocated here from
+    /// the backing file, never through the read filter (the filter's own reads).
+    pub(crate) fn read_unfiltered(&self, dst: &mut [u8], pos: u64) -> Result<()> {
+        let (plan, gate) = {
+            let mut m = self.lock();
+            let plan = self.plan(&mut m, pos, dst.len() as u64)?;
+            (plan, self.gate(&mut m))
+        };
+        self.read_local(dst, pos, &plan, true)?;
+        drop(gate);
+        for (q, n, src) in plan {
+            if src == Source::Backing {
+                let d = &mut dst[(q - pos) as usize..(q - pos + n) as usize];
+                self.read_backing(d, q)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The pieces of `plan` (for `buf` at guest offset `off`) that this layer holds (zero
     /// clusters only with `fill_zeros`); the caller holds the I/O gate.
-    pub(super) fn read_local(
+    fn read_local(
         &self,
         buf: &mut [u8],
         off: u64,
