@@ -230,21 +230,12 @@ impl Qcow2 {
         self.backing.as_deref()
     }
 
-    /// The backing image, shareable (several instances over one cache).
-    pub fn backing_arc(&self) -> Option<Arc<Image>> {
-        self.backing.clone()
-    }
-
     pub fn header(&self) -> Header {
         self.lock().header.clone()
     }
 
     pub fn storage(&self) -> &dyn Storage {
         &*self.storage
-    }
-
-    pub fn is_writable(&self) -> bool {
-        self.writable
     }
 
     fn lock(&self) -> MutexGuard<'_, Meta> {
