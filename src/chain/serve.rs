@@ -237,10 +237,7 @@ pub fn finish(s: &Served, trace: Option<&Path>) -> Result<ServeSummary> {
                 hits: sum.hits,
                 misses: sum.misses,
                 base_bytes: sum.base_bytes,
-                ended: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
+                ended: crate::now(),
             });
             q.set_cache_meta(Some(&m))?;
             if let (Some(path), Some(id)) = (trace, m.base) {

@@ -79,10 +79,7 @@ pub fn seal(path: &Path) -> Result<()> {
         Error::request(path, "not a vmicache cache (no vmicache header extension)")
     })?;
     m.state = CacheState::Sealed;
-    m.sealed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    m.sealed = crate::now();
     q.flush(true)?;
     q.set_cache_meta(Some(&m))
 }
