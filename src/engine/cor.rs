@@ -4,7 +4,7 @@
 //! counting hits and misses and, when asked, recording the base reads (the trace).
 //!
 //! The qcow2 driver knows nothing of this module: [`Cor::enable`] installs the filter as the
-//! layer's [`ReadFilter`], which the driver calls for the runs a read finds unallocated; the
+//! layer's `ReadFilter`, which the driver calls for the runs a read finds unallocated; the
 //! filter then drives the driver's mapping queries (`unallocated_runs`), `fill` and reads.
 
 use super::qcow2::{FillStats, Qcow2, ReadFilter};

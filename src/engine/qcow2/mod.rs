@@ -18,6 +18,12 @@
 //! applying deferred frees takes the gate exclusively, so no cluster is reused while a request
 //! still reads or writes it. Allocating writes write and link their new clusters under the
 //! mutex; the old content of partial clusters they copy from the backing file is read before.
+//!
+//! Files: `mapping.rs` (L1/L2 lookup and decoding, request plans, block status, walks),
+//! `read.rs`, `write.rs` (in-place and allocating writes, zeroing), `fill.rs` (storing content
+//! read from below into unallocated clusters), `cache.rs` (the L2 cache, the flush order,
+//! `Drop`), `header.rs` (header and extension I/O, the corrupt bit). Copy-on-read is not here:
+//! `crate::engine::cor` installs it as this layer's read filter.
 
 mod cache;
 mod fill;
