@@ -17,3 +17,11 @@ pub mod hook;
 pub mod nbd;
 
 pub use error::{Error, Result};
+
+/// Seconds since the Unix epoch (0 should the clock be set before it).
+pub(crate) fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

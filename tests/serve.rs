@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
+use vmicache::engine::cor::Cor;
 use vmicache::engine::{Image, OpenOptions};
 
 const SIZE: usize = 16 << 20;
@@ -204,7 +205,7 @@ fn concurrent_readers_copy_each_cluster_once() {
     let s = setup("0");
     let cache = std::sync::Arc::new(Image::open(&s.cache, &OpenOptions::read_write()).unwrap());
     let q = cache.as_qcow2().unwrap();
-    q.enable_cor(0, false).unwrap();
+    Cor::enable(q, 0, false).unwrap();
     let want = std::fs::read(&s.base).unwrap();
     std::thread::scope(|sc| {
         for t in 0..8u64 {
@@ -219,7 +220,7 @@ fn concurrent_readers_copy_each_cluster_once() {
             });
         }
     });
-    let st = &q.cor().unwrap().stats;
+    let st = &Cor::of(q).unwrap().stats;
     let data = st.data_clusters.load(std::sync::atomic::Ordering::Relaxed);
     let base = st.base_bytes.load(std::sync::atomic::Ordering::Relaxed);
     let alloc = q.allocated_clusters().unwrap();

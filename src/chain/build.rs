@@ -62,13 +62,6 @@ fn relative(target: &Path, dir: &Path) -> PathBuf {
     out
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Options for a new cache layer.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -90,7 +83,7 @@ pub fn build_cache(base: &Path, cache: &Path, o: &BuildOptions) -> Result<BaseId
     )?;
     let name = backing_name(base, cache)?;
     let id = identity::identify(&base_img, &name)?;
-    let meta = CacheMeta::new(id.clone(), o.quota, now());
+    let meta = CacheMeta::new(id.clone(), o.quota, crate::now());
     let mut c = CreateOptions::new(base_img.virtual_size());
     c.cluster_size = o.cluster_size;
     c.backing_file = Some(name);

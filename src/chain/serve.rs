@@ -5,6 +5,7 @@
 use super::build::{cache_meta, require_base};
 use super::map::map_range;
 use super::trace::Trace;
+use crate::engine::cor::Cor;
 use crate::engine::image::{place_backing, resolve_backing};
 use crate::engine::qcow2::Qcow2;
 use crate::engine::storage::FileStorage;
@@ -154,7 +155,7 @@ pub fn open_with(
                 m2.state = CacheState::Warming;
                 q.set_cache_meta(Some(&m2))?;
             }
-            q.enable_cor(m.quota, record)?;
+            Cor::enable(q, m.quota, record)?;
         }
     }
     let cache = Arc::new(cache);
@@ -219,7 +220,7 @@ pub fn finish(s: &Served, trace: Option<&Path>) -> Result<ServeSummary> {
     let Some(q) = s.cache.as_qcow2() else {
         return Ok(sum);
     };
-    if let Some(c) = q.cor() {
+    if let Some(c) = Cor::of(q) {
         let st = &c.stats;
         sum.requests = st.requests.load(Ordering::Relaxed);
         sum.hits = st.hits.load(Ordering::Relaxed);
@@ -236,14 +237,11 @@ pub fn finish(s: &Served, trace: Option<&Path>) -> Result<ServeSummary> {
                 hits: sum.hits,
                 misses: sum.misses,
                 base_bytes: sum.base_bytes,
-                ended: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
+                ended: crate::now(),
             });
             q.set_cache_meta(Some(&m))?;
             if let (Some(path), Some(id)) = (trace, m.base) {
-                let reads = q.take_record();
+                let reads = Cor::of(q).map(Cor::take_record).unwrap_or_default();
                 sum.trace_reads = reads.len();
                 Trace {
                     base_size: id.virtual_size,

@@ -7,6 +7,7 @@
 
 use super::build::{cache_meta, require_base_matches};
 use super::map::map;
+use crate::engine::cor::{fill_from_backing, quota_budget};
 use crate::engine::qcow2::{FillStats, Qcow2};
 use crate::engine::{Image, OpenOptions};
 use crate::format::ext::CacheState;
@@ -78,10 +79,7 @@ pub fn seal(path: &Path) -> Result<()> {
         Error::request(path, "not a vmicache cache (no vmicache header extension)")
     })?;
     m.state = CacheState::Sealed;
-    m.sealed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    m.sealed = crate::now();
     q.flush(true)?;
     q.set_cache_meta(Some(&m))
 }
@@ -157,7 +155,7 @@ pub fn warm(
     let cs = q.geometry().cluster_size();
     let size = q.virtual_size();
     let quota = cache_meta(cache)?.map(|m| m.quota).unwrap_or(0);
-    let budget = Mutex::new(q.quota_budget(quota)?);
+    let budget = Mutex::new(quota_budget(q, quota)?);
     let mut chunks: Vec<(u64, u64, bool)> = coalesce(reads, cs, size, o.chunk)
         .into_iter()
         .map(|(a, b)| (a, b, false))
@@ -232,7 +230,7 @@ fn warm_chunk(
     budget: &Mutex<u64>,
 ) -> Result<(FillStats, u64)> {
     if !zero {
-        let f = q.fill_from_backing(off, len, budget, |_, _| {})?;
+        let f = fill_from_backing(q, off, len, budget, |_, _| {})?;
         return Ok((f.stats, f.base_bytes));
     }
     // Known zeros (the base's holes): recorded as zero clusters without reading.

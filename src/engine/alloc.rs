@@ -446,7 +446,7 @@ impl Refcounts {
             st.sync()?;
             h.refcount_table_offset = start * cs;
             h.refcount_table_clusters = tc as u32;
-            super::qcow2::write_header(st, h)?;
+            super::header_io::write_header(st, h)?;
             st.sync()?;
             self.table_dirty.clear();
             if let Some(m) = &mut self.overlap {

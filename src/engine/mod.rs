@@ -2,7 +2,9 @@
 
 pub mod alloc;
 pub mod check;
+pub mod cor;
 pub mod create;
+pub(crate) mod header_io;
 pub mod image;
 pub mod lock;
 mod overlap;

@@ -78,9 +78,6 @@ impl L2Entry {
     pub fn zero() -> Self {
         L2Entry(ZERO)
     }
-    pub fn is_compressed(&self) -> bool {
-        self.0 & COMPRESSED != 0
-    }
 
     /// Decode with the image's geometry. `v3` enables the zero flag.
     pub fn mapping(&self, g: &Geometry, v3: bool) -> Result<L2Mapping, FormatError> {

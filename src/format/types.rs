@@ -91,10 +91,6 @@ impl Geometry {
             (1u64 << self.refcount_bits()) - 1
         }
     }
-    /// Host cluster index of a host offset.
-    pub fn host_cluster(&self, h: HostOffset) -> u64 {
-        h.0 >> self.cluster_bits
-    }
     /// (refcount table index, index within the refcount block) for a host cluster index.
     pub fn refcount_slot(&self, cluster: u64) -> (u64, usize) {
         let per = self.refblock_entries();

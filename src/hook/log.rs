@@ -42,10 +42,7 @@ impl HookLog {
 
     /// Append `{time} [{pid}] {what}`, `what` escaped by [`escape`].
     pub(super) fn line(&self, what: &str) {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let t = crate::now();
         let text = format!("{t} [{}] {}\n", std::process::id(), escape(what));
         if let Some(Ok(mut f)) = self.path.as_ref().map(|p| open_append(p, 0o640)) {
             // One write of the whole line, so concurrent hooks never interleave within a

@@ -1,0 +1,103 @@
+//! The metadata cache: when it is flushed or dropped, and the crash-safe flush order.
+
+use super::{Meta, Qcow2};
+use crate::engine::overlap::MetaKind;
+use crate::format::table;
+use crate::Result;
+use std::sync::atomic::Ordering;
+
+/// Dirty metadata above this many bytes is flushed; clean tables above it are dropped.
+pub(super) const L2_CACHE_BYTES: usize = 32 << 20;
+
+impl Qcow2 {
+    pub(super) fn maybe_flush(&self, m: &mut Meta) -> Result<()> {
+        let dirty = m.l2_dirty * self.geo.cluster_size() as usize;
+        if dirty > L2_CACHE_BYTES / 2 || m.rc.dirty_bytes() > L2_CACHE_BYTES / 2 {
+            self.flush_locked(m, false)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn maybe_shrink(&self, m: &mut Meta) -> Result<()> {
+        let bytes = m.l2.len() * self.geo.cluster_size() as usize;
+        if bytes > L2_CACHE_BYTES {
+            if m.l2_dirty > 0 || !m.l1_dirty.is_empty() {
+                self.flush_locked(m, false)?;
+            }
+            m.l2.clear();
+        }
+        m.rc.shrink(L2_CACHE_BYTES);
+        Ok(())
+    }
+
+    /// Write all cached metadata in crash-safe order; `durable` adds a final fdatasync.
+    pub fn flush(&self, durable: bool) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.require_writable()?;
+        let r = self.flush_locked(&mut self.lock(), durable);
+        self.signal(r)
+    }
+
+    pub(super) fn flush_locked(&self, m: &mut Meta, durable: bool) -> Result<()> {
+        let st = &*self.storage;
+        let l2_dirty = m.l2_dirty > 0 || !m.l1_dirty.is_empty();
+        // 1. refcounts (and the data already written) before anything that points at them.
+        if m.rc.is_dirty() {
+            m.rc.write_dirty(st, &m.header)?;
+        }
+        if l2_dirty {
+            st.sync()?;
+            for (off, t) in m.l2.iter_mut().filter(|(_, t)| t.dirty) {
+                m.rc.check_write(st, *off, self.geo.cluster_size(), Some(MetaKind::L2))?;
+                st.write_at(&table::encode_table(&t.entries), *off)?;
+                t.dirty = false;
+                m.l2_dirty -= 1;
+            }
+            // 3. new L2 tables' contents before the L1 entries that point at them.
+            if m.new_l2 {
+                st.sync()?;
+            }
+            let l1_off = m.header.l1_table_offset;
+            let dirty: Vec<usize> = m.l1_dirty.iter().copied().collect();
+            for i in dirty {
+                st.write_at(&m.l1[i].to_be_bytes(), l1_off + i as u64 * 8)?;
+                m.l1_dirty.remove(&i);
+            }
+            m.new_l2 = false;
+        }
+        // 4. deferred frees, once the references are gone from disk.
+        if !m.pending_free.is_empty() {
+            st.sync()?;
+            // No request may still be reading or writing a cluster about to become free.
+            let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+            let frees = std::mem::take(&mut m.pending_free);
+            for c in frees {
+                m.rc.decrement(st, c)?;
+            }
+            m.rc.write_dirty(st, &m.header)?;
+        }
+        if durable {
+            st.sync()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        // A corrupt-marked image is written no more (the error was reported when found).
+        if self.writable && !self.broken.load(Ordering::SeqCst) {
+            if let Err(e) = self.flush(true) {
+                // Never panics on a closed stderr (eprintln! would).
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "vmicache: flushing {} on close: {e}",
+                    self.path().display()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! A qcow2 image: reads through its mapping, writes with allocation and copy-on-write, and the
+//! metadata cache that decides what reaches the disk in which order.
+//!
+//! Ordering (the crash rules of QEMU's block/qcow2-cluster.c):
+//! 1. a new cluster's refcount reaches the disk before any L2/L1 entry that points at it;
+//! 2. guest data reaches the disk before the L2 entry that exposes it;
+//! 3. an L2 table's contents reach the disk before the L1 entry that points at it;
+//! 4. a reference is removed from disk before the refcount that counted it drops.
+//!
+//! Data is written straight to its (already counted) cluster. L2 tables, L1 entries and refcount
+//! blocks are cached; `flush` writes refcount blocks, syncs, writes L2 tables, syncs, writes L1
+//! entries, then applies deferred frees. A crash at any point therefore leaves at worst clusters
+//! whose refcount is too high (leaks), which `check --repair leaks` reclaims.
+//!
+//! Concurrency: the metadata (header, L1, cached L2 tables, refcounts, deferred frees) sits
+//! behind one mutex. Data I/O at host offsets found in the L2 tables (reads, in-place writes)
+//! runs without it, under a shared guard of the I/O gate taken before the mutex is let go;
+//! applying deferred frees takes the gate exclusively, so no cluster is reused while a request
+//! still reads or writes it. Allocating writes write and link their new clusters under the
+//! mutex; the old content of partial clusters they copy from the backing file is read before.
+//!
+//! Files: `mapping.rs` (L1/L2 lookup and decoding, request plans, block status, walks),
+//! `read.rs`, `write.rs` (in-place and allocating writes, zeroing), `fill.rs` (storing content
+//! read from below into unallocated clusters), `cache.rs` (the L2 cache, the flush order,
+//! `Drop`), `header.rs` (header and extension I/O, the corrupt bit). Copy-on-read is not here:
+//! `crate::engine::cor` installs it as this layer's read filter.
+
+mod cache;
+mod fill;
+mod header;
+mod mapping;
+mod read;
+mod write;
+
+pub use fill::FillStats;
+pub use mapping::AllocStats;
+pub(crate) use read::ReadFilter;
+pub(crate) use write::write_zero_bytes;
+
+use super::alloc::Refcounts;
+use super::header_io::write_header;
+use super::image::Image;
+use super::storage::Storage;
+use crate::format::header::{ext_kind, incompat, CompressionType, Header};
+use crate::format::table;
+use crate::format::types::{Geometry, HostOffset};
+use crate::{Error, Result};
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+/// All-zero check at memcmp speed.
+pub fn is_zero(b: &[u8]) -> bool {
+    static ZEROS: [u8; 65536] = [0; 65536];
+    b.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
+/// Where the bytes of a piece of a guest range come from, at one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Plain data in this file.
+    Data(HostOffset),
+    /// Zeros, decided at this layer (zero flag).
+    Zero,
+    /// A compressed cluster: descriptor plus the offset within the cluster.
+    Compressed { host: HostOffset, len: u64 },
+    /// Not allocated here: ask the backing file.
+    Backing,
+}
+
+/// Allocation status of a guest range at this layer, for `map`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerStatus {
+    Unallocated,
+    /// Zero flag; `offset` is the preallocated host offset, if any.
+    Zero {
+        offset: Option<u64>,
+    },
+    Data {
+        offset: u64,
+    },
+    Compressed,
+}
+
+pub struct Qcow2 {
+    storage: Box<dyn Storage>,
+    geo: Geometry,
+    v3: bool,
+    size: u64,
+    compression: CompressionType,
+    writable: bool,
+    meta: Mutex<Meta>,
+    /// Data I/O at host offsets taken from the L2 tables happens without the metadata lock,
+    /// under a shared guard of this gate taken while the lock was still held; applying
+    /// deferred frees (which lets a host cluster be reused) takes it exclusively. So a request
+    /// never reads or writes a cluster that has meanwhile been given to another guest offset.
+    /// Rule that keeps it deadlock-free: the gate is taken shared only under the metadata
+    /// lock, and its holder never waits for the metadata lock.
+    gate: RwLock<()>,
+    backing: Option<Arc<Image>>,
+    preallocated: std::sync::OnceLock<bool>,
+    /// Copy-on-read, when on (installed from above: `crate::engine::cor`).
+    filter: std::sync::OnceLock<Box<dyn ReadFilter>>,
+    /// Corruption was found while writing (a metadata overlap): the corrupt bit is set and
+    /// nothing more is written, as QEMU does.
+    broken: AtomicBool,
+}
+
+impl std::fmt::Debug for Qcow2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2")
+            .field("path", &self.storage.path())
+            .finish()
+    }
+}
+
+pub(crate) struct L2Table {
+    entries: Vec<u64>,
+    dirty: bool,
+}
+
+pub(crate) struct Meta {
+    pub(crate) header: Header,
+    l1: Vec<u64>,
+    l1_dirty: BTreeSet<usize>,
+    l2: HashMap<u64, L2Table>,
+    /// How many cached L2 tables are dirty (kept, so no request scans the cache).
+    l2_dirty: usize,
+    pub(crate) rc: Refcounts,
+    /// Host clusters whose references were removed in memory; their refcounts drop only after
+    /// the removal is on disk.
+    pending_free: Vec<u64>,
+    /// An L1 entry changed to point at a new L2 table since the last flush.
+    new_l2: bool,
+}
+
+/// What `open` should allow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Qcow2Open {
+    pub write: bool,
+}
+
+impl Qcow2 {
+    /// Open the image over `storage`; `backing` is the already opened backing image.
+    pub(crate) fn open(
+        storage: Box<dyn Storage>,
+        header: Header,
+        backing: Option<Arc<Image>>,
+        opts: Qcow2Open,
+    ) -> Result<Qcow2> {
+        let path = storage.path().to_path_buf();
+        let geo = header.geometry;
+        if opts.write {
+            let refuse = |what: &str| {
+                Err(Error::unsupported(
+                    &path,
+                    format!("{what} (opened for writing)"),
+                ))
+            };
+            if header.incompatible & incompat::CORRUPT != 0 {
+                return Err(Error::corrupt(
+                    &path,
+                    "corrupt bit set: cannot be opened for writing (run `qemu-img check -r all`)",
+                ));
+            }
+            if header.incompatible & incompat::DIRTY != 0 {
+                return Err(Error::corrupt(
+                    &path,
+                    "dirty bit set (lazy refcounts not flushed): repair with `qemu-img check -r all` first",
+                ));
+            }
+            if header.nb_snapshots > 0 {
+                return refuse("internal snapshots");
+            }
+            if header.has_extension(ext_kind::BITMAPS) {
+                return refuse("persistent dirty bitmaps");
+            }
+            // Never write through damaged metadata: what `check` calls corrupt is refused.
+            super::check::refuse_if_corrupt(&*storage, &header, &path)?;
+        }
+        let mut l1 = vec![0u8; header.l1_size as usize * 8];
+        storage.read_at(&mut l1, header.l1_table_offset)?;
+        let l1 = table::decode_table(&l1);
+        let rc = Refcounts::load(&*storage, &header)?;
+        let mut q = Qcow2 {
+            geo,
+            v3: header.version >= 3,
+            size: header.size,
+            compression: header.compression,
+            writable: opts.write,
+            meta: Mutex::new(Meta {
+                header,
+                l1,
+                l1_dirty: BTreeSet::new(),
+                l2: HashMap::new(),
+                l2_dirty: 0,
+                rc,
+                pending_free: Vec::new(),
+                new_l2: false,
+            }),
+            gate: RwLock::new(()),
+            backing,
+            storage,
+            preallocated: std::sync::OnceLock::new(),
+            filter: std::sync::OnceLock::new(),
+            broken: AtomicBool::new(false),
+        };
+        if opts.write {
+            let m = q.meta.get_mut().unwrap_or_else(|p| p.into_inner());
+            m.rc.enable_overlap_checks(&*q.storage, &m.header, &m.l1)?;
+            // Autoclear bits we do not maintain must be cleared by a writer (spec).
+            if m.header.autoclear != 0 {
+                m.header.autoclear = 0;
+                let h = m.header.clone();
+                write_header(&*q.storage, &h)?;
+                q.storage.sync()?;
+            }
+        }
+        Ok(q)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.storage.path()
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    pub fn backing(&self) -> Option<&Image> {
+        self.backing.as_deref()
+    }
+
+    pub fn header(&self) -> Header {
+        self.lock().header.clone()
+    }
+
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Meta> {
+        // A panic while holding the lock is a bug; the data on disk is still ordered.
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A shared guard of the I/O gate; the metadata guard proves the lock is held.
+    fn gate(&self, _held: &mut Meta) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> Error {
+        Error::corrupt(self.path(), what)
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        if off.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Error::request(
+                self.path(),
+                format!(
+                    "request {off:#x}+{len:#x} beyond the virtual size {:#x}",
+                    self.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn require_writable(&self) -> Result<()> {
+        if !self.writable {
+            return Err(Error::request(self.path(), "image is open read-only"));
+        }
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(self.corrupt(
+                "image was marked corrupt while writing: no more writes (`qemu-img check -r all` repairs)",
+            ));
+        }
+        Ok(())
+    }
+}
