@@ -242,9 +242,9 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     // 5b. The storage node down altogether (no nbdkit at all): a sealed cache needs nothing
     //     of its base; `chain` makes an instance and `serve` starts and boots it.
     let _ = std::fs::remove_file(&bsock);
-    let inst4 = dir.join("vm4.qcow2");
-    run(bin().args(["chain", ps(&cache), "-o", ps(&inst4)]));
-    boot_served(dir, &inst4);
+    let offline = dir.join("offline.qcow2");
+    run(bin().args(["chain", ps(&cache), "-o", ps(&offline)]));
+    boot_served(dir, &offline);
 
     // 7. Quota below the working set: the boot still succeeds, reads pass through, the cache
     //    stays within its quota.
