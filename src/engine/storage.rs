@@ -2,6 +2,10 @@
 //! same code runs on files and on in-memory storage in tests.
 
 use crate::{Error, Result};
+
+mod crash;
+#[doc(hidden)]
+pub use crash::{CrashStorage, Fault, OpKind};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
