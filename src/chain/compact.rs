@@ -96,6 +96,12 @@ impl Layout {
     /// Byte offset for `len` compressed bytes: packed after the previous ones, spanning into
     /// the next cluster when the stream is at the end of the file.
     fn place_blob(&mut self, len: u64) -> u64 {
+        // A stream cluster already counted to the limit (a content shared that often, now
+        // stored again) takes no more blobs: start a new one.
+        let last = self.cend / self.cs;
+        if self.cend > 0 && self.rc[(last - 1) as usize] >= self.limit {
+            self.cpos = self.cend;
+        }
         if self.cpos + len > self.cend && self.cend != self.end() {
             // Plain clusters follow the stream's last cluster: start a new one.
             self.cpos = self.end();
@@ -193,7 +199,8 @@ pub fn compact(path: &Path, compression: Option<CompressionType>) -> Result<Comp
 
     let tmp = temp_path(path)?;
     remove_stale_temps(path);
-    let st = FileStorage::create(&tmp)?;
+    // Private until it is given the cache's own mode and renamed over it.
+    let st = FileStorage::create_with_mode(&tmp, 0o600)?;
     let out = (|| -> Result<CompactStats> {
         let mut stats = CompactStats {
             path: shown.display().to_string(),
@@ -332,6 +339,9 @@ pub fn compact(path: &Path, compression: Option<CompressionType>) -> Result<Comp
         st.write_at(&table::encode_table(&rtable), rt_off)?;
 
         let mut nh = h.clone();
+        // A writer clears the auto-clear bits it does not maintain (the spec): whatever
+        // their data pointed at has moved.
+        nh.autoclear = 0;
         nh.geometry = out_geo;
         nh.l1_table_offset = l1_off;
         nh.refcount_table_offset = rt_off;
@@ -563,6 +573,28 @@ mod tests {
             l.reference(&s);
         }
         assert!(!l.can_share(&s));
+    }
+
+    #[test]
+    fn a_stream_cluster_at_the_limit_takes_no_more_blobs() {
+        let mut l = layout(1);
+        let at = l.place_blob(100);
+        let s = Stored {
+            entry: at,
+            first: at / 4096,
+            last: at / 4096,
+        };
+        for _ in 0..3 {
+            l.reference(&s);
+        }
+        // The content is stored again: its blob must not land in the cluster at the limit.
+        let again = l.place_blob(100);
+        assert_ne!(
+            again / 4096,
+            s.first,
+            "blob placed in a cluster at the limit"
+        );
+        assert_eq!(again, (s.first + 1) * 4096);
     }
 
     #[test]

@@ -230,7 +230,10 @@ fn warm_chunk(
     budget: &Mutex<u64>,
 ) -> Result<(FillStats, u64)> {
     if !zero {
-        let f = fill_from_backing(q, off, len, budget, |_, _| {})?;
+        let mut f = fill_from_backing(q, off, len, budget, |_, _| {})?;
+        if let Some(e) = f.store_error.take() {
+            return Err(e);
+        }
         return Ok((f.stats, f.base_bytes));
     }
     // Known zeros (the base's holes): recorded as zero clusters without reading.

@@ -488,11 +488,15 @@ impl Refcounts {
         if !self.table_dirty.is_empty() {
             // A new block's contents must be on disk before the entry that points at it.
             st.sync()?;
-            for i in std::mem::take(&mut self.table_dirty) {
+            // An entry stays dirty until its write succeeded: a failed write is retried by
+            // the next flush, never forgotten (the crash-ordering test found it was).
+            let dirty: Vec<usize> = self.table_dirty.iter().copied().collect();
+            for i in dirty {
                 st.write_at(
                     &self.table[i].to_be_bytes(),
                     h.refcount_table_offset + i as u64 * 8,
                 )?;
+                self.table_dirty.remove(&i);
             }
         }
         Ok(())

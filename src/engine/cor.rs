@@ -163,10 +163,17 @@ pub fn fill_from_backing(
         let f = q.fill(s, &buf, granted);
         let used = f.as_ref().map_or(0, |f| f.data_clusters.min(granted));
         *budget.lock().unwrap_or_else(|p| p.into_inner()) += granted - used;
-        let f = f?;
-        out.stats.data_clusters += f.data_clusters;
-        out.stats.zero_clusters += f.zero_clusters;
-        out.stats.over_quota += f.over_quota;
+        match f {
+            Ok(f) => {
+                out.stats.data_clusters += f.data_clusters;
+                out.stats.zero_clusters += f.zero_clusters;
+                out.stats.over_quota += f.over_quota;
+            }
+            // What was read is still good: a reader gets it although it was not stored.
+            Err(e) => {
+                out.store_error.get_or_insert(e);
+            }
+        }
         sink(s, &buf);
     }
     Ok(out)
@@ -223,9 +230,12 @@ fn cor_read(q: &Qcow2, cor: &Cor, dst: &mut [u8], pos: u64) -> Result<()> {
     Ok(())
 }
 /// What [`fill_from_backing`] did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 pub struct FillFromBacking {
     pub stats: FillStats,
     /// Bytes read from the backing file (holes its metadata proves zero are not read).
     pub base_bytes: u64,
+    /// Storing failed (the first error): the content was still handed to the sink. A reader
+    /// is served from the base; a warm run reports it.
+    pub store_error: Option<Error>,
 }

@@ -136,7 +136,10 @@ impl RemoteBase {
     fn failed(&self, was: Option<&Arc<Image>>, why: String) {
         let mut s = self.state();
         match (was, &s.open) {
+            // Another connection was opened meanwhile, or another reader of the same failed
+            // connection recorded the failure already (one outage, one backoff step).
             (Some(a), Some(b)) if !Arc::ptr_eq(a, b) => return,
+            (Some(_), None) => return,
             _ => {}
         }
         let wait = match &s.failed {

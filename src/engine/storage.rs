@@ -130,10 +130,18 @@ impl FileStorage {
     }
 
     pub fn create(path: &Path) -> Result<Self> {
+        Self::create_with_mode(path, 0o666)
+    }
+
+    /// [`Self::create`] with the permission bits `mode` (before the umask): 0o600 for a file
+    /// only its writer may see until it is renamed into place.
+    pub fn create_with_mode(path: &Path, mode: u32) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(mode)
             .open(path)
             .map_err(|e| Error::io(path, "create", e))?;
         Ok(FileStorage {

@@ -88,7 +88,10 @@ impl Qcow2 {
 impl Drop for Qcow2 {
     fn drop(&mut self) {
         // A corrupt-marked image is written no more (the error was reported when found).
-        if self.writable && !self.broken.load(Ordering::SeqCst) {
+        if self.writable
+            && !self.broken.load(Ordering::SeqCst)
+            && !self.io_failed.load(Ordering::SeqCst)
+        {
             if let Err(e) = self.flush(true) {
                 // Never panics on a closed stderr (eprintln! would).
                 use std::io::Write as _;

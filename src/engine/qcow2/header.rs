@@ -27,6 +27,12 @@ impl Qcow2 {
     /// Pass `r` on; a corruption found while writing marks the image corrupt first (the
     /// corrupt bit in the header, then no more writes), as QEMU's qcow2_signal_corruption.
     pub(super) fn signal<T>(&self, r: Result<T>) -> Result<T> {
+        // A failed write or sync of this image stops its writing (see `io_failed`).
+        if let Err(Error::Io { path, .. }) = &r {
+            if path == self.path() {
+                self.io_failed.store(true, Ordering::SeqCst);
+            }
+        }
         // Only this image's own damage: a corrupt backing file is not this image's fault.
         if let Err(Error::Corrupt { what, path }) = &r {
             if path != self.path() {

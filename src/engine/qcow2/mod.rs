@@ -105,6 +105,11 @@ pub struct Qcow2 {
     /// Corruption was found while writing (a metadata overlap): the corrupt bit is set and
     /// nothing more is written, as QEMU does.
     broken: AtomicBool,
+    /// A write or sync of this image failed. What is in memory may be ahead of what reached
+    /// the disk in order (a refcount table that grew in memory only; pages a failed fsync
+    /// dropped), so nothing more is written: the disk holds a consistent image, at worst
+    /// with leaks. Reopening it goes on from there.
+    io_failed: AtomicBool,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -205,6 +210,7 @@ impl Qcow2 {
             preallocated: std::sync::OnceLock::new(),
             filter: std::sync::OnceLock::new(),
             broken: AtomicBool::new(false),
+            io_failed: AtomicBool::new(false),
         };
         if opts.write {
             let m = q.meta.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -278,6 +284,15 @@ impl Qcow2 {
         if self.broken.load(Ordering::SeqCst) {
             return Err(self.corrupt(
                 "image was marked corrupt while writing: no more writes (`qemu-img check -r all` repairs)",
+            ));
+        }
+        if self.io_failed.load(Ordering::SeqCst) {
+            return Err(Error::io(
+                self.path(),
+                "write",
+                std::io::Error::other(
+                    "an earlier write or sync of this image failed: no more writes until it is reopened",
+                ),
             ));
         }
         Ok(())
