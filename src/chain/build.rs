@@ -84,7 +84,9 @@ pub fn build_cache(base: &Path, cache: &Path, o: &BuildOptions) -> Result<BaseId
     let name = backing_name(base, cache)?;
     let id = identity::identify(&base_img, &name)?;
     let meta = CacheMeta::new(id.clone(), o.quota, crate::now());
-    let mut c = CreateOptions::new(base_img.virtual_size());
+    // QEMU sees a qcow2 image in whole 512-byte sectors (rounded down) and a raw file rounded
+    // up to them: a cache of the base's exact size would hide the tail of an odd-sized base.
+    let mut c = CreateOptions::new(base_img.virtual_size().next_multiple_of(512));
     c.cluster_size = o.cluster_size;
     c.backing_file = Some(name);
     c.backing_format = Some(base_img.format().name().into());

@@ -12,7 +12,7 @@
 //! that comes back (an NBD server restarted, a file restored) is used again, and a read error
 //! through an open base drops it so that the next try reopens it.
 
-use super::image::{place_backing, Format, Image, OpenOptions};
+use super::image::{is_nbd_uri, place_backing, Format, Image, OpenOptions};
 use super::storage::{FileStatus, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -112,13 +112,20 @@ impl RemoteBase {
     /// and still of the size the cache recorded.
     fn open(&self) -> std::result::Result<Image, String> {
         let t = &self.t;
-        place_backing(&t.overlay, &t.name).map_err(|e| e.to_string())?;
+        let placed = place_backing(&t.overlay, &t.name).map_err(|e| e.to_string())?;
+        // Open what was checked (the resolved path), not the name again: a symlink swapped
+        // in between would otherwise be followed. An NBD base is reached by its URI.
+        let target = if is_nbd_uri(&t.name.to_string_lossy()) {
+            t.name.clone()
+        } else {
+            placed
+        };
         let opts = OpenOptions {
             format: t.format,
             lock: t.lock,
             ..OpenOptions::read_only()
         };
-        let img = Image::open(&t.name, &opts).map_err(|e| match e {
+        let img = Image::open(&target, &opts).map_err(|e| match e {
             Error::Io { source, .. } => format!("{}: {source}", t.name.display()),
             e => e.to_string(),
         })?;
