@@ -87,6 +87,17 @@ fn boot_served(dir: &Path, inst: &Path) -> f64 {
     secs
 }
 
+/// A 4 KiB-cluster instance made by QEMU (as vmicache makes them) in `dir` over `cache`.
+fn qemu_instance(dir: &Path, name: &str, cache: &str) -> PathBuf {
+    let p = dir.join(name);
+    qemu_create(
+        &p,
+        None,
+        &["-o", "cluster_size=4k", "-b", cache, "-F", "qcow2"],
+    );
+    p
+}
+
 /// Point a cache's backing file at the base served by nbdkit on `sock`.
 fn rebase_onto_nbd(cache: &Path, sock: &Path) {
     let uri = format!("nbd+unix:///?socket={}", sock.display());
@@ -168,13 +179,8 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
         &base,
         &["error-pread=EIO", "error-pread-rate=100%"],
     );
-    let inst2 = dir.join("vm2.qcow2");
     // Made by QEMU this time, with 4 KiB clusters like vmicache's instances.
-    qemu_create(
-        &inst2,
-        None,
-        &["-o", "cluster_size=4k", "-b", "cache.qcow2", "-F", "qcow2"],
-    );
+    let inst2 = qemu_instance(dir, "vm2.qcow2", "cache.qcow2");
     boot_served(dir, &inst2);
 
     // 5. Replay: a fresh cache warmed from the trace boots with the base unreadable too.
@@ -195,19 +201,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
         "compacted cache: {plain_size} -> {} bytes",
         std::fs::metadata(&cache2).unwrap().len()
     );
-    let inst4 = dir.join("vm4.qcow2");
-    qemu_create(
-        &inst4,
-        None,
-        &[
-            "-o",
-            "cluster_size=4k",
-            "-b",
-            "replayed.qcow2",
-            "-F",
-            "qcow2",
-        ],
-    );
+    let inst4 = qemu_instance(dir, "vm4.qcow2", "replayed.qcow2");
     let served = boot_served(dir, &inst4);
     kit.stop();
     // Native chain over the compacted cache: QEMU decompresses it itself.
@@ -217,19 +211,7 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
         &base,
         &[&format!("logfile={}", log.display())],
     );
-    let inst5 = dir.join("vm5.qcow2");
-    qemu_create(
-        &inst5,
-        None,
-        &[
-            "-o",
-            "cluster_size=4k",
-            "-b",
-            "replayed.qcow2",
-            "-F",
-            "qcow2",
-        ],
-    );
+    let inst5 = qemu_instance(dir, "vm5.qcow2", "replayed.qcow2");
     let before = base_reads(&log);
     let native = boot(ps(&inst5), "qcow2");
     check_clean(&inst5);

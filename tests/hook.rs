@@ -63,8 +63,8 @@ impl Host {
         std::fs::write(self.p("config.yaml"), self.config_text(extra)).unwrap();
     }
 
-    /// Run the hook as libvirt does.
-    fn hook(&self, guest: &str, op: &str, subop: &str, xml: &str) -> Output {
+    /// Start the hook as libvirt does (the domain XML written to its stdin).
+    fn spawn_hook(&self, guest: &str, op: &str, subop: &str, xml: &str) -> std::process::Child {
         let mut c = bin();
         c.args(["hook", guest, op, subop, "-"])
             .env("VMICACHE_CONFIG", self.p("config.yaml"))
@@ -78,7 +78,14 @@ impl Host {
             .unwrap()
             .write_all(xml.as_bytes())
             .unwrap();
-        child.wait_with_output().unwrap()
+        child
+    }
+
+    /// Run the hook as libvirt does.
+    fn hook(&self, guest: &str, op: &str, subop: &str, xml: &str) -> Output {
+        self.spawn_hook(guest, op, subop, xml)
+            .wait_with_output()
+            .unwrap()
     }
 
     fn ok(&self, guest: &str, op: &str, subop: &str, xml: &str) -> Output {
@@ -1123,19 +1130,7 @@ fn guest_names_are_never_options() {
 
 /// Run the hook with a deadline; None if it did not finish.
 fn hook_within(h: &Host, guest: &str, op: &str, xml: &str, secs: u64) -> Option<Output> {
-    let mut c = bin();
-    c.args(["hook", guest, op, "begin", "-"])
-        .env("VMICACHE_CONFIG", h.p("config.yaml"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(xml.as_bytes())
-        .unwrap();
+    let mut child = h.spawn_hook(guest, op, "begin", xml);
     let t0 = std::time::Instant::now();
     while t0.elapsed().as_secs() < secs {
         if child.try_wait().unwrap().is_some() {
