@@ -1,6 +1,7 @@
 //! The image engine: I/O, allocation, metadata caches and write ordering.
 
 pub mod alloc;
+pub mod bounds;
 pub mod check;
 pub mod cor;
 pub mod create;
