@@ -7,7 +7,6 @@ use super::map::map_range;
 use super::trace::Trace;
 use crate::engine::cor::Cor;
 use crate::engine::image::{place_backing, resolve_backing};
-use crate::engine::qcow2::Qcow2;
 use crate::engine::storage::FileStorage;
 use crate::engine::{Format, Image, OpenOptions};
 use crate::format::ext::{CacheState, FillRecord};
@@ -94,7 +93,7 @@ pub struct Served {
 /// places allowed for that image ([`place_backing`]).
 pub fn backing_path(image: &Path) -> Result<PathBuf> {
     let st = FileStorage::open(image, false)?;
-    let h = Qcow2::read_header(&st)?;
+    let h = crate::engine::header_io::read_header(&st)?;
     let name = h
         .backing_file
         .ok_or_else(|| Error::chain(image, "instance has no backing file (expected its cache)"))?;
@@ -175,7 +174,7 @@ pub fn open_with(
 /// Serve instances over their cache's base, leaving the (busy) cache alone.
 fn pass_through(instances: &[(String, PathBuf)], cache_path: &Path) -> Result<Served> {
     let base_path = backing_path(cache_path)?;
-    let header = Qcow2::read_header(&FileStorage::open(cache_path, false)?)?;
+    let header = crate::engine::header_io::read_header(&FileStorage::open(cache_path, false)?)?;
     let fmt = header.backing_format.as_deref().and_then(Format::parse);
     let base = Arc::new(Image::open(
         &base_path,

@@ -5,7 +5,6 @@
 //! A cluster whose on-disk refcount is below its references is a corruption; above is a leak.
 //! `Repair::Leaks` lowers leaked refcounts, nothing else.
 
-use super::qcow2::Qcow2;
 use super::storage::{FileStorage, Storage};
 use crate::format::header::{self, Header, MAX_L1_BYTES};
 use crate::format::table::{self, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
@@ -418,7 +417,7 @@ pub fn check(path: &Path, repair: Repair) -> Result<CheckReport> {
         // counted-but-unlinked clusters would look leaked.
         super::lock::lock(st.file(), path, super::lock::LockMode::Write)?;
     }
-    let h = Qcow2::read_header(&st)?;
+    let h = crate::engine::header_io::read_header(&st)?;
     if h.autoclear & header::autoclear::BITMAPS != 0 && h.has_extension(header::ext_kind::BITMAPS) {
         return Err(Error::unsupported(path, "persistent dirty bitmaps (check)"));
     }

@@ -261,7 +261,7 @@ impl Image {
         match format {
             Format::Raw => Ok(Image::Raw(Raw::open(st, write)?)),
             Format::Qcow2 => {
-                let header = Qcow2::read_header(&*st)?;
+                let header = crate::engine::header_io::read_header(&*st)?;
                 let backing = match (&header.backing_file, opts.backing) {
                     (Some(name), true) if is_sealed(&header) => {
                         // A sealed cache is opened without its base: reached on first need.
@@ -372,7 +372,7 @@ impl Image {
             };
             lock(fs.file(), path, mode)?;
         }
-        let header = Qcow2::read_header(&fs)?;
+        let header = crate::engine::header_io::read_header(&fs)?;
         let name = header
             .backing_file
             .as_deref()
@@ -403,7 +403,7 @@ impl Image {
         match probe(&*st)? {
             Format::Raw => Ok(Image::Raw(Raw::open(st, write)?)),
             Format::Qcow2 => {
-                let header = Qcow2::read_header(&*st)?;
+                let header = crate::engine::header_io::read_header(&*st)?;
                 Ok(Image::Qcow2(Box::new(Qcow2::open(
                     st,
                     header,

@@ -5,7 +5,7 @@ pub mod bounds;
 pub mod check;
 pub mod cor;
 pub mod create;
-pub(crate) mod header_io;
+pub mod header_io;
 pub mod image;
 pub mod lock;
 mod overlap;

@@ -4,26 +4,11 @@ use super::Qcow2;
 use crate::engine::header_io::write_header;
 use crate::engine::storage::Storage;
 use crate::format::ext as vext;
-use crate::format::header::{self, Header};
+use crate::format::header;
 use crate::{Error, Result};
 use std::sync::atomic::Ordering;
 
 impl Qcow2 {
-    /// Parse the header of `storage` (no backing opened yet).
-    pub(crate) fn read_header(storage: &dyn Storage) -> Result<Header> {
-        let path = storage.path();
-        let len = storage.len()?;
-        let mut first = vec![0u8; 512];
-        storage.read_at(&mut first, 0)?;
-        let bits =
-            Header::peek_cluster_bits(&first[..len.min(512) as usize]).map_err(|e| e.at(path))?;
-        let cs = 1usize << bits;
-        let want = cs.min(len as usize);
-        let mut b = vec![0u8; want];
-        storage.read_at(&mut b, 0)?;
-        Header::parse(&b, len).map_err(|e| e.at(path))
-    }
-
     /// Pass `r` on; a corruption found while writing marks the image corrupt first (the
     /// corrupt bit in the header, then no more writes), as QEMU's qcow2_signal_corruption.
     pub(super) fn signal<T>(&self, r: Result<T>) -> Result<T> {
