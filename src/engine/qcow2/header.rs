@@ -2,7 +2,6 @@
 
 use super::Qcow2;
 use crate::engine::header_io::write_header;
-use crate::engine::storage::Storage;
 use crate::format::ext as vext;
 use crate::format::header;
 use crate::{Error, Result};
