@@ -966,7 +966,7 @@ fn backing_relative_path() {
         "cwd-relative backing names must not resolve for this test to mean anything"
     );
     // Backing files above the overlay's directory must be allowed (process-wide).
-    vmicache::engine::image::allow_backing_in(dir.path()).unwrap();
+    vmicache::engine::open::allow_backing_in(dir.path()).unwrap();
     verify("backing_relative_path", &top);
 }
 

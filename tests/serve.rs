@@ -205,7 +205,7 @@ fn concurrent_readers_copy_each_cluster_once() {
     let s = setup("0");
     let cache = std::sync::Arc::new(Image::open(&s.cache, &OpenOptions::read_write()).unwrap());
     let q = cache.as_qcow2().unwrap();
-    Cor::enable(q, 0, false).unwrap();
+    Cor::enable(&cache, 0, false).unwrap();
     let want = std::fs::read(&s.base).unwrap();
     std::thread::scope(|sc| {
         for t in 0..8u64 {
@@ -220,7 +220,7 @@ fn concurrent_readers_copy_each_cluster_once() {
             });
         }
     });
-    let st = &Cor::of(q).unwrap().stats;
+    let st = &Cor::of(&cache).unwrap().stats;
     let data = st.data_clusters.load(std::sync::atomic::Ordering::Relaxed);
     let base = st.base_bytes.load(std::sync::atomic::Ordering::Relaxed);
     let alloc = q.allocated_clusters().unwrap();

@@ -348,8 +348,9 @@ impl vmicache::engine::storage::Storage for Stalling {
 
 /// The host cluster of guest offset `g` at the top layer.
 fn host_of(im: &Image, g: u64) -> u64 {
-    match im.as_qcow2().unwrap().block_status(g, 4096).unwrap().0 {
-        vmicache::engine::qcow2::LayerStatus::Data { offset } => offset,
+    use vmicache::engine::layer::{MapMode, Mapping};
+    match im.layer().map(g, 4096, MapMode::STATUS).unwrap().runs[0].map {
+        Mapping::Data { host } => host,
         other => panic!("guest {g:#x} is {other:?}"),
     }
 }

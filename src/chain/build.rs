@@ -13,7 +13,7 @@ use std::path::{Component, Path, PathBuf};
 pub fn backing_name(target: &Path, new_path: &Path) -> Result<String> {
     if let Some(uri) = target
         .to_str()
-        .filter(|s| crate::engine::image::is_nbd_uri(s))
+        .filter(|s| crate::nbd::client::NbdUri::parse(s).is_some())
     {
         return Ok(uri.to_string());
     }
@@ -152,12 +152,13 @@ fn verify_base_with(cache: &Image, check: Check) -> Result<Vec<identity::Mismatc
             "cache has no backing file (its base was removed from the header)",
         )
     })?;
-    if let Some(remote) = base.as_remote_base() {
+    if let Some(remote) = crate::engine::remote::RemoteBase::of(base) {
         let name = remote.name();
         if check != Check::Forced {
             let file = identity::verify_file(&recorded, name);
             let local =
-                !crate::engine::image::is_nbd_uri(&name.to_string_lossy()) && name.is_file();
+                crate::nbd::client::NbdUri::parse(&name.to_string_lossy()).is_none()
+                    && name.is_file();
             if check == Check::Shape {
                 // Format and size only: of a local raw file, its size is the virtual size.
                 return Ok(file

@@ -237,7 +237,7 @@ pub fn compact(path: &Path, compression: Option<CompressionType>) -> Result<Comp
             let off = i * cs;
             let n = cs.min(q.virtual_size() - off) as usize;
             buf[n..].fill(0);
-            q.read_at(&mut buf[..n], off)?;
+            img.read_at(&mut buf[..n], off)?;
             if is_zero(&buf) {
                 *slot = L2Entry::zero().0;
                 stats.zero_clusters += 1;

@@ -5,7 +5,7 @@ use crate::engine::Image;
 use crate::Result;
 use std::fmt::Write;
 
-pub use crate::engine::image::Extent;
+pub use crate::engine::layer::Extent;
 
 /// Whether qemu-img would print `n` as part of `e` (it follows `e`).
 fn mergeable(e: &Extent, n: &Extent) -> bool {

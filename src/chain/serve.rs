@@ -6,7 +6,8 @@ use super::build::{cache_meta, require_base};
 use super::map::map_range;
 use super::trace::Trace;
 use crate::engine::cor::Cor;
-use crate::engine::image::{place_backing, resolve_backing};
+use crate::engine::image::SparseRun;
+use crate::engine::open::{place_backing, resolve_backing};
 use crate::engine::storage::FileStorage;
 use crate::engine::{Format, Image, OpenOptions};
 use crate::format::ext::{CacheState, FillRecord};
@@ -56,12 +57,11 @@ impl Export for ChainExport {
     /// One walk of the chain: zero clusters (and holes of the base while nothing fills the
     /// cache) are runs of zeroes; what copy-on-read fetches is data, so the cache stores it
     /// (as zero clusters where it is zero) and the trace records it.
-    fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<(u64, bool)>> {
+    fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<SparseRun>> {
         self.image.read_sparse(buf, offset)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
-        const HOLE: u32 = 1;
-        const ZERO: u32 = 2;
+        use crate::nbd::{STATE_HOLE as HOLE, STATE_ZERO as ZERO};
         let end = (offset + len).min(self.image.virtual_size());
         Ok(map_range(&self.image, offset, end)?
             .into_iter()
@@ -154,7 +154,7 @@ pub fn open_with(
                 m2.state = CacheState::Warming;
                 q.set_cache_meta(Some(&m2))?;
             }
-            Cor::enable(q, m.quota, record)?;
+            Cor::enable(&cache, m.quota, record)?;
         }
     }
     let cache = Arc::new(cache);
@@ -219,7 +219,7 @@ pub fn finish(s: &Served, trace: Option<&Path>) -> Result<ServeSummary> {
     let Some(q) = s.cache.as_qcow2() else {
         return Ok(sum);
     };
-    if let Some(c) = Cor::of(q) {
+    if let Some(c) = Cor::of(&s.cache) {
         let st = &c.stats;
         sum.requests = st.requests.load(Ordering::Relaxed);
         sum.hits = st.hits.load(Ordering::Relaxed);
@@ -240,7 +240,7 @@ pub fn finish(s: &Served, trace: Option<&Path>) -> Result<ServeSummary> {
             });
             q.set_cache_meta(Some(&m))?;
             if let (Some(path), Some(id)) = (trace, m.base) {
-                let reads = Cor::of(q).map(Cor::take_record).unwrap_or_default();
+                let reads = Cor::of(&s.cache).map(Cor::take_record).unwrap_or_default();
                 sum.trace_reads = reads.len();
                 Trace {
                     base_size: id.virtual_size,

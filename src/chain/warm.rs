@@ -8,7 +8,7 @@
 use super::build::{cache_meta, require_base_matches};
 use super::map::map;
 use crate::engine::cor::{fill_from_backing, quota_budget};
-use crate::engine::qcow2::{FillStats, Qcow2};
+use crate::engine::qcow2::FillStats;
 use crate::engine::{Image, OpenOptions};
 use crate::format::ext::CacheState;
 use crate::{Error, Result};
@@ -195,7 +195,7 @@ pub fn warm(
                 if first_err.lock().unwrap().is_some() {
                     break;
                 }
-                match warm_chunk(q, off, len, zero, &budget) {
+                match warm_chunk(cache, off, len, zero, &budget) {
                     Ok((f, read)) => {
                         let mut st = stats.lock().unwrap();
                         st.base_bytes_read += read;
@@ -223,14 +223,15 @@ pub fn warm(
 }
 
 fn warm_chunk(
-    q: &Qcow2,
+    img: &Image,
     off: u64,
     len: u64,
     zero: bool,
     budget: &Mutex<u64>,
 ) -> Result<(FillStats, u64)> {
+    let q = img.as_qcow2().expect("checked by warm");
     if !zero {
-        let mut f = fill_from_backing(q, off, len, budget, |_, _| {})?;
+        let mut f = fill_from_backing(img, off, len, budget, |_, _| {})?;
         if let Some(e) = f.store_error.take() {
             return Err(e);
         }

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use std::path::Path;
 use vmicache::engine::check::{check, Repair};
-use vmicache::engine::image::probe;
+use vmicache::engine::open::probe;
 use vmicache::engine::storage::FileStorage;
 use vmicache::engine::{Format, Image, OpenOptions};
 

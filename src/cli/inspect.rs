@@ -160,7 +160,7 @@ fn trace_coverage(cache: &Image, trace: &Path) -> Result<(u64, u64)> {
 
 /// Bytes of `base`'s data, and how many of them `cache` (one layer) holds.
 fn coverage(cache: &Image, base: &Image) -> Result<(u64, u64)> {
-    let q = cache.as_qcow2().expect("cache is qcow2");
+    use vmicache::engine::layer::{MapMode, Mapping};
     let (mut total, mut covered) = (0, 0);
     for e in map(base)? {
         if !e.data || e.start >= cache.virtual_size() {
@@ -168,14 +168,13 @@ fn coverage(cache: &Image, base: &Image) -> Result<(u64, u64)> {
         }
         let end = (e.start + e.length).min(cache.virtual_size());
         total += end - e.start;
-        let mut off = e.start;
-        while off < end {
-            let (st, n) = q.block_status(off, end - off)?;
-            if st != vmicache::engine::qcow2::LayerStatus::Unallocated {
-                covered += n;
-            }
-            off += n;
-        }
+        let mapped = cache.layer().map(e.start, end - e.start, MapMode::READ)?;
+        covered += mapped
+            .runs
+            .iter()
+            .filter(|r| r.map != Mapping::Unallocated)
+            .map(|r| r.len)
+            .sum::<u64>();
     }
     Ok((total, covered))
 }
@@ -193,7 +192,7 @@ fn check_value(
 
 /// A base below a cache, reached on demand: the real image, or why it cannot be reached.
 fn reach(img: &Image) -> Option<Result<std::sync::Arc<Image>, String>> {
-    img.as_remote_base().map(|r| r.probe())
+    vmicache::engine::remote::RemoteBase::of(img).map(|r| r.probe())
 }
 
 /// A layer, and for a base reached on demand: the base itself, or why it is unreachable.

@@ -18,7 +18,7 @@ pub fn build(
     quiet: bool,
 ) -> Result<i32> {
     // Later commands open the base as the cache's backing file: will they need it allowed?
-    let outside = vmicache::engine::image::place_backing(out, base).is_err();
+    let outside = vmicache::engine::open::place_backing(out, base).is_err();
     // The base named here is trusted: the new cache may name it from wherever it lies.
     allow_dir_of(base)?;
     let o = BuildOptions {
@@ -107,7 +107,7 @@ fn allow_dir_of(image: &Path) -> Result<()> {
         .ok()
         .and_then(|c| c.parent().map(Path::to_path_buf));
     if let Some(dir) = dir {
-        vmicache::engine::image::allow_backing_in(&dir)?;
+        vmicache::engine::open::allow_backing_in(&dir)?;
     }
     Ok(())
 }

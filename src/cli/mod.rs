@@ -249,6 +249,7 @@ enum Cmd {
 }
 
 pub fn main() -> i32 {
+    vmicache::nbd::register();
     let cli = Cli::parse();
     let verbose = cli.verbose;
     match run(cli) {
@@ -267,12 +268,12 @@ pub fn main() -> i32 {
 
 fn run(cli: Cli) -> Result<i32> {
     for d in &cli.allow_backing {
-        vmicache::engine::image::allow_backing_in(d)?;
+        vmicache::engine::open::allow_backing_in(d)?;
     }
     // From the environment, directories that do not exist (on this node) are skipped.
     let from_env = std::env::var_os("VMICACHE_ALLOW_BACKING").unwrap_or_default();
     for d in std::env::split_paths(&from_env).filter(|p| p.is_dir()) {
-        vmicache::engine::image::allow_backing_in(&d)?;
+        vmicache::engine::open::allow_backing_in(&d)?;
     }
     // An operator's configured directories hold the bases, caches and instances it trusts
     // (the hook's configuration file when it is given; errors there are the hook's to report).
@@ -296,7 +297,7 @@ fn run(cli: Cli) -> Result<i32> {
             .chain(named)
             .collect();
         for p in allowed {
-            let _ = vmicache::engine::image::allow_backing_in(&p);
+            let _ = vmicache::engine::open::allow_backing_in(&p);
         }
     }
     match cli.cmd {

@@ -257,7 +257,7 @@ pub fn run_boot(
     let result = (|| -> Result<(ServeSummary, f64)> {
         // The instance made here, in a scratch directory, stands on the cache it was given.
         if let Some(dir) = std::fs::canonicalize(cache)?.parent() {
-            vmicache::engine::image::allow_backing_in(dir)?;
+            vmicache::engine::open::allow_backing_in(dir)?;
         }
         make_instance(cache, &inst, vmicache::chain::build::INSTANCE_CLUSTER_SIZE)?;
         let names = vec![("boot".to_string(), inst.clone())];

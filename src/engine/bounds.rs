@@ -71,8 +71,9 @@ pub(crate) fn confine_backing(overlay: &Path, target: &Path, what: &str) -> Resu
 /// places allowed for `overlay` ([`confine_backing`]). A file that is not there (a base that
 /// is down) is placed by its directory, which must resolve; a dangling symlink is refused.
 pub fn place_backing(overlay: &Path, name: &Path) -> Result<PathBuf> {
-    let (p, what) = match crate::nbd::client::NbdUri::parse(&name.to_string_lossy()) {
-        Some(u) => (u.socket, "NBD socket"),
+    let s = name.to_string_lossy();
+    let (p, what) = match super::storage::opener_for(&s) {
+        Some(o) => o.local_path(&s)?,
         None => (name.to_path_buf(), "backing file"),
     };
     let canon = match std::fs::canonicalize(&p) {

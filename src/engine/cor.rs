@@ -3,11 +3,13 @@
 //! once per cluster however many readers race for it (claims), within a quota (the budget),
 //! counting hits and misses and, when asked, recording the base reads (the trace).
 //!
-//! The qcow2 driver knows nothing of this module: [`Cor::enable`] installs the filter as the
-//! layer's `ReadFilter`, which the driver calls for the runs a read finds unallocated; the
-//! filter then drives the driver's mapping queries (`unallocated_runs`), `fill` and reads.
+//! Neither the layer driver nor the chain walker knows this module: [`Cor::enable`] installs
+//! the filter as the cache image's [`ReadFilter`], which the walker calls for the runs a read
+//! finds unallocated in the cache layer; the filter then drives the qcow2 layer's mapping
+//! (`unallocated_runs`) and `fill`, and reads below through the walker.
 
-use super::qcow2::{FillStats, Qcow2, ReadFilter};
+use super::image::{Image, ReadFilter};
+use super::qcow2::{FillStats, Qcow2};
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -62,9 +64,10 @@ impl Cor {
     /// Turn copy-on-read on for `q`: reads of clusters missing there fill them from the
     /// backing file, storing at most `quota` bytes of data (0: no limit). `record` keeps the
     /// base reads.
-    pub fn enable(q: &Qcow2, quota: u64, record: bool) -> Result<()> {
+    pub fn enable(img: &Image, quota: u64, record: bool) -> Result<()> {
+        let q = cache_layer(img)?;
         q.require_writable()?;
-        if q.backing().is_none() {
+        if img.backing().is_none() {
             return Err(Error::request(
                 q.path(),
                 "copy-on-read needs a backing file",
@@ -78,13 +81,13 @@ impl Cor {
             record: record.then(|| Mutex::new(Vec::new())),
             stats: CorStats::default(),
         };
-        q.set_read_filter(Box::new(cor))
+        img.set_read_filter(Box::new(cor))
             .map_err(|_| Error::request(q.path(), "copy-on-read already on"))
     }
 
-    /// The copy-on-read state of `q`, when on.
-    pub fn of(q: &Qcow2) -> Option<&Cor> {
-        q.read_filter()?.as_any().downcast_ref()
+    /// The copy-on-read state of `img`, when on.
+    pub fn of(img: &Image) -> Option<&Cor> {
+        img.read_filter()?.as_any().downcast_ref()
     }
 
     /// The base reads recorded so far (empty unless recording).
@@ -107,13 +110,19 @@ impl ReadFilter for Cor {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn read_unallocated(&self, q: &Qcow2, dst: &mut [u8], pos: u64) -> Result<()> {
-        cor_read(q, self, dst, pos)
+    fn read_unallocated(&self, img: &Image, dst: &mut [u8], pos: u64) -> Result<()> {
+        cor_read(img, self, dst, pos)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
+}
+
+/// The qcow2 layer of a cache image.
+fn cache_layer(img: &Image) -> Result<&Qcow2> {
+    img.as_qcow2()
+        .ok_or_else(|| Error::request(img.path(), "copy-on-read needs a qcow2 cache"))
 }
 
 /// Data clusters the quota (bytes; 0 = none) still allows `q` to store.
@@ -125,33 +134,33 @@ pub fn quota_budget(q: &Qcow2, quota: u64) -> Result<u64> {
     Ok((quota / q.geometry().cluster_size()).saturating_sub(have.data + have.compressed))
 }
 
-/// Fill the clusters of `[off, off+len)` still unallocated in `q` from its backing file:
+/// Fill the clusters of `[off, off+len)` still unallocated in `img`'s qcow2 layer from its
+/// backing file:
 /// read what the backing file's metadata does not prove zero, store it (taking data
 /// clusters from `budget`), and hand each run's content to `sink(offset, bytes)`. The
 /// caller keeps others off these clusters (a copy-on-read claim, or the image's write
 /// lock held by one warming process).
 pub fn fill_from_backing(
-    q: &Qcow2,
+    img: &Image,
     off: u64,
     len: u64,
     budget: &Mutex<u64>,
     mut sink: impl FnMut(u64, &[u8]),
 ) -> Result<FillFromBacking> {
+    let q = cache_layer(img)?;
     let cs = q.geometry().cluster_size();
-    let backing = q
+    let backing = img
         .backing()
         .ok_or_else(|| Error::request(q.path(), "filling needs a backing file"))?;
     let mut out = FillFromBacking::default();
     for (s, n) in q.unallocated_runs(off, len)? {
         let mut buf = vec![0u8; n as usize];
         let mut nonzero = 0;
-        for (zs, zn, zero) in backing.zero_runs(s, n)? {
-            if !zero {
-                let at = (zs - s) as usize;
-                q.read_backing(&mut buf[at..at + zn as usize], zs)?;
-                out.base_bytes += zn;
-                nonzero += zn;
-            }
+        for z in backing.zero_runs(s, n)?.into_iter().filter(|z| !z.zero) {
+            let at = (z.off - s) as usize;
+            img.read_below(&mut buf[at..at + z.len as usize], z.off)?;
+            out.base_bytes += z.len;
+            nonzero += z.len;
         }
         let want = if nonzero == 0 { 0 } else { n.div_ceil(cs) };
         let granted = {
@@ -179,8 +188,9 @@ pub fn fill_from_backing(
     Ok(out)
 }
 
-/// Read `dst` at `pos` (a run unallocated in `q` when planned) with copy-on-read.
-fn cor_read(q: &Qcow2, cor: &Cor, dst: &mut [u8], pos: u64) -> Result<()> {
+/// Read `dst` at `pos` (a run unallocated in `img`'s layer when mapped) with copy-on-read.
+fn cor_read(img: &Image, cor: &Cor, dst: &mut [u8], pos: u64) -> Result<()> {
+    let q = cache_layer(img)?;
     let geo = q.geometry();
     let cs = geo.cluster_size();
     let end = pos + dst.len() as u64;
@@ -197,7 +207,7 @@ fn cor_read(q: &Qcow2, cor: &Cor, dst: &mut [u8], pos: u64) -> Result<()> {
     let _claim = Claim { cor, clusters };
     // Under the claim nobody else changes these clusters: what is unallocated now is ours.
     let mut covered = Vec::new();
-    let f = fill_from_backing(q, a, b - a, &cor.budget, |s, buf| {
+    let f = fill_from_backing(img, a, b - a, &cor.budget, |s, buf| {
         if let Some(r) = &cor.record {
             r.lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -223,7 +233,7 @@ fn cor_read(q: &Qcow2, cor: &Cor, dst: &mut [u8], pos: u64) -> Result<()> {
     let mut p = pos;
     for (x, y) in covered.into_iter().chain(std::iter::once((end, end))) {
         if p < x {
-            q.read_unfiltered(&mut dst[(p - pos) as usize..(x - pos) as usize], p)?;
+            img.read_unfiltered(&mut dst[(p - pos) as usize..(x - pos) as usize], p)?;
         }
         p = p.max(y);
     }

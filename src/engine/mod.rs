@@ -7,11 +7,15 @@ pub mod cor;
 pub mod create;
 pub mod header_io;
 pub mod image;
+pub mod layer;
 pub mod lock;
+pub mod open;
 mod overlap;
 pub mod qcow2;
 pub mod raw;
 pub mod remote;
 pub mod storage;
 
-pub use image::{Format, Image, OpenOptions};
+pub use image::Image;
+pub use layer::{Extent, Format, Layer};
+pub use open::OpenOptions;

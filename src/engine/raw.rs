@@ -1,7 +1,7 @@
-//! A raw image: guest offset = file offset.
+//! A raw image: guest offset = file offset. A layer driver ([`Layer`]).
 
-use super::image::ZeroNotes;
-use super::storage::{file_status, FileStatus, Storage};
+use super::layer::{BackingRead, Format, Layer, MapMode, Mapped, Mapping, Run};
+use super::storage::{FileStatus, Storage};
 use crate::{Error, Result};
 use std::path::Path;
 
@@ -21,15 +21,6 @@ impl Raw {
             writable,
         })
     }
-    pub fn path(&self) -> &Path {
-        self.storage.path()
-    }
-    pub fn virtual_size(&self) -> u64 {
-        self.size
-    }
-    pub fn storage(&self) -> &dyn Storage {
-        &*self.storage
-    }
     fn check(&self, off: u64, len: u64) -> Result<()> {
         if off.checked_add(len).is_none_or(|e| e > self.size) {
             return Err(Error::request(
@@ -39,54 +30,73 @@ impl Raw {
         }
         Ok(())
     }
-    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        self.check(off, buf.len() as u64)?;
-        self.storage.read_at(buf, off)
+}
+
+impl Layer for Raw {
+    fn path(&self) -> &Path {
+        self.storage.path()
     }
-    /// [`Self::read_at`]; with `zeros`, holes of the file are not read (nor is `buf` touched
-    /// there) but noted as (offset, length).
-    pub(crate) fn read_noting_zeros(
-        &self,
-        buf: &mut [u8],
-        off: u64,
-        zeros: ZeroNotes,
-    ) -> Result<()> {
-        let Some(z) = zeros else {
-            return self.read_at(buf, off);
-        };
-        self.check(off, buf.len() as u64)?;
-        let end = off + buf.len() as u64;
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    /// All data for reads (no lseek on the hot path); the file system's holes as zeros for
+    /// block status and sparse reads.
+    fn map(&self, off: u64, len: u64, mode: MapMode) -> Result<Mapped<'_>> {
+        self.check(off, len)?;
+        let mut runs = Vec::new();
+        if !mode.status {
+            runs.push(Run {
+                off,
+                len,
+                map: Mapping::Data { host: off },
+            });
+        }
+        let end = off + len;
         let mut pos = off;
-        while pos < end {
-            let (st, n) = file_status(&*self.storage, pos, end - pos)?;
-            let n = n.min(end - pos);
-            let dst = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
-            if st == FileStatus::Data {
-                self.storage.read_at(dst, pos)?;
-            } else {
-                z.push((pos, n));
-            }
+        while mode.status && pos < end && runs.len() < mode.max_runs {
+            let (st, n) = self.storage.status(pos, end - pos)?;
+            let n = n.clamp(1, end - pos);
+            let map = match st {
+                FileStatus::Data => Mapping::Data { host: pos },
+                FileStatus::Hole | FileStatus::Eof => Mapping::Zero { host: Some(pos) },
+            };
+            runs.push(Run { off: pos, len: n, map });
             pos += n;
         }
-        Ok(())
+        Ok(Mapped { runs, guard: None })
     }
-    pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+    fn read_run(&self, dst: &mut [u8], run: &Run) -> Result<()> {
+        match run.map {
+            Mapping::Data { host } => self.storage.read_at(dst, host),
+            _ => {
+                dst.fill(0);
+                Ok(())
+            }
+        }
+    }
+    fn write_at(&self, buf: &[u8], off: u64, _below: &dyn BackingRead) -> Result<()> {
         if !self.writable {
             return Err(Error::request(self.path(), "image is open read-only"));
         }
         self.check(off, buf.len() as u64)?;
         self.storage.write_at(buf, off)
     }
-    pub fn flush(&self, durable: bool) -> Result<()> {
+    fn write_zeroes(&self, off: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
+        super::layer::write_zero_bytes(off, len, |b, p| self.write_at(b, p, below))
+    }
+    fn flush(&self, durable: bool) -> Result<()> {
         if self.writable && durable {
             self.storage.sync()?;
         }
         Ok(())
-    }
-    /// (is data, length) of the run at `off`, from the file system's holes.
-    pub fn block_status(&self, off: u64, len: u64) -> Result<(bool, u64)> {
-        self.check(off, len)?;
-        let (st, n) = file_status(&*self.storage, off, len)?;
-        Ok((st == FileStatus::Data, n))
     }
 }

@@ -1,4 +1,4 @@
-//! A base reached only when needed: the storage under the base layer of a sealed cache.
+//! A base reached only when needed: the base layer of a sealed cache.
 //!
 //! (The base keeps the size the cache recorded; should the base now be smaller, what lies
 //! past its end reads as zeros, as QEMU reads past the end of a backing file.)
@@ -12,8 +12,10 @@
 //! that comes back (an NBD server restarted, a file restored) is used again, and a read error
 //! through an open base drops it so that the next try reopens it.
 
-use super::image::{is_nbd_uri, place_backing, Format, Image, OpenOptions};
-use super::storage::{FileStatus, Storage};
+use super::bounds::place_backing;
+use super::image::Image;
+use super::layer::{BackingRead, Extent, Format, Layer, MapMode, Mapped, Mapping, Run};
+use super::storage::{opener_for, FileStatus, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -34,7 +36,12 @@ pub struct Target {
     pub expect_size: Option<u64>,
     /// Take a QEMU-compatible read lock on it when it is opened.
     pub lock: bool,
+    /// How to open it (path or URI, format, lock): passed in by whoever opens chains.
+    pub open: OpenBase,
 }
+
+/// Opens a base read-only: (what to open, its format, take a read lock).
+pub type OpenBase = fn(&Path, Option<Format>, bool) -> Result<Image>;
 
 /// The base of a sealed cache, opened on first use and reopened after failures.
 #[derive(Debug)]
@@ -115,17 +122,12 @@ impl RemoteBase {
         let placed = place_backing(&t.overlay, &t.name).map_err(|e| e.to_string())?;
         // Open what was checked (the resolved path), not the name again: a symlink swapped
         // in between would otherwise be followed. An NBD base is reached by its URI.
-        let target = if is_nbd_uri(&t.name.to_string_lossy()) {
+        let target = if opener_for(&t.name.to_string_lossy()).is_some() {
             t.name.clone()
         } else {
             placed
         };
-        let opts = OpenOptions {
-            format: t.format,
-            lock: t.lock,
-            ..OpenOptions::read_only()
-        };
-        let img = Image::open(&target, &opts).map_err(|e| match e {
+        let img = (t.open)(&target, t.format, t.lock).map_err(|e| match e {
             Error::Io { source, .. } => format!("{}: {source}", t.name.display()),
             e => e.to_string(),
         })?;
@@ -174,6 +176,103 @@ impl RemoteBase {
     pub fn name(&self) -> &Path {
         &self.t.name
     }
+
+    /// The lazily reached base that `img`'s layer is, if it is one.
+    pub fn of(img: &Image) -> Option<&RemoteBase> {
+        img.layer().as_any().downcast_ref()
+    }
+
+    fn read(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        // A base whose own chain leads back to this cache would recurse through fresh opens.
+        let _depth = Depth::enter(&self.t.name)?;
+        let img = self.get()?;
+        // Past the base's end reads as zeros, as past the end of a file.
+        let end = self.t.size.min(img.virtual_size());
+        let have = end.saturating_sub(off).min(buf.len() as u64) as usize;
+        buf[have..].fill(0);
+        if have == 0 {
+            return Ok(());
+        }
+        match img.read_at(&mut buf[..have], off) {
+            Ok(()) => {
+                // A read that worked ends any backoff.
+                let mut s = self.state();
+                if s.failed.is_some() {
+                    s.failed = None;
+                }
+                Ok(())
+            }
+            // The connection or file failed: drop it so the next try reopens (reconnects).
+            Err(e @ Error::Io { .. }) => {
+                self.failed(Some(&img), e.to_string());
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn never_written(&self) -> Error {
+        Error::request(&self.t.name, "a base is never written")
+    }
+}
+
+impl Layer for RemoteBase {
+    fn path(&self) -> &Path {
+        &self.t.name
+    }
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+    fn virtual_size(&self) -> u64 {
+        self.t.size
+    }
+    fn storage(&self) -> &dyn Storage {
+        self
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    /// All data (what the base holds is unknown until it is open; an open base's own chain
+    /// answers block status through [`Layer::status_within`]).
+    fn map(&self, off: u64, len: u64, _mode: MapMode) -> Result<Mapped<'_>> {
+        if off.checked_add(len).is_none_or(|e| e > self.t.size) {
+            return Err(Error::request(
+                &self.t.name,
+                format!("request {off:#x}+{len:#x} beyond the size {:#x}", self.t.size),
+            ));
+        }
+        Ok(Mapped {
+            runs: vec![Run {
+                off,
+                len,
+                map: Mapping::Data { host: off },
+            }],
+            guard: None,
+        })
+    }
+    fn read_run(&self, dst: &mut [u8], run: &Run) -> Result<()> {
+        self.read(dst, run.off)
+    }
+    fn write_at(&self, _buf: &[u8], _off: u64, _below: &dyn BackingRead) -> Result<()> {
+        Err(self.never_written())
+    }
+    fn write_zeroes(&self, _off: u64, _len: u64, _below: &dyn BackingRead) -> Result<()> {
+        Err(self.never_written())
+    }
+    fn flush(&self, _durable: bool) -> Result<()> {
+        Ok(())
+    }
+    /// The open base's own chain answers, one level deeper (never opened for a status).
+    fn status_within(&self, off: u64, len: u64) -> Option<Result<Extent>> {
+        let real = self.opened()?;
+        if off >= real.virtual_size() {
+            return None;
+        }
+        Some(real.chain_status(off, len.min(real.virtual_size() - off)).map(|mut e| {
+            e.depth += 1;
+            e
+        }))
+    }
 }
 
 thread_local! {
@@ -214,6 +313,8 @@ fn unreachable(name: &Path, why: &str) -> Error {
     )
 }
 
+/// The base as storage of its recorded size (what `inspect` and the walker's helpers ask
+/// of a layer's storage); reads reach the base.
 impl Storage for RemoteBase {
     fn path(&self) -> &Path {
         &self.t.name
@@ -222,41 +323,16 @@ impl Storage for RemoteBase {
         Ok(self.t.size)
     }
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        // A base whose own chain leads back to this cache would recurse through fresh opens.
-        let _depth = Depth::enter(&self.t.name)?;
-        let img = self.get()?;
-        // Past the base's end reads as zeros, as past the end of a file.
-        let end = self.t.size.min(img.virtual_size());
-        let have = end.saturating_sub(off).min(buf.len() as u64) as usize;
-        buf[have..].fill(0);
-        if have == 0 {
-            return Ok(());
-        }
-        match img.read_at(&mut buf[..have], off) {
-            Ok(()) => {
-                // A read that worked ends any backoff.
-                let mut s = self.state();
-                if s.failed.is_some() {
-                    s.failed = None;
-                }
-                Ok(())
-            }
-            // The connection or file failed: drop it so the next try reopens (reconnects).
-            Err(e @ Error::Io { .. }) => {
-                self.failed(Some(&img), e.to_string());
-                Err(e)
-            }
-            Err(e) => Err(e),
-        }
+        self.read(buf, off)
     }
     fn write_at(&self, _buf: &[u8], _off: u64) -> Result<()> {
-        Err(Error::request(&self.t.name, "a base is never written"))
+        Err(self.never_written())
     }
     fn sync(&self) -> Result<()> {
         Ok(())
     }
     fn set_len(&self, _len: u64) -> Result<()> {
-        Err(Error::request(&self.t.name, "a base is never written"))
+        Err(self.never_written())
     }
     fn seek_data(&self, off: u64) -> Result<Option<u64>> {
         Ok((off < self.t.size).then_some(off))
@@ -264,11 +340,6 @@ impl Storage for RemoteBase {
     fn seek_hole(&self, _off: u64) -> Result<u64> {
         Ok(self.t.size)
     }
-    fn as_remote_base(&self) -> Option<&RemoteBase> {
-        Some(self)
-    }
-    /// Data for what is within the size (unknown here: an open base's own chain answers
-    /// block status through [`Image::chain_status`], which looks through this layer).
     fn status(&self, off: u64, len: u64) -> Result<(FileStatus, u64)> {
         if off >= self.t.size {
             return Ok((FileStatus::Eof, len));

@@ -4,8 +4,10 @@
 use crate::{Error, Result};
 
 mod crash;
+mod opener;
 #[doc(hidden)]
 pub use crash::{CrashStorage, Fault, OpKind};
+pub use opener::{is_uri, opener_for, register_opener, Opener};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -27,9 +29,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn seek_hole(&self, off: u64) -> Result<u64>;
     /// Data/hole status of the run at `off`; see [`file_status`].
     fn status(&self, off: u64, len: u64) -> Result<(FileStatus, u64)>;
-    /// This storage as the lazily reached base of a sealed cache, if it is one.
-    fn as_remote_base(&self) -> Option<&super::remote::RemoteBase> {
-        None
+    /// Bytes the storage really takes (a file's allocated blocks); its length by default.
+    fn allocated_bytes(&self) -> Result<u64> {
+        self.len()
     }
 }
 
@@ -185,6 +187,15 @@ impl FileStorage {
 impl Storage for FileStorage {
     fn path(&self) -> &Path {
         &self.path
+    }
+    /// From the open file, never by path (which may name another file after a rename).
+    fn allocated_bytes(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let md = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&self.path, "stat", e))?;
+        Ok(md.blocks() * 512)
     }
     fn len(&self) -> Result<u64> {
         use std::io::{Seek, SeekFrom};

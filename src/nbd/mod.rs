@@ -79,6 +79,7 @@
 //! `run` returns an error.
 
 pub mod client;
+mod opener;
 mod handshake;
 mod listener;
 pub mod proto;
@@ -88,9 +89,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 pub use listener::{Limits, Server, Stopper};
+pub use opener::register;
 pub use transmission::WORKERS_PER_CONNECTION;
 
-use crate::engine::image::push_run;
+use crate::engine::image::{push_run, SparseRun};
 use crate::{Error, Result};
 
 /// `base:allocation` status bit: the extent is not allocated.
@@ -134,20 +136,23 @@ pub trait Export: Send + Sync {
         None
     }
     /// Fills `buf` from `offset` as [`Export::read`] does and says which parts are known to
-    /// read as zeroes: consecutive runs `(length, reads_as_zero)` covering `buf`; the zero runs
+    /// read as zeroes: consecutive runs covering `buf`; the zero runs
     /// of `buf` need not be written (the server hands in zeroes). The server sends zero runs
     /// as `NBD_REPLY_TYPE_OFFSET_HOLE` chunks instead of bytes. The default reads everything
     /// and takes the runs from [`Export::block_status`] (all data if that fails: the bytes
     /// were read).
-    fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<(u64, bool)>> {
+    fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<SparseRun>> {
         self.read(buf, offset)?;
-        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut runs: Vec<SparseRun> = Vec::new();
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {
             let before = pos;
             let Ok(extents) = self.block_status(pos, end - pos) else {
-                return Ok(vec![(buf.len() as u64, false)]);
+                return Ok(vec![SparseRun {
+                    len: buf.len() as u64,
+                    zero: false,
+                }]);
             };
             for (l, flags) in extents {
                 let l = l.min(end - pos);
@@ -439,9 +444,10 @@ mod tests {
         let m = MemExport::from_vec(data.clone());
         let mut buf = vec![0u8; data.len()];
         let runs = m.read_sparse(&mut buf, 0).unwrap();
+        let r = |len, zero| SparseRun { len, zero };
         assert_eq!(
             runs,
-            vec![(MEM_BLOCK, false), (MEM_BLOCK, true), (MEM_BLOCK, false)]
+            vec![r(MEM_BLOCK, false), r(MEM_BLOCK, true), r(MEM_BLOCK, false)]
         );
         assert!(buf == data);
         // Without block status the bytes read still go out, as data.
@@ -449,7 +455,7 @@ mod tests {
         let mut buf = vec![0u8; data.len()];
         assert_eq!(
             n.read_sparse(&mut buf, 0).unwrap(),
-            vec![(3 * MEM_BLOCK, false)]
+            vec![r(3 * MEM_BLOCK, false)]
         );
         assert!(buf == data);
     }

@@ -12,6 +12,7 @@ use super::handshake::{handshake, violation};
 use super::listener::{lock, ExportSlot, Exports, Shared};
 use super::proto::*;
 use super::Export;
+use crate::engine::image::SparseRun;
 use crate::Error;
 
 /// Worker threads serving the requests of one connection.
@@ -425,22 +426,22 @@ impl Connection<'_> {
 
     /// Whether `runs` describe a read of `len` bytes exactly and hold a zero run (otherwise
     /// the read goes as one data chunk).
-    fn has_holes(runs: &[(u64, bool)], len: u32) -> bool {
-        runs.iter().any(|r| r.1)
-            && runs.iter().all(|r| r.0 > 0)
-            && runs.iter().map(|r| r.0).sum::<u64>() == u64::from(len)
+    fn has_holes(runs: &[SparseRun], len: u32) -> bool {
+        runs.iter().any(|r| r.zero)
+            && runs.iter().all(|r| r.len > 0)
+            && runs.iter().map(|r| r.len).sum::<u64>() == u64::from(len)
     }
 
     /// A read's reply as consecutive chunks in offset order: `OFFSET_HOLE` for each zero run,
     /// `OFFSET_DATA` for each other run (from `data`, the bytes read); the last one is
     /// flagged done.
-    fn sparse_reply(req: &Request, runs: &[(u64, bool)], data: &[u8]) -> Vec<u8> {
+    fn sparse_reply(req: &Request, runs: &[SparseRun], data: &[u8]) -> Vec<u8> {
         const HOLE_LEN: usize = 12;
-        let bytes: u64 = runs.iter().filter(|r| !r.1).map(|r| r.0 + 8).sum();
+        let bytes: u64 = runs.iter().filter(|r| !r.zero).map(|r| r.len + 8).sum();
         let mut out =
             Vec::with_capacity(runs.len() * (CHUNK_HEADER_LEN + HOLE_LEN) + bytes as usize);
         let mut pos = 0usize;
-        for (i, &(n, zero)) in runs.iter().enumerate() {
+        for (i, &SparseRun { len: n, zero }) in runs.iter().enumerate() {
             let flags = if i + 1 == runs.len() {
                 REPLY_FLAG_DONE
             } else {

@@ -1,12 +1,14 @@
-//! The metadata cache: when it is flushed or dropped, and the crash-safe flush order.
+//! The metadata cache: L2 tables kept by LRU, when they are flushed, and the crash-safe flush
+//! order.
 
-use super::{Meta, Qcow2};
+use super::{L2Table, Meta, Qcow2};
 use crate::engine::overlap::MetaKind;
 use crate::format::table;
 use crate::Result;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Dirty metadata above this many bytes is flushed; clean tables above it are dropped.
+/// Dirty metadata above half this many bytes is flushed; cached L2 tables above it make room
+/// by dropping the least recently used clean ones.
 pub(super) const L2_CACHE_BYTES: usize = 32 << 20;
 
 impl Qcow2 {
@@ -15,16 +17,61 @@ impl Qcow2 {
         if dirty > L2_CACHE_BYTES / 2 || m.rc.dirty_bytes() > L2_CACHE_BYTES / 2 {
             self.flush_locked(m, false)?;
         }
+        m.rc.shrink(L2_CACHE_BYTES);
         Ok(())
     }
 
-    pub(super) fn maybe_shrink(&self, m: &mut Meta) -> Result<()> {
-        let bytes = m.l2.len() * self.geo.cluster_size() as usize;
-        if bytes > L2_CACHE_BYTES {
-            if m.l2_dirty > 0 || !m.l1_dirty.is_empty() {
-                self.flush_locked(m, false)?;
-            }
-            m.l2.clear();
+    /// The L2 table at host offset `off`, read into the cache if it is not there.
+    pub(super) fn load_l2<'m>(&self, m: &'m mut Meta, off: u64) -> Result<&'m mut L2Table> {
+        if !m.l2.contains_key(&off) {
+            self.make_room(m)?;
+            let mut b = vec![0u8; self.geo.cluster_size() as usize];
+            self.storage.read_at(&mut b, off)?;
+            m.l2.insert(
+                off,
+                L2Table {
+                    entries: table::decode_table(&b),
+                    dirty: false,
+                    used: AtomicU64::new(self.tick.fetch_add(1, Ordering::Relaxed)),
+                },
+            );
+        }
+        Ok(m.l2.get_mut(&off).expect("just inserted"))
+    }
+
+    /// A new, empty (dirty) L2 table at host offset `off`.
+    pub(super) fn insert_l2(&self, m: &mut Meta, off: u64) -> Result<()> {
+        self.make_room(m)?;
+        let t = L2Table {
+            entries: vec![0; self.geo.l2_entries() as usize],
+            dirty: true,
+            used: AtomicU64::new(self.tick.fetch_add(1, Ordering::Relaxed)),
+        };
+        m.l2.insert(off, t);
+        m.l2_dirty += 1;
+        Ok(())
+    }
+
+    /// Before a table is added to a full cache: drop the least recently used clean quarter
+    /// (flushing first when too few are clean).
+    fn make_room(&self, m: &mut Meta) -> Result<()> {
+        let cap = (L2_CACHE_BYTES / self.geo.cluster_size() as usize).max(4);
+        if m.l2.len() < cap {
+            return Ok(());
+        }
+        if m.l2.len() - m.l2_dirty < cap / 4 {
+            self.flush_locked(m, false)?;
+        }
+        let mut clean: Vec<(u64, u64)> = m
+            .l2
+            .iter()
+            .filter(|(_, t)| !t.dirty)
+            .map(|(o, t)| (t.used.load(Ordering::Relaxed), *o))
+            .collect();
+        clean.sort_unstable();
+        let drop_n = (m.l2.len() + 1).saturating_sub(cap * 3 / 4).min(clean.len());
+        for (_, o) in &clean[..drop_n] {
+            m.l2.remove(o);
         }
         m.rc.shrink(L2_CACHE_BYTES);
         Ok(())

@@ -36,7 +36,6 @@ impl Qcow2 {
         {
             let mut guard = self.lock();
             let m: &mut Meta = &mut guard;
-            self.maybe_shrink(m)?;
             let unalloc = |q: &Self, m: &mut Meta, i: usize| -> Result<bool> {
                 let e = q.entry(m, GuestOffset(off + i as u64 * cs))?;
                 Ok(q.decode(m, e)? == L2Mapping::Unallocated)

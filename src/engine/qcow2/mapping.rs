@@ -1,12 +1,38 @@
-//! Mapping at this layer: L1/L2 lookup and decoding, request plans, block status, and
-//! walks over every mapped cluster.
+//! Mapping at this layer: L1/L2 lookup and decoding, the layer mapping (reads and block
+//! status alike), and walks over every mapped cluster.
 
-use super::cache::L2_CACHE_BYTES;
-use super::{L2Table, LayerStatus, Meta, Qcow2, Source};
-use crate::format::table::{self, L1Entry, L2Entry, L2Mapping};
-use crate::format::types::{GuestOffset, HostOffset};
-use crate::{Error, Result};
+use super::{Meta, Qcow2};
+use crate::engine::layer::{MapMode, Mapped, Mapping, Run};
+use crate::format::table::{L1Entry, L2Entry, L2Mapping};
+use crate::format::types::GuestOffset;
+use crate::Result;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+/// An L2 entry looked up in the cached tables.
+enum Look {
+    Entry(L2Entry),
+    /// No L2 table: unallocated.
+    NoTable,
+    /// The L2 table at this host offset is not cached.
+    Missing(u64),
+}
+
+/// Whether a piece mapped `map` continues the run `last` (contiguous host data; zeros; for
+/// block status also contiguous preallocated zeros and compressed clusters).
+fn continues(last: &Run, map: Mapping, mode: MapMode) -> bool {
+    match (last.map, map) {
+        (Mapping::Data { host: a }, Mapping::Data { host: b }) => a + last.len == b,
+        (Mapping::Unallocated, Mapping::Unallocated) => true,
+        (Mapping::Zero { host: a }, Mapping::Zero { host: b }) => match (mode.status, a, b) {
+            (false, _, _) | (true, None, None) => true,
+            (true, Some(a), Some(b)) => a + last.len == b,
+            _ => false,
+        },
+        (Mapping::Compressed { .. }, Mapping::Compressed { .. }) => mode.status,
+        _ => false,
+    }
+}
 
 impl Qcow2 {
     /// The L2 entry for a guest cluster, loading its table if needed; None if no L2 table.
@@ -43,21 +69,6 @@ impl Qcow2 {
         m.rc.high_water() << self.geo.cluster_bits
     }
 
-    pub(super) fn load_l2<'m>(&self, m: &'m mut Meta, off: u64) -> Result<&'m mut L2Table> {
-        use std::collections::hash_map::Entry;
-        match m.l2.entry(off) {
-            Entry::Occupied(o) => Ok(o.into_mut()),
-            Entry::Vacant(v) => {
-                let mut b = vec![0u8; self.geo.cluster_size() as usize];
-                self.storage.read_at(&mut b, off)?;
-                Ok(v.insert(L2Table {
-                    entries: table::decode_table(&b),
-                    dirty: false,
-                }))
-            }
-        }
-    }
-
     pub(super) fn decode(&self, m: &Meta, e: L2Entry) -> Result<L2Mapping> {
         let map = e
             .mapping(&self.geo, self.v3)
@@ -80,93 +91,95 @@ impl Qcow2 {
         }
     }
 
-    /// Split `[off, off+len)` into runs with one source each (contiguous host data merged).
-    pub(super) fn plan(&self, m: &mut Meta, off: u64, len: u64) -> Result<Vec<(u64, u64, Source)>> {
-        let mut out: Vec<(u64, u64, Source)> = Vec::new();
+    /// The L2 entry for guest offset `g` from the cached tables only.
+    fn look(&self, m: &Meta, g: GuestOffset) -> Result<Look> {
+        let l1i = self.geo.l1_index(g) as usize;
+        let Some(l2off) = self.l2_offset(m, l1i)? else {
+            return Ok(Look::NoTable);
+        };
+        match m.l2.get(&l2off) {
+            Some(t) => {
+                t.used
+                    .store(self.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+                Ok(Look::Entry(L2Entry(t.entries[self.geo.l2_index(g)])))
+            }
+            None => Ok(Look::Missing(l2off)),
+        }
+    }
+
+    /// The runs of `[off, off+len)` from the cached tables (see [`Layer::map`]), or the host
+    /// offset of an L2 table that must be loaded first.
+    fn map_cached(
+        &self,
+        m: &Meta,
+        off: u64,
+        len: u64,
+        mode: MapMode,
+    ) -> Result<std::result::Result<Vec<Run>, u64>> {
+        let mut out: Vec<Run> = Vec::new();
         let end = off + len;
         let mut pos = off;
         while pos < end {
             let inc = self.geo.in_cluster(pos);
-            let n = (self.geo.cluster_size() - inc).min(end - pos);
-            let e = self.entry(m, GuestOffset(pos))?;
-            let src = match self.decode(m, e)? {
-                L2Mapping::Unallocated => Source::Backing,
-                L2Mapping::Zero { .. } => Source::Zero,
-                L2Mapping::Data { host, .. } => Source::Data(HostOffset(host.0 + inc)),
-                L2Mapping::Compressed { host, len } => Source::Compressed { host, len },
+            let (map, n) = match self.look(m, GuestOffset(pos))? {
+                Look::Missing(l2off) => return Ok(Err(l2off)),
+                // No L2 table: the whole span it would map is unallocated.
+                Look::NoTable => {
+                    let span = self.geo.l2_span();
+                    (Mapping::Unallocated, ((pos / span + 1) * span).min(end) - pos)
+                }
+                Look::Entry(e) => {
+                    let n = (self.geo.cluster_size() - inc).min(end - pos);
+                    let map = match self.decode(m, e)? {
+                        L2Mapping::Unallocated => Mapping::Unallocated,
+                        L2Mapping::Zero { prealloc, .. } => Mapping::Zero {
+                            host: prealloc.map(|h| h.0 + inc),
+                        },
+                        L2Mapping::Data { host, .. } => Mapping::Data { host: host.0 + inc },
+                        L2Mapping::Compressed { host, len } => Mapping::Compressed {
+                            host: host.0,
+                            len,
+                        },
+                    };
+                    (map, n)
+                }
             };
             if let Some(last) = out.last_mut() {
-                let merged = match (last.2, src) {
-                    (Source::Data(a), Source::Data(b)) => a.0 + last.1 == b.0,
-                    (Source::Zero, Source::Zero) | (Source::Backing, Source::Backing) => true,
-                    _ => false,
-                };
-                if merged {
-                    last.1 += n;
+                if continues(last, map, mode) {
+                    last.len += n;
                     pos += n;
                     continue;
                 }
-            }
-            out.push((pos, n, src));
-            pos += n;
-        }
-        Ok(out)
-    }
-
-    /// Status of the run starting at `off` (at most `len` bytes) at this layer only.
-    pub fn block_status(&self, off: u64, len: u64) -> Result<(LayerStatus, u64)> {
-        self.check_range(off, len)?;
-        let mut m = self.lock();
-        self.maybe_shrink(&mut m)?;
-        let end = off + len;
-        let mut pos = off;
-        let mut first: Option<LayerStatus> = None;
-        while pos < end {
-            // No L2 table: the whole span it would map is unallocated.
-            let l1i = self.geo.l1_index(GuestOffset(pos)) as usize;
-            if self.l2_offset(&m, l1i)?.is_none() {
-                if first.is_some_and(|f| f != LayerStatus::Unallocated) {
+                if out.len() >= mode.max_runs {
                     break;
                 }
-                first = Some(LayerStatus::Unallocated);
-                let span = self.geo.l2_span();
-                pos = ((pos / span + 1) * span).min(end);
-                continue;
             }
-            let inc = self.geo.in_cluster(pos);
-            let n = (self.geo.cluster_size() - inc).min(end - pos);
-            let e = self.entry(&mut m, GuestOffset(pos))?;
-            let st = match self.decode(&m, e)? {
-                L2Mapping::Unallocated => LayerStatus::Unallocated,
-                L2Mapping::Zero { prealloc, .. } => LayerStatus::Zero {
-                    offset: prealloc.map(|h| h.0 + inc),
-                },
-                L2Mapping::Data { host, .. } => LayerStatus::Data {
-                    offset: host.0 + inc,
-                },
-                L2Mapping::Compressed { .. } => LayerStatus::Compressed,
-            };
-            match first {
-                None => first = Some(st),
-                Some(f) => {
-                    let cont = match (f, st) {
-                        (LayerStatus::Data { offset: a }, LayerStatus::Data { offset: b }) => {
-                            a + (pos - off) == b
-                        }
-                        (
-                            LayerStatus::Zero { offset: Some(a) },
-                            LayerStatus::Zero { offset: Some(b) },
-                        ) => a + (pos - off) == b,
-                        (a, b) => a == b,
-                    };
-                    if !cont {
-                        break;
-                    }
-                }
-            }
+            out.push(Run { off: pos, len: n, map });
             pos += n;
         }
-        Ok((first.unwrap_or(LayerStatus::Unallocated), pos - off))
+        Ok(Ok(out))
+    }
+
+    /// [`Layer::map`]: shared lock while the tables are cached, exclusive to load one.
+    pub(super) fn map_range(&self, off: u64, len: u64, mode: MapMode) -> Result<Mapped<'_>> {
+        self.check_range(off, len)?;
+        loop {
+            let need = {
+                let m = self.lock_shared();
+                match self.map_cached(&m, off, len, mode)? {
+                    Ok(runs) => {
+                        let guard = self.gate(&m);
+                        return Ok(Mapped {
+                            runs,
+                            guard: Some(guard),
+                        });
+                    }
+                    Err(l2off) => l2off,
+                }
+            };
+            let mut m = self.lock();
+            self.load_l2(&mut m, need)?;
+        }
     }
 
     /// Guest clusters in `[off, off+len)` that are unallocated at this layer, as
@@ -174,16 +187,16 @@ impl Qcow2 {
     pub fn unallocated_runs(&self, off: u64, len: u64) -> Result<Vec<(u64, u64)>> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         let end = (off + len).min(self.size);
-        let mut pos = self.geo.align_down(off);
-        while pos < end {
-            let (st, n) = self.block_status(pos, end - pos)?;
-            if st == LayerStatus::Unallocated {
-                match out.last_mut() {
-                    Some(l) if l.0 + l.1 == pos => l.1 += n,
-                    _ => out.push((pos, n)),
-                }
+        let start = self.geo.align_down(off);
+        if start >= end {
+            return Ok(out);
+        }
+        let mapped = self.map_range(start, end - start, MapMode::READ)?;
+        for r in mapped.runs.iter().filter(|r| r.map == Mapping::Unallocated) {
+            match out.last_mut() {
+                Some(l) if l.0 + l.1 == r.off => l.1 += r.len,
+                _ => out.push((r.off, r.len)),
             }
-            pos += n;
         }
         Ok(out)
     }
@@ -195,12 +208,10 @@ impl Qcow2 {
         if let Some(&v) = self.preallocated.get() {
             return Ok(v);
         }
-        use std::os::unix::fs::MetadataExt;
-        let md = std::fs::metadata(self.path()).map_err(|e| Error::io(self.path(), "stat", e))?;
         let cs = self.geo.cluster_size();
-        let real_clusters = md.blocks() * 512 / cs;
+        let real_clusters = self.storage.allocated_bytes()? / cs;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
-        let end = md.len().div_ceil(cs);
+        let end = self.storage.len()?.div_ceil(cs);
         let mut m = self.lock();
         let mut count = 0;
         let mut c = 0;
@@ -234,9 +245,6 @@ impl Qcow2 {
                     .iter()
                     .map(|&e| self.decode(&m, L2Entry(e)))
                     .collect::<Result<Vec<_>>>()?;
-                if m.l2.len() * self.geo.cluster_size() as usize > L2_CACHE_BYTES {
-                    self.maybe_shrink(&mut m)?;
-                }
                 maps
             };
             for (i, map) in maps.into_iter().enumerate() {

@@ -12,18 +12,24 @@
 //! entries, then applies deferred frees. A crash at any point therefore leaves at worst clusters
 //! whose refcount is too high (leaks), which `check --repair leaks` reclaims.
 //!
-//! Concurrency: the metadata (header, L1, cached L2 tables, refcounts, deferred frees) sits
-//! behind one mutex. Data I/O at host offsets found in the L2 tables (reads, in-place writes)
-//! runs without it, under a shared guard of the I/O gate taken before the mutex is let go;
-//! applying deferred frees takes the gate exclusively, so no cluster is reused while a request
-//! still reads or writes it. Allocating writes write and link their new clusters under the
-//! mutex; the old content of partial clusters they copy from the backing file is read before.
+//! This is a layer driver ([`Layer`]): it maps and reads its own clusters and knows nothing of
+//! its backing file; the chain walker (`crate::engine::image`) reads what is unallocated here
+//! from below and hands writes a [`BackingRead`] for copy-on-write.
 //!
-//! Files: `mapping.rs` (L1/L2 lookup and decoding, request plans, block status, walks),
-//! `read.rs`, `write.rs` (in-place and allocating writes, zeroing), `fill.rs` (storing content
-//! read from below into unallocated clusters), `cache.rs` (the L2 cache, the flush order,
-//! `Drop`), `header.rs` (header and extension I/O, the corrupt bit). Copy-on-read is not here:
-//! `crate::engine::cor` installs it as this layer's read filter.
+//! Concurrency: the metadata (header, L1, cached L2 tables, refcounts, deferred frees) sits
+//! behind a reader-writer lock. Mapping a read takes it shared when the L2 tables it needs are
+//! cached (each hit stamps its table for the LRU), exclusively only to load a table. Data I/O
+//! at host offsets found in the L2 tables runs without the lock, under a shared guard of the
+//! I/O gate taken before the lock is let go; applying deferred frees takes the gate
+//! exclusively, so no cluster is reused while a request still reads or writes it. Writes that
+//! allocate follow the fill's protocol: claim the guest clusters, allocate under the lock,
+//! write the data unlocked, link under the lock.
+//!
+//! Files: `mapping.rs` (L1/L2 lookup and decoding, the layer mapping, walks), `read.rs`,
+//! `write.rs` (in-place and allocating writes, claims, zeroing), `fill.rs` (storing content
+//! read from below into unallocated clusters), `cache.rs` (the L2 cache and its LRU, the flush
+//! order, `Drop`), `header.rs` (header and extension I/O, the corrupt bit). Copy-on-read is
+//! not here: `crate::engine::cor` filters a chain's reads.
 
 mod cache;
 mod fill;
@@ -34,53 +40,24 @@ mod write;
 
 pub use fill::FillStats;
 pub use mapping::AllocStats;
-pub(crate) use read::ReadFilter;
-pub(crate) use write::write_zero_bytes;
 
 use super::alloc::Refcounts;
 use super::header_io::write_header;
-use super::image::Image;
+use super::layer::{BackingRead, Format, Layer, MapMode, Mapped, Run};
 use super::storage::Storage;
 use crate::format::header::{ext_kind, incompat, CompressionType, Header};
 use crate::format::table;
-use crate::format::types::{Geometry, HostOffset};
+use crate::format::types::Geometry;
 use crate::{Error, Result};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// All-zero check at memcmp speed.
 pub fn is_zero(b: &[u8]) -> bool {
     static ZEROS: [u8; 65536] = [0; 65536];
     b.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
-}
-
-/// Where the bytes of a piece of a guest range come from, at one layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// Plain data in this file.
-    Data(HostOffset),
-    /// Zeros, decided at this layer (zero flag).
-    Zero,
-    /// A compressed cluster: descriptor plus the offset within the cluster.
-    Compressed { host: HostOffset, len: u64 },
-    /// Not allocated here: ask the backing file.
-    Backing,
-}
-
-/// Allocation status of a guest range at this layer, for `map`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LayerStatus {
-    Unallocated,
-    /// Zero flag; `offset` is the preallocated host offset, if any.
-    Zero {
-        offset: Option<u64>,
-    },
-    Data {
-        offset: u64,
-    },
-    Compressed,
 }
 
 pub struct Qcow2 {
@@ -90,18 +67,21 @@ pub struct Qcow2 {
     size: u64,
     compression: CompressionType,
     writable: bool,
-    meta: Mutex<Meta>,
+    meta: RwLock<Meta>,
     /// Data I/O at host offsets taken from the L2 tables happens without the metadata lock,
     /// under a shared guard of this gate taken while the lock was still held; applying
     /// deferred frees (which lets a host cluster be reused) takes it exclusively. So a request
     /// never reads or writes a cluster that has meanwhile been given to another guest offset.
-    /// Rule that keeps it deadlock-free: the gate is taken shared only under the metadata
-    /// lock, and its holder never waits for the metadata lock.
+    /// Rule that keeps it deadlock-free: whoever waits for the gate holds no lock that a
+    /// holder of the gate waits for (a holder never waits for the metadata lock).
     gate: RwLock<()>,
-    backing: Option<Arc<Image>>,
+    /// Guest clusters an allocating write is working on (allocated, not yet linked): other
+    /// writes and zeroing of them wait ([`write`]).
+    claims: Mutex<HashSet<u64>>,
+    claimed: Condvar,
+    /// LRU clock of the L2 cache: each hit stamps its table with the next tick.
+    tick: AtomicU64,
     preallocated: std::sync::OnceLock<bool>,
-    /// Copy-on-read, when on (installed from above: `crate::engine::cor`).
-    filter: std::sync::OnceLock<Box<dyn ReadFilter>>,
     /// Corruption was found while writing (a metadata overlap): the corrupt bit is set and
     /// nothing more is written, as QEMU does.
     broken: AtomicBool,
@@ -123,6 +103,8 @@ impl std::fmt::Debug for Qcow2 {
 pub(crate) struct L2Table {
     entries: Vec<u64>,
     dirty: bool,
+    /// When it was last used ([`Qcow2::tick`]); stamped under the shared lock.
+    used: AtomicU64,
 }
 
 pub(crate) struct Meta {
@@ -147,13 +129,8 @@ pub(crate) struct Qcow2Open {
 }
 
 impl Qcow2 {
-    /// Open the image over `storage`; `backing` is the already opened backing image.
-    pub(crate) fn open(
-        storage: Box<dyn Storage>,
-        header: Header,
-        backing: Option<Arc<Image>>,
-        opts: Qcow2Open,
-    ) -> Result<Qcow2> {
+    /// Open the image over `storage` (its header already read).
+    pub(crate) fn open(storage: Box<dyn Storage>, header: Header, opts: Qcow2Open) -> Result<Qcow2> {
         let path = storage.path().to_path_buf();
         let geo = header.geometry;
         if opts.write {
@@ -194,7 +171,7 @@ impl Qcow2 {
             size: header.size,
             compression: header.compression,
             writable: opts.write,
-            meta: Mutex::new(Meta {
+            meta: RwLock::new(Meta {
                 header,
                 l1,
                 l1_dirty: BTreeSet::new(),
@@ -205,10 +182,11 @@ impl Qcow2 {
                 new_l2: false,
             }),
             gate: RwLock::new(()),
-            backing,
+            claims: Mutex::new(HashSet::new()),
+            claimed: Condvar::new(),
+            tick: AtomicU64::new(0),
             storage,
             preallocated: std::sync::OnceLock::new(),
-            filter: std::sync::OnceLock::new(),
             broken: AtomicBool::new(false),
             io_failed: AtomicBool::new(false),
         };
@@ -238,10 +216,6 @@ impl Qcow2 {
         self.geo
     }
 
-    pub fn backing(&self) -> Option<&Image> {
-        self.backing.as_deref()
-    }
-
     pub fn header(&self) -> Header {
         self.lock().header.clone()
     }
@@ -250,13 +224,19 @@ impl Qcow2 {
         &*self.storage
     }
 
-    fn lock(&self) -> MutexGuard<'_, Meta> {
+    /// The metadata, exclusively (writes, loading L2 tables, flushes).
+    fn lock(&self) -> RwLockWriteGuard<'_, Meta> {
         // A panic while holding the lock is a bug; the data on disk is still ordered.
-        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+        self.meta.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The metadata, shared (mapping reads whose L2 tables are cached).
+    fn lock_shared(&self) -> std::sync::RwLockReadGuard<'_, Meta> {
+        self.meta.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A shared guard of the I/O gate; the metadata guard proves the lock is held.
-    fn gate(&self, _held: &mut Meta) -> RwLockReadGuard<'_, ()> {
+    fn gate(&self, _held: &Meta) -> RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -296,5 +276,41 @@ impl Qcow2 {
             ));
         }
         Ok(())
+    }
+}
+
+impl Layer for Qcow2 {
+    fn path(&self) -> &Path {
+        self.storage.path()
+    }
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn map(&self, off: u64, len: u64, mode: MapMode) -> Result<Mapped<'_>> {
+        self.map_range(off, len, mode)
+    }
+    fn read_run(&self, dst: &mut [u8], run: &Run) -> Result<()> {
+        self.read_mapped(dst, run)
+    }
+    fn write_at(&self, buf: &[u8], off: u64, below: &dyn BackingRead) -> Result<()> {
+        Qcow2::write_at(self, buf, off, below)
+    }
+    fn write_zeroes(&self, off: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
+        Qcow2::write_zeroes(self, off, len, below)
+    }
+    fn flush(&self, durable: bool) -> Result<()> {
+        Qcow2::flush(self, durable)
+    }
+    fn data_may_be_holes(&self) -> Result<bool> {
+        self.metadata_preallocated()
     }
 }

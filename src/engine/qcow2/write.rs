@@ -1,61 +1,55 @@
-//! Writing: in-place writes, allocating runs with copy-on-write of partial clusters, and
-//! zeroing.
+//! Writing: in-place writes, allocating writes, and zeroing.
+//!
+//! An allocating write follows the fill's protocol: it claims the guest clusters it gives new
+//! homes (other writes and zeroing of them wait), allocates under the metadata lock, writes
+//! the data without it (under the I/O gate), and links the new clusters under the lock again.
+//! The old content of partial clusters unallocated here is read from below before any lock is
+//! taken, so a slow base does not stall the other requests of the disk.
 
-use super::{L2Table, Meta, Qcow2};
-use crate::engine::overlap::MetaKind;
+use super::{Meta, Qcow2};
+use crate::engine::layer::{write_zero_bytes, BackingRead};
 use crate::format::table::{L1Entry, L2Entry, L2Mapping};
 use crate::format::types::{GuestOffset, HostOffset};
 use crate::Result;
+use std::ops::Range;
 
-/// Write `len` zero bytes at `off` through `write`, in bounded pieces.
-pub(crate) fn write_zero_bytes(
-    off: u64,
-    len: u64,
-    write: impl Fn(&[u8], u64) -> Result<()>,
-) -> Result<()> {
-    let zeros = vec![0u8; len.min(4 << 20) as usize];
-    let mut p = off;
-    while p < off + len {
-        let n = (off + len - p).min(zeros.len() as u64) as usize;
-        write(&zeros[..n], p)?;
-        p += n as u64;
+/// Guest clusters (by offset) claimed by one allocating write, released on drop.
+struct Claim<'a> {
+    q: &'a Qcow2,
+    clusters: Vec<u64>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut c = self.q.claims.lock().unwrap_or_else(|p| p.into_inner());
+        for g in &self.clusters {
+            c.remove(g);
+        }
+        drop(c);
+        self.q.claimed.notify_all();
     }
-    Ok(())
+}
+
+/// A guest cluster an allocating write gives a new home.
+struct NewCluster {
+    /// Guest offset of the cluster.
+    g: u64,
+    host: u64,
+    /// Its entry when planned (for the old content of a partial cluster).
+    old: L2Entry,
+    /// A preallocated zero cluster written in place (`host` is its own).
+    reuse: bool,
+}
+
+/// A write planned under the lock.
+#[derive(Default)]
+struct Plan {
+    /// (host offset, range of the buffer) of clusters written in place.
+    in_place: Vec<(u64, Range<usize>)>,
+    new: Vec<NewCluster>,
 }
 
 impl Qcow2 {
-    /// The old guest content of one cluster at this layer (for copy-on-write fills).
-    fn old_cluster(&self, m: &Meta, gc_off: u64, e: L2Entry, out: &mut [u8]) -> Result<()> {
-        match self.decode(m, e)? {
-            L2Mapping::Unallocated => self.read_backing(out, gc_off),
-            L2Mapping::Zero { .. } => {
-                out.fill(0);
-                Ok(())
-            }
-            L2Mapping::Data { host, .. } => self.storage.read_at(out, host.0),
-            L2Mapping::Compressed { host, len } => self.read_compressed(host, len, out),
-        }
-    }
-
-    /// [`Self::old_cluster`], taking the content of a cluster still unallocated here from
-    /// `below` when it was read there beforehand.
-    fn old_content(
-        &self,
-        m: &Meta,
-        gc_off: u64,
-        e: L2Entry,
-        below: &[(u64, Vec<u8>)],
-        out: &mut [u8],
-    ) -> Result<()> {
-        if self.decode(m, e)? == L2Mapping::Unallocated {
-            if let Some((_, c)) = below.iter().find(|(g, _)| *g == gc_off) {
-                out.copy_from_slice(c);
-                return Ok(());
-            }
-        }
-        self.old_cluster(m, gc_off, e, out)
-    }
-
     /// Host clusters an entry references (freed when the entry is replaced).
     fn referenced_clusters(&self, e: L2Entry) -> Vec<u64> {
         let cb = self.geo.cluster_bits;
@@ -76,10 +70,10 @@ impl Qcow2 {
 
     /// Ensure the L2 table for guest offset `g` exists; returns its host offset.
     pub(super) fn ensure_l2(&self, m: &mut Meta, g: GuestOffset) -> Result<u64> {
+        use crate::engine::overlap::MetaKind;
         let l1i = self.geo.l1_index(g) as usize;
         if let Some(off) = self.l2_offset(m, l1i)? {
-            let copied = L1Entry(m.l1[l1i]).copied();
-            if copied {
+            if L1Entry(m.l1[l1i]).copied() {
                 return Ok(off);
             }
             // Shared L2 table (snapshots): we refuse such images for writing, so this is a
@@ -91,14 +85,7 @@ impl Qcow2 {
         let c = m.rc.alloc(&*self.storage, &mut m.header, 1)?;
         m.rc.note_metadata(&*self.storage, c, 1, MetaKind::L2)?;
         let off = c << self.geo.cluster_bits;
-        m.l2.insert(
-            off,
-            L2Table {
-                entries: vec![0; self.geo.l2_entries() as usize],
-                dirty: true,
-            },
-        );
-        m.l2_dirty += 1;
+        self.insert_l2(m, off)?;
         m.l1[l1i] = L1Entry::new(HostOffset(off)).0;
         m.l1_dirty.insert(l1i);
         m.new_l2 = true;
@@ -117,103 +104,235 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Write guest bytes at this layer (allocating and filling partial clusters from below).
-    ///
-    /// Clusters that need allocating are written and linked under the metadata lock; the old
-    /// content of partial clusters unallocated here is read from below before taking it (a
-    /// slow base does not stall the other requests of the disk). Clusters already allocated
-    /// here are written in place after the lock is let go, under the I/O gate.
-    pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.signal(self.write_at_inner(buf, off))
+    /// The first of `clusters` (guest offsets) that an allocating write has claimed.
+    fn first_claimed(&self, mut clusters: impl Iterator<Item = u64>) -> Option<u64> {
+        let c = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        clusters.find(|g| c.contains(g))
     }
 
-    fn write_at_inner(&self, buf: &[u8], off: u64) -> Result<()> {
+    /// Wait until guest cluster `g` is no longer claimed (no metadata lock held).
+    fn wait_unclaimed(&self, g: u64) {
+        let mut c = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        while c.contains(&g) {
+            c = self.claimed.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Write guest bytes at this layer: in place where clusters are allocated here, into new
+    /// clusters elsewhere (partial ones filled with their old content, from `below` where
+    /// they are unallocated here).
+    pub fn write_at(&self, buf: &[u8], off: u64, below: &dyn BackingRead) -> Result<()> {
+        self.signal(self.write_at_inner(buf, off, below))
+    }
+
+    fn write_at_inner(&self, buf: &[u8], off: u64, below: &dyn BackingRead) -> Result<()> {
         self.require_writable()?;
         self.check_range(off, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
-        let cs = self.geo.cluster_size();
         let end = off + buf.len() as u64;
-        let below = self.cow_preread(off, end)?;
+        let pre = self.cow_preread(off, end, below)?;
+        let (plan, claim, mut m) = loop {
+            let mut m = self.lock();
+            let plan = self.plan_write(&mut m, off, end)?;
+            let wanted = plan.new.iter().map(|n| n.g);
+            if let Some(g) = self.first_claimed(wanted) {
+                drop(m);
+                self.wait_unclaimed(g);
+                continue;
+            }
+            let clusters: Vec<u64> = plan.new.iter().map(|n| n.g).collect();
+            self.claims
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(clusters.iter().copied());
+            let claim = Claim { q: self, clusters };
+            break (plan, claim, m);
+        };
+        let plan = self.allocate(&mut m, plan)?;
+        // Unlocked, under the gate (no cluster named by the plan is freed meanwhile).
+        let gate = self.gate(&m);
+        drop(m);
+        for (host, r) in &plan.in_place {
+            self.storage.write_at(&buf[r.clone()], *host)?;
+        }
+        self.write_new(&plan.new, buf, off, &pre, below)?;
+        drop(gate);
         let mut m = self.lock();
-        self.maybe_shrink(&mut m)?;
-        // (host offset, range of buf) written in place once the lock is let go.
-        let mut in_place: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
+        for n in &plan.new {
+            let g = GuestOffset(n.g);
+            let now = self.entry(&mut m, g)?;
+            self.set_entry(&mut m, g, L2Entry::data(HostOffset(n.host)))?;
+            if !n.reuse {
+                // What is replaced (as planned, or linked by a fill meanwhile) is freed once
+                // the new entry is on disk.
+                let freed = self.referenced_clusters(now);
+                m.pending_free.extend(freed);
+            }
+        }
+        drop(claim);
+        self.maybe_flush(&mut m)
+    }
+
+    /// Sort the clusters of `[off, end)` into in-place writes and clusters needing a new home
+    /// (not yet allocated: `host` 0).
+    fn plan_write(&self, m: &mut Meta, off: u64, end: u64) -> Result<Plan> {
+        let cs = self.geo.cluster_size();
+        let mut plan = Plan::default();
         let mut pos = off;
         while pos < end {
-            let g = GuestOffset(pos);
-            self.ensure_l2(&mut m, g)?;
-            let e = self.entry(&mut m, g)?;
-            let inc = self.geo.in_cluster(pos);
+            let g = self.geo.align_down(pos);
+            let inc = pos - g;
             let n = (cs - inc).min(end - pos);
-            let src = &buf[(pos - off) as usize..(pos - off + n) as usize];
-            match self.decode(&m, e)? {
+            self.ensure_l2(m, GuestOffset(g))?;
+            let e = self.entry(m, GuestOffset(g))?;
+            let r = (pos - off) as usize..(pos - off + n) as usize;
+            match self.decode(m, e)? {
                 L2Mapping::Data { host, copied: true } => {
-                    // In place: gather the following in-place clusters that are contiguous.
-                    let mut run = n;
-                    let mut next = pos + n;
-                    while next < end {
-                        let e2 = self.entry(&mut m, GuestOffset(next))?;
-                        match self.decode(&m, e2)? {
-                            L2Mapping::Data {
-                                host: h2,
-                                copied: true,
-                            } if h2.0 == host.0 + inc + run => {
-                                let k = cs.min(end - next);
-                                run += k;
-                                next += k;
-                            }
-                            _ => break,
+                    let h = host.0 + inc;
+                    m.rc.check_write(&*self.storage, h, n, None)?;
+                    match plan.in_place.last_mut() {
+                        Some((lh, lr)) if *lh + lr.len() as u64 == h && lr.end == r.start => {
+                            lr.end = r.end
                         }
+                        _ => plan.in_place.push((h, r)),
                     }
-                    m.rc.check_write(&*self.storage, host.0 + inc, run, None)?;
-                    in_place.push((
-                        host.0 + inc,
-                        (pos - off) as usize..(pos - off + run) as usize,
-                    ));
-                    pos += run;
                 }
                 L2Mapping::Zero {
                     prealloc: Some(host),
                     copied: true,
                 } => {
-                    let mut c = vec![0u8; cs as usize];
-                    c[inc as usize..(inc + n) as usize].copy_from_slice(src);
                     m.rc.check_write(&*self.storage, host.0, cs, None)?;
-                    self.storage.write_at(&c, host.0)?;
-                    self.set_entry(&mut m, g, L2Entry::data(host))?;
-                    pos += n;
+                    plan.new.push(NewCluster {
+                        g,
+                        host: host.0,
+                        old: e,
+                        reuse: true,
+                    });
                 }
-                _ => {
-                    pos = self.write_new_run(&mut m, buf, off, pos, &below)?;
-                }
+                _ => plan.new.push(NewCluster {
+                    g,
+                    host: 0,
+                    old: e,
+                    reuse: false,
+                }),
             }
-            self.maybe_flush(&mut m)?;
+            pos += n;
         }
-        // (Should a step above fail, the clusters collected for in-place writes are left
-        // unwritten while later new ones are linked: the request fails, and its range then
-        // holds old and new bytes, as a failed write may.)
-        if in_place.is_empty() {
-            return Ok(());
+        Ok(plan)
+    }
+
+    /// Give the planned clusters that need one a new host cluster: consecutive guest
+    /// clusters get contiguous runs.
+    fn allocate(&self, m: &mut Meta, mut plan: Plan) -> Result<Plan> {
+        const MAX_RUN: u64 = 64 << 20;
+        let cs = self.geo.cluster_size();
+        // New refcount blocks sit at the start of the range they cover, so a contiguous run in
+        // fresh space holds at most one block's range minus one cluster.
+        let max = (MAX_RUN / cs).min(self.geo.refblock_entries() - 1).max(1) as usize;
+        let mut i = 0;
+        while i < plan.new.len() {
+            if plan.new[i].reuse {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < plan.new.len()
+                && j - i < max
+                && !plan.new[j].reuse
+                && plan.new[j].g == plan.new[j - 1].g + cs
+            {
+                j += 1;
+            }
+            let k = (j - i) as u64;
+            let host = m.rc.alloc(&*self.storage, &mut m.header, k)? << self.geo.cluster_bits;
+            m.rc.check_write(&*self.storage, host, k * cs, None)?;
+            for (x, n) in plan.new[i..j].iter_mut().enumerate() {
+                n.host = host + x as u64 * cs;
+            }
+            i = j;
         }
-        // The clusters stay ours while the gate is held (frees wait for it).
-        let _gate = self.gate(&mut m);
-        drop(m);
-        for (host, r) in in_place {
-            self.storage.write_at(&buf[r], host)?;
+        Ok(plan)
+    }
+
+    /// Write the new clusters' content: `buf`'s bytes, and for partial clusters their old
+    /// content (`pre`: what was read from below beforehand).
+    fn write_new(
+        &self,
+        new: &[NewCluster],
+        buf: &[u8],
+        off: u64,
+        pre: &[(u64, Vec<u8>)],
+        below: &dyn BackingRead,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let end = off + buf.len() as u64;
+        let mut i = 0;
+        while i < new.len() {
+            // A run of clusters contiguous in guest and host space, written at once.
+            let mut j = i + 1;
+            while j < new.len()
+                && new[j].g == new[j - 1].g + cs
+                && new[j].host == new[j - 1].host + cs
+            {
+                j += 1;
+            }
+            let mut data = vec![0u8; (j - i) * cs as usize];
+            for (x, n) in new[i..j].iter().enumerate() {
+                let c = &mut data[x * cs as usize..(x + 1) * cs as usize];
+                let (a, b) = (n.g.max(off), (n.g + cs).min(end));
+                if a > n.g || b < n.g + cs {
+                    self.old_content(n, pre, below, c)?;
+                }
+                c[(a - n.g) as usize..(b - n.g) as usize]
+                    .copy_from_slice(&buf[(a - off) as usize..(b - off) as usize]);
+            }
+            self.storage.write_at(&data, new[i].host)?;
+            i = j;
         }
         Ok(())
     }
 
-    /// The old content of the partial first and last clusters of a write of `[off, end)`
-    /// that are unallocated here, read from the backing file without the metadata lock:
-    /// (guest cluster offset, content). Used by [`Self::write_new_run`] when the cluster is
-    /// still unallocated once the lock is held (the backing content does not change).
-    fn cow_preread(&self, off: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>> {
-        if self.backing.is_none() {
-            return Ok(Vec::new());
+    /// The old guest content of a partial cluster being given a new home.
+    fn old_content(
+        &self,
+        n: &NewCluster,
+        pre: &[(u64, Vec<u8>)],
+        below: &dyn BackingRead,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let map = n
+            .old
+            .mapping(&self.geo, self.v3)
+            .map_err(|e| e.at(self.path()))?;
+        match map {
+            L2Mapping::Unallocated => match pre.iter().find(|(g, _)| *g == n.g) {
+                Some((_, c)) => {
+                    out.copy_from_slice(c);
+                    Ok(())
+                }
+                // Allocated when read beforehand, unallocated now (never, without discard).
+                None => below.read_below(out, n.g),
+            },
+            L2Mapping::Zero { .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            L2Mapping::Data { host, .. } => self.storage.read_at(out, host.0),
+            L2Mapping::Compressed { host, len } => self.read_compressed(host, len, out),
         }
+    }
+
+    /// The old content of the partial first and last clusters of a write of `[off, end)`
+    /// that are unallocated here, read from below without any lock: (guest cluster offset,
+    /// content).
+    fn cow_preread(
+        &self,
+        off: u64,
+        end: u64,
+        below: &dyn BackingRead,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
         let cs = self.geo.cluster_size();
         let head = self.geo.align_down(off);
         let tail = self.geo.align_down(end - 1);
@@ -233,89 +352,20 @@ impl Qcow2 {
             };
             if unallocated {
                 let mut c = vec![0u8; cs as usize];
-                self.read_backing(&mut c, g)?;
+                below.read_below(&mut c, g)?;
                 out.push((g, c));
             }
         }
         Ok(out)
     }
 
-    /// Allocate a run of clusters for guest clusters that need new ones, starting at `pos`;
-    /// returns the guest offset where the run ends.
-    fn write_new_run(
-        &self,
-        m: &mut Meta,
-        buf: &[u8],
-        off: u64,
-        pos: u64,
-        below: &[(u64, Vec<u8>)],
-    ) -> Result<u64> {
-        const MAX_RUN: u64 = 64 << 20;
-        let cs = self.geo.cluster_size();
-        let end = off + buf.len() as u64;
-        let first = self.geo.align_down(pos);
-        // Guest clusters in the run and their old entries.
-        let mut olds = vec![self.entry(m, GuestOffset(first))?];
-        let mut gend = (first + cs).min(self.size);
-        // New refcount blocks sit at the start of the range they cover, so a contiguous run in
-        // fresh space holds at most one block's range minus one cluster.
-        let max_clusters = (MAX_RUN / cs).min(self.geo.refblock_entries() - 1).max(1);
-        while gend < end && (olds.len() as u64) < max_clusters {
-            // Only extend into clusters that lie within the same allocation need.
-            self.ensure_l2(m, GuestOffset(gend))?;
-            let e = self.entry(m, GuestOffset(gend))?;
-            let needs_new = !matches!(
-                self.decode(m, e)?,
-                L2Mapping::Data { copied: true, .. }
-                    | L2Mapping::Zero {
-                        prealloc: Some(_),
-                        copied: true
-                    }
-            );
-            if !needs_new {
-                break;
-            }
-            olds.push(e);
-            gend = (gend + cs).min(self.size);
-        }
-        let nclusters = olds.len() as u64;
-        let mut data = vec![0u8; (nclusters * cs) as usize];
-        let run_end = end.min(first + nclusters * cs);
-        // Fill a partial head and tail from the old content (copy-on-write).
-        if pos > first || run_end < first + cs {
-            self.old_content(m, first, olds[0], below, &mut data[..cs as usize])?;
-        }
-        let last_g = first + (nclusters - 1) * cs;
-        if nclusters > 1 && run_end < last_g + cs {
-            let at = ((nclusters - 1) * cs) as usize;
-            let out = &mut data[at..at + cs as usize];
-            self.old_content(m, last_g, olds[olds.len() - 1], below, out)?;
-        }
-        let from = (pos - off) as usize;
-        let to = (run_end - off) as usize;
-        let d0 = (pos - first) as usize;
-        data[d0..d0 + (to - from)].copy_from_slice(&buf[from..to]);
-        // Clusters of a virtual size that is not cluster aligned are still whole clusters.
-        let hc = m.rc.alloc(&*self.storage, &mut m.header, nclusters)?;
-        let host = hc << self.geo.cluster_bits;
-        m.rc.check_write(&*self.storage, host, data.len() as u64, None)?;
-        self.storage.write_at(&data, host)?;
-        for (i, old) in olds.iter().enumerate() {
-            let g = GuestOffset(first + i as u64 * cs);
-            self.set_entry(m, g, L2Entry::data(HostOffset(host + i as u64 * cs)))?;
-            let freed = self.referenced_clusters(*old);
-            m.pending_free.extend(freed);
-        }
-        Ok(run_end)
-    }
-
     /// Make `[off, off+len)` read as zeros: whole clusters become zero clusters (their old
     /// clusters are freed after the new entries are on disk), partial ones are written.
-    pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
-        self.signal(self.write_zeroes_inner(off, len))
+    pub fn write_zeroes(&self, off: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
+        self.signal(self.write_zeroes_inner(off, len, below))
     }
 
-    fn write_zeroes_inner(&self, off: u64, len: u64) -> Result<()> {
+    fn write_zeroes_inner(&self, off: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
         self.require_writable()?;
         self.check_range(off, len)?;
         let cs = self.geo.cluster_size();
@@ -329,26 +379,39 @@ impl Qcow2 {
         let zeros = |n: u64| vec![0u8; n as usize];
         if !self.v3 {
             // Version 2 has no zero flag.
-            return write_zero_bytes(off, len, |b, p| self.write_at_inner(b, p));
+            return write_zero_bytes(off, len, |b, p| self.write_at_inner(b, p, below));
         }
         if off < a {
-            self.write_at_inner(&zeros(a - off), off)?;
+            self.write_at_inner(&zeros(a - off), off, below)?;
         }
         if b < end {
-            self.write_at_inner(&zeros(end - b), b)?;
+            self.write_at_inner(&zeros(end - b), b, below)?;
         }
-        let mut m = self.lock();
         let mut g = a;
         while g < b {
-            let e = self.entry(&mut m, GuestOffset(g))?;
-            if e != L2Entry::zero() {
-                self.set_entry(&mut m, GuestOffset(g), L2Entry::zero())?;
-                let freed = self.referenced_clusters(e);
-                m.pending_free.extend(freed);
+            // In bounded steps, each under the lock once no write is working on them.
+            let step = (b - g).min(64 << 20);
+            let mut m = loop {
+                let m = self.lock();
+                let clusters = (g..g + step).step_by(cs as usize);
+                match self.first_claimed(clusters) {
+                    Some(c) => {
+                        drop(m);
+                        self.wait_unclaimed(c);
+                    }
+                    None => break m,
+                }
+            };
+            for x in (g..g + step).step_by(cs as usize) {
+                let e = self.entry(&mut m, GuestOffset(x))?;
+                if e != L2Entry::zero() {
+                    self.set_entry(&mut m, GuestOffset(x), L2Entry::zero())?;
+                    let freed = self.referenced_clusters(e);
+                    m.pending_free.extend(freed);
+                }
             }
-            g += cs;
             self.maybe_flush(&mut m)?;
-            self.maybe_shrink(&mut m)?;
+            g += step;
         }
         Ok(())
     }

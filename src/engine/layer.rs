@@ -1,0 +1,193 @@
+//! The layer API: what one image file holds at a guest range, apart from the chain.
+//!
+//! A layer driver (qcow2, raw, the lazily reached base of a sealed cache, and later others)
+//! answers "what is at this range in this layer" with a [`Mapping`] per run, and does I/O only
+//! on its own storage. It knows nothing of the layers below it: the chain walker
+//! ([`super::image::Image`]) owns the layers, recurses into backing files, notes zeros and
+//! answers block status, all from the same mappings. Where a layer needs the content below it
+//! (copy-on-write of a partial cluster), the walker hands it a [`BackingRead`].
+
+use super::storage::Storage;
+use crate::Result;
+use std::path::Path;
+use std::sync::RwLockReadGuard;
+
+/// Image formats a layer can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+/// What one layer holds at a run of guest bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Plain data at this host offset of the layer's storage (for the run's first byte).
+    Data { host: u64 },
+    /// Reads as zeros, decided at this layer; `host`: the preallocated host offset (of the
+    /// run's first byte), if any.
+    Zero { host: Option<u64> },
+    /// A compressed cluster: its descriptor (host offset, stored bytes). The run lies within
+    /// that one guest cluster.
+    Compressed { host: u64, len: u64 },
+    /// Not here: the layer below answers.
+    Unallocated,
+}
+
+/// A run of guest bytes `[off, off+len)` with one mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub off: u64,
+    pub len: u64,
+    pub map: Mapping,
+}
+
+impl Run {
+    pub fn end(&self) -> u64 {
+        self.off + self.len
+    }
+}
+
+/// How a layer should map a range.
+#[derive(Debug, Clone, Copy)]
+pub struct MapMode {
+    /// Stop after this many runs (block status wants one).
+    pub max_runs: usize,
+    /// Runs as block status reports them: file-system holes of a raw layer as zeros, and
+    /// consecutive compressed clusters as one run (a read wants each descriptor, and no
+    /// lseek on the hot path).
+    pub status: bool,
+}
+
+impl MapMode {
+    /// For reading: every run, each compressed cluster its own.
+    pub const READ: MapMode = MapMode {
+        max_runs: usize::MAX,
+        status: false,
+    };
+    /// For reading while noting what reads as zeros (holes of raw files too).
+    pub const SPARSE: MapMode = MapMode {
+        max_runs: usize::MAX,
+        status: true,
+    };
+    /// For block status: the first run.
+    pub const STATUS: MapMode = MapMode {
+        max_runs: 1,
+        status: true,
+    };
+}
+
+/// The mapping of a range at one layer, and what keeps it valid: while a `Mapped` lives, no
+/// host cluster it names is given to another guest offset (a qcow2 layer's I/O gate).
+pub struct Mapped<'a> {
+    pub runs: Vec<Run>,
+    pub guard: Option<RwLockReadGuard<'a, ()>>,
+}
+
+impl Mapped<'_> {
+    /// Whether any run is unallocated here.
+    pub fn misses(&self) -> bool {
+        self.runs.iter().any(|r| r.map == Mapping::Unallocated)
+    }
+}
+
+/// The content below a layer, as the chain walker reads it (cloud-hypervisor's
+/// `BackingRead`): what a layer needs for copy-on-write, without knowing what is below.
+pub trait BackingRead: Sync {
+    /// Read guest bytes at `off` from below this layer; past the end of what is below (or
+    /// with nothing below) reads zeros.
+    fn read_below(&self, buf: &mut [u8], off: u64) -> Result<()>;
+}
+
+/// Nothing below: zeros.
+pub struct NoBacking;
+
+impl BackingRead for NoBacking {
+    fn read_below(&self, buf: &mut [u8], _off: u64) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// A run of guest bytes and where it lives in a chain ([`super::Image::chain_status`]); the
+/// fields mean what they mean in `qemu-img map --output=json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Extent {
+    pub start: u64,
+    pub length: u64,
+    /// 0 is this image, 1 its backing file, ...
+    pub depth: usize,
+    /// Allocated at `depth` (false: nothing in the chain holds it; reads as zeros).
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    pub data: bool,
+    pub compressed: bool,
+    /// Host offset in the file at `depth`, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+/// One image file of a chain, seen on its own.
+pub trait Layer: Send + Sync + std::fmt::Debug {
+    fn path(&self) -> &Path;
+    fn format(&self) -> Format;
+    fn virtual_size(&self) -> u64;
+    fn storage(&self) -> &dyn Storage;
+    /// For finding the driver's own type again ([`super::Image::as_qcow2`]).
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// The runs of `[off, off+len)` (within the virtual size) at this layer, in order; they
+    /// cover the range unless `mode.max_runs` stopped them early.
+    fn map(&self, off: u64, len: u64, mode: MapMode) -> Result<Mapped<'_>>;
+    /// Read the bytes of `run` (mapped here, not unallocated) into `dst` (`run.len` bytes).
+    fn read_run(&self, dst: &mut [u8], run: &Run) -> Result<()>;
+    /// Write guest bytes; `below` supplies old content for partial clusters.
+    fn write_at(&self, buf: &[u8], off: u64, below: &dyn BackingRead) -> Result<()>;
+    /// Make a range read as zeros.
+    fn write_zeroes(&self, off: u64, len: u64, below: &dyn BackingRead) -> Result<()>;
+    /// Write cached metadata in safe order; `durable` syncs to stable storage.
+    fn flush(&self, durable: bool) -> Result<()>;
+    /// Whether data runs must be checked against the file system's holes for block status
+    /// (a metadata-preallocated qcow2 image, as QEMU does).
+    fn data_may_be_holes(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// A layer that stands for a chain of its own (the lazily reached base of a sealed
+    /// cache): block status from that chain when it is open (depths counted from it).
+    fn status_within(&self, _off: u64, _len: u64) -> Option<Result<Extent>> {
+        None
+    }
+}
+
+/// Write `len` zero bytes at `off` through `write`, in bounded pieces.
+pub fn write_zero_bytes(
+    off: u64,
+    len: u64,
+    write: impl Fn(&[u8], u64) -> Result<()>,
+) -> Result<()> {
+    let zeros = vec![0u8; len.min(4 << 20) as usize];
+    let mut p = off;
+    while p < off + len {
+        let n = (off + len - p).min(zeros.len() as u64) as usize;
+        write(&zeros[..n], p)?;
+        p += n as u64;
+    }
+    Ok(())
+}
