@@ -422,8 +422,13 @@ fn subsets(n: usize, seed: u64) -> Vec<Subset> {
     v
 }
 
+/// The two tests run one after the other: a qemu-img forked by one while the other closes a
+/// locked image inherits the image's lock for an instant, and the next open is refused.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn crash_at_every_operation() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let t0 = std::time::Instant::now();
     let init = fresh_image();
     let (total, _) = full_run(&init);
@@ -484,6 +489,7 @@ fn message(p: Box<dyn std::any::Any + Send>) -> String {
 /// later ones); the failures are listed at the end.
 #[test]
 fn eio_at_every_operation() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let t0 = std::time::Instant::now();
     let init = fresh_image();
     let (total, _) = full_run(&init);

@@ -156,9 +156,8 @@ fn verify_base_with(cache: &Image, check: Check) -> Result<Vec<identity::Mismatc
         let name = remote.name();
         if check != Check::Forced {
             let file = identity::verify_file(&recorded, name);
-            let local =
-                crate::nbd::client::NbdUri::parse(&name.to_string_lossy()).is_none()
-                    && name.is_file();
+            let local = crate::nbd::client::NbdUri::parse(&name.to_string_lossy()).is_none()
+                && name.is_file();
             if check == Check::Shape {
                 // Format and size only: of a local raw file, its size is the virtual size.
                 return Ok(file

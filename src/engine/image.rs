@@ -245,7 +245,12 @@ impl Image {
         drop(guard);
         for run in runs.iter().filter(|r| r.map == Mapping::Unallocated) {
             let at = (run.off - pos) as usize;
-            read_from(self.backing(), &mut dst[at..at + run.len as usize], run.off, None)?;
+            read_from(
+                self.backing(),
+                &mut dst[at..at + run.len as usize],
+                run.off,
+                None,
+            )?;
         }
         Ok(())
     }

@@ -70,10 +70,12 @@ impl Run {
 pub struct MapMode {
     /// Stop after this many runs (block status wants one).
     pub max_runs: usize,
-    /// Runs as block status reports them: file-system holes of a raw layer as zeros, and
-    /// consecutive compressed clusters as one run (a read wants each descriptor, and no
-    /// lseek on the hot path).
+    /// Runs as block status reports them: consecutive compressed clusters as one run (a read
+    /// wants each descriptor), preallocated zeros split where their host offsets are not
+    /// contiguous.
     pub status: bool,
+    /// File-system holes of a raw layer as zeros (no lseek on the plain read path).
+    pub holes: bool,
 }
 
 impl MapMode {
@@ -81,16 +83,19 @@ impl MapMode {
     pub const READ: MapMode = MapMode {
         max_runs: usize::MAX,
         status: false,
+        holes: false,
     };
     /// For reading while noting what reads as zeros (holes of raw files too).
     pub const SPARSE: MapMode = MapMode {
         max_runs: usize::MAX,
-        status: true,
+        status: false,
+        holes: true,
     };
     /// For block status: the first run.
     pub const STATUS: MapMode = MapMode {
         max_runs: 1,
         status: true,
+        holes: true,
     };
 }
 

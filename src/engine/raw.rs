@@ -53,7 +53,7 @@ impl Layer for Raw {
     fn map(&self, off: u64, len: u64, mode: MapMode) -> Result<Mapped<'_>> {
         self.check(off, len)?;
         let mut runs = Vec::new();
-        if !mode.status {
+        if !mode.holes {
             runs.push(Run {
                 off,
                 len,
@@ -62,14 +62,18 @@ impl Layer for Raw {
         }
         let end = off + len;
         let mut pos = off;
-        while mode.status && pos < end && runs.len() < mode.max_runs {
+        while mode.holes && pos < end && runs.len() < mode.max_runs {
             let (st, n) = self.storage.status(pos, end - pos)?;
             let n = n.clamp(1, end - pos);
             let map = match st {
                 FileStatus::Data => Mapping::Data { host: pos },
                 FileStatus::Hole | FileStatus::Eof => Mapping::Zero { host: Some(pos) },
             };
-            runs.push(Run { off: pos, len: n, map });
+            runs.push(Run {
+                off: pos,
+                len: n,
+                map,
+            });
             pos += n;
         }
         Ok(Mapped { runs, guard: None })

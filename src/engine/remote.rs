@@ -238,7 +238,10 @@ impl Layer for RemoteBase {
         if off.checked_add(len).is_none_or(|e| e > self.t.size) {
             return Err(Error::request(
                 &self.t.name,
-                format!("request {off:#x}+{len:#x} beyond the size {:#x}", self.t.size),
+                format!(
+                    "request {off:#x}+{len:#x} beyond the size {:#x}",
+                    self.t.size
+                ),
             ));
         }
         Ok(Mapped {
@@ -268,10 +271,13 @@ impl Layer for RemoteBase {
         if off >= real.virtual_size() {
             return None;
         }
-        Some(real.chain_status(off, len.min(real.virtual_size() - off)).map(|mut e| {
-            e.depth += 1;
-            e
-        }))
+        Some(
+            real.chain_status(off, len.min(real.virtual_size() - off))
+                .map(|mut e| {
+                    e.depth += 1;
+                    e
+                }),
+        )
     }
 }
 

@@ -79,9 +79,9 @@
 //! `run` returns an error.
 
 pub mod client;
-mod opener;
 mod handshake;
 mod listener;
+mod opener;
 pub mod proto;
 mod transmission;
 

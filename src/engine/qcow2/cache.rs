@@ -62,14 +62,15 @@ impl Qcow2 {
         if m.l2.len() - m.l2_dirty < cap / 4 {
             self.flush_locked(m, false)?;
         }
-        let mut clean: Vec<(u64, u64)> = m
-            .l2
-            .iter()
-            .filter(|(_, t)| !t.dirty)
-            .map(|(o, t)| (t.used.load(Ordering::Relaxed), *o))
-            .collect();
+        let mut clean: Vec<(u64, u64)> =
+            m.l2.iter()
+                .filter(|(_, t)| !t.dirty)
+                .map(|(o, t)| (t.used.load(Ordering::Relaxed), *o))
+                .collect();
         clean.sort_unstable();
-        let drop_n = (m.l2.len() + 1).saturating_sub(cap * 3 / 4).min(clean.len());
+        let drop_n = (m.l2.len() + 1)
+            .saturating_sub(cap * 3 / 4)
+            .min(clean.len());
         for (_, o) in &clean[..drop_n] {
             m.l2.remove(o);
         }

@@ -126,7 +126,10 @@ impl Qcow2 {
                 // No L2 table: the whole span it would map is unallocated.
                 Look::NoTable => {
                     let span = self.geo.l2_span();
-                    (Mapping::Unallocated, ((pos / span + 1) * span).min(end) - pos)
+                    (
+                        Mapping::Unallocated,
+                        ((pos / span + 1) * span).min(end) - pos,
+                    )
                 }
                 Look::Entry(e) => {
                     let n = (self.geo.cluster_size() - inc).min(end - pos);
@@ -136,10 +139,9 @@ impl Qcow2 {
                             host: prealloc.map(|h| h.0 + inc),
                         },
                         L2Mapping::Data { host, .. } => Mapping::Data { host: host.0 + inc },
-                        L2Mapping::Compressed { host, len } => Mapping::Compressed {
-                            host: host.0,
-                            len,
-                        },
+                        L2Mapping::Compressed { host, len } => {
+                            Mapping::Compressed { host: host.0, len }
+                        }
                     };
                     (map, n)
                 }
@@ -154,7 +156,11 @@ impl Qcow2 {
                     break;
                 }
             }
-            out.push(Run { off: pos, len: n, map });
+            out.push(Run {
+                off: pos,
+                len: n,
+                map,
+            });
             pos += n;
         }
         Ok(Ok(out))

@@ -130,7 +130,11 @@ pub(crate) struct Qcow2Open {
 
 impl Qcow2 {
     /// Open the image over `storage` (its header already read).
-    pub(crate) fn open(storage: Box<dyn Storage>, header: Header, opts: Qcow2Open) -> Result<Qcow2> {
+    pub(crate) fn open(
+        storage: Box<dyn Storage>,
+        header: Header,
+        opts: Qcow2Open,
+    ) -> Result<Qcow2> {
         let path = storage.path().to_path_buf();
         let geo = header.geometry;
         if opts.write {
