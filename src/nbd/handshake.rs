@@ -5,9 +5,9 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use super::listener::{lock, ExportSlot, Exports, Shared};
+use super::export::Export;
 use super::proto::*;
-use super::Export;
+use super::state::{lock, ExportSlot, Exports, Shared};
 
 /// What the handshake settled.
 pub(super) struct Negotiated {
@@ -367,7 +367,7 @@ mod tests {
 
     #[test]
     fn default_export() {
-        let e: Arc<dyn Export> = Arc::new(super::super::MemExport::new(512));
+        let e: Arc<dyn Export> = Arc::new(super::super::export::MemExport::new(512));
         let list = vec![("a".to_string(), e.clone()), ("".to_string(), e.clone())];
         assert_eq!(lookup(&list, ""), Some(1));
         assert_eq!(lookup(&list, "a"), Some(0));

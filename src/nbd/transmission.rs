@@ -8,10 +8,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::export::Export;
 use super::handshake::{handshake, violation};
-use super::listener::{lock, ExportSlot, Exports, Shared};
 use super::proto::*;
-use super::Export;
+use super::state::{lock, ExportSlot, Exports, Shared};
 use crate::Error;
 
 /// Worker threads serving the requests of one connection.
@@ -113,7 +113,7 @@ struct Job<'a> {
 }
 
 /// The bytes of replies (and write payloads) a connection may hold at once
-/// ([`super::Limits::max_queued_reply_bytes`]).
+/// ([`super::state::Limits::max_queued_reply_bytes`]).
 struct Budget {
     used: Mutex<usize>,
     freed: Condvar,
