@@ -4,6 +4,8 @@
 //! does (`get_refcount_ro0` .. `ro2` in block/qcow2-refcount.c); 8..64-bit entries are
 //! big-endian.
 
+use super::{be_u16, be_u32, be_u64};
+
 /// Read entry `i` of a refcount block with the given refcount_order.
 pub fn get(block: &[u8], order: u32, i: usize) -> u64 {
     match order {
@@ -15,11 +17,9 @@ pub fn get(block: &[u8], order: u32, i: usize) -> u64 {
             u64::from((byte >> shift) & ((1u16 << bits) - 1) as u8)
         }
         3 => u64::from(block[i]),
-        4 => u64::from(u16::from_be_bytes([block[2 * i], block[2 * i + 1]])),
-        5 => u64::from(u32::from_be_bytes(
-            block[4 * i..4 * i + 4].try_into().unwrap(),
-        )),
-        _ => u64::from_be_bytes(block[8 * i..8 * i + 8].try_into().unwrap()),
+        4 => u64::from(be_u16(block, 2 * i)),
+        5 => u64::from(be_u32(block, 4 * i)),
+        _ => be_u64(block, 8 * i),
     }
 }
 

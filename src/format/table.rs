@@ -4,7 +4,7 @@
 //! COPIED flag, the zero flag, and the compressed-cluster descriptor.
 
 use super::types::{Geometry, HostOffset};
-use super::FormatError;
+use super::{be_u64, FormatError};
 
 /// Bit 63 of L1 and standard L2 entries: refcount is exactly one (writable in place).
 pub const COPIED: u64 = 1 << 63;
@@ -145,9 +145,7 @@ pub fn compressed_entry(off: u64, len: u64, cluster_bits: u32) -> u64 {
 
 /// Decode a big-endian table into entries.
 pub fn decode_table(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-        .collect()
+    b.chunks_exact(8).map(|c| be_u64(c, 0)).collect()
 }
 
 /// Encode entries as a big-endian table.

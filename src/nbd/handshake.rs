@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use super::export::Export;
 use super::proto::*;
 use super::state::{lock, ExportSlot, Exports, Shared};
+use crate::format::{be_u32, be_u64};
 
 /// What the handshake settled.
 pub(super) struct Negotiated {
@@ -21,13 +22,13 @@ pub(super) struct Negotiated {
 pub(super) fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
+    Ok(be_u32(&b, 0))
 }
 
 fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
+    Ok(be_u64(&b, 0))
 }
 
 pub(super) fn violation(what: &str) -> io::Error {

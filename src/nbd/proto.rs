@@ -3,6 +3,8 @@
 //!
 //! Names follow the protocol document with the `NBD_` prefix dropped.
 
+use crate::format::{be_u16, be_u32, be_u64};
+
 // ---------------------------------------------------------------------------
 // Magic numbers
 // ---------------------------------------------------------------------------
@@ -200,19 +202,19 @@ pub struct Request {
 impl Request {
     /// Decodes a request header; `None` if the magic is wrong.
     pub fn decode(b: &[u8; REQUEST_LEN]) -> Option<Request> {
-        if be32(&b[0..4]) != REQUEST_MAGIC {
+        if be_u32(b, 0) != REQUEST_MAGIC {
             return None;
         }
         Some(Request {
-            flags: be16(&b[4..6]),
-            typ: be16(&b[6..8]),
-            cookie: be64(&b[8..16]),
-            offset: be64(&b[16..24]),
-            length: be32(&b[24..28]),
+            flags: be_u16(b, 4),
+            typ: be_u16(b, 6),
+            cookie: be_u64(b, 8),
+            offset: be_u64(b, 16),
+            length: be_u32(b, 24),
         })
     }
 
-    /// Encodes a request header (used by tests acting as clients).
+    /// Encodes a request header (for the client, and tests acting as clients).
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
         let mut b = [0u8; REQUEST_LEN];
         b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -223,20 +225,6 @@ impl Request {
         b[24..28].copy_from_slice(&self.length.to_be_bytes());
         b
     }
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }
 
 /// A simple reply header (the data of a successful simple read follows it).
@@ -336,11 +324,11 @@ impl<'a> OptionData<'a> {
     }
 
     pub fn u16(&mut self) -> Option<u16> {
-        self.bytes(2).map(be16)
+        self.bytes(2).map(|b| be_u16(b, 0))
     }
 
     pub fn u32(&mut self) -> Option<u32> {
-        self.bytes(4).map(be32)
+        self.bytes(4).map(|b| be_u32(b, 0))
     }
 
     /// A string preceded by its 32-bit length; `None` if too long or not UTF-8.
