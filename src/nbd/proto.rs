@@ -4,6 +4,7 @@
 //! Names follow the protocol document with the `NBD_` prefix dropped.
 
 use crate::format::{be_u16, be_u32, be_u64};
+use nix::errno::Errno;
 
 // ---------------------------------------------------------------------------
 // Magic numbers
@@ -165,22 +166,25 @@ pub const STATE_ZERO: u32 = 1 << 1;
 /// Largest read or write payload accepted (and advertised as maximum block size).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
+// Error numbers of replies. The protocol's values are Linux's errno values (this server runs
+// on Linux only), so they are nix's names; `nbd_error_numbers_are_the_protocols` pins them.
+
 /// Error number: operation not permitted (write to a read-only export).
-pub const EPERM: u32 = 1;
+pub const EPERM: u32 = Errno::EPERM as u32;
 /// Error number: I/O error.
-pub const EIO: u32 = 5;
+pub const EIO: u32 = Errno::EIO as u32;
 /// Error number: out of memory.
-pub const ENOMEM: u32 = 12;
+pub const ENOMEM: u32 = Errno::ENOMEM as u32;
 /// Error number: invalid argument (out of range, bad flags, unknown command).
-pub const EINVAL: u32 = 22;
+pub const EINVAL: u32 = Errno::EINVAL as u32;
 /// Error number: no space (write past the end, or the store is full).
-pub const ENOSPC: u32 = 28;
+pub const ENOSPC: u32 = Errno::ENOSPC as u32;
 /// Error number: value too large (`DF` read too large).
-pub const EOVERFLOW: u32 = 75;
+pub const EOVERFLOW: u32 = Errno::EOVERFLOW as u32;
 /// Error number: operation not supported.
-pub const ENOTSUP: u32 = 95;
+pub const ENOTSUP: u32 = Errno::ENOTSUP as u32;
 /// Error number: the server is shutting down.
-pub const ESHUTDOWN: u32 = 108;
+pub const ESHUTDOWN: u32 = Errno::ESHUTDOWN as u32;
 
 /// Size of a request header.
 pub const REQUEST_LEN: usize = 28;
@@ -363,6 +367,14 @@ mod tests {
         let mut bad = r.encode();
         bad[0] ^= 1;
         assert_eq!(Request::decode(&bad), None);
+    }
+
+    #[test]
+    fn nbd_error_numbers_are_the_protocols() {
+        let values = [
+            EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN,
+        ];
+        assert_eq!(values, [1, 5, 12, 22, 28, 75, 95, 108]);
     }
 
     #[test]

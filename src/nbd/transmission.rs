@@ -13,6 +13,7 @@ use super::handshake::{handshake, violation};
 use super::proto::*;
 use super::state::{lock, ExportSlot, Exports, Shared};
 use crate::Error;
+use nix::errno::Errno;
 
 /// Worker threads serving the requests of one connection.
 pub const WORKERS_PER_CONNECTION: usize = 4;
@@ -523,19 +524,24 @@ fn errno(e: &Error) -> u32 {
 
 fn io_errno(e: &io::Error) -> u32 {
     use io::ErrorKind as K;
-    match e.raw_os_error() {
-        // EPERM, EACCES, EROFS
-        Some(1 | 13 | 30) => return EPERM,
-        // ENOSPC, EDQUOT, EFBIG
-        Some(28 | 122 | 27) => return ENOSPC,
-        Some(22) => return EINVAL,
-        Some(_) => return EIO,
-        None => {}
+    if let Some(raw) = e.raw_os_error() {
+        return os_errno(Errno::from_raw(raw));
     }
     match e.kind() {
         K::PermissionDenied | K::ReadOnlyFilesystem => EPERM,
         K::StorageFull | K::QuotaExceeded | K::FileTooLarge => ENOSPC,
         K::InvalidInput => EINVAL,
+        _ => EIO,
+    }
+}
+
+/// The NBD error number for an operating-system error: permission and read-only errors are
+/// `EPERM`, out-of-space ones `ENOSPC`, `EINVAL` stays, everything else is `EIO`.
+fn os_errno(e: Errno) -> u32 {
+    match e {
+        Errno::EPERM | Errno::EACCES | Errno::EROFS => EPERM,
+        Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG => ENOSPC,
+        Errno::EINVAL => EINVAL,
         _ => EIO,
     }
 }
@@ -550,8 +556,12 @@ mod tests {
         assert_eq!(errno(&io(io::ErrorKind::PermissionDenied)), EPERM);
         assert_eq!(errno(&io(io::ErrorKind::StorageFull)), ENOSPC);
         assert_eq!(errno(&io(io::ErrorKind::UnexpectedEof)), EIO);
-        let os = Error::io("x", "write", io::Error::from_raw_os_error(28));
-        assert_eq!(errno(&os), ENOSPC);
+        let os = |e: Errno| Error::io("x", "write", io::Error::from(e));
+        assert_eq!(errno(&os(Errno::ENOSPC)), ENOSPC);
+        assert_eq!(errno(&os(Errno::EDQUOT)), ENOSPC);
+        assert_eq!(errno(&os(Errno::EROFS)), EPERM);
+        assert_eq!(errno(&os(Errno::EINVAL)), EINVAL);
+        assert_eq!(errno(&os(Errno::ENOENT)), EIO);
         assert_eq!(errno(&Error::request("x", "out of range")), EINVAL);
         assert_eq!(errno(&Error::corrupt("x", "bad L2")), EIO);
     }
