@@ -30,9 +30,16 @@ pub enum Error {
     /// A backing chain problem (loop, missing file, too deep).
     #[error("{path}: backing chain: {what}")]
     Chain { path: PathBuf, what: String },
-    /// A request outside the image or otherwise malformed.
+    /// A request beyond the image's (or export's) size.
     #[error("{path}: {what}")]
-    Request { path: PathBuf, what: String },
+    OutOfRange { path: PathBuf, what: String },
+    /// A write to something open read-only, or to a base that is never written.
+    #[error("{path}: {what}")]
+    ReadOnly { path: PathBuf, what: String },
+    /// Any other refused or malformed request (bad arguments, a file that is not what the
+    /// operation needs, a refused configuration).
+    #[error("{path}: {what}")]
+    Refused { path: PathBuf, what: String },
     /// Compressed cluster that does not decompress.
     #[error("{path}: compressed cluster at host offset {offset:#x}: {what}")]
     Decompress {
@@ -86,8 +93,29 @@ impl Error {
             what: what.into(),
         }
     }
+    /// A refused request: the same as [`Error::refused`] (kept for the code written before the
+    /// request errors were split into [`Error::OutOfRange`], [`Error::ReadOnly`] and
+    /// [`Error::Refused`]).
     pub fn request(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
-        Error::Request {
+        Error::refused(path, what)
+    }
+    /// A request beyond the size of what `path` names.
+    pub fn out_of_range(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::OutOfRange {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+    /// A write to what `path` names, which is read-only.
+    pub fn read_only(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::ReadOnly {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+    /// Any other refused or malformed request.
+    pub fn refused(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::Refused {
             path: path.into(),
             what: what.into(),
         }

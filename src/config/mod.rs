@@ -214,7 +214,7 @@ fn lookup_id(file: &str, name: &str, what: &str) -> Result<u32> {
         })
         .next()
         .ok_or_else(|| {
-            Error::request(
+            Error::refused(
                 format!("socket {}", if what == "user" { "owner" } else { "group" }),
                 format!("no {what} '{name}' in {file}"),
             )
@@ -281,7 +281,7 @@ impl Config {
                 ),
                 _ => continue,
             };
-            return Err(Error::request(&self.path, what));
+            return Err(Error::refused(&self.path, what));
         }
         Ok(())
     }
@@ -302,7 +302,7 @@ impl Config {
     /// Resolve the `base` a domain XML names: an image name from `images`, or an absolute path
     /// (inside `dirs.bases`, or listed in `images`).
     pub fn resolve_image(&self, base: &str) -> Result<ResolvedImage> {
-        let refuse = |what: String| Error::request(&self.path, what);
+        let refuse = |what: String| Error::refused(&self.path, what);
         if !base.starts_with('/') {
             let key = ImageKey(ImageKeyKind::Name(base.to_string()));
             let e = self.images.get(&key).ok_or_else(|| {
@@ -365,7 +365,7 @@ impl Config {
                 .unwrap_or(false)
         });
         if !allowed {
-            return Err(Error::request(
+            return Err(Error::refused(
                 &p,
                 "refused: base image is outside the configured dirs.bases and not listed in `images`",
             ));
@@ -409,7 +409,7 @@ pub fn lexically_clean(p: &Path) -> bool {
 fn located(path: &Path, e: &serde_norway::Error) -> Error {
     let mut msg = e.to_string();
     let Some(loc) = e.location() else {
-        return Error::request(path, msg);
+        return Error::refused(path, msg);
     };
     let mark = format!(" at line {} column {}", loc.line(), loc.column());
     if let Some(i) = msg.find(&mark) {
@@ -421,7 +421,7 @@ fn located(path: &Path, e: &serde_norway::Error) -> Error {
         loc.line(),
         loc.column()
     ));
-    Error::request(at, msg)
+    Error::refused(at, msg)
 }
 
 #[cfg(test)]

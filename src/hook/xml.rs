@@ -46,7 +46,7 @@ fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::No
 }
 
 pub(super) fn xml_err(what: impl Into<String>) -> Error {
-    Error::request("domain XML", what)
+    Error::refused("domain XML", what)
 }
 
 /// Parse a domain XML (as `virsh dumpxml` prints it) and find the managed disks.

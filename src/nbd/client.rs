@@ -286,13 +286,13 @@ impl Storage for NbdStorage {
         Ok(())
     }
     fn write_at(&self, _buf: &[u8], _off: u64) -> Result<()> {
-        Err(Error::request(&self.name, "an NBD base is read-only"))
+        Err(Error::read_only(&self.name, "an NBD base is read-only"))
     }
     fn sync(&self) -> Result<()> {
         Ok(())
     }
     fn set_len(&self, _len: u64) -> Result<()> {
-        Err(Error::request(&self.name, "an NBD base is read-only"))
+        Err(Error::read_only(&self.name, "an NBD base is read-only"))
     }
     fn seek_data(&self, off: u64) -> Result<Option<u64>> {
         Ok((off < self.size).then_some(off))

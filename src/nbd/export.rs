@@ -175,7 +175,7 @@ impl MemExport {
         let end = offset.checked_add(len);
         match end {
             Some(end) if end <= len_total as u64 => Ok((offset as usize, end as usize)),
-            _ => Err(Error::request(
+            _ => Err(Error::out_of_range(
                 "<memory>",
                 format!("request {offset}+{len} beyond the end ({len_total} bytes)"),
             )),
@@ -212,11 +212,7 @@ impl MemExport {
 
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::io(
-                "<memory>",
-                "write",
-                std::io::Error::new(std::io::ErrorKind::PermissionDenied, "read-only export"),
-            ));
+            return Err(Error::read_only("<memory>", "write to a read-only export"));
         }
         Ok(())
     }
@@ -343,7 +339,7 @@ mod tests {
             self.0.write_zeroes(offset, len, may_trim)
         }
         fn block_status(&self, _offset: u64, _len: u64) -> Result<Vec<(u64, u32)>> {
-            Err(Error::request("<memory>", "no block status"))
+            Err(Error::refused("<memory>", "no block status"))
         }
     }
 

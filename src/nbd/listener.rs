@@ -75,14 +75,14 @@ impl Server {
             ..limits
         };
         if exports.is_empty() {
-            return Err(Error::request(socket, "NBD server: no export to serve"));
+            return Err(Error::refused(socket, "NBD server: no export to serve"));
         }
         for (i, (name, _)) in exports.iter().enumerate() {
             if name.len() > MAX_STRING || name.contains('\0') {
-                return Err(Error::request(socket, format!("bad export name {name:?}")));
+                return Err(Error::refused(socket, format!("bad export name {name:?}")));
             }
             if exports[..i].iter().any(|(n, _)| n == name) {
-                return Err(Error::request(
+                return Err(Error::refused(
                     socket,
                     format!("export name {name:?} given twice"),
                 ));

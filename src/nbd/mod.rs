@@ -42,7 +42,10 @@
 //! Errors are reported with the protocol's error numbers: `EPERM` for writes to a read-only
 //! export, `ENOSPC` for writes past the end (and out-of-space errors of the export), `EINVAL`
 //! for other requests out of range, unknown commands or flags, `EOVERFLOW` for a `DF` read
-//! larger than 32 MiB, `EIO` for everything else the export reports. A failed request leaves
+//! larger than 32 MiB. Errors of the export map by kind: [`crate::Error::OutOfRange`] and
+//! [`crate::Error::Refused`] to `EINVAL`, [`crate::Error::ReadOnly`] and
+//! [`crate::Error::Locked`] to `EPERM`, I/O errors by their cause (`EPERM`, `ENOSPC`,
+//! `EINVAL`), and everything else to `EIO`. A failed request leaves
 //! the connection open; a protocol violation (bad request magic, a truncated request) closes it.
 //!
 //! # Concurrency

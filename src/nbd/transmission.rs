@@ -512,12 +512,14 @@ impl Connection<'_> {
     }
 }
 
-/// The NBD error number for a vmicache error.
+/// The NBD error number for a vmicache error: a request out of range or refused is `EINVAL`
+/// (`EOVERFLOW` is only for structured replies too large), a write to something read-only
+/// or locked `EPERM`, an I/O error the NBD error of its cause, anything else `EIO`.
 fn errno(e: &Error) -> u32 {
     match e {
         Error::Io { source, .. } => io_errno(source),
-        Error::Request { .. } => EINVAL,
-        Error::Locked { .. } => EPERM,
+        Error::OutOfRange { .. } | Error::Refused { .. } => EINVAL,
+        Error::ReadOnly { .. } | Error::Locked { .. } => EPERM,
         _ => EIO,
     }
 }
@@ -562,7 +564,10 @@ mod tests {
         assert_eq!(errno(&os(Errno::EROFS)), EPERM);
         assert_eq!(errno(&os(Errno::EINVAL)), EINVAL);
         assert_eq!(errno(&os(Errno::ENOENT)), EIO);
-        assert_eq!(errno(&Error::request("x", "out of range")), EINVAL);
+        assert_eq!(errno(&Error::out_of_range("x", "beyond the end")), EINVAL);
+        assert_eq!(errno(&Error::read_only("x", "open read-only")), EPERM);
+        assert_eq!(errno(&Error::refused("x", "unaligned")), EINVAL);
+        assert_eq!(errno(&Error::request("x", "refused")), EINVAL);
         assert_eq!(errno(&Error::corrupt("x", "bad L2")), EIO);
     }
 }
