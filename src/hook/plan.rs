@@ -4,7 +4,7 @@ use super::confine::confine;
 use super::owner::{self, Owner};
 use super::xml::{xml_err, Domain, Source};
 use crate::config::{safe_name, Config, DiskMode, ResolvedImage};
-use crate::{Error, Result};
+use crate::{Error, Result, Subject};
 use std::path::PathBuf;
 
 /// One managed disk with every path the hook touches for it.
@@ -32,7 +32,7 @@ impl DiskPlan {
     pub(super) fn image(&self) -> Result<&ResolvedImage> {
         self.image
             .as_ref()
-            .map_err(|e| Error::refused(format!("disk {}", self.dev), e.clone()))
+            .map_err(|e| Error::refused(Subject::Other(format!("disk {}", self.dev)), e.clone()))
     }
     /// The instance's ownership, or the refusal naming it.
     pub(super) fn owner(&self) -> Result<Owner> {
@@ -53,7 +53,7 @@ impl DiskPlan {
 pub fn plan(cfg: &Config, guest: &str, dom: &Domain) -> Result<Vec<DiskPlan>> {
     if !safe_name(guest) {
         return Err(Error::refused(
-            format!("domain '{guest}'"),
+            Subject::Other(format!("domain '{guest}'")),
             "refused: a domain with vmicache disks needs a name of letters, digits and ._-+",
         ));
     }

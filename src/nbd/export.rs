@@ -6,7 +6,12 @@ use std::sync::RwLock;
 
 use super::proto;
 use crate::engine::image::push_run;
-use crate::{Error, Result};
+use crate::{Error, Result, Subject};
+
+/// What the errors of a [`MemExport`] are about.
+fn memory() -> Subject {
+    Subject::Other("<memory>".into())
+}
 
 /// `base:allocation` status bit: the extent is not allocated.
 pub const STATE_HOLE: u32 = proto::STATE_HOLE;
@@ -176,7 +181,7 @@ impl MemExport {
         match end {
             Some(end) if end <= len_total as u64 => Ok((offset as usize, end as usize)),
             _ => Err(Error::out_of_range(
-                "<memory>",
+                memory(),
                 format!("request {offset}+{len} beyond the end ({len_total} bytes)"),
             )),
         }
@@ -212,7 +217,7 @@ impl MemExport {
 
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::read_only("<memory>", "write to a read-only export"));
+            return Err(Error::read_only(memory(), "write to a read-only export"));
         }
         Ok(())
     }
@@ -339,7 +344,7 @@ mod tests {
             self.0.write_zeroes(offset, len, may_trim)
         }
         fn block_status(&self, _offset: u64, _len: u64) -> Result<Vec<(u64, u32)>> {
-            Err(Error::refused("<memory>", "no block status"))
+            Err(Error::refused(memory(), "no block status"))
         }
     }
 
