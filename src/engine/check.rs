@@ -7,14 +7,13 @@
 
 use super::storage::{FileStorage, Storage};
 use crate::format::header::{self, Header, MAX_L1_BYTES};
-use crate::format::table::{self, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
-use crate::format::{be_u16, be_u32, be_u64, refcount};
+use crate::format::refcount::{self, RefTableEntry};
+use crate::format::table::{
+    self, COMPRESSED, COPIED, L1_RESERVED, L2_STD_RESERVED, OFFSET_MASK, ZERO,
+};
+use crate::format::{be_u16, be_u32, be_u64};
 use crate::{Error, Result};
 use std::path::Path;
-
-const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
-const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
-const REFT_RESERVED: u64 = 0x1ff;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Repair {
@@ -133,15 +132,13 @@ impl Checker<'_> {
         let mut next = 0u64;
         for &e in t {
             if e & COMPRESSED != 0 {
+                let (off, len) = table::compressed_descriptor(e, cb);
                 if e & COPIED != 0 {
-                    let x = 62 - (cb - 8);
                     self.msg(format!(
-                        "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
-                        e & ((1u64 << x) - 1)
+                        "ERROR: coffset={off:#x}: copied flag must never be set for compressed clusters"
                     ));
                     self.r.corruptions += 1;
                 }
-                let (off, len) = table::compressed_descriptor(e & !COPIED, cb);
                 self.inc(off, len);
                 if active {
                     self.r.allocated_clusters += 1;
@@ -221,54 +218,55 @@ impl Checker<'_> {
         Ok(())
     }
 
-    /// Validate the refcount table's entries and count the blocks' own clusters. Returns how
-    /// each entry can be read, as QEMU reads it (reserved bits masked).
+    /// Validate the refcount table's entries ([`RefTableEntry::decode`], the allocator's rule)
+    /// and count the blocks' own clusters. Returns how each entry can be read, as QEMU reads
+    /// it (reserved bits masked, past the end of the file as zeroes).
     fn check_refblocks(&mut self, reftable: &[u64]) -> Vec<Block> {
+        let geo = self.h.geometry;
         let mut out = vec![Block::Absent; reftable.len()];
         for (i, &e) in reftable.iter().enumerate() {
-            let off = e & !REFT_RESERVED;
-            if e & REFT_RESERVED != 0 {
-                self.msg(format!(
-                    "ERROR refcount table entry {i} has reserved bits set"
-                ));
-                self.r.corruptions += 1;
-                self.rebuild = true;
-                if off != 0 {
-                    out[i] = if off % self.cs == 0 {
-                        Block::At(off)
-                    } else {
-                        Block::Unreadable
-                    };
+            match RefTableEntry::decode(e, &geo, self.nb_clusters) {
+                RefTableEntry::Unused => {}
+                RefTableEntry::Reserved { offset } => {
+                    self.msg(format!(
+                        "ERROR refcount table entry {i} has reserved bits set"
+                    ));
+                    self.r.corruptions += 1;
+                    self.rebuild = true;
+                    if offset != 0 {
+                        out[i] = if geo.is_aligned(offset) {
+                            Block::At(offset)
+                        } else {
+                            Block::Unreadable
+                        };
+                    }
                 }
-                continue;
-            }
-            if off == 0 {
-                continue;
-            }
-            if off % self.cs != 0 {
-                self.msg(format!(
-                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
-                ));
-                self.r.corruptions += 1;
-                self.rebuild = true;
-                out[i] = Block::Unreadable;
-                continue;
-            }
-            out[i] = Block::At(off);
-            let c = off / self.cs;
-            if c >= self.nb_clusters {
-                self.msg(format!("ERROR refcount block {i} is outside image"));
-                self.r.corruptions += 1;
-                continue;
-            }
-            self.inc(off, self.cs);
-            if self.computed[c as usize] != 1 {
-                self.msg(format!(
-                    "ERROR refcount block {i} refcount={}",
-                    self.computed[c as usize]
-                ));
-                self.r.corruptions += 1;
-                self.rebuild = true;
+                RefTableEntry::Unaligned { .. } => {
+                    self.msg(format!(
+                        "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                    ));
+                    self.r.corruptions += 1;
+                    self.rebuild = true;
+                    out[i] = Block::Unreadable;
+                }
+                RefTableEntry::PastEnd { offset } => {
+                    self.msg(format!("ERROR refcount block {i} is outside image"));
+                    self.r.corruptions += 1;
+                    out[i] = Block::At(offset);
+                }
+                RefTableEntry::Block(off) => {
+                    out[i] = Block::At(off);
+                    let c = off / self.cs;
+                    self.inc(off, self.cs);
+                    if self.computed[c as usize] != 1 {
+                        self.msg(format!(
+                            "ERROR refcount block {i} refcount={}",
+                            self.computed[c as usize]
+                        ));
+                        self.r.corruptions += 1;
+                        self.rebuild = true;
+                    }
+                }
             }
         }
         out

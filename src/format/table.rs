@@ -14,8 +14,10 @@ pub const COMPRESSED: u64 = 1 << 62;
 pub const ZERO: u64 = 1;
 /// Bits 9..=55: a cluster-aligned host offset.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
-const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+/// Bits of an L1 entry that must be zero (1..=8 and 56..=62).
+pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Bits of a standard (not compressed) L2 entry that must be zero (1..=8 and 56..=61).
+pub const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
 /// A raw L1 entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
