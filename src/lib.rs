@@ -16,7 +16,7 @@ pub mod format;
 pub mod hook;
 pub mod nbd;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, Subject};
 
 /// Seconds since the Unix epoch (0 should the clock be set before it).
 pub(crate) fn now() -> u64 {

@@ -16,7 +16,11 @@ use vmicache::nbd::client::{NbdStorage, Timeouts};
 use vmicache::nbd::proto::{self, Request};
 use vmicache::nbd::{
     Export, Limits, MemExport, Server, Stopper, MEM_BLOCK, STATE_HOLE, STATE_ZERO,
+    WORKERS_PER_CONNECTION,
 };
+
+mod nbd_exports;
+use nbd_exports::{flaky, Gathering, Hooked, BAD, GATHER_TIMEOUT};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -415,36 +419,42 @@ fn qemu_img_bench_queue_depth_16() {
 fn requests_of_one_connection_run_in_parallel() {
     // Data everywhere, so that every read reaches the export (holes are answered from
     // block status alone).
-    let slow: Arc<dyn Export> = Arc::new(Hooked(
+    let export = Arc::new(Gathering::new(
         MemExport::from_vec(vec![1; MIB as usize]),
-        |_, _| {
-            std::thread::sleep(Duration::from_millis(50));
-            Ok(())
-        },
+        WORKERS_PER_CONNECTION,
     ));
-    let s = Served::start(vec![("slow", slow)]);
-    // 32 reads of 50 ms at queue depth 16 over one connection: 1.6 s if served one by one,
-    // about 0.4 s with 4 workers.
-    let t0 = Instant::now();
-    run(
-        "qemu-img",
-        &[
-            "bench",
-            "-f",
-            "raw",
-            "-d",
-            "16",
-            "-c",
-            "32",
-            "-s",
-            "4096",
-            &s.uri("slow"),
-        ],
-    );
-    let took = t0.elapsed();
-    assert!(
-        took < Duration::from_millis(1200) && took >= Duration::from_millis(390),
-        "32 slow reads took {took:?}"
+    let s = Served::start(vec![("slow", export.clone() as Arc<dyn Export>)]);
+    let mut c = Client::connect(&s.sock, 3);
+    // A server that serves one read at a time holds the first until the export gives up.
+    c.s.set_read_timeout(Some(2 * GATHER_TIMEOUT)).unwrap();
+    assert_eq!(go(&mut c, "slow"), proto::REP_ACK);
+    // 16 reads sent at once over one connection: its workers serve them together, counted
+    // by the export (not timed).
+    let mut batch = Vec::new();
+    for i in 0..16u64 {
+        let r = Request {
+            flags: 0,
+            typ: proto::CMD_READ,
+            cookie: i,
+            offset: i * 4096,
+            length: 4096,
+        };
+        batch.extend_from_slice(&r.encode());
+    }
+    c.s.write_all(&batch).unwrap();
+    let mut cookies = Vec::new();
+    for _ in 0..16 {
+        let (error, cookie) = c.simple();
+        assert_eq!(error, 0, "read {cookie}");
+        assert!(c.bytes(4096).iter().all(|&b| b == 1), "read {cookie}");
+        cookies.push(cookie);
+    }
+    cookies.sort_unstable();
+    assert_eq!(cookies, (0..16).collect::<Vec<u64>>());
+    assert_eq!(
+        export.most_in_flight(),
+        WORKERS_PER_CONNECTION,
+        "reads of one connection in flight at once"
     );
 }
 
@@ -531,50 +541,6 @@ fn nbdcopy_one_and_several_connections() {
 // ---------------------------------------------------------------------------
 // A hand-written client for error paths
 // ---------------------------------------------------------------------------
-
-/// A read-only [`MemExport`] whose reads call a hook first (which may delay or fail them).
-struct Hooked(MemExport, fn(u64, usize) -> vmicache::Result<()>);
-
-/// Reads of `flaky` exports fail in `[BAD, BAD + 4 KiB)`, a data block of `pattern`.
-const BAD: u64 = MIB + 2 * MEM_BLOCK;
-
-fn flaky(data: Vec<u8>) -> Hooked {
-    Hooked(MemExport::from_vec(data), |offset, len| {
-        if offset < BAD + 4096 && BAD < offset + len as u64 {
-            let e = std::io::Error::from_raw_os_error(5);
-            return Err(vmicache::Error::io("flaky", "read", e));
-        }
-        Ok(())
-    })
-}
-
-impl Export for Hooked {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_only(&self) -> bool {
-        true
-    }
-    fn read(&self, buf: &mut [u8], offset: u64) -> vmicache::Result<()> {
-        (self.1)(offset, buf.len())?;
-        self.0.read(buf, offset)
-    }
-    fn write(&self, buf: &[u8], offset: u64, fua: bool) -> vmicache::Result<()> {
-        self.0.write(buf, offset, fua)
-    }
-    fn flush(&self) -> vmicache::Result<()> {
-        self.0.flush()
-    }
-    fn trim(&self, offset: u64, len: u64) -> vmicache::Result<()> {
-        self.0.trim(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> vmicache::Result<()> {
-        self.0.write_zeroes(offset, len, may_trim)
-    }
-    fn block_status(&self, offset: u64, len: u64) -> vmicache::Result<Vec<(u64, u32)>> {
-        self.0.block_status(offset, len)
-    }
-}
 
 struct Client {
     s: UnixStream,

@@ -73,7 +73,28 @@ fn compare(a: &Path, b: &Path) {
     );
 }
 
-fn overlay_case(cluster: u64, refcount_bits: u32, nwrites: usize, max_len: u64) {
+/// Where the header of `img` puts the refcount table: `refcount_table_offset` (bytes 48..56)
+/// and `refcount_table_clusters` (bytes 56..60), big-endian, read from the file itself.
+fn refcount_table(img: &Path) -> (u64, u32) {
+    use std::io::Read;
+    let mut h = [0u8; 60];
+    std::fs::File::open(img)
+        .and_then(|mut f| f.read_exact(&mut h))
+        .unwrap_or_else(|e| panic!("{}: header: {e}", img.display()));
+    (
+        u64::from_be_bytes(h[48..56].try_into().unwrap()),
+        u32::from_be_bytes(h[56..60].try_into().unwrap()),
+    )
+}
+
+/// Writes the same random runs into an overlay of ours and a twin made by QEMU and compares
+/// them; returns our overlay's refcount table ([`refcount_table`]) before and after the writes.
+fn overlay_case(
+    cluster: u64,
+    refcount_bits: u32,
+    nwrites: usize,
+    max_len: u64,
+) -> ((u64, u32), (u64, u32)) {
     let dir = tempfile::tempdir().unwrap();
     let size = 24 * MIB;
     let _base = make_base(dir.path(), size);
@@ -99,6 +120,7 @@ fn overlay_case(cluster: u64, refcount_bits: u32, nwrites: usize, max_len: u64) 
         ],
     );
     let w = writes(cluster ^ u64::from(refcount_bits), size, nwrites, max_len);
+    let table_before = refcount_table(&ours);
     apply_ours(&ours, &w);
     apply_qemu(&twin, &w);
     check_clean(&ours);
@@ -109,6 +131,7 @@ fn overlay_case(cluster: u64, refcount_bits: u32, nwrites: usize, max_len: u64) 
         &read_all_ours(&ours),
         &to_raw(&ours),
     );
+    (table_before, refcount_table(&ours))
 }
 
 #[test]
@@ -125,7 +148,14 @@ fn overlay_4k_refcount1() {
 fn overlay_512_refcount64_grows_refcount_table() {
     // 512-byte clusters with 64-bit refcounts: one refcount block covers 32 KiB and one table
     // cluster 2 MiB, so these writes grow the refcount table several times.
-    overlay_case(512, 64, 400, 64 * KIB);
+    let ((off0, clusters0), (off1, clusters1)) = overlay_case(512, 64, 400, 64 * KIB);
+    eprintln!("refcount table: {clusters0} clusters at {off0:#x} -> {clusters1} at {off1:#x}");
+    // Each growth at least doubles the table and moves it past everything allocated.
+    assert!(
+        clusters1 >= 4 * clusters0,
+        "refcount table of {clusters0} clusters grew only to {clusters1}"
+    );
+    assert_ne!(off1, off0, "the grown refcount table stayed in place");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! of the offending value: unknown keys, relative directories, sizes, cluster sizes, modes and
 //! image names. An error renders as one line, `PATH:LINE:COLUMN: message`.
 
-use crate::{Error, Result};
+use crate::{Error, Result, Subject};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -214,8 +214,11 @@ fn lookup_id(file: &str, name: &str, what: &str) -> Result<u32> {
         })
         .next()
         .ok_or_else(|| {
-            Error::request(
-                format!("socket {}", if what == "user" { "owner" } else { "group" }),
+            Error::refused(
+                Subject::Other(format!(
+                    "socket {}",
+                    if what == "user" { "owner" } else { "group" }
+                )),
                 format!("no {what} '{name}' in {file}"),
             )
         })
@@ -256,7 +259,8 @@ pub struct ResolvedImage {
 impl Config {
     /// Read and validate the configuration at `path`.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read config", e))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(Subject::config(path), "read config", e))?;
         Config::parse(&text, path)
     }
 
@@ -281,7 +285,7 @@ impl Config {
                 ),
                 _ => continue,
             };
-            return Err(Error::request(&self.path, what));
+            return Err(Error::refused(Subject::config(&self.path), what));
         }
         Ok(())
     }
@@ -302,7 +306,7 @@ impl Config {
     /// Resolve the `base` a domain XML names: an image name from `images`, or an absolute path
     /// (inside `dirs.bases`, or listed in `images`).
     pub fn resolve_image(&self, base: &str) -> Result<ResolvedImage> {
-        let refuse = |what: String| Error::request(&self.path, what);
+        let refuse = |what: String| Error::refused(Subject::config(&self.path), what);
         if !base.starts_with('/') {
             let key = ImageKey(ImageKeyKind::Name(base.to_string()));
             let e = self.images.get(&key).ok_or_else(|| {
@@ -365,7 +369,7 @@ impl Config {
                 .unwrap_or(false)
         });
         if !allowed {
-            return Err(Error::request(
+            return Err(Error::refused(
                 &p,
                 "refused: base image is outside the configured dirs.bases and not listed in `images`",
             ));
@@ -409,19 +413,17 @@ pub fn lexically_clean(p: &Path) -> bool {
 fn located(path: &Path, e: &serde_norway::Error) -> Error {
     let mut msg = e.to_string();
     let Some(loc) = e.location() else {
-        return Error::request(path, msg);
+        return Error::refused(Subject::config(path), msg);
     };
     let mark = format!(" at line {} column {}", loc.line(), loc.column());
     if let Some(i) = msg.find(&mark) {
         msg.replace_range(i..i + mark.len(), "");
     }
-    let at = PathBuf::from(format!(
-        "{}:{}:{}",
-        path.display(),
-        loc.line(),
-        loc.column()
-    ));
-    Error::request(at, msg)
+    let at = Subject::Config {
+        file: path.to_path_buf(),
+        at: Some((loc.line(), loc.column())),
+    };
+    Error::refused(at, msg)
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@ impl std::fmt::Display for FormatError {
     }
 }
 
+/// Big-endian integers at byte `at` of `b` (panics when `b` is too short): the one way the
+/// crate decodes on-disk and on-wire integers (qcow2, NBD).
 pub(crate) fn be_u16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes(b[at..at + 2].try_into().unwrap())
 }

@@ -4,7 +4,7 @@
 //! COPIED flag, the zero flag, and the compressed-cluster descriptor.
 
 use super::types::{Geometry, HostOffset};
-use super::FormatError;
+use super::{be_u64, FormatError};
 
 /// Bit 63 of L1 and standard L2 entries: refcount is exactly one (writable in place).
 pub const COPIED: u64 = 1 << 63;
@@ -14,8 +14,10 @@ pub const COMPRESSED: u64 = 1 << 62;
 pub const ZERO: u64 = 1;
 /// Bits 9..=55: a cluster-aligned host offset.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
-const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+/// Bits of an L1 entry that must be zero (1..=8 and 56..=62).
+pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Bits of a standard (not compressed) L2 entry that must be zero (1..=8 and 56..=61).
+pub const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
 /// A raw L1 entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -145,9 +147,7 @@ pub fn compressed_entry(off: u64, len: u64, cluster_bits: u32) -> u64 {
 
 /// Decode a big-endian table into entries.
 pub fn decode_table(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-        .collect()
+    b.chunks_exact(8).map(|c| be_u64(c, 0)).collect()
 }
 
 /// Encode entries as a big-endian table.

@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 pub fn confine(p: &Path, dir: &Path, what: &str) -> Result<PathBuf> {
     let shown = p.to_string_lossy();
     if shown.chars().any(char::is_control) {
-        return Err(Error::request(
+        return Err(Error::refused(
             escape(&shown).into_owned(),
             "refused: control character in path",
         ));
     }
-    let refuse = |why: String| Error::request(p, format!("refused: {why}"));
+    let refuse = |why: String| Error::refused(p, format!("refused: {why}"));
     if !crate::config::lexically_clean(p) {
         return Err(refuse(
             "must be an absolute path without '.' or '..'".into(),
@@ -56,7 +56,7 @@ pub(super) fn remove_regular(p: &Path) -> Result<()> {
         Ok(m) if m.file_type().is_file() => {
             std::fs::remove_file(p).map_err(|e| Error::io(p, "remove", e))
         }
-        Ok(_) => Err(Error::request(p, "refused: not a regular file")),
+        Ok(_) => Err(Error::refused(p, "refused: not a regular file")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(p, "stat", e)),
     }

@@ -123,10 +123,10 @@ pub fn ensure_dirs(cfg: &Config) -> Result<()> {
         }
         let m = std::fs::metadata(p).map_err(|e| Error::io(p, "stat", e))?;
         if !m.is_dir() {
-            return Err(Error::request(p, "configured directory is not a directory"));
+            return Err(Error::refused(p, "configured directory is not a directory"));
         }
         if m.permissions().mode() & 0o002 != 0 {
-            return Err(Error::request(
+            return Err(Error::refused(
                 p,
                 "refused: configured directory is writable by every user",
             ));
@@ -182,7 +182,7 @@ fn reconnect(cfg: &Config, plans: &[DiskPlan], log: &HookLog) -> Result<()> {
             continue;
         }
         if !exists(&p.instance) {
-            return Err(Error::request(
+            return Err(Error::refused(
                 &p.instance,
                 "instance of a running domain is missing; cannot restart its server",
             ));

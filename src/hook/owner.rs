@@ -48,7 +48,7 @@ fn read_record(rec: &Path) -> Result<Option<String>> {
         .metadata()
         .map_err(|e| Error::io(rec, "stat owner record", e))?;
     if !m.is_file() {
-        return Err(Error::request(
+        return Err(Error::refused(
             rec,
             "refused: owner record is not a regular file",
         ));
@@ -59,7 +59,7 @@ fn read_record(rec: &Path) -> Result<Option<String>> {
         .map_err(|e| Error::io(rec, "read owner record", e))?;
     let who = s.trim_end_matches('\n');
     if !safe_name(who) {
-        return Err(Error::request(
+        return Err(Error::refused(
             rec,
             "refused: owner record does not hold a guest name",
         ));
@@ -117,7 +117,7 @@ pub(super) fn claim(instance: &Path, guest: &str) -> Result<Option<PathBuf>> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match read_record(&rec)? {
             Some(who) if who == guest => Ok(None),
-            who => Err(Error::request(
+            who => Err(Error::refused(
                 instance,
                 format!(
                     "refused: belongs to guest '{}' (owner record {})",

@@ -4,7 +4,7 @@ use super::confine::confine;
 use super::owner::{self, Owner};
 use super::xml::{xml_err, Domain, Source};
 use crate::config::{safe_name, Config, DiskMode, ResolvedImage};
-use crate::{Error, Result};
+use crate::{Error, Result, Subject};
 use std::path::PathBuf;
 
 /// One managed disk with every path the hook touches for it.
@@ -32,13 +32,13 @@ impl DiskPlan {
     pub(super) fn image(&self) -> Result<&ResolvedImage> {
         self.image
             .as_ref()
-            .map_err(|e| Error::request(format!("disk {}", self.dev), e.clone()))
+            .map_err(|e| Error::refused(Subject::Other(format!("disk {}", self.dev)), e.clone()))
     }
     /// The instance's ownership, or the refusal naming it.
     pub(super) fn owner(&self) -> Result<Owner> {
         self.owner
             .clone()
-            .map_err(|e| Error::request(&self.instance, e))
+            .map_err(|e| Error::refused(&self.instance, e))
     }
     pub(super) fn ephemeral(&self) -> bool {
         // A base that no longer resolves keeps its instances (never delete on doubt).
@@ -52,8 +52,8 @@ impl DiskPlan {
 /// Validate a domain's managed disks against the configuration and name every path.
 pub fn plan(cfg: &Config, guest: &str, dom: &Domain) -> Result<Vec<DiskPlan>> {
     if !safe_name(guest) {
-        return Err(Error::request(
-            format!("domain '{guest}'"),
+        return Err(Error::refused(
+            Subject::Other(format!("domain '{guest}'")),
             "refused: a domain with vmicache disks needs a name of letters, digits and ._-+",
         ));
     }
@@ -115,7 +115,7 @@ pub fn plan(cfg: &Config, guest: &str, dom: &Domain) -> Result<Vec<DiskPlan>> {
             .file_name()
             .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
         {
-            return Err(Error::request(
+            return Err(Error::refused(
                 &instance,
                 "refused: an instance name that starts with '.' (the hook's owner records are named so)",
             ));

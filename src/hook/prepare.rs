@@ -41,13 +41,13 @@ pub(super) fn prepare(cfg: &Config, plans: &[DiskPlan], log: &HookLog) -> Result
             let m =
                 std::fs::metadata(&img.base).map_err(|e| Error::io(&img.base, "base image", e))?;
             if !m.is_file() && !m.file_type().is_block_device() {
-                return Err(Error::request(&img.base, "base image is not a file"));
+                return Err(Error::refused(&img.base, "base image is not a file"));
             }
         }
         if exists(cache) && cfg.on_base_change == OnBaseChange::Refuse {
             let c = Image::open(cache, &OpenOptions::read_only())?;
             require_base_matches(&c).map_err(|e| {
-                Error::request(
+                Error::refused(
                     cache,
                     format!(
                         "{}; refusing to start (on_base_change: refuse)",
@@ -62,7 +62,7 @@ pub(super) fn prepare(cfg: &Config, plans: &[DiskPlan], log: &HookLog) -> Result
         if let Some(s) = &p.socket {
             if let Ok(m) = std::fs::symlink_metadata(s) {
                 if !m.file_type().is_socket() {
-                    return Err(Error::request(s, "refused: exists and is not a socket"));
+                    return Err(Error::refused(s, "refused: exists and is not a socket"));
                 }
             }
         }
@@ -154,7 +154,7 @@ fn check_instance_over(instance: &Path, cache: &Path) -> Result<()> {
         _ => false,
     };
     if !same {
-        return Err(Error::request(
+        return Err(Error::refused(
             instance,
             format!(
                 "refused: existing instance stands on {}, not on the cache {}",
@@ -199,7 +199,7 @@ fn ensure_cache(
     if let Err(e) = require_base_matches(&c) {
         drop(c);
         if cfg.on_base_change == OnBaseChange::Refuse {
-            return Err(Error::request(
+            return Err(Error::refused(
                 cache,
                 format!(
                     "{}; refusing to start (on_base_change: refuse)",
@@ -213,7 +213,7 @@ fn ensure_cache(
             .is_err();
         if still {
             if exists(&p.instance) && !p.ephemeral() {
-                return Err(Error::request(
+                return Err(Error::refused(
                     &p.instance,
                     "refused: the base changed and this persistent instance stands on the old cache; remove it to start over",
                 ));

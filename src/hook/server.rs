@@ -158,7 +158,7 @@ fn stop(p: &DiskPlan, id: &ProcId, log: &HookLog) -> Result<()> {
         p.dev,
         KILL_WAIT.as_secs()
     ));
-    Err(Error::request(
+    Err(Error::refused(
         &p.pid,
         format!(
             "server {pid} still runs {} s after SIGKILL; pid file kept",
@@ -190,7 +190,7 @@ pub(super) fn start_server(
 ) -> Result<()> {
     let sock = p.socket.as_ref().expect("NBD disks have a socket");
     if UnixStream::connect(sock).is_ok() {
-        return Err(Error::request(
+        return Err(Error::refused(
             sock,
             "refused: another process is already listening on this socket",
         ));
@@ -245,7 +245,7 @@ pub(super) fn start_server(
         e
     };
     let exited = |st: std::process::ExitStatus| {
-        Error::request(
+        Error::refused(
             sock,
             format!(
                 "vmicache serve exited ({st}): {} (log: {})",
@@ -260,7 +260,7 @@ pub(super) fn start_server(
             Ok(Some(st)) => exited(st),
             _ => fail(
                 &mut child,
-                Error::request(
+                Error::refused(
                     format!("/proc/{pid}/stat"),
                     "cannot read the server's start time",
                 ),
@@ -299,7 +299,7 @@ pub(super) fn start_server(
         if t0.elapsed() > limit {
             return Err(fail(
                 &mut child,
-                Error::request(
+                Error::refused(
                     sock,
                     format!(
                         "vmicache serve did not accept within {} s (log: {})",
@@ -331,7 +331,7 @@ fn socket_access(cfg: &Config, sock: &Path) -> Result<()> {
     let (uid, gid) = cfg.socket.ids()?;
     let m = std::fs::symlink_metadata(sock).map_err(|e| Error::io(sock, "stat", e))?;
     if !m.file_type().is_socket() {
-        return Err(Error::request(sock, "refused: not a socket"));
+        return Err(Error::refused(sock, "refused: not a socket"));
     }
     if uid.is_some() || gid.is_some() {
         std::os::unix::fs::lchown(sock, uid, gid).map_err(|e| Error::io(sock, "chown", e))?;

@@ -1,7 +1,7 @@
 //! The domain XML: which disks vmicache manages and where QEMU reads them from.
 
 use crate::config::DiskMode;
-use crate::{Error, Result};
+use crate::{Error, Result, Subject};
 use std::path::PathBuf;
 
 /// The XML namespace of the `<metadata>` element.
@@ -46,7 +46,7 @@ fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::No
 }
 
 pub(super) fn xml_err(what: impl Into<String>) -> Error {
-    Error::request("domain XML", what)
+    Error::refused(Subject::DomainXml, what)
 }
 
 /// Parse a domain XML (as `virsh dumpxml` prints it) and find the managed disks.

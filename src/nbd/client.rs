@@ -11,6 +11,7 @@
 
 use super::proto::*;
 use crate::engine::storage::{seek_status, FileStatus, Storage};
+use crate::format::{be_u16, be_u32, be_u64};
 use crate::{Error, Result};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -146,12 +147,10 @@ impl NbdStorage {
             .map_err(|e| Error::io(&uri.socket, "connect", e))?;
         arm(&s, deadline).map_err(io)?;
         let hello = rd::<18>(&mut s).map_err(io)?;
-        if u64::from_be_bytes(hello[..8].try_into().unwrap()) != NBDMAGIC
-            || u64::from_be_bytes(hello[8..16].try_into().unwrap()) != IHAVEOPT
-        {
+        if be_u64(&hello, 0) != NBDMAGIC || be_u64(&hello, 8) != IHAVEOPT {
             return Err(bad("not a newstyle NBD server"));
         }
-        let flags = u16::from_be_bytes([hello[16], hello[17]]);
+        let flags = be_u16(&hello, 16);
         if flags & FLAG_FIXED_NEWSTYLE == 0 {
             return Err(bad("server lacks fixed newstyle negotiation"));
         }
@@ -175,11 +174,11 @@ impl NbdStorage {
         loop {
             arm(&s, deadline).map_err(io)?;
             let h = rd::<20>(&mut s).map_err(io)?;
-            if u64::from_be_bytes(h[..8].try_into().unwrap()) != OPT_REPLY_MAGIC {
+            if be_u64(&h, 0) != OPT_REPLY_MAGIC {
                 return Err(bad("bad option reply"));
             }
-            let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let ty = be_u32(&h, 12);
+            let len = be_u32(&h, 16);
             if len > MAX_OPTION_LEN {
                 return Err(bad("option reply too long"));
             }
@@ -187,11 +186,8 @@ impl NbdStorage {
             s.read_exact(&mut data).map_err(io)?;
             match ty {
                 REP_ACK => break,
-                REP_INFO
-                    if data.len() >= 12
-                        && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
-                {
-                    size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
+                REP_INFO if data.len() >= 12 && be_u16(&data, 0) == INFO_EXPORT => {
+                    size = Some(be_u64(&data, 2));
                 }
                 REP_INFO => {}
                 t if t & REP_ERR != 0 => {
@@ -247,21 +243,19 @@ impl NbdStorage {
         off: u64,
     ) -> Result<()> {
         let io = |e: std::io::Error| Error::io(name, "NBD read", timed_out(e));
-        let mut req = Vec::with_capacity(REQUEST_LEN);
-        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&CMD_READ.to_be_bytes());
-        req.extend_from_slice(&cookie.to_be_bytes());
-        req.extend_from_slice(&off.to_be_bytes());
-        req.extend_from_slice(&(buf.len() as u32).to_be_bytes());
-        s.write_all(&req).map_err(io)?;
+        let req = Request {
+            flags: 0,
+            typ: CMD_READ,
+            cookie,
+            offset: off,
+            length: buf.len() as u32,
+        };
+        s.write_all(&req.encode()).map_err(io)?;
         let r = rd::<16>(s).map_err(io)?;
-        if u32::from_be_bytes(r[..4].try_into().unwrap()) != SIMPLE_REPLY_MAGIC
-            || u64::from_be_bytes(r[8..16].try_into().unwrap()) != cookie
-        {
+        if be_u32(&r, 0) != SIMPLE_REPLY_MAGIC || be_u64(&r, 8) != cookie {
             return Err(Error::invalid(name, "NBD server sent a bad reply"));
         }
-        let err = u32::from_be_bytes(r[4..8].try_into().unwrap());
+        let err = be_u32(&r, 4);
         if err != 0 {
             return Err(Error::io(
                 name,
@@ -292,13 +286,13 @@ impl Storage for NbdStorage {
         Ok(())
     }
     fn write_at(&self, _buf: &[u8], _off: u64) -> Result<()> {
-        Err(Error::request(&self.name, "an NBD base is read-only"))
+        Err(Error::read_only(&self.name, "an NBD base is read-only"))
     }
     fn sync(&self) -> Result<()> {
         Ok(())
     }
     fn set_len(&self, _len: u64) -> Result<()> {
-        Err(Error::request(&self.name, "an NBD base is read-only"))
+        Err(Error::read_only(&self.name, "an NBD base is read-only"))
     }
     fn seek_data(&self, off: u64) -> Result<Option<u64>> {
         Ok((off < self.size).then_some(off))

@@ -5,9 +5,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use super::listener::{lock, ExportSlot, Exports, Shared};
+use super::export::Export;
 use super::proto::*;
-use super::Export;
+use super::state::{lock, ExportSlot, Exports, Shared};
+use crate::format::{be_u32, be_u64};
 
 /// What the handshake settled.
 pub(super) struct Negotiated {
@@ -21,13 +22,13 @@ pub(super) struct Negotiated {
 pub(super) fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
+    Ok(be_u32(&b, 0))
 }
 
 fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
+    Ok(be_u64(&b, 0))
 }
 
 pub(super) fn violation(what: &str) -> io::Error {
@@ -367,7 +368,7 @@ mod tests {
 
     #[test]
     fn default_export() {
-        let e: Arc<dyn Export> = Arc::new(super::super::MemExport::new(512));
+        let e: Arc<dyn Export> = Arc::new(super::super::export::MemExport::new(512));
         let list = vec![("a".to_string(), e.clone()), ("".to_string(), e.clone())];
         assert_eq!(lookup(&list, ""), Some(1));
         assert_eq!(lookup(&list, "a"), Some(0));

@@ -3,6 +3,9 @@
 //!
 //! Names follow the protocol document with the `NBD_` prefix dropped.
 
+use crate::format::{be_u16, be_u32, be_u64};
+use nix::errno::Errno;
+
 // ---------------------------------------------------------------------------
 // Magic numbers
 // ---------------------------------------------------------------------------
@@ -163,22 +166,25 @@ pub const STATE_ZERO: u32 = 1 << 1;
 /// Largest read or write payload accepted (and advertised as maximum block size).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
+// Error numbers of replies. The protocol's values are Linux's errno values (this server runs
+// on Linux only), so they are nix's names; `nbd_error_numbers_are_the_protocols` pins them.
+
 /// Error number: operation not permitted (write to a read-only export).
-pub const EPERM: u32 = 1;
+pub const EPERM: u32 = Errno::EPERM as u32;
 /// Error number: I/O error.
-pub const EIO: u32 = 5;
+pub const EIO: u32 = Errno::EIO as u32;
 /// Error number: out of memory.
-pub const ENOMEM: u32 = 12;
+pub const ENOMEM: u32 = Errno::ENOMEM as u32;
 /// Error number: invalid argument (out of range, bad flags, unknown command).
-pub const EINVAL: u32 = 22;
+pub const EINVAL: u32 = Errno::EINVAL as u32;
 /// Error number: no space (write past the end, or the store is full).
-pub const ENOSPC: u32 = 28;
+pub const ENOSPC: u32 = Errno::ENOSPC as u32;
 /// Error number: value too large (`DF` read too large).
-pub const EOVERFLOW: u32 = 75;
+pub const EOVERFLOW: u32 = Errno::EOVERFLOW as u32;
 /// Error number: operation not supported.
-pub const ENOTSUP: u32 = 95;
+pub const ENOTSUP: u32 = Errno::ENOTSUP as u32;
 /// Error number: the server is shutting down.
-pub const ESHUTDOWN: u32 = 108;
+pub const ESHUTDOWN: u32 = Errno::ESHUTDOWN as u32;
 
 /// Size of a request header.
 pub const REQUEST_LEN: usize = 28;
@@ -200,19 +206,19 @@ pub struct Request {
 impl Request {
     /// Decodes a request header; `None` if the magic is wrong.
     pub fn decode(b: &[u8; REQUEST_LEN]) -> Option<Request> {
-        if be32(&b[0..4]) != REQUEST_MAGIC {
+        if be_u32(b, 0) != REQUEST_MAGIC {
             return None;
         }
         Some(Request {
-            flags: be16(&b[4..6]),
-            typ: be16(&b[6..8]),
-            cookie: be64(&b[8..16]),
-            offset: be64(&b[16..24]),
-            length: be32(&b[24..28]),
+            flags: be_u16(b, 4),
+            typ: be_u16(b, 6),
+            cookie: be_u64(b, 8),
+            offset: be_u64(b, 16),
+            length: be_u32(b, 24),
         })
     }
 
-    /// Encodes a request header (used by tests acting as clients).
+    /// Encodes a request header (for the client, and tests acting as clients).
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
         let mut b = [0u8; REQUEST_LEN];
         b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -223,20 +229,6 @@ impl Request {
         b[24..28].copy_from_slice(&self.length.to_be_bytes());
         b
     }
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }
 
 /// A simple reply header (the data of a successful simple read follows it).
@@ -336,11 +328,11 @@ impl<'a> OptionData<'a> {
     }
 
     pub fn u16(&mut self) -> Option<u16> {
-        self.bytes(2).map(be16)
+        self.bytes(2).map(|b| be_u16(b, 0))
     }
 
     pub fn u32(&mut self) -> Option<u32> {
-        self.bytes(4).map(be32)
+        self.bytes(4).map(|b| be_u32(b, 0))
     }
 
     /// A string preceded by its 32-bit length; `None` if too long or not UTF-8.
@@ -375,6 +367,14 @@ mod tests {
         let mut bad = r.encode();
         bad[0] ^= 1;
         assert_eq!(Request::decode(&bad), None);
+    }
+
+    #[test]
+    fn nbd_error_numbers_are_the_protocols() {
+        let values = [
+            EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN,
+        ];
+        assert_eq!(values, [1, 5, 12, 22, 28, 75, 95, 108]);
     }
 
     #[test]

@@ -8,12 +8,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::export::Export;
 use super::handshake::{handshake, violation};
-use super::listener::{lock, ExportSlot, Exports, Shared};
 use super::proto::*;
-use super::Export;
+use super::state::{lock, ExportSlot, Exports, Shared};
 use crate::engine::image::SparseRun;
 use crate::Error;
+use nix::errno::Errno;
 
 /// Worker threads serving the requests of one connection.
 pub const WORKERS_PER_CONNECTION: usize = 4;
@@ -114,7 +115,7 @@ struct Job<'a> {
 }
 
 /// The bytes of replies (and write payloads) a connection may hold at once
-/// ([`super::Limits::max_queued_reply_bytes`]).
+/// ([`super::state::Limits::max_queued_reply_bytes`]).
 struct Budget {
     used: Mutex<usize>,
     freed: Condvar,
@@ -512,31 +513,38 @@ impl Connection<'_> {
     }
 }
 
-/// The NBD error number for a vmicache error.
+/// The NBD error number for a vmicache error: a request out of range or refused is `EINVAL`
+/// (`EOVERFLOW` is only for structured replies too large), a write to something read-only
+/// or locked `EPERM`, an I/O error the NBD error of its cause, anything else `EIO`.
 fn errno(e: &Error) -> u32 {
     match e {
         Error::Io { source, .. } => io_errno(source),
-        Error::Request { .. } => EINVAL,
-        Error::Locked { .. } => EPERM,
+        Error::OutOfRange { .. } | Error::Refused { .. } => EINVAL,
+        Error::ReadOnly { .. } | Error::Locked { .. } => EPERM,
         _ => EIO,
     }
 }
 
 fn io_errno(e: &io::Error) -> u32 {
     use io::ErrorKind as K;
-    match e.raw_os_error() {
-        // EPERM, EACCES, EROFS
-        Some(1 | 13 | 30) => return EPERM,
-        // ENOSPC, EDQUOT, EFBIG
-        Some(28 | 122 | 27) => return ENOSPC,
-        Some(22) => return EINVAL,
-        Some(_) => return EIO,
-        None => {}
+    if let Some(raw) = e.raw_os_error() {
+        return os_errno(Errno::from_raw(raw));
     }
     match e.kind() {
         K::PermissionDenied | K::ReadOnlyFilesystem => EPERM,
         K::StorageFull | K::QuotaExceeded | K::FileTooLarge => ENOSPC,
         K::InvalidInput => EINVAL,
+        _ => EIO,
+    }
+}
+
+/// The NBD error number for an operating-system error: permission and read-only errors are
+/// `EPERM`, out-of-space ones `ENOSPC`, `EINVAL` stays, everything else is `EIO`.
+fn os_errno(e: Errno) -> u32 {
+    match e {
+        Errno::EPERM | Errno::EACCES | Errno::EROFS => EPERM,
+        Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG => ENOSPC,
+        Errno::EINVAL => EINVAL,
         _ => EIO,
     }
 }
@@ -551,9 +559,16 @@ mod tests {
         assert_eq!(errno(&io(io::ErrorKind::PermissionDenied)), EPERM);
         assert_eq!(errno(&io(io::ErrorKind::StorageFull)), ENOSPC);
         assert_eq!(errno(&io(io::ErrorKind::UnexpectedEof)), EIO);
-        let os = Error::io("x", "write", io::Error::from_raw_os_error(28));
-        assert_eq!(errno(&os), ENOSPC);
-        assert_eq!(errno(&Error::request("x", "out of range")), EINVAL);
+        let os = |e: Errno| Error::io("x", "write", io::Error::from(e));
+        assert_eq!(errno(&os(Errno::ENOSPC)), ENOSPC);
+        assert_eq!(errno(&os(Errno::EDQUOT)), ENOSPC);
+        assert_eq!(errno(&os(Errno::EROFS)), EPERM);
+        assert_eq!(errno(&os(Errno::EINVAL)), EINVAL);
+        assert_eq!(errno(&os(Errno::ENOENT)), EIO);
+        assert_eq!(errno(&Error::out_of_range("x", "beyond the end")), EINVAL);
+        assert_eq!(errno(&Error::read_only("x", "open read-only")), EPERM);
+        assert_eq!(errno(&Error::refused("x", "unaligned")), EINVAL);
+        assert_eq!(errno(&Error::request("x", "refused")), EINVAL);
         assert_eq!(errno(&Error::corrupt("x", "bad L2")), EIO);
     }
 }
