@@ -118,7 +118,7 @@ pub fn open_with(
 ) -> Result<Served> {
     let (_, first) = instances
         .first()
-        .ok_or_else(|| Error::request(".", "nothing to serve"))?;
+        .ok_or_else(|| Error::refused(crate::Subject::Other("serve".into()), "nothing to serve"))?;
     let cache_path = backing_path(first)?;
     let probe = Image::open(&cache_path, &OpenOptions::read_only())?;
     let meta = cache_meta(&probe)?;

@@ -55,7 +55,7 @@ pub fn open_cache_rw(path: &Path) -> Result<Image> {
         Error::request(path, "not a vmicache cache (no vmicache header extension)")
     })?;
     if meta.state == CacheState::Sealed {
-        return Err(Error::request(
+        return Err(Error::read_only(
             path,
             "cache is sealed: it is never written again",
         ));

@@ -92,9 +92,14 @@ impl Refcounts {
             MetaKind::RefTable,
         )?;
         for &e in &self.table {
-            let off = e & OFFSET_MASK;
-            if off != 0 {
-                add(&mut m, span(off, cs), MetaKind::RefBlock)?;
+            use refcount::RefTableEntry as R;
+            // Where a damaged entry points counts as metadata too (never written over).
+            match R::decode(e, &self.geo, self.high_water) {
+                R::Unused => {}
+                R::Block(off)
+                | R::Reserved { offset: off }
+                | R::Unaligned { offset: off }
+                | R::PastEnd { offset: off } => add(&mut m, span(off, cs), MetaKind::RefBlock)?,
             }
         }
         for &e in l1 {
@@ -209,19 +214,17 @@ impl Refcounts {
             let Some(&e) = self.table.get(idx as usize) else {
                 return Ok(None);
             };
-            let off = e & OFFSET_MASK;
-            if off == 0 {
-                return Ok(None);
-            }
-            if e & !OFFSET_MASK != 0
-                || !self.geo.is_aligned(off)
-                || off >> self.geo.cluster_bits >= self.high_water
-            {
-                return Err(Error::corrupt(
-                    st.path(),
-                    format!("refcount table entry {idx} ({e:#x}) is invalid"),
-                ));
-            }
+            // The rule `check` applies too (format::refcount::RefTableEntry).
+            let off = match refcount::RefTableEntry::decode(e, &self.geo, self.high_water) {
+                refcount::RefTableEntry::Unused => return Ok(None),
+                refcount::RefTableEntry::Block(off) => off,
+                _ => {
+                    return Err(Error::corrupt(
+                        st.path(),
+                        format!("refcount table entry {idx} ({e:#x}) is invalid"),
+                    ))
+                }
+            };
             let mut data = vec![0u8; self.geo.cluster_size() as usize];
             st.read_at(&mut data, off)?;
             self.blocks.insert(

@@ -132,7 +132,7 @@ impl Image {
     ) -> Result<Image> {
         if let Some((uri, opener)) = path.to_str().and_then(|s| Some((s, opener_for(s)?))) {
             if opts.write && seen.is_empty() {
-                return Err(Error::request(
+                return Err(Error::read_only(
                     path,
                     "an NBD image is opened read-only here",
                 ));

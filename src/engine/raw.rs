@@ -23,7 +23,7 @@ impl Raw {
     }
     fn check(&self, off: u64, len: u64) -> Result<()> {
         if off.checked_add(len).is_none_or(|e| e > self.size) {
-            return Err(Error::request(
+            return Err(Error::out_of_range(
                 self.path(),
                 format!("request {off:#x}+{len:#x} beyond the size {:#x}", self.size),
             ));
@@ -89,7 +89,7 @@ impl Layer for Raw {
     }
     fn write_at(&self, buf: &[u8], off: u64, _below: &dyn BackingRead) -> Result<()> {
         if !self.writable {
-            return Err(Error::request(self.path(), "image is open read-only"));
+            return Err(Error::read_only(self.path(), "image is open read-only"));
         }
         self.check(off, buf.len() as u64)?;
         self.storage.write_at(buf, off)

@@ -212,7 +212,7 @@ impl RemoteBase {
     }
 
     fn never_written(&self) -> Error {
-        Error::request(&self.t.name, "a base is never written")
+        Error::read_only(&self.t.name, "a base is never written")
     }
 }
 
@@ -236,7 +236,7 @@ impl Layer for RemoteBase {
     /// answers block status through [`Layer::status_within`]).
     fn map(&self, off: u64, len: u64, _mode: MapMode) -> Result<Mapped<'_>> {
         if off.checked_add(len).is_none_or(|e| e > self.t.size) {
-            return Err(Error::request(
+            return Err(Error::out_of_range(
                 &self.t.name,
                 format!(
                     "request {off:#x}+{len:#x} beyond the size {:#x}",

@@ -250,7 +250,7 @@ impl Qcow2 {
 
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
         if off.checked_add(len).is_none_or(|e| e > self.size) {
-            return Err(Error::request(
+            return Err(Error::out_of_range(
                 self.path(),
                 format!(
                     "request {off:#x}+{len:#x} beyond the virtual size {:#x}",
@@ -263,7 +263,7 @@ impl Qcow2 {
 
     pub(crate) fn require_writable(&self) -> Result<()> {
         if !self.writable {
-            return Err(Error::request(self.path(), "image is open read-only"));
+            return Err(Error::read_only(self.path(), "image is open read-only"));
         }
         if self.broken.load(Ordering::SeqCst) {
             return Err(self.corrupt(
