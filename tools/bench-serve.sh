@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Benchmarks of the copy-on-read hot paths against their QEMU peers, same data, same run.
-# Prints times/throughputs and ratios (above 1 = vmicache faster). Not a test.
+# Benchmarks of the serving hot paths against their QEMU peers, same data, same run. Prints
+# medians of N runs and ratios (peer time / our time: above 1 = vmicache faster). Not a test.
 #
-#   tools/bench-serve.sh [--runs N]
+#   tools/bench-serve.sh [--runs N] [--before BIN] [--no-rss]
+#
+# --before BIN  also time another vmicache binary (e.g. the previous release) in the same
+#               run: its column and its ratio are printed next to ours.
 #
 # Data: a 4 GiB virtual raw base with ~1 GiB of data in 400 extents (half random bytes, half
 # text), 64 KiB clusters; a trace of 10k 64 KiB reads over its allocated clusters.
@@ -10,14 +13,26 @@
 #  2. serve (cold, CoR) vs  qemu-nbd --image-opts driver=copy-on-read over the same cache,
 #                           client: nbdcopy 'nbd+unix:///?socket=S' null:
 #  3. serve (warm)      vs  qemu-nbd -r, client nbdcopy -C 1; and qemu-img bench 64 KiB
-#                           random reads at queue depth 16
+#                           reads at queue depth 16
+#  4. resident memory of `vmicache serve` idle and at the end of a full sequential read
+#     (nbdcopy) of a 64 GiB virtual sealed chain holding 3 GiB of data (peak: VmHWM)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=3
-[ "${1:-}" = "--runs" ] && runs=$2
+before=""
+rss=1
+while [ $# -gt 0 ]; do
+  case $1 in
+    --runs) runs=$2; shift 2 ;;
+    --before) before=$(realpath "$2"); shift 2 ;;
+    --no-rss) rss=0; shift ;;
+    *) echo "usage: $0 [--runs N] [--before BIN] [--no-rss]" >&2; exit 2 ;;
+  esac
+done
 tools/deps.sh
 cargo build --release --quiet
 V=$PWD/target/release/vmicache
+export VMICACHE_ALLOW_BACKING=$PWD/target/bench/serve
 dir=$PWD/target/bench/serve
 mkdir -p "$dir"
 cd "$dir"
@@ -43,8 +58,8 @@ with open("base.raw", "wb") as f:
 PY
 fi
 
-fresh_cache() { rm -f "$1"; "$V" build base.raw -o "$1" -q; }
-fresh_cache probe.qcow2
+fresh_cache() { rm -f "$2"; "$1" build base.raw -o "$2" -q; }
+fresh_cache "$V" probe.qcow2
 fp=$("$V" inspect --json probe.qcow2 | python3 -c 'import json,sys; print(json.load(sys.stdin)["cache"]["base"]["fingerprint"])')
 python3 - "$fp" <<'PY'
 import os, random, struct, sys
@@ -82,47 +97,92 @@ PY
 
 # Each timed run starts with no dirty pages left over from the previous one.
 t() { sync; python3 -c 'import subprocess,sys,time; t=time.perf_counter(); subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(f"{time.perf_counter()-t:.3f}")' "$@"; }
-best() { local b=""; for _ in $(seq "$runs"); do local x; x=$("$@"); if [ -z "$b" ] || python3 -c "import sys; sys.exit(0 if $x < $b else 1)"; then b=$x; fi; done; echo "$b"; }
+median() { local xs=(); for _ in $(seq "$runs"); do xs+=("$("$@")"); done; printf '%s\n' "${xs[@]}" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
+mibs() { python3 -c "print(f'{$1/$2:.0f}')"; }
+# The binaries timed: ours, and the one given with --before.
+bins=("$V"); names=("vmicache")
+[ -n "$before" ] && { bins+=("$before"); names+=("before"); }
+sock=$dir/s.sock
+serve_up() { "$@" & pid=$!; while [ ! -S "$sock" ]; do sleep 0.02; done; }
+serve_down() { kill "$pid"; wait "$pid" 2>/dev/null || true; rm -f "$sock"; }
+report() { # label peer-name peer-time ours... (one per binary)
+  local label=$1 pname=$2 tp=$3; shift 3
+  local line="   $label: $pname ${tp}s"
+  local i=0
+  for to in "$@"; do line+="   ${names[$i]} ${to}s (ratio $(ratio "$tp" "$to"))"; i=$((i+1)); done
+  echo "$line"
+}
 
-echo "== 1. warm --trace (10k x 64 KiB reads) vs qemu-io -C"
-w_ours() { fresh_cache c1.qcow2; t "$V" warm c1.qcow2 --trace boot.trace -q; }
+echo "== 1. warm --trace (10k x 64 KiB reads) vs qemu-io -C  [median of $runs]"
+w_ours() { fresh_cache "$1" c1.qcow2; t "$1" warm c1.qcow2 --trace boot.trace -q; }
 w_qemu() { rm -f q1.qcow2; qemu-img create -q -f qcow2 -b base.raw -F raw q1.qcow2; sync; python3 -c 'import subprocess,time,sys; f=open("qemu-io.cmds"); t=time.perf_counter(); subprocess.run(["qemu-io","-C","-f","qcow2","q1.qcow2"], stdin=f, check=True, stdout=subprocess.DEVNULL); print(f"{time.perf_counter()-t:.3f}")'; }
-to=$(best w_ours); tq=$(best w_qemu)
-echo "   vmicache warm: ${to}s   qemu-io -C: ${tq}s   ratio $(ratio "$tq" "$to")"
+ts=(); for b in "${bins[@]}"; do ts+=("$(median w_ours "$b")"); done
+tq=$(median w_qemu)
+report "warm" "qemu-io -C" "$tq" "${ts[@]}"
 qemu-img check -q c1.qcow2
-echo "   cache holds: $("$V" inspect --json c1.qcow2 | python3 -c 'import json,sys; l=json.load(sys.stdin)["layers"][0]; print(l["data-clusters"], "data,", l["zero-clusters"], "zero clusters")') (qemu-io -C: $(qemu-img map --output=json q1.qcow2 | grep -c '"depth": 0, "present": true') extents)"
 
 echo "== 2. serve copy-on-read (cold cache) vs qemu-nbd copy-on-read filter, nbdcopy to null:"
-sock=$dir/s.sock
 s_ours() {
-  fresh_cache c2.qcow2; rm -f i2.qcow2; "$V" chain c2.qcow2 -o i2.qcow2 -q
-  "$V" serve i2.qcow2 --socket "$sock" -q & local pid=$!
-  while [ ! -S "$sock" ]; do sleep 0.02; done
+  fresh_cache "$1" c2.qcow2; rm -f i2.qcow2; "$1" chain c2.qcow2 -o i2.qcow2 -q
+  serve_up "$1" serve i2.qcow2 --socket "$sock" -q
   t nbdcopy "nbd+unix:///i2?socket=$sock" null:
-  kill $pid; wait $pid
+  serve_down
 }
 s_qemu() {
   rm -f q2.qcow2; qemu-img create -q -f qcow2 -b base.raw -F raw q2.qcow2
-  qemu-nbd -k "$sock" --image-opts driver=copy-on-read,file.driver=qcow2,file.file.driver=file,file.file.filename=q2.qcow2 & local pid=$!
-  while [ ! -S "$sock" ]; do sleep 0.02; done
+  serve_up qemu-nbd -k "$sock" --image-opts driver=copy-on-read,file.driver=qcow2,file.file.driver=file,file.file.filename=q2.qcow2
   t nbdcopy "nbd+unix:///?socket=$sock" null:
-  kill $pid; wait $pid 2>/dev/null || true
+  serve_down
 }
-to=$(best s_ours); tq=$(best s_qemu)
-echo "   vmicache serve: ${to}s ($(python3 -c "print(f'{4096/$to:.0f}')") MiB/s)   qemu-nbd CoR: ${tq}s ($(python3 -c "print(f'{4096/$tq:.0f}')") MiB/s)   ratio $(ratio "$tq" "$to")"
+ts=(); for b in "${bins[@]}"; do ts+=("$(median s_ours "$b")"); done
+tq=$(median s_qemu)
+report "4 GiB, CoR" "qemu-nbd CoR" "$tq" "${ts[@]}"
+echo "   (MiB/s: qemu-nbd $(mibs 4096 "$tq"), vmicache $(mibs 4096 "${ts[0]}"))"
 
 echo "== 3. serve on a warm chain vs qemu-nbd -r"
-rm -f c3.qcow2 i3.qcow2; fresh_cache c3.qcow2; "$V" warm c3.qcow2 --full -q; "$V" seal c3.qcow2 -q; "$V" chain c3.qcow2 -o i3.qcow2 -q
-"$V" serve i3.qcow2 --socket "$sock" -q & pid=$!
-while [ ! -S "$sock" ]; do sleep 0.02; done
-to=$(best t nbdcopy -C 1 "nbd+unix:///i3?socket=$sock" null:)
-bo=$(best t qemu-img bench -f raw -c 20000 -d 16 -s 65536 -S 196608 "nbd+unix:///i3?socket=$sock")
-kill $pid; wait $pid
-qemu-nbd -t -r -k "$sock" -f qcow2 i3.qcow2 & pid=$!
-while [ ! -S "$sock" ]; do sleep 0.02; done
-tq=$(best t nbdcopy -C 1 "nbd+unix:///?socket=$sock" null:)
-bq=$(best t qemu-img bench -f raw -c 20000 -d 16 -s 65536 -S 196608 "nbd+unix:///?socket=$sock")
-kill $pid; wait $pid 2>/dev/null || true
-echo "   nbdcopy -C 1: vmicache ${to}s ($(python3 -c "print(f'{4096/$to:.0f}')") MiB/s)  qemu-nbd -r ${tq}s  ratio $(ratio "$tq" "$to")"
-echo "   qemu-img bench 64 KiB QD16 x20000: vmicache ${bo}s ($(python3 -c "print(f'{20000/$bo:.0f}')") req/s)  qemu-nbd ${bq}s ($(python3 -c "print(f'{20000/$bq:.0f}')") req/s)  ratio $(ratio "$bq" "$bo")"
+rm -f c3.qcow2 i3.qcow2; fresh_cache "$V" c3.qcow2; "$V" warm c3.qcow2 --full -q; "$V" seal c3.qcow2 -q; "$V" chain c3.qcow2 -o i3.qcow2 -q
+seq_ours=(); qd_ours=()
+for b in "${bins[@]}"; do
+  serve_up "$b" serve i3.qcow2 --socket "$sock" -q
+  seq_ours+=("$(median t nbdcopy -C 1 "nbd+unix:///i3?socket=$sock" null:)")
+  qd_ours+=("$(median t qemu-img bench -f raw -c 20000 -d 16 -s 65536 -S 196608 "nbd+unix:///i3?socket=$sock")")
+  serve_down
+done
+serve_up qemu-nbd -t -r -k "$sock" -f qcow2 i3.qcow2
+tq=$(median t nbdcopy -C 1 "nbd+unix:///?socket=$sock" null:)
+bq=$(median t qemu-img bench -f raw -c 20000 -d 16 -s 65536 -S 196608 "nbd+unix:///?socket=$sock")
+serve_down
+report "nbdcopy -C 1 (4 GiB)" "qemu-nbd -r" "$tq" "${seq_ours[@]}"
+report "qemu-img bench 64 KiB QD16 x20000" "qemu-nbd" "$bq" "${qd_ours[@]}"
+echo "   (req/s: qemu-nbd $(mibs 20000 "$bq"), vmicache $(mibs 20000 "${qd_ours[0]}"))"
+
+[ "$rss" = 1 ] || exit 0
+echo "== 4. resident memory of serve: 64 GiB virtual sealed chain with 3 GiB of data"
+if [ ! -f big.raw ]; then
+  echo "   creating the 64 GiB base with 3 GiB of data ..."
+  python3 - <<'PY'
+import random
+r = random.Random(3)
+with open("big.raw", "wb") as f:
+    f.truncate(64 << 30)
+    chunk = r.randbytes(8 << 20)
+    for i in range(384):                       # 384 x 8 MiB spread over the disk
+        f.seek(i * (64 << 30) // 384 // 65536 * 65536)
+        f.write(chunk[: (8 << 20) - (i % 7) * 65536] if i % 2 else chunk)
+PY
+fi
+if [ ! -f big-i.qcow2 ]; then
+  rm -f big-c.qcow2; "$V" build big.raw -o big-c.qcow2 -q; "$V" warm big-c.qcow2 --full -q
+  "$V" seal big-c.qcow2 -q; "$V" chain big-c.qcow2 -o big-i.qcow2 -q
+fi
+kib() { awk -v k="$1" '$1 == k":" {print $2}' "/proc/$pid/status"; }
+for i in "${!bins[@]}"; do
+  serve_up "${bins[$i]}" serve big-i.qcow2 --socket "$sock" -q
+  sleep 0.5
+  idle=$(kib VmRSS)
+  tr=$(t nbdcopy -C 1 "nbd+unix:///big-i?socket=$sock" null:)
+  peak=$(kib VmHWM); after=$(kib VmRSS)
+  serve_down
+  echo "   ${names[$i]}: idle $((idle / 1024)) MiB, peak during the read $((peak / 1024)) MiB, after $((after / 1024)) MiB (read ${tr}s)"
+done

@@ -111,6 +111,20 @@ pub fn cache_meta(img: &Image) -> Result<Option<CacheMeta>> {
     }
 }
 
+/// Mark a cache that copy-on-read or warming is about to fill `warming` (when it was
+/// `empty`; other states stay). `meta`: its vmicache extension as read.
+pub fn mark_warming(img: &Image, meta: &CacheMeta) -> Result<()> {
+    if meta.state != vext::CacheState::Empty {
+        return Ok(());
+    }
+    let q = img
+        .as_qcow2()
+        .ok_or_else(|| Error::request(img.path(), "a cache must be qcow2"))?;
+    let mut m = meta.clone();
+    m.state = vext::CacheState::Warming;
+    q.set_cache_meta(Some(&m))
+}
+
 /// Verify that the cache's base is still the base it was built over, as far as it may be
 /// looked at: a sealed cache's base is not contacted (its recorded file size, inode and
 /// modification time are compared when it is a local file that is there); other caches' bases

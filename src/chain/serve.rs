@@ -148,12 +148,7 @@ pub fn open_with(
         // being filled reads from the base anyway: check its content fingerprint too.
         require_base(&cache, fill)?;
         if fill {
-            let q = cache.as_qcow2().expect("caches are qcow2");
-            if m.state == CacheState::Empty {
-                let mut m2 = m.clone();
-                m2.state = CacheState::Warming;
-                q.set_cache_meta(Some(&m2))?;
-            }
+            super::build::mark_warming(&cache, m)?;
             Cor::enable(&cache, m.quota, record)?;
         }
     }

@@ -61,11 +61,7 @@ pub fn open_cache_rw(path: &Path) -> Result<Image> {
         ));
     }
     require_base_matches(&img)?;
-    if meta.state == CacheState::Empty {
-        let mut m = meta;
-        m.state = CacheState::Warming;
-        img.as_qcow2().unwrap().set_cache_meta(Some(&m))?;
-    }
+    super::build::mark_warming(&img, &meta)?;
     Ok(img)
 }
 
