@@ -302,6 +302,21 @@ fn map_cache_and_instance() {
         );
     }
     assert_map_eq(&cache);
+    // Sealed, the cache reaches its base lazily; `inspect` opens it (to show it) and the map
+    // still names the base at depth 1 under the cache, 2 under the instance.
+    run(bin().args(["seal", ps(&cache)]));
+    let m = assert_map_eq(&cache);
+    assert_has(
+        &m,
+        "the base at depth 1",
+        &[("depth", 1.into()), ("data", true.into())],
+    );
+    let m = assert_map_eq(&inst);
+    assert_has(
+        &m,
+        "the base at depth 2",
+        &[("depth", 2.into()), ("data", true.into())],
+    );
 }
 
 /// A qcow2 of `size` with `cluster` clusters over a sparse raw file, written at seeded random

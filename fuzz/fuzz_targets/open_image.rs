@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Some(q) = img.as_qcow2() {
         let _ = q.allocated_clusters();
-        let _ = q.block_status(0, size);
     }
+    let _ = img.chain_status(0, size);
+    let _ = img.read_pieces(0, size.min(1 << 20));
 });

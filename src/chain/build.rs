@@ -74,6 +74,7 @@ pub struct BuildOptions {
 
 /// Create an empty cache layer at `cache` over `base`, recording the base's identity.
 pub fn build_cache(base: &Path, cache: &Path, o: &BuildOptions) -> Result<BaseIdentity> {
+    crate::nbd::register();
     let base_img = Image::open(
         base,
         &OpenOptions {
@@ -254,6 +255,7 @@ pub fn make_instance_verified(
     cluster_size: u64,
     verify: bool,
 ) -> Result<()> {
+    crate::nbd::register();
     let img = Image::open(cache, &OpenOptions::read_only())?;
     if img.format() != Format::Qcow2 {
         return Err(Error::request(cache, "a cache must be a qcow2 image"));

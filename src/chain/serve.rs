@@ -57,6 +57,9 @@ impl Export for ChainExport {
     /// One walk of the chain: zero clusters (and holes of the base while nothing fills the
     /// cache) are runs of zeroes; what copy-on-read fetches is data, so the cache stores it
     /// (as zero clusters where it is zero) and the trace records it.
+    fn read_pieces(&self, offset: u64, len: u64) -> Result<Option<Vec<crate::engine::Piece<'_>>>> {
+        self.image.read_pieces(offset, len).map(Some)
+    }
     fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<SparseRun>> {
         self.image.read_sparse(buf, offset)
     }
@@ -116,6 +119,7 @@ pub fn open_with(
     record: bool,
     pass_through_if_busy: bool,
 ) -> Result<Served> {
+    crate::nbd::register();
     let (_, first) = instances
         .first()
         .ok_or_else(|| Error::refused(crate::Subject::Other("serve".into()), "nothing to serve"))?;

@@ -50,6 +50,7 @@ pub struct WarmStats {
 /// Open a cache for warming: writable, a vmicache cache, not sealed, base unchanged. Marks it
 /// `warming`.
 pub fn open_cache_rw(path: &Path) -> Result<Image> {
+    crate::nbd::register();
     let img = Image::open(path, &OpenOptions::locked_write())?;
     let meta = cache_meta(&img)?.ok_or_else(|| {
         Error::request(path, "not a vmicache cache (no vmicache header extension)")

@@ -61,9 +61,9 @@ impl Drop for Claim<'_> {
 }
 
 impl Cor {
-    /// Turn copy-on-read on for `q`: reads of clusters missing there fill them from the
-    /// backing file, storing at most `quota` bytes of data (0: no limit). `record` keeps the
-    /// base reads.
+    /// Turn copy-on-read on for `img` (a qcow2 cache over its base): reads of clusters
+    /// missing there fill them from the backing file, storing at most `quota` bytes of data
+    /// (0: no limit). `record` keeps the base reads.
     pub fn enable(img: &Image, quota: u64, record: bool) -> Result<()> {
         let q = cache_layer(img)?;
         q.require_writable()?;

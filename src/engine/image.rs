@@ -287,6 +287,18 @@ impl Image {
     /// the chain from this image, as QEMU's block status reports it (`qemu-img map`): the
     /// layer that holds it and what it holds there. Reads only metadata.
     pub fn chain_status(&self, off: u64, len: u64) -> Result<Extent> {
+        if len == 0 {
+            return Ok(Extent {
+                start: off,
+                length: 0,
+                depth: 0,
+                present: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: None,
+            });
+        }
         let mut img = self;
         let mut depth = 0;
         let mut len = len;

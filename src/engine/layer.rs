@@ -121,16 +121,6 @@ pub trait BackingRead: Sync {
     fn read_below(&self, buf: &mut [u8], off: u64) -> Result<()>;
 }
 
-/// Nothing below: zeros.
-pub struct NoBacking;
-
-impl BackingRead for NoBacking {
-    fn read_below(&self, buf: &mut [u8], _off: u64) -> Result<()> {
-        buf.fill(0);
-        Ok(())
-    }
-}
-
 /// A run of guest bytes and where it lives in a chain ([`super::Image::chain_status`]); the
 /// fields mean what they mean in `qemu-img map --output=json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -169,13 +159,19 @@ pub trait Layer: Send + Sync + std::fmt::Debug {
     fn write_zeroes(&self, off: u64, len: u64, below: &dyn BackingRead) -> Result<()>;
     /// Write cached metadata in safe order; `durable` syncs to stable storage.
     fn flush(&self, durable: bool) -> Result<()>;
+    /// Whether what a data run maps stays what it is while the layer is open (it is open
+    /// read-only: no cluster is ever freed or rewritten), so its bytes may be sent from the
+    /// file after the mapping's guard is let go.
+    fn stable(&self) -> bool {
+        false
+    }
     /// Whether data runs must be checked against the file system's holes for block status
     /// (a metadata-preallocated qcow2 image, as QEMU does).
     fn data_may_be_holes(&self) -> Result<bool> {
         Ok(false)
     }
     /// A layer that stands for a chain of its own (the lazily reached base of a sealed
-    /// cache): block status from that chain when it is open (depths counted from it).
+    /// cache): block status from that chain when it is open (its top at this layer's depth).
     fn status_within(&self, _off: u64, _len: u64) -> Option<Result<Extent>> {
         None
     }

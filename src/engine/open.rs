@@ -103,7 +103,9 @@ pub fn resolve_backing(overlay: &Path, name: &str) -> Result<PathBuf> {
     if name.starts_with("json:") || is_uri(name) {
         return Err(Error::unsupported(
             overlay,
-            format!("backing file protocol in '{name}' (only local files)"),
+            format!(
+                "backing file protocol in '{name}' (only local files, and URIs a registered opener takes: vmicache::nbd::register() adds nbd+unix://)"
+            ),
         ));
     }
     let p = Path::new(name);

@@ -97,6 +97,9 @@ impl Layer for Raw {
     fn write_zeroes(&self, off: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
         super::layer::write_zero_bytes(off, len, |b, p| self.write_at(b, p, below))
     }
+    fn stable(&self) -> bool {
+        !self.writable
+    }
     fn flush(&self, durable: bool) -> Result<()> {
         if self.writable && durable {
             self.storage.sync()?;

@@ -271,13 +271,8 @@ impl Layer for RemoteBase {
         if off >= real.virtual_size() {
             return None;
         }
-        Some(
-            real.chain_status(off, len.min(real.virtual_size() - off))
-                .map(|mut e| {
-                    e.depth += 1;
-                    e
-                }),
-        )
+        // Its layers count from this one: the base's own top is at this layer's depth.
+        Some(real.chain_status(off, len.min(real.virtual_size() - off)))
     }
 }
 

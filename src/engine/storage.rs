@@ -33,6 +33,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn allocated_bytes(&self) -> Result<u64> {
         self.len()
     }
+    /// The open file, when the storage is one (for sending its bytes without copying them
+    /// through memory, `sendfile(2)`).
+    fn file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// What the file system says of a byte range of a file.
@@ -187,6 +192,9 @@ impl FileStorage {
 impl Storage for FileStorage {
     fn path(&self) -> &Path {
         &self.path
+    }
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
     }
     /// From the open file, never by path (which may name another file after a rename).
     fn allocated_bytes(&self) -> Result<u64> {

@@ -6,6 +6,7 @@ use std::sync::RwLock;
 
 use super::proto;
 use crate::engine::image::{push_run, SparseRun};
+use crate::engine::Piece;
 use crate::{Error, Result, Subject};
 
 /// What the errors of a [`MemExport`] are about.
@@ -59,6 +60,13 @@ pub trait Export: Send + Sync {
     /// as `NBD_REPLY_TYPE_OFFSET_HOLE` chunks instead of bytes. The default reads everything
     /// and takes the runs from [`Export::block_status`] (all data if that fails: the bytes
     /// were read).
+    /// The bytes at `offset` as pieces (zero runs, bytes, ranges of files that do not change
+    /// while open) that the server sends as they are, file ranges by `sendfile(2)` without
+    /// copying them through memory; `None` (the default): the server reads with
+    /// [`Export::read_sparse`] instead.
+    fn read_pieces(&self, _offset: u64, _len: u64) -> Result<Option<Vec<Piece<'_>>>> {
+        Ok(None)
+    }
     fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<SparseRun>> {
         self.read(buf, offset)?;
         let mut runs: Vec<SparseRun> = Vec::new();

@@ -87,6 +87,7 @@ mod handshake;
 mod listener;
 mod opener;
 pub mod proto;
+mod reply;
 mod state;
 mod transmission;
 

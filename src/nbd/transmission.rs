@@ -1,7 +1,7 @@
 //! The transmission phase of one connection: reading requests, serving them on the
 //! connection's workers, and writing replies. See the module documentation of [`crate::nbd`].
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use super::export::Export;
 use super::handshake::{handshake, violation};
 use super::proto::*;
+use super::reply::Reply;
 use super::state::{lock, ExportSlot, Exports, Shared};
 use crate::engine::image::SparseRun;
 use crate::Error;
@@ -241,7 +242,7 @@ impl Connection<'_> {
             }
             let reply = self.serve(&job.req, job.payload);
             let mut w = lock(&self.writer);
-            if w.write_all(&reply).is_err() {
+            if reply.write_to(&mut w).is_err() {
                 // The client is gone: drop what is queued and make the reader notice.
                 self.dead.store(true, Ordering::Release);
                 let _ = w.shutdown(std::net::Shutdown::Both);
@@ -294,7 +295,45 @@ impl Connection<'_> {
     }
 
     /// The complete reply to one request.
-    fn serve(&self, req: &Request, payload: Option<Vec<u8>>) -> Vec<u8> {
+    fn serve(&self, req: &Request, payload: Option<Vec<u8>>) -> Reply<'_> {
+        if req.typ == CMD_READ && self.check(req).is_ok() {
+            if let Some(r) = self.read_zero_copy(req) {
+                return r;
+            }
+        }
+        Reply::bytes(self.serve_bytes(req, payload))
+    }
+
+    /// A read answered from the export's pieces, when it gives them (`None`: it does not).
+    fn read_zero_copy(&self, req: &Request) -> Option<Reply<'_>> {
+        if req.length == 0 {
+            return None;
+        }
+        let pieces = match self.export.read_pieces(req.offset, u64::from(req.length)) {
+            Ok(p) => p?,
+            Err(e) => {
+                return Some(Reply::bytes(self.error_reply(
+                    req,
+                    errno(&e),
+                    &e.to_string(),
+                )))
+            }
+        };
+        if pieces.iter().map(|p| p.len()).sum::<u64>() != u64::from(req.length) {
+            return None;
+        }
+        let fragment = self.structured && req.flags & CMD_FLAG_DF == 0;
+        Some(Reply::read(
+            req.cookie,
+            req.offset,
+            pieces,
+            self.structured,
+            fragment,
+        ))
+    }
+
+    /// The complete reply to one request, in memory.
+    fn serve_bytes(&self, req: &Request, payload: Option<Vec<u8>>) -> Vec<u8> {
         if let Err((errno, msg)) = self.check(req) {
             return self.error_reply(req, errno, &msg);
         }

@@ -21,7 +21,16 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The L2 table at host offset `off`, read into the cache if it is not there.
+    /// Mark the cached table at `off` used now (LRU); works under the shared lock.
+    pub(super) fn stamp(&self, m: &Meta, off: u64) {
+        if let Some(t) = m.l2.get(&off) {
+            t.used
+                .store(self.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    /// The L2 table at host offset `off`, read into the cache if it is not there; stamped
+    /// used.
     pub(super) fn load_l2<'m>(&self, m: &'m mut Meta, off: u64) -> Result<&'m mut L2Table> {
         if !m.l2.contains_key(&off) {
             self.make_room(m)?;
@@ -36,7 +45,10 @@ impl Qcow2 {
                 },
             );
         }
-        Ok(m.l2.get_mut(&off).expect("just inserted"))
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        let t = m.l2.get_mut(&off).expect("just inserted");
+        *t.used.get_mut() = tick;
+        Ok(t)
     }
 
     /// A new, empty (dirty) L2 table at host offset `off`.

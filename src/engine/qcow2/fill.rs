@@ -36,9 +36,12 @@ impl Qcow2 {
         {
             let mut guard = self.lock();
             let m: &mut Meta = &mut guard;
+            // A cluster an allocating write has claimed counts as taken: that write gives it
+            // its new content.
             let unalloc = |q: &Self, m: &mut Meta, i: usize| -> Result<bool> {
-                let e = q.entry(m, GuestOffset(off + i as u64 * cs))?;
-                Ok(q.decode(m, e)? == L2Mapping::Unallocated)
+                let g = off + i as u64 * cs;
+                let e = q.entry(m, GuestOffset(g))?;
+                Ok(q.decode(m, e)? == L2Mapping::Unallocated && !q.is_claimed(g))
             };
             let mut i = 0;
             while i < n {
@@ -98,7 +101,7 @@ impl Qcow2 {
                 // Callers claim the clusters they fill; should two fills still meet, the
                 // first link wins and the other's cluster is given back.
                 let e = self.entry(m, g)?;
-                if self.decode(m, e)? != L2Mapping::Unallocated {
+                if self.decode(m, e)? != L2Mapping::Unallocated || self.is_claimed(g.0) {
                     m.pending_free.push(h.0 >> self.geo.cluster_bits);
                     st.data_clusters -= 1;
                     continue;

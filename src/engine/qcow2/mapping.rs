@@ -7,16 +7,44 @@ use crate::format::table::{L1Entry, L2Entry, L2Mapping};
 use crate::format::types::GuestOffset;
 use crate::Result;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
-/// An L2 entry looked up in the cached tables.
+/// An L2 entry looked up.
+#[derive(Clone, Copy)]
 enum Look {
-    Entry(L2Entry),
+    /// The entry, in the table at this host offset.
+    Entry(u64, L2Entry),
     /// No L2 table: unallocated.
     NoTable,
-    /// The L2 table at this host offset is not cached.
-    Missing(u64),
+    /// The table is not cached.
+    Missing,
 }
+
+/// A mapping walk in progress.
+struct Walk {
+    out: Vec<Run>,
+    pos: u64,
+    end: u64,
+    mode: MapMode,
+    /// The table stamped last (each is stamped once per walk).
+    stamped: Option<u64>,
+    done: bool,
+}
+
+impl Walk {
+    fn new(off: u64, len: u64, mode: MapMode) -> Walk {
+        Walk {
+            out: Vec::new(),
+            pos: off,
+            end: off + len,
+            mode,
+            stamped: None,
+            done: false,
+        }
+    }
+}
+
+/// Guest bytes mapped at once by walks over whole ranges (bounds their run lists).
+const MAP_STEP: u64 = 1 << 30;
 
 /// Whether a piece mapped `map` continues the run `last` (contiguous host data; zeros; for
 /// block status also contiguous preallocated zeros and compressed clusters).
@@ -92,100 +120,117 @@ impl Qcow2 {
     }
 
     /// The L2 entry for guest offset `g` from the cached tables only.
-    fn look(&self, m: &Meta, g: GuestOffset) -> Result<Look> {
+    fn look_cached(&self, m: &Meta, g: GuestOffset) -> Result<Look> {
         let l1i = self.geo.l1_index(g) as usize;
         let Some(l2off) = self.l2_offset(m, l1i)? else {
             return Ok(Look::NoTable);
         };
         match m.l2.get(&l2off) {
-            Some(t) => {
-                t.used
-                    .store(self.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
-                Ok(Look::Entry(L2Entry(t.entries[self.geo.l2_index(g)])))
-            }
-            None => Ok(Look::Missing(l2off)),
+            Some(t) => Ok(Look::Entry(l2off, L2Entry(t.entries[self.geo.l2_index(g)]))),
+            None => Ok(Look::Missing),
         }
     }
 
-    /// The runs of `[off, off+len)` from the cached tables (see [`Layer::map`]), or the host
-    /// offset of an L2 table that must be loaded first.
-    fn map_cached(
-        &self,
-        m: &Meta,
-        off: u64,
-        len: u64,
-        mode: MapMode,
-    ) -> Result<std::result::Result<Vec<Run>, u64>> {
-        let mut out: Vec<Run> = Vec::new();
-        let end = off + len;
-        let mut pos = off;
-        while pos < end {
-            let inc = self.geo.in_cluster(pos);
-            let (map, n) = match self.look(m, GuestOffset(pos))? {
-                Look::Missing(l2off) => return Ok(Err(l2off)),
-                // No L2 table: the whole span it would map is unallocated.
-                Look::NoTable => {
-                    let span = self.geo.l2_span();
-                    (
-                        Mapping::Unallocated,
-                        ((pos / span + 1) * span).min(end) - pos,
-                    )
-                }
-                Look::Entry(e) => {
-                    let n = (self.geo.cluster_size() - inc).min(end - pos);
-                    let map = match self.decode(m, e)? {
-                        L2Mapping::Unallocated => Mapping::Unallocated,
-                        L2Mapping::Zero { prealloc, .. } => Mapping::Zero {
-                            host: prealloc.map(|h| h.0 + inc),
-                        },
-                        L2Mapping::Data { host, .. } => Mapping::Data { host: host.0 + inc },
-                        L2Mapping::Compressed { host, len } => {
-                            Mapping::Compressed { host: host.0, len }
-                        }
-                    };
-                    (map, n)
-                }
-            };
-            if let Some(last) = out.last_mut() {
-                if continues(last, map, mode) {
-                    last.len += n;
-                    pos += n;
-                    continue;
-                }
-                if out.len() >= mode.max_runs {
-                    break;
-                }
-            }
-            out.push(Run {
-                off: pos,
-                len: n,
-                map,
-            });
-            pos += n;
-        }
-        Ok(Ok(out))
+    /// The L2 entry for guest offset `g`, loading its table when it is not cached.
+    fn look_loading(&self, m: &mut Meta, g: GuestOffset) -> Result<Look> {
+        let l1i = self.geo.l1_index(g) as usize;
+        let Some(l2off) = self.l2_offset(m, l1i)? else {
+            return Ok(Look::NoTable);
+        };
+        let t = self.load_l2(m, l2off)?;
+        Ok(Look::Entry(l2off, L2Entry(t.entries[self.geo.l2_index(g)])))
     }
 
-    /// [`Layer::map`]: shared lock while the tables are cached, exclusive to load one.
+    /// Take one lookup at `w.pos` into the walk: merge it into the last run, start a new
+    /// one, or end the walk (`mode.max_runs` reached). Each table is stamped once for the LRU.
+    fn step(&self, m: &Meta, w: &mut Walk, look: Look) -> Result<()> {
+        let pos = w.pos;
+        let inc = self.geo.in_cluster(pos);
+        let (map, n) = match look {
+            // No L2 table: the whole span it would map is unallocated.
+            Look::NoTable | Look::Missing => {
+                let span = self.geo.l2_span();
+                (
+                    Mapping::Unallocated,
+                    ((pos / span + 1) * span).min(w.end) - pos,
+                )
+            }
+            Look::Entry(l2off, e) => {
+                if w.stamped != Some(l2off) {
+                    w.stamped = Some(l2off);
+                    self.stamp(m, l2off);
+                }
+                let n = (self.geo.cluster_size() - inc).min(w.end - pos);
+                let map = match self.decode(m, e)? {
+                    L2Mapping::Unallocated => Mapping::Unallocated,
+                    L2Mapping::Zero { prealloc, .. } => Mapping::Zero {
+                        host: prealloc.map(|h| h.0 + inc),
+                    },
+                    L2Mapping::Data { host, .. } => Mapping::Data { host: host.0 + inc },
+                    L2Mapping::Compressed { host, len } => {
+                        Mapping::Compressed { host: host.0, len }
+                    }
+                };
+                (map, n)
+            }
+        };
+        if let Some(last) = w.out.last_mut() {
+            if continues(last, map, w.mode) {
+                last.len += n;
+                w.pos += n;
+                return Ok(());
+            }
+            if w.out.len() >= w.mode.max_runs {
+                w.done = true;
+                return Ok(());
+            }
+        }
+        w.out.push(Run {
+            off: pos,
+            len: n,
+            map,
+        });
+        w.pos += n;
+        Ok(())
+    }
+
+    /// `Layer::map`: under the shared lock while every table needed is cached; at the first
+    /// table missing, the whole walk again under the exclusive lock, loading tables as it
+    /// goes (one pass, however many tables it needs and the cache holds).
     pub(super) fn map_range(&self, off: u64, len: u64, mode: MapMode) -> Result<Mapped<'_>> {
         self.check_range(off, len)?;
-        loop {
-            let need = {
-                let m = self.lock_shared();
-                match self.map_cached(&m, off, len, mode)? {
-                    Ok(runs) => {
-                        let guard = self.gate(&m);
-                        return Ok(Mapped {
-                            runs,
-                            guard: Some(guard),
-                        });
+        {
+            let m = self.lock_shared();
+            let mut w = Walk::new(off, len, mode);
+            let mut all_cached = true;
+            while !w.done && w.pos < w.end {
+                match self.look_cached(&m, GuestOffset(w.pos))? {
+                    Look::Missing => {
+                        all_cached = false;
+                        break;
                     }
-                    Err(l2off) => l2off,
+                    l => self.step(&m, &mut w, l)?,
                 }
-            };
-            let mut m = self.lock();
-            self.load_l2(&mut m, need)?;
+            }
+            if all_cached {
+                let guard = self.gate(&m);
+                return Ok(Mapped {
+                    runs: w.out,
+                    guard: Some(guard),
+                });
+            }
         }
+        let mut m = self.lock();
+        let mut w = Walk::new(off, len, mode);
+        while !w.done && w.pos < w.end {
+            let l = self.look_loading(&mut m, GuestOffset(w.pos))?;
+            self.step(&m, &mut w, l)?;
+        }
+        let guard = self.gate(&m);
+        Ok(Mapped {
+            runs: w.out,
+            guard: Some(guard),
+        })
     }
 
     /// Guest clusters in `[off, off+len)` that are unallocated at this layer, as
@@ -197,12 +242,18 @@ impl Qcow2 {
         if start >= end {
             return Ok(out);
         }
-        let mapped = self.map_range(start, end - start, MapMode::READ)?;
-        for r in mapped.runs.iter().filter(|r| r.map == Mapping::Unallocated) {
-            match out.last_mut() {
-                Some(l) if l.0 + l.1 == r.off => l.1 += r.len,
-                _ => out.push((r.off, r.len)),
+        // In bounded steps: a read mapping has a run per compressed cluster.
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(MAP_STEP);
+            let mapped = self.map_range(pos, n, MapMode::READ)?;
+            for r in mapped.runs.iter().filter(|r| r.map == Mapping::Unallocated) {
+                match out.last_mut() {
+                    Some(l) if l.0 + l.1 == r.off => l.1 += r.len,
+                    _ => out.push((r.off, r.len)),
+                }
             }
+            pos += n;
         }
         Ok(out)
     }

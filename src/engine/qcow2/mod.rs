@@ -76,7 +76,7 @@ pub struct Qcow2 {
     /// holder of the gate waits for (a holder never waits for the metadata lock).
     gate: RwLock<()>,
     /// Guest clusters an allocating write is working on (allocated, not yet linked): other
-    /// writes and zeroing of them wait ([`write`]).
+    /// writes, zeroing and fills of them wait (`write.rs`).
     claims: Mutex<HashSet<u64>>,
     claimed: Condvar,
     /// LRU clock of the L2 cache: each hit stamps its table with the next tick.
@@ -313,6 +313,9 @@ impl Layer for Qcow2 {
     }
     fn flush(&self, durable: bool) -> Result<()> {
         Qcow2::flush(self, durable)
+    }
+    fn stable(&self) -> bool {
+        !self.writable
     }
     fn data_may_be_holes(&self) -> Result<bool> {
         self.metadata_preallocated()

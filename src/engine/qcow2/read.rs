@@ -7,7 +7,7 @@ use crate::format::types::HostOffset;
 use crate::{Error, Result};
 
 impl Qcow2 {
-    /// Read the bytes of `run` into `dst`; the caller holds the run's [`Mapped`] guard
+    /// Read the bytes of `run` into `dst`; the caller holds the run's `Mapped` guard
     /// (`crate::engine::layer::Mapped`), so its clusters are not reused meanwhile.
     pub(super) fn read_mapped(&self, dst: &mut [u8], run: &Run) -> Result<()> {
         match run.map {

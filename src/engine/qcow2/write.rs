@@ -110,6 +110,14 @@ impl Qcow2 {
         clusters.find(|g| c.contains(g))
     }
 
+    /// Whether an allocating write has claimed guest cluster `g` (a fill leaves it alone).
+    pub(super) fn is_claimed(&self, g: u64) -> bool {
+        self.claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&g)
+    }
+
     /// Wait until guest cluster `g` is no longer claimed (no metadata lock held).
     fn wait_unclaimed(&self, g: u64) {
         let mut c = self.claims.lock().unwrap_or_else(|p| p.into_inner());
@@ -159,6 +167,9 @@ impl Qcow2 {
         }
         self.write_new(&plan.new, buf, off, &pre, below)?;
         drop(gate);
+        if plan.new.is_empty() {
+            return Ok(());
+        }
         let mut m = self.lock();
         for n in &plan.new {
             let g = GuestOffset(n.g);
