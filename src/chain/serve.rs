@@ -60,6 +60,13 @@ impl Export for ChainExport {
     fn read_pieces(&self, offset: u64, len: u64) -> Result<Option<Vec<crate::engine::Piece<'_>>>> {
         self.image.read_pieces(offset, len).map(Some)
     }
+    fn read_pieces_local(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<crate::engine::Piece<'_>>>> {
+        self.image.read_pieces_local(offset, len)
+    }
     fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<SparseRun>> {
         self.image.read_sparse(buf, offset)
     }

@@ -64,11 +64,31 @@ impl Image {
     /// [`Image::read_sparse`].
     pub fn read_pieces(&self, off: u64, len: u64) -> Result<Vec<Piece<'_>>> {
         let mut out = Vec::new();
-        self.pieces_into(off, len, &mut out)?;
+        self.pieces_into(off, len, &mut out, false)?;
         Ok(out)
     }
 
-    fn pieces_into<'a>(&'a self, off: u64, len: u64, out: &mut Vec<Piece<'a>>) -> Result<()> {
+    /// [`Self::read_pieces`] when it needs nothing but memory and local files (no read
+    /// filter, no storage reached over the network or opened on demand): `None` otherwise,
+    /// having read nothing that matters. For answering a read at once, without handing it to
+    /// another thread.
+    pub fn read_pieces_local(&self, off: u64, len: u64) -> Result<Option<Vec<Piece<'_>>>> {
+        let mut out = Vec::new();
+        Ok(self.pieces_into(off, len, &mut out, true)?.then_some(out))
+    }
+
+    /// Appends the pieces of `[off, off+len)`; with `local`, gives up (false) at the first
+    /// piece that would need more than memory and local files.
+    fn pieces_into<'a>(
+        &'a self,
+        off: u64,
+        len: u64,
+        out: &mut Vec<Piece<'a>>,
+        local: bool,
+    ) -> Result<bool> {
+        if local && (self.read_filter().is_some() || self.storage().file().is_none()) {
+            return Ok(false);
+        }
         if self.read_filter().is_some() {
             // Copy-on-read decides what it reads: as a sparse read does.
             let mut buf = vec![0u8; len as usize];
@@ -85,7 +105,7 @@ impl Image {
                 );
                 at += n;
             }
-            return Ok(());
+            return Ok(true);
         }
         let layer = self.layer();
         let file = if layer.stable() {
@@ -124,13 +144,15 @@ impl Image {
                         None => 0,
                     };
                     if let (Some(b), true) = (self.backing(), have > 0) {
-                        b.pieces_into(pos, have, out)?;
+                        if !b.pieces_into(pos, have, out, local)? {
+                            return Ok(false);
+                        }
                     }
                     // Past the end of what is below reads as zeros.
                     push(out, Piece::Zero(n - have));
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 }

@@ -67,6 +67,12 @@ pub trait Export: Send + Sync {
     fn read_pieces(&self, _offset: u64, _len: u64) -> Result<Option<Vec<Piece<'_>>>> {
         Ok(None)
     }
+    /// [`Export::read_pieces`] when the export can answer from memory and local files alone,
+    /// quickly: the server then answers the read on the thread that read it, with no hand-off.
+    /// `None` (the default): not now.
+    fn read_pieces_local(&self, _offset: u64, _len: u64) -> Result<Option<Vec<Piece<'_>>>> {
+        Ok(None)
+    }
     fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<SparseRun>> {
         self.read(buf, offset)?;
         let mut runs: Vec<SparseRun> = Vec::new();
