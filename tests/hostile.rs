@@ -104,7 +104,7 @@ fn empty_file() {
     let img = dir.path().join("empty.img");
     std::fs::File::create(&img).unwrap();
     // No magic: QEMU probes an empty file as a 0-byte raw image, so inspect shows it (the map
-    // itself is compared with qemu-img's in map_check.rs); it must not panic.
+    // itself is compared with qemu-img's in map_check/); it must not panic.
     for args in [
         &["inspect"][..],
         &["inspect", "--json"],
@@ -360,7 +360,7 @@ fn l2_table_past_eof_after_truncation() {
     assert_refused(&["inspect", p, "--map", "--json"], &["outside the image"]);
     chain_refused(&img, &[]);
 
-    // The numbers are compared with qemu-img's in map_check.rs.
+    // The numbers are compared with qemu-img's in map_check/.
     let out = run_status(bin().args(["check", p]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
