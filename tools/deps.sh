@@ -3,7 +3,7 @@
 #
 # QEMU comes from bookworm-backports (10.x): bookworm's own qemu-system-x86 (7.2) would replace
 # the qemu-utils 10 these machines ship with, and the tests compare against QEMU 10's output.
-#   tools/deps.sh            # test peers: qemu-utils, libnbd-bin
+#   tools/deps.sh            # test peers: qemu-utils, libnbd-bin, python3-libnbd
 #   tools/deps.sh --boot     # also qemu-system-x86, nbdkit and what images/ needs
 set -euo pipefail
 boot=0
@@ -19,6 +19,7 @@ if [ $boot = 1 ]; then
 fi
 need=()
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 if [ $boot = 1 ]; then
   command -v nbdkit >/dev/null || need+=(nbdkit)
   command -v debootstrap >/dev/null || need+=(debootstrap)

@@ -57,7 +57,17 @@ impl Export for ChainExport {
     /// One walk of the chain: zero clusters (and holes of the base while nothing fills the
     /// cache) are runs of zeroes; what copy-on-read fetches is data, so the cache stores it
     /// (as zero clusters where it is zero) and the trace records it.
+    /// Pieces, unless copy-on-read is filling the cache: then the one-buffer sparse read
+    /// ([`Export::read_sparse`]) copies least.
     fn read_pieces(&self, offset: u64, len: u64) -> Result<Option<Vec<crate::engine::Piece<'_>>>> {
+        if self
+            .image
+            .layers()
+            .iter()
+            .any(|l| l.read_filter().is_some())
+        {
+            return Ok(None);
+        }
         self.image.read_pieces(offset, len).map(Some)
     }
     fn read_pieces_local(

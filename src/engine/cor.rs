@@ -148,44 +148,64 @@ pub fn fill_from_backing(
     mut sink: impl FnMut(u64, &[u8]),
 ) -> Result<FillFromBacking> {
     let q = cache_layer(img)?;
-    let cs = q.geometry().cluster_size();
-    let backing = img
-        .backing()
-        .ok_or_else(|| Error::request(q.path(), "filling needs a backing file"))?;
     let mut out = FillFromBacking::default();
     for (s, n) in q.unallocated_runs(off, len)? {
         let mut buf = vec![0u8; n as usize];
-        let mut nonzero = 0;
-        for z in backing.zero_runs(s, n)?.into_iter().filter(|z| !z.zero) {
-            let at = (z.off - s) as usize;
-            img.read_below(&mut buf[at..at + z.len as usize], z.off)?;
-            out.base_bytes += z.len;
-            nonzero += z.len;
-        }
-        let want = if nonzero == 0 { 0 } else { n.div_ceil(cs) };
-        let granted = {
-            let mut b = budget.lock().unwrap_or_else(|p| p.into_inner());
-            let g = want.min(*b);
-            *b -= g;
-            g
-        };
-        let f = q.fill(s, &buf, granted);
-        let used = f.as_ref().map_or(0, |f| f.data_clusters.min(granted));
-        *budget.lock().unwrap_or_else(|p| p.into_inner()) += granted - used;
-        match f {
-            Ok(f) => {
-                out.stats.data_clusters += f.data_clusters;
-                out.stats.zero_clusters += f.zero_clusters;
-                out.stats.over_quota += f.over_quota;
-            }
-            // What was read is still good: a reader gets it although it was not stored.
-            Err(e) => {
-                out.store_error.get_or_insert(e);
-            }
-        }
+        fill_run(img, q, s, &mut buf, budget, &mut out)?;
         sink(s, &buf);
     }
     Ok(out)
+}
+
+/// Fill the unallocated run at `s` (`buf.len()` bytes, whole clusters) from the backing
+/// file, its content left in `buf` (zeros where the backing file's metadata proves them).
+fn fill_run(
+    img: &Image,
+    q: &Qcow2,
+    s: u64,
+    buf: &mut [u8],
+    budget: &Mutex<u64>,
+    out: &mut FillFromBacking,
+) -> Result<()> {
+    let cs = q.geometry().cluster_size();
+    let n = buf.len() as u64;
+    let backing = img
+        .backing()
+        .ok_or_else(|| Error::request(q.path(), "filling needs a backing file"))?;
+    let mut nonzero = 0;
+    for z in backing.zero_runs(s, n)? {
+        let at = (z.off - s) as usize;
+        let part = &mut buf[at..at + z.len as usize];
+        if z.zero {
+            part.fill(0);
+        } else {
+            img.read_below(part, z.off)?;
+            out.base_bytes += z.len;
+            nonzero += z.len;
+        }
+    }
+    let want = if nonzero == 0 { 0 } else { n.div_ceil(cs) };
+    let granted = {
+        let mut b = budget.lock().unwrap_or_else(|p| p.into_inner());
+        let g = want.min(*b);
+        *b -= g;
+        g
+    };
+    let f = q.fill(s, buf, granted);
+    let used = f.as_ref().map_or(0, |f| f.data_clusters.min(granted));
+    *budget.lock().unwrap_or_else(|p| p.into_inner()) += granted - used;
+    match f {
+        Ok(f) => {
+            out.stats.data_clusters += f.data_clusters;
+            out.stats.zero_clusters += f.zero_clusters;
+            out.stats.over_quota += f.over_quota;
+        }
+        // What was read is still good: a reader gets it although it was not stored.
+        Err(e) => {
+            out.store_error.get_or_insert(e);
+        }
+    }
+    Ok(())
 }
 
 /// Read `dst` at `pos` (a run unallocated in `img`'s layer when mapped) with copy-on-read.
@@ -207,19 +227,39 @@ fn cor_read(img: &Image, cor: &Cor, dst: &mut [u8], pos: u64) -> Result<()> {
     let _claim = Claim { cor, clusters };
     // Under the claim nobody else changes these clusters: what is unallocated now is ours.
     let mut covered = Vec::new();
-    let f = fill_from_backing(img, a, b - a, &cor.budget, |s, buf| {
+    let record = |s: u64, n: u64| {
         if let Some(r) = &cor.record {
-            r.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((s, buf.len() as u64));
+            r.lock().unwrap_or_else(|p| p.into_inner()).push((s, n));
         }
-        let (x, y) = (s.max(pos), (s + buf.len() as u64).min(end));
-        if x < y {
-            dst[(x - pos) as usize..(y - pos) as usize]
-                .copy_from_slice(&buf[(x - s) as usize..(y - s) as usize]);
-            covered.push((x, y));
+    };
+    let f = if a == pos && b == end {
+        // Whole clusters: filled straight from and into the reader's buffer.
+        let mut f = FillFromBacking::default();
+        for (s, n) in q.unallocated_runs(a, b - a)? {
+            let at = (s - pos) as usize;
+            fill_run(
+                img,
+                q,
+                s,
+                &mut dst[at..at + n as usize],
+                &cor.budget,
+                &mut f,
+            )?;
+            record(s, n);
+            covered.push((s, s + n));
         }
-    })?;
+        f
+    } else {
+        fill_from_backing(img, a, b - a, &cor.budget, |s, buf| {
+            record(s, buf.len() as u64);
+            let (x, y) = (s.max(pos), (s + buf.len() as u64).min(end));
+            if x < y {
+                dst[(x - pos) as usize..(y - pos) as usize]
+                    .copy_from_slice(&buf[(x - s) as usize..(y - s) as usize]);
+                covered.push((x, y));
+            }
+        })?
+    };
     cor.stats
         .base_bytes
         .fetch_add(f.base_bytes, Ordering::Relaxed);

@@ -38,11 +38,8 @@ impl<'a> Reply<'a> {
     }
     fn push_piece(&mut self, p: Piece<'a>) {
         match p {
-            Piece::Bytes(b) => match self.parts.last_mut() {
-                // A header and the bytes after it go in one write.
-                Some(Part::Bytes(v)) if v.len() < 4096 => v.extend_from_slice(&b),
-                _ => self.parts.push(Part::Bytes(b)),
-            },
+            // Written with the header before it in one vectored write, never copied.
+            Piece::Bytes(b) => self.parts.push(Part::Bytes(b)),
             Piece::File { file, off, len } => self.parts.push(Part::File { file, off, len }),
             Piece::Zero(n) => self.parts.push(Part::Zeros(n)),
         }
@@ -105,17 +102,51 @@ impl<'a> Reply<'a> {
         r
     }
 
-    /// Write the whole reply to `w`.
+    /// Write the whole reply to `w`: consecutive byte parts in one vectored write.
     pub(super) fn write_to(&self, w: &mut UnixStream) -> io::Result<()> {
-        for p in &self.parts {
-            match p {
-                Part::Bytes(b) => w.write_all(b)?,
+        let mut i = 0;
+        while i < self.parts.len() {
+            match &self.parts[i] {
+                Part::Bytes(_) => {
+                    let mut bufs = Vec::new();
+                    while let Some(Part::Bytes(b)) = self.parts.get(i) {
+                        bufs.push(&b[..]);
+                        i += 1;
+                    }
+                    write_all_vectored(w, &bufs)?;
+                    continue;
+                }
                 Part::Zeros(n) => write_zeros(w, *n)?,
                 Part::File { file, off, len } => send_file(w, file, *off, *len)?,
             }
+            i += 1;
         }
         Ok(())
     }
+}
+
+/// All of `bufs`, in order, with as few `writev` calls as the socket takes.
+fn write_all_vectored(w: &mut UnixStream, bufs: &[&[u8]]) -> io::Result<()> {
+    let (mut i, mut at) = (0, 0);
+    while i < bufs.len() {
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&bufs[i][at..])
+            .chain(bufs[i + 1..].iter().copied())
+            .map(io::IoSlice::new)
+            .collect();
+        let mut n = match w.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while i < bufs.len() && n >= bufs[i].len() - at {
+            n -= bufs[i].len() - at;
+            i += 1;
+            at = 0;
+        }
+        at += n;
+    }
+    Ok(())
 }
 
 fn write_zeros(w: &mut UnixStream, mut n: u64) -> io::Result<()> {

@@ -14,6 +14,7 @@ use vmicache::engine::{Image, OpenOptions};
 
 mod copy_on_read;
 mod limits;
+mod replies;
 
 const SIZE: usize = 16 << 20;
 
