@@ -100,7 +100,20 @@ PY
 # qemu-img bench's own time for its requests.
 qb() { sync; qemu-img bench "$@" | sed -n 's/^Run completed in \(.*\) seconds\./\1/p'; }
 t() { sync; python3 -c 'import subprocess,sys,time; t=time.perf_counter(); subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(f"{time.perf_counter()-t:.3f}")' "$@"; }
-median() { local xs=(); for _ in $(seq "$runs"); do xs+=("$("$@")"); done; printf '%s\n' "${xs[@]}" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+median() { local xs=(); for _ in $(seq "$runs"); do xs+=("$("$@")"); done; med "${xs[@]}"; }
+med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+# Interleaved: run k of every contender before run k+1 of any (no contender gets the page
+# cache or a quiet spell the others did not). Contenders: our binaries, then the peer; each
+# contender's times land in T_<index>. Usage: interleave FN_OURS FN_PEER (FN_OURS gets the
+# binary as its argument).
+interleave() {
+  local fo=$1 fq=$2 k i
+  for i in $(seq 0 ${#bins[@]}); do eval "T_$i=()"; done
+  for k in $(seq "$runs"); do
+    for i in "${!bins[@]}"; do eval "T_$i+=(\"\$($fo \"\${bins[$i]}\")\")"; done
+    eval "T_${#bins[@]}+=(\"\$($fq)\")"
+  done
+}
 ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
 mibs() { python3 -c "print(f'{$1/$2:.0f}')"; }
 # The binaries timed: ours, and the one given with --before.
@@ -120,8 +133,9 @@ report() { # label peer-name peer-time ours... (one per binary)
 echo "== 1. warm --trace (10k x 64 KiB reads) vs qemu-io -C  [median of $runs]"
 w_ours() { fresh_cache "$1" c1.qcow2; t "$1" warm c1.qcow2 --trace boot.trace -q; }
 w_qemu() { rm -f q1.qcow2; qemu-img create -q -f qcow2 -b base.raw -F raw q1.qcow2; sync; python3 -c 'import subprocess,time,sys; f=open("qemu-io.cmds"); t=time.perf_counter(); subprocess.run(["qemu-io","-C","-f","qcow2","q1.qcow2"], stdin=f, check=True, stdout=subprocess.DEVNULL); print(f"{time.perf_counter()-t:.3f}")'; }
-ts=(); for b in "${bins[@]}"; do ts+=("$(median w_ours "$b")"); done
-tq=$(median w_qemu)
+interleave w_ours w_qemu
+ts=(); for i in "${!bins[@]}"; do eval "ts+=(\$(med \"\${T_$i[@]}\"))"; done
+eval "tq=\$(med \"\${T_${#bins[@]}[@]}\")"
 report "warm" "qemu-io -C" "$tq" "${ts[@]}"
 qemu-img check -q c1.qcow2
 
@@ -138,24 +152,26 @@ s_qemu() {
   t nbdcopy "nbd+unix:///?socket=$sock" null:
   serve_down
 }
-ts=(); for b in "${bins[@]}"; do ts+=("$(median s_ours "$b")"); done
-tq=$(median s_qemu)
+cat base.raw > /dev/null
+interleave s_ours s_qemu
+ts=(); for i in "${!bins[@]}"; do eval "ts+=(\$(med \"\${T_$i[@]}\"))"; done
+eval "tq=\$(med \"\${T_${#bins[@]}[@]}\")"
 report "4 GiB, CoR" "qemu-nbd CoR" "$tq" "${ts[@]}"
 echo "   (MiB/s: qemu-nbd $(mibs 4096 "$tq"), vmicache $(mibs 4096 "${ts[0]}"))"
 
 echo "== 3. serve on a warm chain vs qemu-nbd -r"
 rm -f c3.qcow2 i3.qcow2; fresh_cache "$V" c3.qcow2; "$V" warm c3.qcow2 --full -q; "$V" seal c3.qcow2 -q; "$V" chain c3.qcow2 -o i3.qcow2 -q
+# One server per contender and round: a sequential read, then the queue-depth run.
+w3_ours() { serve_up "$1" serve i3.qcow2 --socket "$sock" -q; echo "$(t nbdcopy -C 1 "nbd+unix:///i3?socket=$sock" null:):$(qb -f raw -c 20000 -d 16 -s 65536 -S 196608 "nbd+unix:///i3?socket=$sock")"; serve_down; }
+w3_qemu() { serve_up qemu-nbd -t -r -k "$sock" -f qcow2 i3.qcow2; echo "$(t nbdcopy -C 1 "nbd+unix:///?socket=$sock" null:):$(qb -f raw -c 20000 -d 16 -s 65536 -S 196608 "nbd+unix:///?socket=$sock")"; serve_down; }
+cat c3.qcow2 > /dev/null
+interleave w3_ours w3_qemu
+col() { local i=$1 f=$2; eval "printf '%s\\n' \"\${T_$i[@]}\"" | cut -d: -f"$f"; }
 seq_ours=(); qd_ours=()
-for b in "${bins[@]}"; do
-  serve_up "$b" serve i3.qcow2 --socket "$sock" -q
-  seq_ours+=("$(median t nbdcopy -C 1 "nbd+unix:///i3?socket=$sock" null:)")
-  qd_ours+=("$(median qb -f raw -c 20000 -d 16 -s 65536 -S 196608 "nbd+unix:///i3?socket=$sock")")
-  serve_down
+for i in "${!bins[@]}"; do
+  seq_ours+=("$(med $(col "$i" 1))"); qd_ours+=("$(med $(col "$i" 2))")
 done
-serve_up qemu-nbd -t -r -k "$sock" -f qcow2 i3.qcow2
-tq=$(median t nbdcopy -C 1 "nbd+unix:///?socket=$sock" null:)
-bq=$(median qb -f raw -c 20000 -d 16 -s 65536 -S 196608 "nbd+unix:///?socket=$sock")
-serve_down
+tq=$(med $(col "${#bins[@]}" 1)); bq=$(med $(col "${#bins[@]}" 2))
 report "nbdcopy -C 1 (4 GiB)" "qemu-nbd -r" "$tq" "${seq_ours[@]}"
 report "qemu-img bench 64 KiB QD16 x20000" "qemu-nbd" "$bq" "${qd_ours[@]}"
 echo "   (req/s: qemu-nbd $(mibs 20000 "$bq"), vmicache $(mibs 20000 "${qd_ours[0]}"))"

@@ -54,9 +54,6 @@ impl Export for ChainExport {
     fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool) -> Result<()> {
         self.image.write_zeroes(offset, len)
     }
-    /// One walk of the chain: zero clusters (and holes of the base while nothing fills the
-    /// cache) are runs of zeroes; what copy-on-read fetches is data, so the cache stores it
-    /// (as zero clusters where it is zero) and the trace records it.
     /// Pieces, unless copy-on-read is filling the cache: then the one-buffer sparse read
     /// ([`Export::read_sparse`]) copies least.
     fn read_pieces(&self, offset: u64, len: u64) -> Result<Option<Vec<crate::engine::Piece<'_>>>> {
@@ -75,8 +72,19 @@ impl Export for ChainExport {
         offset: u64,
         len: u64,
     ) -> Result<Option<Vec<crate::engine::Piece<'_>>>> {
+        if self
+            .image
+            .layers()
+            .iter()
+            .any(|l| l.read_filter().is_some())
+        {
+            return Ok(None);
+        }
         self.image.read_pieces_local(offset, len)
     }
+    /// One walk of the chain: zero clusters (and holes of the base while nothing fills the
+    /// cache) are runs of zeroes; what copy-on-read fetches is data, so the cache stores it
+    /// (as zero clusters where it is zero) and the trace records it.
     fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<SparseRun>> {
         self.image.read_sparse(buf, offset)
     }

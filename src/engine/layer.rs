@@ -159,9 +159,11 @@ pub trait Layer: Send + Sync + std::fmt::Debug {
     fn write_zeroes(&self, off: u64, len: u64, below: &dyn BackingRead) -> Result<()>;
     /// Write cached metadata in safe order; `durable` syncs to stable storage.
     fn flush(&self, durable: bool) -> Result<()>;
-    /// Whether what a data run maps stays what it is while the layer is open (it is open
-    /// read-only: no cluster is ever freed or rewritten), so its bytes may be sent from the
-    /// file after the mapping's guard is let go.
+    /// Whether what a data run maps stays what it is while the layer is open, so its bytes
+    /// may be sent from the file after the mapping's guard is let go: the layer is open
+    /// read-only, so this process frees or rewrites no cluster. (Another process writing the
+    /// file is kept off by the QEMU-compatible read lock a server takes; `seal --compact`
+    /// renames a new file over the cache and leaves the open one as it was.)
     fn stable(&self) -> bool {
         false
     }

@@ -54,12 +54,6 @@ pub trait Export: Send + Sync {
     fn description(&self) -> Option<String> {
         None
     }
-    /// Fills `buf` from `offset` as [`Export::read`] does and says which parts are known to
-    /// read as zeroes: consecutive runs covering `buf`; the zero runs
-    /// of `buf` need not be written (the server hands in zeroes). The server sends zero runs
-    /// as `NBD_REPLY_TYPE_OFFSET_HOLE` chunks instead of bytes. The default reads everything
-    /// and takes the runs from [`Export::block_status`] (all data if that fails: the bytes
-    /// were read).
     /// The bytes at `offset` as pieces (zero runs, bytes, ranges of files that do not change
     /// while open) that the server sends as they are, file ranges by `sendfile(2)` without
     /// copying them through memory; `None` (the default): the server reads with
@@ -73,6 +67,12 @@ pub trait Export: Send + Sync {
     fn read_pieces_local(&self, _offset: u64, _len: u64) -> Result<Option<Vec<Piece<'_>>>> {
         Ok(None)
     }
+    /// Fills `buf` from `offset` as [`Export::read`] does and says which parts are known to
+    /// read as zeroes: consecutive runs covering `buf`; the zero runs
+    /// of `buf` need not be written (the server hands in zeroes). The server sends zero runs
+    /// as `NBD_REPLY_TYPE_OFFSET_HOLE` chunks instead of bytes. The default reads everything
+    /// and takes the runs from [`Export::block_status`] (all data if that fails: the bytes
+    /// were read).
     fn read_sparse(&self, buf: &mut [u8], offset: u64) -> Result<Vec<SparseRun>> {
         self.read(buf, offset)?;
         let mut runs: Vec<SparseRun> = Vec::new();

@@ -3,6 +3,10 @@
 //! read whose export gives pieces ([`Export::read_pieces`]) is answered this way; the parts
 //! of one reply are written in order under the connection's writer lock.
 //!
+//! Only file ranges already in the page cache are sent by `sendfile` ([`resident`]): under
+//! the writer lock, a disk read would hold up every other reply of the connection. The rest
+//! is read into memory first, by the worker, in parallel with the others ([`settle`]).
+//!
 //! [`Export::read_pieces`]: super::export::Export::read_pieces
 
 use super::proto::*;
@@ -10,6 +14,9 @@ use crate::engine::Piece;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
+
+/// Header buffers grow to this size at most (data is never appended to them).
+const HEADERS_MAX: usize = 512;
 
 /// One part of a reply.
 pub(super) enum Part<'a> {
@@ -30,9 +37,11 @@ impl<'a> Reply<'a> {
             parts: vec![Part::Bytes(b)],
         }
     }
+    /// Append header bytes: to the last part when that is a small buffer of headers (data
+    /// read into memory is never copied to join them; the vectored write gathers them).
     fn push_bytes(&mut self, b: &[u8]) {
         match self.parts.last_mut() {
-            Some(Part::Bytes(v)) => v.extend_from_slice(b),
+            Some(Part::Bytes(v)) if v.len() + b.len() <= HEADERS_MAX => v.extend_from_slice(b),
             _ => self.parts.push(Part::Bytes(b.to_vec())),
         }
     }
@@ -160,7 +169,9 @@ fn write_zeros(w: &mut UnixStream, mut n: u64) -> io::Result<()> {
 }
 
 /// `len` bytes of `file` at `off` to the socket; should the file end early (a base cut short
-/// under us), zeros stand for the rest, as reads past the end of a file give.
+/// under us), zeros stand for the rest, as reads past the end of a file give. Should
+/// `sendfile` fail on the file's side (a file system without it, a disk error), the rest is
+/// read and written: the reply goes out whole, or the connection is closed by the caller.
 fn send_file(w: &mut UnixStream, file: &File, off: u64, len: u64) -> io::Result<()> {
     use nix::errno::Errno;
     let mut pos = off as i64;
@@ -171,8 +182,124 @@ fn send_file(w: &mut UnixStream, file: &File, off: u64, len: u64) -> io::Result<
             Ok(0) => return write_zeros(w, left),
             Ok(n) => left -= n as u64,
             Err(Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
+            Err(e @ (Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN | Errno::EAGAIN)) => {
+                return Err(e.into())
+            }
+            Err(_) => {
+                let b = read_file(file, pos as u64, left)?;
+                return w.write_all(&b);
+            }
         }
     }
     Ok(())
+}
+
+/// `len` bytes of `file` at `off` read into memory (zeros past its end).
+fn read_file(file: &File, off: u64, len: u64) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; len as usize];
+    let mut done = 0;
+    while done < b.len() {
+        match file.read_at(&mut b[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(b)
+}
+
+/// Whether every page of `len` bytes of `file` at `off` is in the page cache (`cachestat(2)`,
+/// Linux 6.5; false where the kernel cannot say).
+pub(super) fn resident(file: &File, off: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    /// cachestat's number, the same on every architecture (added in Linux 6.5); the libc
+    /// crate does not name it yet.
+    const SYS_CACHESTAT: nix::libc::c_long = 451;
+    if len == 0 {
+        return true;
+    }
+    let page = 4096u64;
+    let first = off / page;
+    let pages = (off + len).div_ceil(page) - first;
+    let range = Range {
+        off: first * page,
+        len: pages * page,
+    };
+    let mut st = Stat::default();
+    // SAFETY: the descriptor is open for the call; `range` and `st` are valid, properly laid
+    // out (the kernel's struct cachestat_range and struct cachestat) and live across it.
+    let r = unsafe {
+        nix::libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut st as *mut Stat,
+            0u32,
+        )
+    };
+    r == 0 && st.nr_cache >= pages
+}
+
+/// Pieces whose file ranges are not all in the page cache read into memory now (by the
+/// worker, outside the writer lock).
+pub(super) fn settle(pieces: Vec<Piece<'_>>) -> io::Result<Vec<Piece<'_>>> {
+    pieces
+        .into_iter()
+        .map(|p| match p {
+            Piece::File { file, off, len } if !resident(file, off, len) => {
+                read_file(file, off, len).map(Piece::Bytes)
+            }
+            p => Ok(p),
+        })
+        .collect()
+}
+
+/// Whether every file range of `pieces` is in the page cache.
+pub(super) fn all_resident(pieces: &[Piece<'_>]) -> bool {
+    pieces.iter().all(|p| match p {
+        Piece::File { file, off, len } => resident(file, *off, *len),
+        _ => true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn residency_follows_the_page_cache() {
+        // On the crate's own file system (a tmpfs keeps every page).
+        let mut f = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        f.write_all(&vec![7u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        assert!(resident(&f, 0, 1 << 20));
+        nix::fcntl::posix_fadvise(
+            &f,
+            0,
+            1 << 20,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        assert!(!resident(&f, 0, 1 << 20));
+        assert_eq!(read_file(&f, 4096, 8192).unwrap(), vec![7u8; 8192]);
+        assert!(resident(&f, 4096, 8192));
+        // Past the end reads as zeros.
+        assert_eq!(read_file(&f, (1 << 20) - 2, 4).unwrap(), vec![7, 7, 0, 0]);
+    }
 }

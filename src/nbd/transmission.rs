@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::export::Export;
 use super::handshake::{handshake, violation};
 use super::proto::*;
-use super::reply::Reply;
+use super::reply::{all_resident, settle, Reply};
 use super::state::{lock, ExportSlot, Exports, Shared};
 use crate::engine::image::SparseRun;
 use crate::Error;
@@ -209,8 +209,10 @@ impl Connection<'_> {
     ///
     /// Leader/follower: each worker takes the reader in turn, reads one request, lets go of
     /// the reader, serves the request and writes its reply whole under the writer lock. No
-    /// request changes threads, so a queue of small cached reads costs no hand-offs, and up to
-    /// `WORKERS_PER_CONNECTION` requests are served at once. The reply budget is taken before
+    /// request changes threads, and up to `WORKERS_PER_CONNECTION` requests are served at
+    /// once. A small read the export answers from memory and page-cached local files is
+    /// answered by the reader's holder without letting go of the reader, so a queue of such
+    /// reads wakes no other thread. The reply budget is taken before
     /// a request's payload is read and given back once its reply is written: a client that
     /// does not read its replies stops being read from.
     fn transmission<R: Read + Send>(&self, r: &mut R) {
@@ -282,7 +284,10 @@ impl Connection<'_> {
             .export
             .read_pieces_local(req.offset, u64::from(req.length))
             .ok()??;
-        if pieces.iter().map(|p| p.len()).sum::<u64>() != u64::from(req.length) {
+        // What is not in the page cache is read by a worker, not here.
+        if pieces.iter().map(|p| p.len()).sum::<u64>() != u64::from(req.length)
+            || !all_resident(&pieces)
+        {
             return None;
         }
         let fragment = self.structured && req.flags & CMD_FLAG_DF == 0;
@@ -354,7 +359,17 @@ impl Connection<'_> {
         if req.length == 0 {
             return None;
         }
-        let pieces = match self.export.read_pieces(req.offset, u64::from(req.length)) {
+        // File ranges not in the page cache are read here, outside the writer lock.
+        let read = self
+            .export
+            .read_pieces(req.offset, u64::from(req.length))
+            .and_then(|p| match p {
+                Some(p) => settle(p)
+                    .map(Some)
+                    .map_err(|e| Error::io(format!("export at {:#x}", req.offset), "read", e)),
+                None => Ok(None),
+            });
+        let pieces = match read {
             Ok(p) => p?,
             Err(e) => {
                 return Some(Reply::bytes(self.error_reply(

@@ -3,7 +3,8 @@
 
 use super::*;
 
-/// libnbd's Python binding reads 300 random ranges in each mode: structured replies (holes
+/// libnbd's Python binding reads 300 random ranges in each mode (compared with the chain
+/// as `qemu-img convert` reads it): structured replies (holes
 /// as hole chunks), structured with `DF` (one data chunk per read), and simple replies.
 const CLIENT: &str = r#"
 import nbd, sys, random
@@ -44,12 +45,25 @@ fn sealed_chain_reads_match_the_base_in_every_reply_mode() {
     let s = setup_with("0", true);
     run(bin().args(["warm", ps(&s.cache), "--full", "-q"]));
     run(bin().args(["seal", ps(&s.cache), "-q"]));
+    // The instance's own data too: replies then mix bytes read into memory, file ranges of
+    // the sealed cache and holes.
+    qemu_io_qcow2(
+        &s.inst,
+        &[
+            "write -q -P 0x61 100k 30k",
+            "write -q -P 0x62 5M 1M",
+            "write -q -z 2M 64k",
+            "write -q -P 0x63 12M 4k",
+        ],
+    );
+    let want = s.dir.join("want.raw");
+    qemu_img(&["convert", "-O", "raw", ps(&s.inst), ps(&want)]);
     let c = serve(&s, &[]);
     let out = run(std::process::Command::new("/usr/bin/python3").args([
         "-c",
         CLIENT,
         ps(&s.sock),
-        ps(&s.base),
+        ps(&want),
     ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("ok ").count(), 3, "{text}");

@@ -199,6 +199,13 @@ impl Qcow2 {
     /// goes (one pass, however many tables it needs and the cache holds).
     pub(super) fn map_range(&self, off: u64, len: u64, mode: MapMode) -> Result<Mapped<'_>> {
         self.check_range(off, len)?;
+        // Block status answers may be short: a walk loads no more than a bounded span of
+        // tables under the exclusive lock (its callers ask again from where it stopped).
+        let len = if mode.max_runs == usize::MAX {
+            len
+        } else {
+            len.min(MAP_STEP)
+        };
         {
             let m = self.lock_shared();
             let mut w = Walk::new(off, len, mode);
