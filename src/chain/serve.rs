@@ -22,6 +22,16 @@ pub struct ChainExport {
     pub image: Arc<Image>,
 }
 
+impl ChainExport {
+    /// Copy-on-read fills a layer of the chain.
+    fn filling(&self) -> bool {
+        self.image
+            .layers()
+            .iter()
+            .any(|l| l.read_filter().is_some())
+    }
+}
+
 impl Export for ChainExport {
     fn size(&self) -> u64 {
         self.image.virtual_size()
@@ -57,12 +67,7 @@ impl Export for ChainExport {
     /// Pieces, unless copy-on-read is filling the cache: then the one-buffer sparse read
     /// ([`Export::read_sparse`]) copies least.
     fn read_pieces(&self, offset: u64, len: u64) -> Result<Option<Vec<crate::engine::Piece<'_>>>> {
-        if self
-            .image
-            .layers()
-            .iter()
-            .any(|l| l.read_filter().is_some())
-        {
+        if self.filling() {
             return Ok(None);
         }
         self.image.read_pieces(offset, len).map(Some)
@@ -72,12 +77,7 @@ impl Export for ChainExport {
         offset: u64,
         len: u64,
     ) -> Result<Option<Vec<crate::engine::Piece<'_>>>> {
-        if self
-            .image
-            .layers()
-            .iter()
-            .any(|l| l.read_filter().is_some())
-        {
+        if self.filling() {
             return Ok(None);
         }
         self.image.read_pieces_local(offset, len)

@@ -3,6 +3,7 @@
 
 use super::{errno, Connection};
 use crate::engine::image::SparseRun;
+use crate::engine::Piece;
 use crate::nbd::proto::*;
 use crate::nbd::reply::{all_resident, settle, Reply};
 use crate::Error;
@@ -28,9 +29,15 @@ impl Connection<'_> {
             .read_pieces_local(req.offset, u64::from(req.length))
             .ok()??;
         // What is not in the page cache is read by a worker, not here.
-        if pieces.iter().map(|p| p.len()).sum::<u64>() != u64::from(req.length)
-            || !all_resident(&pieces)
-        {
+        if !all_resident(&pieces) {
+            return None;
+        }
+        self.pieces_reply(req, pieces)
+    }
+
+    /// The reply to `req` from its pieces (`None` if they do not cover it exactly).
+    fn pieces_reply<'a>(&self, req: &Request, pieces: Vec<Piece<'a>>) -> Option<Reply<'a>> {
+        if pieces.iter().map(|p| p.len()).sum::<u64>() != u64::from(req.length) {
             return None;
         }
         let fragment = self.structured && req.flags & CMD_FLAG_DF == 0;
@@ -68,17 +75,7 @@ impl Connection<'_> {
                 )))
             }
         };
-        if pieces.iter().map(|p| p.len()).sum::<u64>() != u64::from(req.length) {
-            return None;
-        }
-        let fragment = self.structured && req.flags & CMD_FLAG_DF == 0;
-        Some(Reply::read(
-            req.cookie,
-            req.offset,
-            pieces,
-            self.structured,
-            fragment,
-        ))
+        self.pieces_reply(req, pieces)
     }
 
     /// A read's reply: the data follows the simple reply header or, with structured replies,
