@@ -23,11 +23,9 @@ pub struct ChainExport {
 }
 
 impl ChainExport {
-    /// Copy-on-read fills a layer of the chain.
+    /// Copy-on-read fills a layer of the chain (asked per read: no allocation).
     fn filling(&self) -> bool {
-        self.image
-            .layers()
-            .iter()
+        std::iter::successors(Some(&*self.image), |i| i.backing())
             .any(|l| l.read_filter().is_some())
     }
 }
