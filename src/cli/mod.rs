@@ -252,6 +252,7 @@ pub fn main() -> i32 {
     vmicache::nbd::register();
     let cli = Cli::parse();
     let verbose = cli.verbose;
+    util::init_log(verbose);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -27,6 +27,34 @@ macro_rules! errln {
     }};
 }
 
+/// Prints what the library logs (`log` facade) to stderr as `vmicache: <message>`, never
+/// panicking on a closed stderr; warnings and errors, and with `-v` everything.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            errln!("vmicache: {}", r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Install the stderr logger (once; `verbose` shows debug messages too).
+pub fn init_log(verbose: bool) {
+    static LOG: StderrLog = StderrLog;
+    if log::set_logger(&LOG).is_ok() {
+        log::set_max_level(if verbose {
+            log::LevelFilter::Debug
+        } else {
+            log::LevelFilter::Warn
+        });
+    }
+}
+
 /// Sizes on the command line parse as in the configuration file.
 pub use vmicache::config::parse_size;
 

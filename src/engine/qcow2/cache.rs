@@ -152,14 +152,10 @@ impl Drop for Qcow2 {
             && !self.broken.load(Ordering::SeqCst)
             && !self.io_failed.load(Ordering::SeqCst)
         {
+            // Callers that must know flush first; what fails here can only be reported, which
+            // the library leaves to the program (the `log` facade; the command line prints it).
             if let Err(e) = self.flush(true) {
-                // Never panics on a closed stderr (eprintln! would).
-                use std::io::Write as _;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "vmicache: flushing {} on close: {e}",
-                    self.path().display()
-                );
+                log::error!("flushing {} on close: {e}", self.path().display());
             }
         }
     }
