@@ -77,8 +77,8 @@ fn compare_twice(sparse: bool) -> (Setup, String) {
     let s = setup_with("0", sparse);
     let srv = serve(&s, &[]);
     let u = uri(&s, "vm1");
-    run(tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &u, ps(&s.base)]));
-    run(tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &u, ps(&s.base)]));
+    compare_with_base(&u, &s);
+    compare_with_base(&u, &s);
     let err = stop(srv);
     check_clean(&s.cache);
     check_clean(&s.inst);
@@ -124,15 +124,7 @@ fn concurrent_readers_copy_each_cluster_once() {
 fn quota_passes_reads_through() {
     let s = setup("256K");
     let srv = serve(&s, &[]);
-    run(tool("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        &uri(&s, "vm1"),
-        ps(&s.base),
-    ]));
+    compare_with_base(&uri(&s, "vm1"), &s);
     stop(srv);
     check_clean(&s.cache);
     let img = Image::open(&s.cache, &OpenOptions::read_only()).unwrap();
@@ -280,7 +272,7 @@ fn second_server_passes_through_when_asked() {
     wait_socket(&sock2, &mut c);
     let before = std::fs::read(&s.cache).unwrap();
     let u2 = format!("nbd+unix:///vm2?socket={}", sock2.display());
-    run(tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &u2, ps(&s.base)]));
+    compare_with_base(&u2, &s);
     let err = stop(c);
     assert!(err.contains("pass through"), "{err}");
     assert_eq!(

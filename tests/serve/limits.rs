@@ -105,17 +105,7 @@ fn misbehaving_clients(budget: &str) -> (u64, u64, Duration) {
         .spawn()
         .unwrap();
     wait_socket(&s.sock, &mut srv);
-    let compare = || {
-        run(tool("qemu-img").args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &uri(&s, "vm1"),
-            ps(&s.base),
-        ]))
-    };
+    let compare = || compare_with_base(&uri(&s, "vm1"), &s);
     compare();
     let (before, _) = memory(srv.id());
     let silent: Vec<UnixStream> = (0..2)

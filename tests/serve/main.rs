@@ -107,6 +107,11 @@ fn stop(c: Child) -> String {
     err
 }
 
+/// `qemu-img compare` of the NBD export `uri` (raw) with the base: equal, or the test fails.
+fn compare_with_base(uri: &str, s: &Setup) {
+    run(tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw", uri, ps(&s.base)]));
+}
+
 /// (cluster, zero) allocated at depth 0 in `img` per qemu-img map.
 fn depth0(img: &Path) -> Vec<(u64, bool)> {
     let m = qemu_img_json(&["map", "--output=json", "-U", ps(img)]);
