@@ -73,18 +73,8 @@ impl Host {
     fn spawn_hook(&self, guest: &str, op: &str, subop: &str, xml: &str) -> std::process::Child {
         let mut c = bin();
         c.args(["hook", guest, op, subop, "-"])
-            .env("VMICACHE_CONFIG", self.p("config.yaml"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(xml.as_bytes())
-            .unwrap();
-        child
+            .env("VMICACHE_CONFIG", self.p("config.yaml"));
+        spawn_fed(c, xml)
     }
 
     /// Run the hook as libvirt does.
@@ -292,4 +282,20 @@ fn nbd_domain_with_instance(name: &str, base: &str, instance: &str, socket: &str
         &format!("base=\"{base}\""),
         &format!("base=\"{base}\" instance=\"{instance}\""),
     )
+}
+
+/// Start `c` with piped output and `stdin` written to its standard input (then closed), as
+/// libvirt starts its hook.
+fn spawn_fed(mut c: Command, stdin: &str) -> std::process::Child {
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child
 }

@@ -267,23 +267,12 @@ fn a_newline_in_a_path_cannot_forge_a_log_line() {
 /// Run `tools/libvirt/qemu` as libvirt does.
 fn hook_script(h: &Host, args: &[&str], xml: &str) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/libvirt/qemu");
-    let mut child = Command::new("sh")
-        .arg(script)
+    let mut c = Command::new("sh");
+    c.arg(script)
         .args(args)
         .env("VMICACHE", env!("CARGO_BIN_EXE_vmicache"))
-        .env("VMICACHE_CONFIG", h.p("config.yaml"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(xml.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+        .env("VMICACHE_CONFIG", h.p("config.yaml"));
+    spawn_fed(c, xml).wait_with_output().unwrap()
 }
 
 #[test]
