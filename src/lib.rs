@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod hoard;
 pub mod hook;
 pub mod nbd;
 

@@ -106,10 +106,7 @@ pub fn build_cache(base: &Path, cache: &Path, o: &BuildOptions) -> Result<BaseId
 
 /// The cache metadata of a qcow2 image, if it is a vmicache cache.
 pub fn cache_meta(img: &Image) -> Result<Option<CacheMeta>> {
-    match img.as_qcow2() {
-        None => Ok(None),
-        Some(q) => q.cache_meta(),
-    }
+    img.layer().cache_meta()
 }
 
 /// Mark a cache that copy-on-read or warming is about to fill `warming` (when it was
@@ -256,9 +253,13 @@ pub fn make_instance_verified(
     verify: bool,
 ) -> Result<()> {
     crate::nbd::register();
+    crate::hoard::register();
     let img = Image::open(cache, &OpenOptions::read_only())?;
-    if img.format() != Format::Qcow2 {
-        return Err(Error::request(cache, "a cache must be a qcow2 image"));
+    if !matches!(img.format(), Format::Qcow2 | Format::Hoard) {
+        return Err(Error::request(
+            cache,
+            "a cache must be a qcow2 image or a hoarded cache",
+        ));
     }
     if verify {
         require_base_content(&img)?;
@@ -268,7 +269,7 @@ pub fn make_instance_verified(
     let mut c = CreateOptions::new(img.virtual_size());
     c.cluster_size = cluster_size;
     c.backing_file = Some(backing_name(cache, instance)?);
-    c.backing_format = Some("qcow2".into());
+    c.backing_format = Some(img.format().name().into());
     create(instance, &c)?;
     if let Err(e) = Image::open(instance, &OpenOptions::read_only()) {
         let _ = std::fs::remove_file(instance);

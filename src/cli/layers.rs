@@ -74,6 +74,8 @@ pub fn chain(
     verify: bool,
     quiet: bool,
 ) -> Result<i32> {
+    let resolved = super::hoard::resolve_cache(cache)?;
+    let cache = resolved.as_path();
     make_instance_verified(cache, out, cluster_size, verify)?;
     if json {
         outln!(

@@ -4,6 +4,7 @@
 pub mod util;
 mod check;
 mod config;
+mod hoard;
 mod hook;
 mod inspect;
 mod layers;
@@ -235,6 +236,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: config::ConfigCmd,
     },
+    /// The hoard: the sealed caches of many images in one store, deduplicated (4 KiB
+    /// chunks, BLAKE3) and compressed (zstd), read in place by `chain` and `serve`.
+    ///
+    /// The hoard is a directory: --hoard DIR, else $VMICACHE_HOARD, else `dirs.hoard` of the
+    /// configuration. A hoarded cache is named by `hoard:NAME` where a cache is expected
+    /// (`vmicache chain hoard:NAME -o INSTANCE`), or by its index file DIR/caches/NAME.vmh.
+    Hoard(hoard::HoardArgs),
     /// The libvirt qemu hook: GUEST OP SUBOP EXTRA, the domain XML on stdin (install
     /// tools/libvirt/qemu as /etc/libvirt/hooks/qemu; see docs/libvirt.md).
     Hook(hook::HookArgs),
@@ -250,6 +258,7 @@ enum Cmd {
 
 pub fn main() -> i32 {
     vmicache::nbd::register();
+    vmicache::hoard::register();
     let cli = Cli::parse();
     let verbose = cli.verbose;
     util::init_log(verbose);
@@ -295,6 +304,7 @@ fn run(cli: Cli) -> Result<i32> {
             .iter()
             .map(|x| x.0.clone())
             .chain([d.caches.0.clone()])
+            .chain(d.hoard.iter().map(|h| h.0.join("caches")))
             .chain(named)
             .collect();
         for p in allowed {
@@ -378,6 +388,7 @@ fn run(cli: Cli) -> Result<i32> {
         } => check::run(&image, repair.is_some(), json),
         Cmd::Config { cmd } => config::run(cmd, cli.quiet),
         Cmd::Hook(args) => hook::run(args),
+        Cmd::Hoard(args) => hoard::run(args, cli.quiet),
         Cmd::Man => {
             let mut out = Vec::new();
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;

@@ -82,6 +82,9 @@ pub struct Dirs {
     pub sockets: AbsDir,
     /// Pid files, server logs and the hook's log.
     pub state: AbsDir,
+    /// The hoard (`vmicache hoard`): the caches of many images, deduplicated and compressed.
+    #[serde(default)]
+    pub hoard: Option<AbsDir>,
 }
 
 /// Image settings that apply unless an image entry overrides them.

@@ -335,6 +335,7 @@ impl Image {
                 Mapping::Data { host } => st(true, false, true, false, Some(host), n),
                 Mapping::Zero { host } => st(true, true, false, false, host, n),
                 Mapping::Compressed { .. } => st(true, false, true, true, None, n),
+                Mapping::Stored => st(true, false, true, false, None, n),
                 Mapping::Unallocated => match img.backing() {
                     Some(b) if off < b.virtual_size() => {
                         len = n.min(b.virtual_size() - off);

@@ -18,6 +18,10 @@ use std::sync::RwLockReadGuard;
 pub enum Format {
     Raw,
     Qcow2,
+    /// A cache kept in a hoard (`crate::hoard`): read in place from its packs. The engine
+    /// opens it through the driver the hoard registers ([`super::open::register_format`]).
+    #[serde(rename = "vmicache-hoard")]
+    Hoard,
 }
 
 impl Format {
@@ -25,12 +29,14 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Hoard => "vmicache-hoard",
         }
     }
     pub fn parse(s: &str) -> Option<Format> {
         match s {
             "raw" => Some(Format::Raw),
             "qcow2" => Some(Format::Qcow2),
+            "vmicache-hoard" => Some(Format::Hoard),
             _ => None,
         }
     }
@@ -47,6 +53,9 @@ pub enum Mapping {
     /// A compressed cluster: its descriptor (host offset, stored bytes). The run lies within
     /// that one guest cluster.
     Compressed { host: u64, len: u64 },
+    /// Data the layer decodes itself from its own storage ([`Layer::read_run`]), with no
+    /// host range that could be sent as it is (a hoarded cache's compressed frames).
+    Stored,
     /// Not here: the layer below answers.
     Unallocated,
 }
@@ -176,6 +185,11 @@ pub trait Layer: Send + Sync + std::fmt::Debug {
     /// cache): block status from that chain when it is open (its top at this layer's depth).
     fn status_within(&self, _off: u64, _len: u64) -> Option<Result<Extent>> {
         None
+    }
+    /// The vmicache extension of a cache layer (base identity, state, ...); None for a
+    /// layer that is not a vmicache cache.
+    fn cache_meta(&self) -> Result<Option<crate::format::ext::CacheMeta>> {
+        Ok(None)
     }
 }
 

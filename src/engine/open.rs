@@ -77,15 +77,56 @@ impl OpenOptions {
     }
 }
 
-/// Probe an image's format by its magic.
+/// A layer format that a layer above the engine implements (the hoard's cached images):
+/// recognised by the first 8 bytes of its file, and opened, with the base beneath it, by
+/// `open` (the storage, already opened and locked as asked; the options).
+#[derive(Clone, Copy)]
+pub struct ForeignFormat {
+    pub format: Format,
+    pub magic: [u8; 8],
+    pub open: fn(&Path, Box<dyn Storage>, &OpenOptions) -> Result<Image>,
+}
+
+static FOREIGN: std::sync::RwLock<Vec<ForeignFormat>> = std::sync::RwLock::new(Vec::new());
+
+/// Register the driver of a layer format implemented above the engine (once per format; a
+/// second registration of a format replaces the first).
+pub fn register_format(f: ForeignFormat) {
+    let mut g = FOREIGN.write().unwrap_or_else(|p| p.into_inner());
+    g.retain(|x| x.format != f.format);
+    g.push(f);
+}
+
+fn foreign(format: Format) -> Option<ForeignFormat> {
+    let g = FOREIGN.read().unwrap_or_else(|p| p.into_inner());
+    g.iter().find(|f| f.format == format).copied()
+}
+
+/// Probe an image's format by its magic (raw when no magic is known).
 pub fn probe(st: &dyn Storage) -> Result<Format> {
-    let mut m = [0u8; 4];
-    st.read_at(&mut m, 0)?;
-    Ok(if u32::from_be_bytes(m) == MAGIC && st.len()? >= 4 {
-        Format::Qcow2
-    } else {
-        Format::Raw
+    let len = st.len()?;
+    let mut m = [0u8; 8];
+    let n = len.min(8) as usize;
+    st.read_at(&mut m[..n], 0)?;
+    if n >= 4 && u32::from_be_bytes([m[0], m[1], m[2], m[3]]) == MAGIC {
+        return Ok(Format::Qcow2);
+    }
+    let g = FOREIGN.read().unwrap_or_else(|p| p.into_inner());
+    Ok(match g.iter().find(|f| n == 8 && f.magic == m) {
+        Some(f) => f.format,
+        None => Format::Raw,
     })
+}
+
+/// Open a layer of a format registered with [`register_format`].
+fn open_foreign(path: &Path, st: Box<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+    match foreign(Format::Hoard) {
+        Some(f) => (f.open)(path, st, opts),
+        None => Err(Error::unsupported(
+            path,
+            "format vmicache-hoard here (the hoard driver is not registered: vmicache::hoard::register())",
+        )),
+    }
 }
 
 /// A backing name that a registered opener reaches (a base served over NBD,
@@ -149,9 +190,12 @@ impl Image {
             };
             return match format {
                 Format::Raw => Ok(Image::new(Box::new(Raw::open(st, false)?), None)),
-                Format::Qcow2 => Err(Error::unsupported(
+                Format::Qcow2 | Format::Hoard => Err(Error::unsupported(
                     path,
-                    "qcow2 over NBD as a backing file (serve it as raw)",
+                    format!(
+                        "{} over NBD as a backing file (serve it as raw)",
+                        format.name()
+                    ),
                 )),
             };
         }
@@ -206,6 +250,14 @@ impl Image {
         };
         match format {
             Format::Raw => Ok(Image::new(Box::new(Raw::open(st, write)?), None)),
+            Format::Hoard => open_foreign(
+                path,
+                st,
+                &OpenOptions {
+                    write,
+                    ..opts.clone()
+                },
+            ),
             Format::Qcow2 => {
                 let header = read_header(&*st)?;
                 let backing = match (&header.backing_file, opts.backing) {
@@ -268,16 +320,31 @@ impl Image {
             _ => None,
         };
         let size = meta.map_or(h.size, |b| b.virtual_size);
+        Ok(Self::lazy_base(overlay, bpath, format, size, expect, opts))
+    }
+
+    /// The base `bpath` (resolved) of the cache `overlay`, as a raw layer of `size` bytes
+    /// that opens the base only when a read needs it ([`RemoteBase`]), in `format` when known;
+    /// `expect_size`: the size the base must still have (the cache recorded it). Whoever
+    /// calls checks its place first ([`place_backing`]); it is checked again at every open.
+    pub fn lazy_base(
+        overlay: &Path,
+        bpath: PathBuf,
+        format: Option<Format>,
+        size: u64,
+        expect_size: Option<u64>,
+        opts: &OpenOptions,
+    ) -> Image {
         let base = RemoteBase::new(super::remote::Target {
             name: bpath,
             overlay: overlay.to_path_buf(),
             format,
             size,
-            expect_size: expect,
+            expect_size,
             lock: opts.lock,
             open: open_base,
         });
-        Ok(Image::new(Box::new(base), None))
+        Image::new(Box::new(base), None)
     }
 
     /// Open the qcow2 image at `path` over an already opened backing image (several instances
@@ -333,6 +400,15 @@ impl Image {
     pub fn from_storage(st: Box<dyn Storage>, write: bool) -> Result<Image> {
         match probe(&*st)? {
             Format::Raw => Ok(Image::new(Box::new(Raw::open(st, write)?), None)),
+            Format::Hoard => {
+                let path = st.path().to_path_buf();
+                let opts = OpenOptions {
+                    write,
+                    backing: false,
+                    ..OpenOptions::read_only()
+                };
+                open_foreign(&path, st, &opts)
+            }
             Format::Qcow2 => {
                 let header = read_header(&*st)?;
                 let q = Qcow2::open(st, header, Qcow2Open { write })?;

@@ -320,4 +320,7 @@ impl Layer for Qcow2 {
     fn data_may_be_holes(&self) -> Result<bool> {
         self.metadata_preallocated()
     }
+    fn cache_meta(&self) -> Result<Option<crate::format::ext::CacheMeta>> {
+        Qcow2::cache_meta(self)
+    }
 }

@@ -23,7 +23,7 @@ impl Qcow2 {
                 dst.copy_from_slice(&c[inc..inc + dst.len()]);
                 Ok(())
             }
-            Mapping::Unallocated => Err(Error::request(
+            Mapping::Unallocated | Mapping::Stored => Err(Error::request(
                 self.path(),
                 format!("read of {:#x}+{:#x}: not allocated here", run.off, run.len),
             )),

@@ -1,0 +1,365 @@
+//! `vmicache hoard ...`: the store of many caches.
+
+use super::exit;
+use super::util::human;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use vmicache::hoard::{self, Hoard};
+
+#[derive(clap::Args, Debug)]
+pub struct HoardArgs {
+    #[command(subcommand)]
+    cmd: HoardCmd,
+    /// The hoard directory (default: $VMICACHE_HOARD, else dirs.hoard of the configuration).
+    #[arg(long, global = true, value_name = "DIR")]
+    hoard: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum HoardCmd {
+    /// Make DIR a hoard (created if missing; an existing hoard is left as it is).
+    Init {
+        /// The directory (default: --hoard).
+        dir: Option<PathBuf>,
+    },
+    /// Register a sealed cache: store the clusters it holds, deduplicated against everything
+    /// hoarded, compressed; keep its geometry, base, vmicache extension and trace.
+    ///
+    /// Refuses a cache that is not sealed. Adding a cache whose chunks are all hoarded
+    /// stores nothing new but its index. A kill at any point leaves the hoard as it was (and
+    /// at worst a pack that `hoard gc` removes). Writers (add, rm, gc) run one at a time.
+    Add {
+        cache: PathBuf,
+        /// Its name in the hoard (default: the cache's file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+        /// The recorded first boot (default: CACHE.trace when it exists): chunks are packed
+        /// in its order, so a boot reads consecutive frames.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Replace a hoarded cache of the same name.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List the hoarded caches and what each holds.
+    List,
+    /// What the hoard stores: sizes, deduplication and compression ratios, metadata per
+    /// chunk.
+    Stats,
+    /// Deregister a cache (its chunks stay until `hoard gc`).
+    Rm { name: String },
+    /// Delete packs no cache uses; repack packs that are mostly unused.
+    Gc {
+        /// Repack every pack at this zstd level (e.g. 19): smaller, slower; off the hot path
+        /// of `hoard add`, which uses the fast level of hoard.yaml.
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=22))]
+        recompress: Option<i32>,
+        /// With --recompress: chunks per compressed frame (default: hoard.yaml's).
+        #[arg(long, requires = "recompress", value_parser = clap::value_parser!(u32).range(1..=256))]
+        frame_chunks: Option<u32>,
+    },
+    /// Check every pack's hash, every frame and chunk, and that every index resolves.
+    ///
+    /// Exit code 0 when all is well, 2 when something is damaged (each problem named).
+    Verify,
+    /// Write a hoarded cache as an ordinary qcow2 cache (for QEMU's native chain): equal in
+    /// content, with its base, vmicache extension and trace (OUTPUT.trace).
+    Checkout {
+        name: String,
+        #[arg(short, long, value_name = "CACHE")]
+        output: PathBuf,
+    },
+    /// Print the index file of a hoarded cache: what a chain names.
+    Path { name: String },
+}
+
+/// The hoard directory from the command line, the environment or the configuration.
+pub fn hoard_dir(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(d) = given {
+        return Ok(d.to_path_buf());
+    }
+    if let Some(d) = std::env::var_os("VMICACHE_HOARD").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    let path = vmicache::config::config_path(None);
+    if let Ok(cfg) = vmicache::config::Config::load(&path) {
+        if let Some(h) = cfg.dirs.hoard {
+            return Ok(h.0);
+        }
+    }
+    bail!("no hoard: give --hoard DIR, set VMICACHE_HOARD, or set dirs.hoard in the configuration")
+}
+
+/// `hoard:NAME` as the index file of that hoarded cache; other names as they are.
+pub fn resolve_cache(arg: &Path) -> Result<PathBuf> {
+    match arg.to_str().and_then(|s| s.strip_prefix("hoard:")) {
+        None => Ok(arg.to_path_buf()),
+        Some(name) => {
+            let h = Hoard::open(&hoard_dir(None)?)?;
+            h.read_index(name)?;
+            Ok(h.index_path(name))
+        }
+    }
+}
+
+fn bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(total);
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:40}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}"
+        ))
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    b
+}
+
+fn ratio(x: f64) -> String {
+    format!("{x:.2}x")
+}
+
+pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
+    let json = a.json;
+    let quiet = quiet || json;
+    let open = || -> Result<Hoard> { Ok(Hoard::open(&hoard_dir(a.hoard.as_deref())?)?) };
+    match a.cmd {
+        HoardCmd::Init { dir } => {
+            let d = match dir {
+                Some(d) => d,
+                None => hoard_dir(a.hoard.as_deref())?,
+            };
+            let (h, new) = Hoard::init(&d)?;
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::json!({"hoard": d.display().to_string(), "created": new})
+                );
+            } else if !quiet {
+                outln!(
+                    "{} {} (frames of {} chunks, zstd level {})",
+                    if new {
+                        "created hoard"
+                    } else {
+                        "already a hoard:"
+                    },
+                    h.dir().display(),
+                    h.settings.frame_chunks,
+                    h.settings.level
+                );
+            }
+        }
+        HoardCmd::Add {
+            cache,
+            name,
+            trace,
+            replace,
+        } => {
+            let h = open()?;
+            let name = match name {
+                Some(n) => n,
+                None => cache
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .context("the cache has no file name: give --name")?,
+            };
+            let tpath = trace.or_else(|| {
+                let t = hoard::checkout::trace_path(&cache);
+                t.exists().then_some(t)
+            });
+            let (order, tbytes) = match &tpath {
+                Some(t) => {
+                    let bytes =
+                        std::fs::read(t).with_context(|| format!("{}: read", t.display()))?;
+                    let tr = vmicache::chain::trace::Trace::decode(&bytes)
+                        .map_err(|e| anyhow::anyhow!("{}: not a trace: {e}", t.display()))?;
+                    (tr.reads, bytes)
+                }
+                None => (Vec::new(), Vec::new()),
+            };
+            let b = bar(0, quiet, "hoarding");
+            let progress = |done: u64, all: u64| {
+                b.set_length(all);
+                b.set_position(done);
+            };
+            let o = hoard::add::AddOptions {
+                name,
+                replace,
+                order,
+                trace: tbytes,
+                progress: Some(&progress),
+            };
+            let r = hoard::add::add(&h, &cache, &o)?;
+            b.finish_and_clear();
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&r)?);
+            } else if !quiet {
+                outln!(
+                    "hoarded {} as '{}': {} of data in {:.2} s ({}/s); {} already hoarded, {} zeros, {} new in {} chunks -> {} in packs",
+                    cache.display(),
+                    r.name,
+                    human(r.data_bytes),
+                    r.seconds,
+                    human((r.data_bytes as f64 / r.seconds.max(1e-9)) as u64),
+                    human(r.dedup_bytes),
+                    human(r.zero_bytes),
+                    human(r.new_chunks * 4096),
+                    r.new_chunks,
+                    human(r.new_pack_bytes)
+                );
+            }
+        }
+        HoardCmd::List | HoardCmd::Stats => {
+            let h = open()?;
+            let s = hoard::stats::stats(&h)?;
+            let list = matches!(a.cmd, HoardCmd::List);
+            if json {
+                if list {
+                    outln!("{}", serde_json::to_string_pretty(&s.caches)?);
+                } else {
+                    outln!("{}", serde_json::to_string_pretty(&s)?);
+                }
+                return Ok(exit::OK);
+            }
+            if list {
+                outln!(
+                    "{:<32} {:>10} {:>10} {:>10} {:>7}  base",
+                    "NAME",
+                    "SIZE",
+                    "DATA",
+                    "ZEROS",
+                    "RUNS"
+                );
+                for c in &s.caches {
+                    if let Some(e) = &c.error {
+                        outln!("{:<32} error: {e}", c.name);
+                        continue;
+                    }
+                    outln!(
+                        "{:<32} {:>10} {:>10} {:>10} {:>7}  {}",
+                        c.name,
+                        human(c.virtual_size),
+                        human(c.data_bytes),
+                        human(c.zero_bytes),
+                        c.runs,
+                        c.base.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            outln!(
+                "{} caches, {} of data; stored in {} packs: {} ({} unique chunks, {} in use); dedup {}, compression {}, overall {}; metadata {:.1} B per chunk",
+                s.caches.len(),
+                human(s.logical_bytes),
+                s.packs,
+                human(s.pack_bytes + s.index_bytes),
+                s.stored_chunks,
+                s.live_chunks,
+                ratio(s.dedup_ratio),
+                ratio(s.compression_ratio),
+                ratio(s.total_ratio),
+                s.metadata_per_chunk
+            );
+        }
+        HoardCmd::Rm { name } => {
+            let h = open()?;
+            hoard::stats::remove(&h, &name)?;
+            if json {
+                outln!("{}", serde_json::json!({"removed": name}));
+            } else if !quiet {
+                outln!(
+                    "removed '{name}' from the hoard ({}); `hoard gc` reclaims its chunks",
+                    h.dir().display()
+                );
+            }
+        }
+        HoardCmd::Gc {
+            recompress,
+            frame_chunks,
+        } => {
+            let h = open()?;
+            let o = hoard::gc::GcOptions {
+                recompress,
+                frame_chunks,
+            };
+            let r = hoard::gc::gc(&h, &o)?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&r)?);
+            } else if !quiet {
+                outln!(
+                    "gc: {} -> {} in packs in {:.2} s; {} packs deleted, {} repacked into {}, {} indexes rewritten, {} leftovers removed",
+                    human(r.bytes_before),
+                    human(r.bytes_after),
+                    r.seconds,
+                    r.deleted_packs,
+                    r.repacked,
+                    r.new_packs,
+                    r.indexes_rewritten,
+                    r.leftovers
+                );
+            }
+        }
+        HoardCmd::Verify => {
+            let h = open()?;
+            let r = hoard::verify::verify(&h)?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for p in &r.problems {
+                    errln!("vmicache: hoard damaged: {p}");
+                }
+                if !quiet {
+                    for n in &r.notes {
+                        outln!("note: {n}");
+                    }
+                    outln!(
+                        "verified {} packs ({} chunks) and {} caches: {}",
+                        r.packs,
+                        r.chunks,
+                        r.caches,
+                        if r.problems.is_empty() {
+                            "all well".to_string()
+                        } else {
+                            format!("{} problems", r.problems.len())
+                        }
+                    );
+                }
+            }
+            return Ok(if r.problems.is_empty() { exit::OK } else { 2 });
+        }
+        HoardCmd::Checkout { name, output } => {
+            let h = open()?;
+            let b = bar(0, quiet, "checkout");
+            let progress = |done: u64, all: u64| {
+                b.set_length(all);
+                b.set_position(done);
+            };
+            let r = hoard::checkout::checkout(&h, &name, &output, Some(&progress))?;
+            b.finish_and_clear();
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&r)?);
+            } else if !quiet {
+                outln!(
+                    "wrote '{}' to {}: {} of data in {:.2} s ({}/s), file {}",
+                    r.name,
+                    r.output,
+                    human(r.data_bytes),
+                    r.seconds,
+                    human((r.data_bytes as f64 / r.seconds.max(1e-9)) as u64),
+                    human(r.file_bytes)
+                );
+            }
+        }
+        HoardCmd::Path { name } => {
+            let h = open()?;
+            h.read_index(&name)?;
+            outln!("{}", h.index_path(&name).display());
+        }
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,530 @@
+//! `hoard add`: ingest a sealed cache, only the clusters it holds, deduplicated against
+//! everything already hoarded.
+//!
+//! The cache's data is cut into 4 KiB chunks at guest offsets (file-system blocks). A chunk
+//! of zeros is stored as a zero run; a chunk whose key is already in a pack (or earlier in
+//! this add) is referred to; a new chunk goes into the current frame. Chunks are taken in
+//! first-boot order (the cache's trace) and then in guest order, so a boot's reads meet
+//! consecutive frames. Frames are compressed by worker threads while the main thread reads
+//! and hashes; the main thread writes them to the pack in order.
+//!
+//! Crash safety: packs are written to temporary files, synced, renamed to their id; only
+//! then is the index written (synced, renamed into place). A kill at any point leaves the
+//! hoard as it was, plus at worst a pack no index refers to (gc removes it).
+
+use super::format::{self as hf, CacheIndex, Codec, IndexRun, Key, CHUNK, ZERO_PACK};
+use super::store::{encode_frame, Hoard, PackReader, PackWriter};
+use crate::engine::layer::{Format, MapMode, Mapping};
+use crate::engine::open::resolve_backing;
+use crate::engine::{Image, OpenOptions};
+use crate::format::ext::{CacheState, KIND as EXT_KIND};
+use crate::{Error, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+/// Most chunks in one pack (1 GiB before compression); an add of more writes several.
+const PACK_CHUNKS: u32 = 1 << 18;
+/// Bytes read from the cache at a time.
+const READ_BATCH: u64 = 1 << 20;
+
+/// What to add.
+pub struct AddOptions<'a> {
+    pub name: String,
+    /// Replace a cache of the same name.
+    pub replace: bool,
+    /// The recorded first boot's reads, (guest offset, length) in order: chunks are packed
+    /// in this order first.
+    pub order: Vec<(u64, u64)>,
+    /// The trace file's bytes, kept with the cache (checkout writes them back).
+    pub trace: Vec<u8>,
+    /// Called with (bytes done, bytes in all) as data is read.
+    pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+}
+
+/// What an add did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AddReport {
+    pub name: String,
+    /// Guest bytes of data the cache holds (its data clusters).
+    pub data_bytes: u64,
+    /// Of those, in chunks of zeros (stored as zero runs).
+    pub zero_bytes: u64,
+    /// Bytes of chunks already in the hoard (referred to, not stored again).
+    pub dedup_bytes: u64,
+    /// Unique new chunks stored, and the bytes they take in packs (compressed, with tables).
+    pub new_chunks: u64,
+    pub new_pack_bytes: u64,
+    pub seconds: f64,
+}
+
+/// A compressed frame on its way to the pack.
+struct Done {
+    seq: u64,
+    pack: u32,
+    stored: Vec<u8>,
+    codec: Codec,
+    hash: [u8; 32],
+    keys: Vec<Key>,
+}
+
+struct Job {
+    seq: u64,
+    pack: u32,
+    raw: Vec<u8>,
+    keys: Vec<Key>,
+}
+
+/// A chunk's place: (pack number in this add's list, chunk in the pack), or zeros.
+type Ref = (u32, u32);
+const ZERO: Ref = (ZERO_PACK, 0);
+
+/// Writes finished frames in sequence order, one pack after another.
+struct Sink<'h> {
+    hoard: &'h Hoard,
+    pending: BTreeMap<u64, Done>,
+    next: u64,
+    writer: Option<(u32, PackWriter)>,
+    /// Ids of the packs this add wrote, by pack number.
+    ids: HashMap<u32, [u8; 32]>,
+    bytes: u64,
+}
+
+impl Sink<'_> {
+    fn take(&mut self, d: Done) -> Result<()> {
+        self.pending.insert(d.seq, d);
+        while let Some(d) = self.pending.remove(&self.next) {
+            self.next += 1;
+            if self.writer.as_ref().is_some_and(|(p, _)| *p != d.pack) {
+                self.finish()?;
+            }
+            if self.writer.is_none() {
+                self.writer = Some((d.pack, PackWriter::create(self.hoard)?));
+            }
+            let (_, w) = self.writer.as_mut().unwrap();
+            w.push(&d.stored, d.codec, d.hash, &d.keys)?;
+        }
+        Ok(())
+    }
+    fn finish(&mut self) -> Result<()> {
+        if let Some((p, w)) = self.writer.take() {
+            let frames = w.len();
+            if let Some(id) = w.finish()? {
+                self.ids.insert(p, id);
+                // With its tables and footer.
+                self.bytes +=
+                    std::fs::metadata(self.hoard.pack_path(&id)).map_or(frames, |m| m.len());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The data ranges of a cache: (first guest chunk, chunks, zero) in guest order.
+fn content(img: &Image) -> Result<Vec<(u64, u64, bool)>> {
+    let size = img.virtual_size();
+    let mapped = img.layer().map(0, size, MapMode::READ)?;
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    for r in &mapped.runs {
+        let zero = match r.map {
+            Mapping::Unallocated => continue,
+            Mapping::Zero { .. } => true,
+            _ => false,
+        };
+        // Clusters are at least 4 KiB (checked), so runs start on chunk boundaries; the
+        // last one may end inside a chunk (a virtual size not a multiple of 4 KiB).
+        let (a, b) = (r.off / CHUNK, r.end().div_ceil(CHUNK));
+        match out.last_mut() {
+            Some(l) if l.2 == zero && l.0 + l.1 == a => l.1 += b - a,
+            _ => out.push((a, b - a, zero)),
+        }
+    }
+    Ok(out)
+}
+
+/// Add the sealed cache at `cache` to the hoard.
+pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
+    let t0 = std::time::Instant::now();
+    super::store::check_name(&o.name)?;
+    let _lock = hoard.lock()?;
+    if !o.replace && hoard.index_path(&o.name).exists() {
+        return Err(Error::refused(
+            cache,
+            format!(
+                "a cache named '{}' is already hoarded (`hoard rm {}` first, --replace, or another --name)",
+                o.name, o.name
+            ),
+        ));
+    }
+    let opts = OpenOptions {
+        backing: false,
+        lock: true,
+        ..OpenOptions::read_only()
+    };
+    let img = Image::open(cache, &opts)?;
+    let q = match (img.format(), img.as_qcow2()) {
+        (Format::Qcow2, Some(q)) => q,
+        _ => {
+            return Err(Error::refused(
+                cache,
+                "a cache to hoard must be a qcow2 vmicache cache",
+            ))
+        }
+    };
+    let meta = q.cache_meta()?.ok_or_else(|| {
+        Error::refused(cache, "not a vmicache cache (no vmicache header extension)")
+    })?;
+    if meta.state != CacheState::Sealed {
+        return Err(Error::refused(
+            cache,
+            format!(
+                "cache is {}, not sealed: only sealed caches are hoarded (`vmicache seal {}`)",
+                meta.state.name(),
+                cache.display()
+            ),
+        ));
+    }
+    let header = q.header();
+    let geo = q.geometry();
+    if geo.cluster_size() < CHUNK {
+        return Err(Error::unsupported(
+            cache,
+            format!(
+                "clusters of {} B in a hoard (4 KiB or larger)",
+                geo.cluster_size()
+            ),
+        ));
+    }
+    let backing_file = match &header.backing_file {
+        None => None,
+        Some(n) => {
+            let p = resolve_backing(cache, n)?;
+            let abs = if crate::engine::open::is_opener_uri(n) {
+                p
+            } else {
+                std::path::absolute(&p).map_err(|e| Error::io(&p, "resolve", e))?
+            };
+            Some(abs.to_string_lossy().into_owned())
+        }
+    };
+    let extension = header
+        .extensions
+        .iter()
+        .find(|e| e.kind == EXT_KIND)
+        .map(|e| e.data.clone())
+        .unwrap_or_default();
+
+    // What is already stored: every pack's keys.
+    let mut packs: Vec<[u8; 32]> = Vec::new();
+    let mut known: HashMap<Key, Ref> = HashMap::new();
+    for id in hoard.pack_ids()? {
+        let pr = match PackReader::open(&hoard.pack_path(&id)) {
+            Ok(p) => p,
+            Err(e) => {
+                log::warn!("{e}: not deduplicated against (`hoard verify`)");
+                continue;
+            }
+        };
+        let keys = match pr.keys() {
+            Ok(k) => k,
+            Err(e) => {
+                log::warn!("{e}: not deduplicated against (`hoard verify`)");
+                continue;
+            }
+        };
+        let n = packs.len() as u32;
+        packs.push(id);
+        known.reserve(keys.len());
+        for (c, k) in keys.into_iter().enumerate() {
+            known.entry(k).or_insert((n, c as u32));
+        }
+    }
+
+    let ranges = content(&img)?;
+    let size = img.virtual_size();
+    // Data chunks are numbered by rank across the data ranges.
+    let data: Vec<(u64, u64, u64)> = {
+        let mut rank = 0;
+        ranges
+            .iter()
+            .filter(|r| !r.2)
+            .map(|&(a, n, _)| {
+                rank += n;
+                (a, n, rank - n)
+            })
+            .collect()
+    };
+    let total: u64 = data.iter().map(|d| d.1).sum();
+    let mut refs: Vec<Ref> = vec![ZERO; total as usize];
+    let mut emitted = vec![false; total as usize];
+    let rank_of = |c: u64| -> Option<u64> {
+        let i = data.partition_point(|d| d.0 + d.1 <= c);
+        data.get(i).filter(|d| d.0 <= c).map(|d| d.2 + c - d.0)
+    };
+
+    // The order chunks are taken in: the trace's reads, then everything in guest order.
+    let mut segments: Vec<(u64, u64)> = Vec::new(); // (first guest chunk, chunks)
+    for &(off, len) in &o.order {
+        let (a, b) = (off / CHUNK, off.saturating_add(len).div_ceil(CHUNK));
+        let mut c = a;
+        while c < b {
+            let Some(r) = rank_of(c) else {
+                // Not data: skip to the next data range.
+                let i = data.partition_point(|d| d.0 + d.1 <= c);
+                c = data.get(i).map_or(b, |d| d.0.max(c + 1));
+                continue;
+            };
+            if !emitted[r as usize] {
+                emitted[r as usize] = true;
+                match segments.last_mut() {
+                    Some(s) if s.0 + s.1 == c => s.1 += 1,
+                    _ => segments.push((c, 1)),
+                }
+            }
+            c += 1;
+        }
+    }
+    for &(a, n, r0) in &data {
+        for i in 0..n {
+            if !emitted[(r0 + i) as usize] {
+                let c = a + i;
+                match segments.last_mut() {
+                    Some(s) if s.0 + s.1 == c => s.1 += 1,
+                    _ => segments.push((c, 1)),
+                }
+            }
+        }
+    }
+    drop(emitted);
+
+    let frame_chunks = hoard.settings.frame_chunks as usize;
+    let level = hoard.settings.level;
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
+    let base_pack = packs.len() as u32;
+    let mut sink = Sink {
+        hoard,
+        pending: BTreeMap::new(),
+        next: 0,
+        writer: None,
+        ids: HashMap::new(),
+        bytes: 0,
+    };
+    let mut report = AddReport {
+        name: o.name.clone(),
+        data_bytes: 0,
+        zero_bytes: 0,
+        dedup_bytes: 0,
+        new_chunks: 0,
+        new_pack_bytes: 0,
+        seconds: 0.0,
+    };
+    let data_bytes_all = (total * CHUNK).min(size);
+    let (job_tx, job_rx) = sync_channel::<Job>(2 * workers);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (done_tx, done_rx) = channel::<Done>();
+    std::thread::scope(|s| -> Result<()> {
+        for _ in 0..workers {
+            let rx = Arc::clone(&job_rx);
+            let tx: Sender<Done> = done_tx.clone();
+            s.spawn(move || loop {
+                let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                };
+                let (stored, codec, hash) = encode_frame(&job.raw, level);
+                let d = Done {
+                    seq: job.seq,
+                    pack: job.pack,
+                    stored,
+                    codec,
+                    hash,
+                    keys: job.keys,
+                };
+                if tx.send(d).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        let r = ingest(
+            &img,
+            &segments,
+            &rank_of,
+            &mut known,
+            &mut refs,
+            &mut report,
+            o,
+            data_bytes_all,
+            base_pack,
+            frame_chunks,
+            &job_tx,
+            &done_rx,
+            &mut sink,
+        );
+        drop(job_tx);
+        // Drain what the workers still finish (all of it on success).
+        for d in done_rx.iter() {
+            if r.is_ok() {
+                sink.take(d)?;
+            }
+        }
+        r?;
+        sink.finish()
+    })?;
+
+    // The pack list of the index: the packs its runs name, in the order first named.
+    let mut local: HashMap<u32, u32> = HashMap::new();
+    let mut ids: Vec<[u8; 32]> = Vec::new();
+    let mut id_of = |p: u32| -> Result<u32> {
+        if let Some(&l) = local.get(&p) {
+            return Ok(l);
+        }
+        let id = if p < base_pack {
+            packs[p as usize]
+        } else {
+            *sink
+                .ids
+                .get(&p)
+                .ok_or_else(|| Error::corrupt(cache, "lost a pack written"))?
+        };
+        local.insert(p, ids.len() as u32);
+        ids.push(id);
+        Ok(ids.len() as u32 - 1)
+    };
+    let mut runs: Vec<IndexRun> = Vec::new();
+    for &(a, n, zero) in &ranges {
+        for c in a..a + n {
+            let (p, k) = if zero {
+                ZERO
+            } else {
+                refs[rank_of(c).unwrap() as usize]
+            };
+            let pack = if p == ZERO_PACK { ZERO_PACK } else { id_of(p)? };
+            match runs.last_mut() {
+                Some(l)
+                    if l.end() == c
+                        && l.pack == pack
+                        && (pack == ZERO_PACK || l.first + l.count == k) =>
+                {
+                    l.count += 1
+                }
+                _ => runs.push(IndexRun {
+                    start: c,
+                    count: 1,
+                    pack,
+                    first: if pack == ZERO_PACK { 0 } else { k },
+                }),
+            }
+        }
+    }
+    let idx = CacheIndex {
+        virtual_size: size,
+        cluster_bits: geo.cluster_bits,
+        backing_file,
+        backing_format: header.backing_format.clone(),
+        extension,
+        trace: o.trace.clone(),
+        packs: ids,
+        runs,
+    };
+    hoard.write_index(&o.name, &idx)?;
+    report.new_pack_bytes = sink.bytes;
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Read, hash and deduplicate the chunks of `segments`, sending new ones off in frames.
+#[allow(clippy::too_many_arguments)]
+fn ingest(
+    img: &Image,
+    segments: &[(u64, u64)],
+    rank_of: &dyn Fn(u64) -> Option<u64>,
+    known: &mut HashMap<Key, Ref>,
+    refs: &mut [Ref],
+    report: &mut AddReport,
+    o: &AddOptions,
+    all: u64,
+    base_pack: u32,
+    frame_chunks: usize,
+    jobs: &std::sync::mpsc::SyncSender<Job>,
+    done: &Receiver<Done>,
+    sink: &mut Sink,
+) -> Result<()> {
+    let size = img.virtual_size();
+    let mut pack = base_pack;
+    let mut in_pack = 0u32;
+    let mut seq = 0u64;
+    let mut raw: Vec<u8> = Vec::with_capacity(frame_chunks * CHUNK as usize);
+    let mut keys: Vec<Key> = Vec::with_capacity(frame_chunks);
+    let mut buf = vec![0u8; READ_BATCH as usize];
+    let send =
+        |pack: u32, raw: &mut Vec<u8>, keys: &mut Vec<Key>, seq: &mut u64, sink: &mut Sink| {
+            let job = Job {
+                seq: *seq,
+                pack,
+                raw: std::mem::replace(raw, Vec::with_capacity(frame_chunks * CHUNK as usize)),
+                keys: std::mem::take(keys),
+            };
+            *seq += 1;
+            jobs.send(job)
+                .map_err(|_| Error::refused(img.path(), "hoard: compression workers stopped"))?;
+            while let Ok(d) = done.try_recv() {
+                sink.take(d)?;
+            }
+            Ok::<(), Error>(())
+        };
+    for &(first, n) in segments {
+        let mut c = first;
+        while c < first + n {
+            let k = (first + n - c).min(READ_BATCH / CHUNK);
+            let off = c * CHUNK;
+            let len = (k * CHUNK).min(size - off);
+            let b = &mut buf[..(k * CHUNK) as usize];
+            b[len as usize..].fill(0);
+            img.read_at(&mut b[..len as usize], off)?;
+            for (i, chunk) in b.chunks_exact(CHUNK as usize).enumerate() {
+                let rank = rank_of(c + i as u64).expect("segments are data") as usize;
+                report.data_bytes += CHUNK.min(size - (c + i as u64) * CHUNK);
+                if crate::engine::qcow2::is_zero(chunk) {
+                    refs[rank] = ZERO;
+                    report.zero_bytes += CHUNK;
+                    continue;
+                }
+                let key = hf::key_of(chunk);
+                if let Some(&r) = known.get(&key) {
+                    refs[rank] = r;
+                    report.dedup_bytes += CHUNK;
+                    continue;
+                }
+                if in_pack == PACK_CHUNKS {
+                    if !keys.is_empty() {
+                        send(pack, &mut raw, &mut keys, &mut seq, sink)?;
+                    }
+                    pack += 1;
+                    in_pack = 0;
+                }
+                let r = (pack, in_pack);
+                in_pack += 1;
+                known.insert(key, r);
+                refs[rank] = r;
+                report.new_chunks += 1;
+                raw.extend_from_slice(chunk);
+                keys.push(key);
+                if keys.len() == frame_chunks {
+                    send(pack, &mut raw, &mut keys, &mut seq, sink)?;
+                }
+            }
+            c += k;
+            if let Some(p) = o.progress {
+                p(report.data_bytes, all);
+            }
+        }
+    }
+    if !keys.is_empty() {
+        send(pack, &mut raw, &mut keys, &mut seq, sink)?;
+    }
+    Ok(())
+}

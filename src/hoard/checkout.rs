@@ -1,0 +1,150 @@
+//! `hoard checkout`: a hoarded cache as an ordinary qcow2 cache again (for QEMU's native
+//! chain), equal in content, geometry, base and vmicache extension, and its trace beside it.
+
+use super::layer::HoardLayer;
+use super::store::Hoard;
+use crate::engine::create::{create, CreateOptions};
+use crate::engine::layer::{Layer, MapMode, Mapping, Run};
+use crate::engine::storage::FileStorage;
+use crate::engine::{Image, OpenOptions};
+use crate::format::ext::KIND as EXT_KIND;
+use crate::format::header::Extension;
+use crate::{Error, Result};
+use std::path::Path;
+
+/// Bytes written at a time.
+const BATCH: u64 = 4 << 20;
+
+/// What a checkout wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckoutReport {
+    pub name: String,
+    pub output: String,
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Write hoarded cache `name` to `out` (which must not exist), and `out.trace` when the
+/// cache had a trace. `progress`: (bytes done, bytes in all).
+pub fn checkout(
+    h: &Hoard,
+    name: &str,
+    out: &Path,
+    progress: Option<&dyn Fn(u64, u64)>,
+) -> Result<CheckoutReport> {
+    let t0 = std::time::Instant::now();
+    super::store::check_name(name)?;
+    let path = h.index_path(name);
+    h.read_index(name)?; // a clear error for a missing name
+    let layer = HoardLayer::open(&path, Box::new(FileStorage::open(&path, false)?))?;
+    let idx = layer.index().clone();
+    if out.exists() {
+        return Err(Error::refused(
+            out,
+            "exists already (checkout writes a new file)",
+        ));
+    }
+    let mut c = CreateOptions::new(idx.virtual_size);
+    c.cluster_size = 1 << idx.cluster_bits;
+    c.backing_file = idx.backing_file.clone();
+    c.backing_format = idx.backing_format.clone();
+    if !idx.extension.is_empty() {
+        c.extensions.push(Extension {
+            kind: EXT_KIND,
+            data: idx.extension.clone(),
+        });
+    }
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        out.file_name()
+            .map_or("cache".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    let r = (|| {
+        create(&tmp, &c)?;
+        let img = Image::open(
+            &tmp,
+            &OpenOptions {
+                backing: false,
+                ..OpenOptions::read_write()
+            },
+        )?;
+        let data = write_all(&layer, &img, progress)?;
+        img.flush(true)?;
+        drop(img);
+        if !idx.trace.is_empty() {
+            let t = trace_path(out);
+            super::store::write_atomic(&t, &idx.trace)?;
+        }
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, "rename into place", e))?;
+        super::store::sync_dir(
+            out.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )?;
+        Ok(data)
+    })();
+    let data = match r {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    Ok(CheckoutReport {
+        name: name.to_string(),
+        output: out.display().to_string(),
+        data_bytes: data,
+        file_bytes: std::fs::metadata(out).map_or(0, |m| m.len()),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Where a cache's trace lies: `CACHE.trace`.
+pub fn trace_path(cache: &Path) -> std::path::PathBuf {
+    let mut s = cache.as_os_str().to_owned();
+    s.push(".trace");
+    s.into()
+}
+
+/// Copy what the layer holds into `img` (opened without its base, so a partial cluster is
+/// completed with zeros, as the cache had it): zero runs as zeros (zero clusters where whole),
+/// data runs as data.
+fn write_all(layer: &HoardLayer, img: &Image, progress: Option<&dyn Fn(u64, u64)>) -> Result<u64> {
+    let size = layer.virtual_size();
+    let runs = layer.map(0, size, MapMode::READ)?.runs;
+    let all: u64 = runs
+        .iter()
+        .filter(|r| r.map == Mapping::Stored)
+        .map(|r| r.len)
+        .sum();
+    let mut done = 0u64;
+    let mut buf = vec![0u8; BATCH as usize];
+    for r in &runs {
+        match r.map {
+            Mapping::Zero { .. } => img.write_zeroes(r.off, r.len)?,
+            Mapping::Stored => {
+                let mut pos = r.off;
+                while pos < r.end() {
+                    let n = (r.end() - pos).min(BATCH);
+                    let b = &mut buf[..n as usize];
+                    let run = Run {
+                        off: pos,
+                        len: n,
+                        map: Mapping::Stored,
+                    };
+                    layer.read_run(b, &run)?;
+                    img.write_at(b, pos)?;
+                    pos += n;
+                    done += n;
+                    if let Some(p) = progress {
+                        p(done, all);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(done)
+}

@@ -1,0 +1,314 @@
+//! A hoarded cache as a layer of a chain, read in place from its packs.
+//!
+//! Its index (`caches/NAME.vmh`) is the file a chain names; its runs answer what is at a
+//! range: zeros, data in packs ([`Mapping::Stored`]), or nothing (the base answers). It is
+//! sealed: never written, no copy-on-read into it. Frames are decompressed and checked
+//! against their BLAKE3 on first use and kept in a small cache of decompressed frames; a
+//! damaged frame fails the read (EIO over NBD, and a log line), never returns wrong data.
+//!
+//! Packs are opened when the layer is, and kept open: a gc that repacks while a server reads
+//! unlinks files this layer still holds, which stay readable.
+
+use super::format::{CacheIndex, CHUNK};
+use super::store::{read_index_from, PackReader};
+use crate::engine::layer::{BackingRead, Format, Layer, MapMode, Mapped, Mapping, Run};
+use crate::engine::open::{place_backing, resolve_backing};
+use crate::engine::storage::{FileStorage, Storage};
+use crate::engine::{Image, OpenOptions};
+use crate::format::ext::CacheMeta;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Decompressed frames kept (at 32 chunks a frame, 4 MiB).
+const FRAME_CACHE: usize = 32;
+
+#[derive(Debug, Default)]
+struct Frames {
+    /// (pack, frame, last use, the chunks).
+    slots: Vec<(u32, u32, u64, Arc<Vec<u8>>)>,
+    clock: u64,
+}
+
+/// An open hoarded cache.
+#[derive(Debug)]
+pub struct HoardLayer {
+    storage: Box<dyn Storage>,
+    index: CacheIndex,
+    packs: Vec<PackReader>,
+    meta: Option<CacheMeta>,
+    frames: Mutex<Frames>,
+}
+
+/// Where the packs of the index at `path` are: `HOARD/caches/x.vmh` → `HOARD/packs`.
+fn packs_dir(path: &Path) -> PathBuf {
+    let caches = path.parent().unwrap_or(Path::new("."));
+    caches.parent().unwrap_or(Path::new(".")).join("packs")
+}
+
+impl HoardLayer {
+    /// Open the index in `st` (the file at `path`) and the packs it names.
+    pub fn open(path: &Path, st: Box<dyn Storage>) -> Result<HoardLayer> {
+        let mut st = st;
+        // A gc may replace the index (and remove the packs it named) between our reading it
+        // and opening its packs: read it again then.
+        for attempt in 0.. {
+            let index = {
+                let f = st
+                    .file()
+                    .ok_or_else(|| Error::unsupported(path, "a hoarded cache not in a file"))?;
+                read_index_from(f, path)?
+            };
+            match Self::open_packs(path, &index) {
+                Ok(packs) => return Self::with(st, index, packs),
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && attempt < 3 =>
+                {
+                    st = Box::new(FileStorage::open(path, false)?);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!()
+    }
+
+    fn open_packs(path: &Path, index: &CacheIndex) -> Result<Vec<PackReader>> {
+        let dir = packs_dir(path);
+        index
+            .packs
+            .iter()
+            .map(|id| PackReader::open(&dir.join(format!("{}.pack", super::format::hex(id)))))
+            .collect()
+    }
+
+    fn with(st: Box<dyn Storage>, index: CacheIndex, packs: Vec<PackReader>) -> Result<HoardLayer> {
+        let path = st.path().to_path_buf();
+        for (i, r) in index.runs.iter().enumerate() {
+            if r.is_zero() {
+                continue;
+            }
+            let have = packs[r.pack as usize].chunks();
+            if r.first.checked_add(r.count).is_none_or(|e| e > have) {
+                return Err(Error::corrupt(
+                    &path,
+                    format!(
+                        "run {i} names chunks {}+{} of a pack of {have}",
+                        r.first, r.count
+                    ),
+                ));
+            }
+        }
+        let meta = if index.extension.is_empty() {
+            None
+        } else {
+            Some(CacheMeta::decode(&index.extension).map_err(|e| e.at(&path))?)
+        };
+        Ok(HoardLayer {
+            storage: st,
+            index,
+            packs,
+            meta,
+            frames: Mutex::new(Frames::default()),
+        })
+    }
+
+    pub fn index(&self) -> &CacheIndex {
+        &self.index
+    }
+
+    /// The layer of `img`, if it is a hoarded cache.
+    pub fn of(img: &Image) -> Option<&HoardLayer> {
+        img.layer().as_any().downcast_ref::<HoardLayer>()
+    }
+
+    /// Frame `f` of pack `p`, decompressed and checked (cached).
+    fn frame(&self, p: u32, f: u32) -> Result<Arc<Vec<u8>>> {
+        {
+            let mut g = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+            g.clock += 1;
+            let now = g.clock;
+            if let Some(s) = g.slots.iter_mut().find(|s| s.0 == p && s.1 == f) {
+                s.2 = now;
+                return Ok(Arc::clone(&s.3));
+            }
+        }
+        let data = Arc::new(self.packs[p as usize].read_frame(f as usize)?);
+        let mut g = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        let now = g.clock;
+        if g.slots.len() >= FRAME_CACHE {
+            let old = (0..g.slots.len()).min_by_key(|&i| g.slots[i].2).unwrap();
+            g.slots.swap_remove(old);
+        }
+        g.slots.push((p, f, now, Arc::clone(&data)));
+        Ok(data)
+    }
+
+    fn check(&self, off: u64, len: u64) -> Result<()> {
+        if off
+            .checked_add(len)
+            .is_none_or(|e| e > self.index.virtual_size)
+        {
+            return Err(Error::out_of_range(
+                self.path(),
+                format!(
+                    "request {off:#x}+{len:#x} beyond the size {:#x}",
+                    self.index.virtual_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn never_written(&self) -> Error {
+        Error::read_only(self.path(), "a hoarded cache is sealed: never written")
+    }
+}
+
+impl Layer for HoardLayer {
+    fn path(&self) -> &Path {
+        self.storage.path()
+    }
+    fn format(&self) -> Format {
+        Format::Hoard
+    }
+    fn virtual_size(&self) -> u64 {
+        self.index.virtual_size
+    }
+    fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn map(&self, off: u64, len: u64, mode: MapMode) -> Result<Mapped<'_>> {
+        self.check(off, len)?;
+        let end = off + len;
+        let mut runs: Vec<Run> = Vec::new();
+        let mut pos = off;
+        while pos < end {
+            let c = pos / CHUNK;
+            let (next, map) = match self.index.find(c) {
+                Ok(i) => {
+                    let r = &self.index.runs[i];
+                    let m = if r.is_zero() {
+                        Mapping::Zero { host: None }
+                    } else {
+                        Mapping::Stored
+                    };
+                    (r.end().saturating_mul(CHUNK), m)
+                }
+                Err(i) => (
+                    self.index
+                        .runs
+                        .get(i)
+                        .map_or(u64::MAX, |r| r.start.saturating_mul(CHUNK)),
+                    Mapping::Unallocated,
+                ),
+            };
+            let next = next.min(end);
+            let n = runs.len();
+            match runs.last_mut() {
+                Some(l) if l.map == map && l.end() == pos => l.len += next - pos,
+                _ if n == mode.max_runs => break,
+                _ => runs.push(Run {
+                    off: pos,
+                    len: next - pos,
+                    map,
+                }),
+            }
+            pos = next;
+        }
+        Ok(Mapped { runs, guard: None })
+    }
+    fn read_run(&self, dst: &mut [u8], run: &Run) -> Result<()> {
+        match run.map {
+            Mapping::Zero { .. } => {
+                dst.fill(0);
+                return Ok(());
+            }
+            Mapping::Stored => {}
+            _ => {
+                return Err(Error::request(
+                    self.path(),
+                    format!("read of {:#x}+{:#x}: not in this cache", run.off, run.len),
+                ))
+            }
+        }
+        self.check(run.off, dst.len() as u64)?;
+        let mut done = 0usize;
+        while done < dst.len() {
+            let pos = run.off + done as u64;
+            let c = pos / CHUNK;
+            let i = self.index.find(c).map_err(|_| {
+                Error::request(self.path(), format!("read of {pos:#x}: not in this cache"))
+            })?;
+            let r = self.index.runs[i];
+            // What this index run still covers.
+            let in_run = (r.end() * CHUNK - pos) as usize;
+            if r.is_zero() {
+                let n = in_run.min(dst.len() - done);
+                dst[done..done + n].fill(0);
+                done += n;
+                continue;
+            }
+            let pack = &self.packs[r.pack as usize];
+            let chunk = r.first + (c - r.start) as u32;
+            let fi = pack.frame_of(chunk);
+            let f0 = pack.first[fi];
+            let fdata = self.frame(r.pack, fi as u32)?;
+            let at = (chunk - f0) as usize * CHUNK as usize + (pos % CHUNK) as usize;
+            let n = (fdata.len() - at).min(in_run).min(dst.len() - done);
+            dst[done..done + n].copy_from_slice(&fdata[at..at + n]);
+            done += n;
+        }
+        Ok(())
+    }
+    fn write_at(&self, _buf: &[u8], _off: u64, _below: &dyn BackingRead) -> Result<()> {
+        Err(self.never_written())
+    }
+    fn write_zeroes(&self, _off: u64, _len: u64, _below: &dyn BackingRead) -> Result<()> {
+        Err(self.never_written())
+    }
+    fn flush(&self, _durable: bool) -> Result<()> {
+        Ok(())
+    }
+    fn cache_meta(&self) -> Result<Option<CacheMeta>> {
+        Ok(self.meta.clone())
+    }
+}
+
+/// The engine's driver for `vmicache-hoard` layers: the index at `path` (opened and locked
+/// in `st`), over its base, which is reached only when a read needs it (a sealed cache).
+pub fn open(path: &Path, st: Box<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+    if opts.write {
+        return Err(Error::read_only(
+            path,
+            "a hoarded cache is sealed: never opened for writing",
+        ));
+    }
+    let layer = HoardLayer::open(path, st)?;
+    let backing = match (&layer.index.backing_file, opts.backing) {
+        (Some(name), true) => {
+            let bpath = resolve_backing(path, name)?;
+            place_backing(path, &bpath)?;
+            let format = match &layer.index.backing_format {
+                None => None,
+                Some(f) => Some(
+                    Format::parse(f)
+                        .ok_or_else(|| Error::unsupported(path, format!("backing format '{f}'")))?,
+                ),
+            };
+            let recorded = layer
+                .meta
+                .as_ref()
+                .and_then(|m| m.base.as_ref())
+                .map(|b| b.virtual_size);
+            let size = recorded.unwrap_or(layer.index.virtual_size);
+            Some(Arc::new(Image::lazy_base(
+                path, bpath, format, size, recorded, opts,
+            )))
+        }
+        _ => None,
+    };
+    Ok(Image::new(Box::new(layer), backing))
+}

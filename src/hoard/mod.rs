@@ -1,0 +1,31 @@
+//! The hoard: the caches of many images kept on every node, deduplicated and compressed,
+//! read in place (Squirrel's cVolume, HPDC'14).
+//!
+//! - [`format`]: the pack and index files, pure encoding;
+//! - [`store`]: the hoard directory, its lock, packs and indexes on plain files;
+//! - [`add`]: ingesting a sealed cache; [`gc`]: reclaiming and repacking;
+//!   [`verify`]: checking every hash; [`checkout`]: an ordinary qcow2 cache again;
+//! - [`layer`]: a hoarded cache as a layer of a chain, read in place.
+//!
+//! The engine opens `vmicache-hoard` layers through the driver [`register`] adds.
+
+pub mod add;
+pub mod checkout;
+pub mod format;
+pub mod gc;
+pub mod layer;
+pub mod stats;
+pub mod store;
+pub mod verify;
+
+pub use store::Hoard;
+
+/// Register the hoard's layer driver with the engine, so that chains naming a hoarded cache
+/// (an instance over `HOARD/caches/NAME.vmh`) open. Idempotent.
+pub fn register() {
+    crate::engine::open::register_format(crate::engine::open::ForeignFormat {
+        format: crate::engine::Format::Hoard,
+        magic: *format::INDEX_MAGIC,
+        open: layer::open,
+    });
+}

@@ -1,0 +1,130 @@
+//! `hoard verify`: every pack's hash, every frame and chunk, every index resolving.
+
+use super::format::{hex, key_of, parse_hex, CHUNK};
+use super::layer::HoardLayer;
+use super::store::{Hoard, PackReader};
+use crate::engine::storage::FileStorage;
+use crate::Result;
+use std::collections::HashSet;
+use std::io::Read;
+
+/// What verify found.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Report {
+    pub packs: usize,
+    pub chunks: u64,
+    pub caches: usize,
+    /// Damage: each names the file and what is wrong.
+    pub problems: Vec<String>,
+    /// Harmless findings: packs no cache refers to (gc reclaims them), leftovers.
+    pub notes: Vec<String>,
+}
+
+/// BLAKE3 of a whole file, streamed.
+fn file_hash(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(*h.finalize().as_bytes());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Check one pack: its id, then (to say where, when damaged) every frame and chunk key.
+fn check_pack(path: &std::path::Path, id: &[u8; 32], r: &mut Report) {
+    let p = path.display();
+    match file_hash(path) {
+        Ok(h) if &h == id => {
+            if let Ok(pr) = PackReader::open(path) {
+                r.chunks += u64::from(pr.chunks());
+            }
+            return;
+        }
+        Ok(_) => r
+            .problems
+            .push(format!("{p}: content does not match its name (BLAKE3)")),
+        Err(e) => {
+            r.problems.push(format!("{p}: {e}"));
+            return;
+        }
+    }
+    // Where is the damage?
+    let pr = match PackReader::open(path) {
+        Ok(pr) => pr,
+        Err(e) => return r.problems.push(e.to_string()),
+    };
+    r.chunks += u64::from(pr.chunks());
+    let keys = match pr.keys() {
+        Ok(k) => Some(k),
+        Err(e) => {
+            r.problems.push(e.to_string());
+            None
+        }
+    };
+    for i in 0..pr.frames.len() {
+        match pr.read_frame(i) {
+            Err(e) => r.problems.push(e.to_string()),
+            Ok(d) => {
+                if let Some(k) = &keys {
+                    for (j, c) in d.chunks_exact(CHUNK as usize).enumerate() {
+                        let n = pr.first[i] as usize + j;
+                        if key_of(c) != k[n] {
+                            r.problems
+                                .push(format!("{p}: chunk {n} does not match its key"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn verify(h: &Hoard) -> Result<Report> {
+    let mut r = Report::default();
+    let dir = h.dir().join("packs");
+    let mut present = HashSet::new();
+    for e in std::fs::read_dir(&dir).map_err(|e| crate::Error::io(&dir, "list", e))? {
+        let e = e.map_err(|e| crate::Error::io(&dir, "list", e))?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(".tmp-") {
+            r.notes.push(format!(
+                "{}: left by a writer that stopped (gc removes it)",
+                e.path().display()
+            ));
+            continue;
+        }
+        match n.strip_suffix(".pack").and_then(parse_hex) {
+            Some(id) => {
+                r.packs += 1;
+                check_pack(&e.path(), &id, &mut r);
+                present.insert(id);
+            }
+            None => r
+                .problems
+                .push(format!("{}: not a pack name", e.path().display())),
+        }
+    }
+    let mut used = HashSet::new();
+    for name in h.names()? {
+        r.caches += 1;
+        let path = h.index_path(&name);
+        let opened =
+            FileStorage::open(&path, false).and_then(|st| HoardLayer::open(&path, Box::new(st)));
+        match opened {
+            Ok(l) => used.extend(l.index().packs.iter().copied()),
+            Err(e) => r.problems.push(format!("cache '{name}': {e}")),
+        }
+    }
+    for id in present.difference(&used) {
+        r.notes.push(format!(
+            "pack {} is not used by any cache (gc reclaims it)",
+            hex(id)
+        ));
+    }
+    r.notes.sort();
+    Ok(r)
+}
