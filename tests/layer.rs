@@ -47,6 +47,7 @@ fn qcow2_layer_maps_each_kind() {
                 Mapping::Data { .. } => "data",
                 Mapping::Zero { .. } => "zero",
                 Mapping::Compressed { .. } => "compressed",
+                Mapping::Stored => "stored",
                 Mapping::Unallocated => "unallocated",
             };
             (r.off, r.len, k)
