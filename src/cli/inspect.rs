@@ -10,6 +10,7 @@ use vmicache::chain::build::{cache_meta, verify_base, verify_base_content};
 use vmicache::chain::map::{map, to_qemu_json};
 use vmicache::engine::{Image, OpenOptions};
 use vmicache::format::ext::{hex, BaseIdentity};
+use vmicache::hoard::layer::HoardLayer;
 
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -141,21 +142,47 @@ fn layer(img: &Image, depth: usize, role: &'static str) -> Result<Layer> {
         l.stored_bytes = Some(s.stored_bytes);
         l.saved_bytes = Some(s.saved_bytes(cs));
     }
+    if let Some(h) = HoardLayer::of(img) {
+        let idx = h.index();
+        let c = h.clusters();
+        l.cluster_size = Some(1 << idx.cluster_bits);
+        l.backing_file = idx.backing_file.clone();
+        l.backing_format = idx.backing_format.clone();
+        l.data_clusters = Some(c.data);
+        l.zero_clusters = Some(c.zero);
+        l.compressed_clusters = Some(0);
+        l.allocated_bytes = Some(c.data_bytes);
+    }
     Ok(l)
 }
 
 /// Bytes a trace reads (in whole clusters) and how many of them the cache holds.
 fn trace_coverage(cache: &Image, trace: &Path) -> Result<(u64, u64)> {
-    let q = cache.as_qcow2().expect("cache is qcow2");
+    use vmicache::engine::layer::{MapMode, Mapping};
     let t = vmicache::chain::trace::Trace::load(trace)?;
-    let cs = q.geometry().cluster_size();
-    let ranges = vmicache::chain::warm::coalesce(&t.reads, cs, q.virtual_size(), u64::MAX / 2);
+    let cs = cluster_size(cache).unwrap_or(64 << 10);
+    let size = cache.virtual_size();
+    let ranges = vmicache::chain::warm::coalesce(&t.reads, cs, size, u64::MAX / 2);
     let (mut total, mut missing) = (0, 0);
     for (s, n) in ranges {
         total += n;
-        missing += q.unallocated_runs(s, n)?.iter().map(|r| r.1).sum::<u64>();
+        let mapped = cache.layer().map(s, n, MapMode::READ)?;
+        missing += mapped
+            .runs
+            .iter()
+            .filter(|r| r.map == Mapping::Unallocated)
+            .map(|r| r.len)
+            .sum::<u64>();
     }
     Ok((total, total - missing))
+}
+
+/// The cluster size of a qcow2 or hoarded layer.
+fn cluster_size(img: &Image) -> Option<u64> {
+    if let Some(q) = img.as_qcow2() {
+        return Some(q.geometry().cluster_size());
+    }
+    HoardLayer::of(img).map(|h| 1u64 << h.index().cluster_bits)
 }
 
 /// Bytes of `base`'s data, and how many of them `cache` (one layer) holds.

@@ -12,7 +12,9 @@
 //! then is the index written (synced, renamed into place). A kill at any point leaves the
 //! hoard as it was, plus at worst a pack no index refers to (gc removes it).
 
-use super::format::{self as hf, CacheIndex, Codec, IndexRun, Key, CHUNK, ZERO_PACK};
+use super::format::{
+    self as hf, CacheIndex, Codec, IndexRun, Key, CHUNK, ZERO_DATA_PACK, ZERO_PACK,
+};
 use super::store::{encode_frame, Hoard, PackReader, PackWriter};
 use crate::engine::layer::{Format, MapMode, Mapping};
 use crate::engine::open::resolve_backing;
@@ -79,6 +81,7 @@ struct Job {
 /// A chunk's place: (pack number in this add's list, chunk in the pack), or zeros.
 type Ref = (u32, u32);
 const ZERO: Ref = (ZERO_PACK, 0);
+const ZERO_DATA: Ref = (ZERO_DATA_PACK, 0);
 
 /// Writes finished frames in sequence order, one pack after another.
 struct Sink<'h> {
@@ -402,12 +405,12 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
             } else {
                 refs[rank_of(c).unwrap() as usize]
             };
-            let pack = if p == ZERO_PACK { ZERO_PACK } else { id_of(p)? };
+            let pack = if p >= ZERO_DATA_PACK { p } else { id_of(p)? };
             match runs.last_mut() {
                 Some(l)
                     if l.end() == c
                         && l.pack == pack
-                        && (pack == ZERO_PACK || l.first + l.count == k) =>
+                        && (pack >= ZERO_DATA_PACK || l.first + l.count == k) =>
                 {
                     l.count += 1
                 }
@@ -415,7 +418,7 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
                     start: c,
                     count: 1,
                     pack,
-                    first: if pack == ZERO_PACK { 0 } else { k },
+                    first: if pack >= ZERO_DATA_PACK { 0 } else { k },
                 }),
             }
         }
@@ -489,7 +492,7 @@ fn ingest(
                 let rank = rank_of(c + i as u64).expect("segments are data") as usize;
                 report.data_bytes += CHUNK.min(size - (c + i as u64) * CHUNK);
                 if crate::engine::qcow2::is_zero(chunk) {
-                    refs[rank] = ZERO;
+                    refs[rank] = ZERO_DATA;
                     report.zero_bytes += CHUNK;
                     continue;
                 }

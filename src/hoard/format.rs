@@ -23,7 +23,8 @@
 //! u32 flags (0), u16+bytes backing file, u16+bytes backing format,
 //! u32+bytes vmicache extension, u32+bytes trace,
 //! u32 packs, 32 B pack id each,
-//! u64 runs, 20 B each: u64 first guest chunk, u32 chunks, u32 pack (0xffffffff: zeros),
+//! u64 runs, 20 B each: u64 first guest chunk, u32 chunks, u32 pack (0xffffffff: zero
+//!                      clusters, 0xfffffffe: data chunks of zeros),
 //!                      u32 first chunk in the pack,
 //! 32 B BLAKE3 of everything before
 //! ```
@@ -45,8 +46,11 @@ pub const MAX_FRAME_CHUNKS: u32 = 256;
 /// Largest virtual size of a hoarded cache (a hostile index cannot make the guest chunk
 /// numbers overflow).
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 56;
-/// The pack of a run of zeros.
+/// The pack of a run of zeros (the cache's zero clusters: block status says zero).
 pub const ZERO_PACK: u32 = u32::MAX;
+/// The pack of a run of data chunks that are all zeros (inside the cache's data clusters:
+/// read as zeros, block status says data, as it did for the cache).
+pub const ZERO_DATA_PACK: u32 = u32::MAX - 1;
 /// Largest index file read (a 16 TiB cache in 4 KiB runs needs 80 GiB: far beyond; real ones
 /// take kilobytes to megabytes).
 pub const MAX_INDEX_BYTES: u64 = 1 << 30;
@@ -257,7 +261,8 @@ pub fn decode_frames(b: &[u8], ft: &Footer) -> Result<(Vec<Frame>, Vec<u32>), Ba
 }
 
 /// A run of guest chunks: `count` chunks from guest chunk `start` are chunks `first ..` of
-/// pack `pack` (an index into the index's pack list), or zeros ([`ZERO_PACK`]).
+/// pack `pack` (an index into the index's pack list), or zeros ([`ZERO_PACK`],
+/// [`ZERO_DATA_PACK`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexRun {
     pub start: u64,
@@ -270,8 +275,13 @@ impl IndexRun {
     pub fn end(&self) -> u64 {
         self.start + u64::from(self.count)
     }
+    /// Zero clusters of the cache.
     pub fn is_zero(&self) -> bool {
         self.pack == ZERO_PACK
+    }
+    /// Chunks stored in a pack (not zeros of either kind).
+    pub fn in_pack(&self) -> bool {
+        self.pack < ZERO_DATA_PACK
     }
 }
 
@@ -458,7 +468,7 @@ impl CacheIndex {
                     run.start, run.count
                 ));
             }
-            if !run.is_zero()
+            if run.in_pack()
                 && (run.pack as usize >= idx.packs.len()
                     || run.first.checked_add(run.count).is_none())
             {

@@ -7,7 +7,7 @@
 //! A kill at any point leaves every index resolving (to old packs or new), and at worst
 //! packs nothing refers to, which the next gc deletes.
 
-use super::format::{CacheIndex, IndexRun, Key, CHUNK, ZERO_PACK};
+use super::format::{CacheIndex, IndexRun, Key, CHUNK, ZERO_DATA_PACK};
 use super::stats::{indexes, live_map};
 use super::store::{encode_frame, sync_dir, Hoard, PackReader, PackWriter};
 use crate::{Error, Result};
@@ -184,8 +184,8 @@ fn remap(i: &CacheIndex, moved: &HashMap<ChunkAt, ChunkAt>) -> Result<CacheIndex
     for r in &i.runs {
         for k in 0..r.count {
             let c = r.start + u64::from(k);
-            let (pack, first) = if r.is_zero() {
-                (ZERO_PACK, 0)
+            let (pack, first) = if !r.in_pack() {
+                (r.pack, 0)
             } else {
                 let old = (i.packs[r.pack as usize], r.first + k);
                 let (id, n) = moved.get(&old).copied().unwrap_or(old);
@@ -200,7 +200,7 @@ fn remap(i: &CacheIndex, moved: &HashMap<ChunkAt, ChunkAt>) -> Result<CacheIndex
                 Some(l)
                     if l.end() == c
                         && l.pack == pack
-                        && (pack == ZERO_PACK || l.first + l.count == first) =>
+                        && (pack >= ZERO_DATA_PACK || l.first + l.count == first) =>
                 {
                     l.count += 1
                 }

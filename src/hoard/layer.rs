@@ -30,6 +30,14 @@ struct Frames {
     clock: u64,
 }
 
+/// What a hoarded cache holds, counted in clusters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Clusters {
+    pub data: u64,
+    pub zero: u64,
+    pub data_bytes: u64,
+}
+
 /// An open hoarded cache.
 #[derive(Debug)]
 pub struct HoardLayer {
@@ -84,7 +92,7 @@ impl HoardLayer {
     fn with(st: Box<dyn Storage>, index: CacheIndex, packs: Vec<PackReader>) -> Result<HoardLayer> {
         let path = st.path().to_path_buf();
         for (i, r) in index.runs.iter().enumerate() {
-            if r.is_zero() {
+            if !r.in_pack() {
                 continue;
             }
             let have = packs[r.pack as usize].chunks();
@@ -114,6 +122,46 @@ impl HoardLayer {
 
     pub fn index(&self) -> &CacheIndex {
         &self.index
+    }
+
+    /// Clusters (of the cache's cluster size) holding data, and wholly zero; guest bytes of
+    /// data chunks.
+    pub fn clusters(&self) -> Clusters {
+        let shift = self.index.cluster_bits - CHUNK.trailing_zeros();
+        let mut out = Clusters::default();
+        // Runs are in order, so a cluster's runs come together: (cluster, has data).
+        let mut cur: Option<(u64, bool)> = None;
+        let close = |c: Option<(u64, bool)>, out: &mut Clusters| match c {
+            Some((_, true)) => out.data += 1,
+            Some((_, false)) => out.zero += 1,
+            None => {}
+        };
+        for r in &self.index.runs {
+            if !r.is_zero() {
+                out.data_bytes += (r.end() * CHUNK).min(self.index.virtual_size) - r.start * CHUNK;
+            }
+            let (a, b) = (r.start >> shift, (r.end() - 1) >> shift);
+            for k in [a, b] {
+                match &mut cur {
+                    Some((c, d)) if *c == k => *d |= !r.is_zero(),
+                    _ => {
+                        close(cur.take(), &mut out);
+                        cur = Some((k, !r.is_zero()));
+                    }
+                }
+            }
+            // Clusters strictly inside the run.
+            if b > a + 1 {
+                let inner = b - a - 1;
+                if r.is_zero() {
+                    out.zero += inner;
+                } else {
+                    out.data += inner;
+                }
+            }
+        }
+        close(cur, &mut out);
+        out
     }
 
     /// The layer of `img`, if it is a hoarded cache.
@@ -245,7 +293,7 @@ impl Layer for HoardLayer {
             let r = self.index.runs[i];
             // What this index run still covers.
             let in_run = (r.end() * CHUNK - pos) as usize;
-            if r.is_zero() {
+            if !r.in_pack() {
                 let n = in_run.min(dst.len() - done);
                 dst[done..done + n].fill(0);
                 done += n;

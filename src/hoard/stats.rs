@@ -12,7 +12,8 @@ use std::collections::HashMap;
 pub struct CacheInfo {
     pub name: String,
     pub virtual_size: u64,
-    /// Guest bytes in data chunks (stored in packs) and in zero runs.
+    /// Guest bytes in data chunks (stored in packs) and in zeros (zero clusters, and data
+    /// chunks of zeros).
     pub data_bytes: u64,
     pub zero_bytes: u64,
     /// Index runs, and the index file's size.
@@ -60,10 +61,10 @@ impl CacheInfo {
         let mut zero = 0u64;
         for r in &idx.runs {
             let b = (r.end() * CHUNK).min(idx.virtual_size) - r.start * CHUNK;
-            if r.is_zero() {
-                zero += b;
-            } else {
+            if r.in_pack() {
                 data += b;
+            } else {
+                zero += b;
             }
         }
         let meta = CacheMeta::decode(&idx.extension).ok();
@@ -103,7 +104,7 @@ pub fn live_map(
         .map(|(id, &n)| (*id, vec![false; n as usize]))
         .collect();
     for i in idx {
-        for r in i.runs.iter().filter(|r| !r.is_zero()) {
+        for r in i.runs.iter().filter(|r| r.in_pack()) {
             if let Some(v) = live.get_mut(&i.packs[r.pack as usize]) {
                 let (a, b) = (r.first as usize, (r.first + r.count) as usize);
                 if b <= v.len() {
