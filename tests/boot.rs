@@ -166,6 +166,32 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     check_clean(&cache);
     check_clean(&inst);
 
+    // 2b. The sealed cache hoarded (its base now the nbdkit URI), an instance over the
+    //     hoarded cache: the warm boot reads its working set from the hoard's packs and
+    //     0 B from the base.
+    let hoard = dir.join("hoard");
+    let allow = format!("{}:{}", guest_dir().display(), dir.display());
+    let hv = |args: &[&str]| {
+        run(bin()
+            .env("VMICACHE_HOARD", &hoard)
+            .env("VMICACHE_ALLOW_BACKING", &allow)
+            .args(args))
+    };
+    hv(&["hoard", "init", ps(&hoard)]);
+    hv(&["hoard", "add", ps(&cache), "--name", "guest"]);
+    let hinst = dir.join("hoarded.qcow2");
+    hv(&["chain", "hoard:guest", "-o", ps(&hinst)]);
+    std::env::set_var("VMICACHE_ALLOW_BACKING", &allow);
+    let before = base_reads(&log);
+    let plain_secs = boot_served(dir, &inst);
+    let hoard_secs = boot_served(dir, &hinst);
+    assert_eq!(
+        base_reads(&log) - before,
+        0,
+        "boots from the hoard and the cache read from the base"
+    );
+    eprintln!("warm boot served from the cache {plain_secs:.1} s, from the hoard {hoard_secs:.1} s");
+
     // 3. Native chain: QEMU opens instance -> cache -> base itself and boots.
     boot(ps(&inst_native), "qcow2");
     check_clean(&inst_native);
