@@ -190,7 +190,9 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
         0,
         "boots from the hoard and the cache read from the base"
     );
-    eprintln!("warm boot served from the cache {plain_secs:.1} s, from the hoard {hoard_secs:.1} s");
+    eprintln!(
+        "warm boot served from the cache {plain_secs:.1} s, from the hoard {hoard_secs:.1} s"
+    );
 
     // 3. Native chain: QEMU opens instance -> cache -> base itself and boots.
     boot(ps(&inst_native), "qcow2");

@@ -194,6 +194,38 @@ fn shared_data_is_stored_once() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("already hoarded"));
     let s = e.json(&["hoard", "stats", "--json"]);
     assert!(s["dedup_ratio"].as_f64().unwrap() > 2.5, "{s}");
+    // analyze counts the same distinct non-zero 4 KiB blocks as the hoard stores.
+    let an = e.json(&[
+        "analyze",
+        ps(&ca),
+        ps(&cb),
+        "--block-sizes",
+        "4K,64K",
+        "--hoard",
+        ps(&e.hoard),
+        "--json",
+    ]);
+    let rows = an["analysis"]["rows"].as_array().unwrap();
+    assert_eq!(rows[0]["block_size"], 4096);
+    assert_eq!(rows[0]["unique"], s["stored_chunks"], "{an}");
+    assert!(rows[0]["dedup_ratio"].as_f64().unwrap() > 1.8, "{an}");
+    let cross = rows[0]["cross_similarity"].as_f64().unwrap();
+    assert!((0.8..1.0).contains(&cross), "{an}");
+    assert!(an["hoard"]["vs_zfs_style"].as_f64().unwrap() > 0.0, "{an}");
+    let bases = e.json(&[
+        "analyze",
+        ps(&ca),
+        "--bases",
+        "--block-sizes",
+        "4K",
+        "--json",
+    ]);
+    // The cache holds all of its base: the same data either way.
+    let own = e.json(&["analyze", ps(&ca), "--block-sizes", "4K", "--json"]);
+    assert_eq!(
+        bases["analysis"]["rows"], own["analysis"]["rows"],
+        "{bases}\n{own}"
+    );
     assert!(s["metadata_per_chunk"].as_f64().unwrap() <= 32.0, "{s}");
 
     // gc after removing A and its twin: the pack that held mostly A's chunks is repacked,

@@ -243,6 +243,17 @@ enum Cmd {
     /// configuration. A hoarded cache is named by `hoard:NAME` where a cache is expected
     /// (`vmicache chain hoard:NAME -o INSTANCE`), or by its index file DIR/caches/NAME.vmh.
     Hoard(hoard::HoardArgs),
+    /// Squirrel's storage metrics over a set of caches or images: per block size and codec,
+    /// deduplication ratio, compression ratio, their product (CCR) and the set's
+    /// cross-similarity; the baselines "ZFS-style" (64 KiB blocks, dedup, gzip-6 per block)
+    /// and "4 KiB fixed + gzip-6"; with --hoard, what the hoard stores against them.
+    ///
+    /// A cache counts with its own data (what its layer holds); any other image with its
+    /// whole content; --bases takes the base beneath each cache instead. Blocks of zeros are
+    /// not counted. Blocks compress one by one and are kept compressed only when that saves
+    /// 1/8 (ZFS's rule), in 512 B sectors. Cross-similarity: each image's share of distinct
+    /// blocks also found in another image of the set, averaged.
+    Analyze(hoard::AnalyzeArgs),
     /// The libvirt qemu hook: GUEST OP SUBOP EXTRA, the domain XML on stdin (install
     /// tools/libvirt/qemu as /etc/libvirt/hooks/qemu; see docs/libvirt.md).
     Hook(hook::HookArgs),
@@ -389,6 +400,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Config { cmd } => config::run(cmd, cli.quiet),
         Cmd::Hook(args) => hook::run(args),
         Cmd::Hoard(args) => hoard::run(args, cli.quiet),
+        Cmd::Analyze(args) => hoard::analyze(args, cli.quiet),
         Cmd::Man => {
             let mut out = Vec::new();
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;

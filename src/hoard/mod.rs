@@ -5,11 +5,13 @@
 //! - [`store`]: the hoard directory, its lock, packs and indexes on plain files;
 //! - [`add`]: ingesting a sealed cache; [`gc`]: reclaiming and repacking;
 //!   [`verify`]: checking every hash; [`checkout`]: an ordinary qcow2 cache again;
-//! - [`layer`]: a hoarded cache as a layer of a chain, read in place.
+//! - [`layer`]: a hoarded cache as a layer of a chain, read in place;
+//! - [`analyze`]: Squirrel's metrics over a set of images and the baselines.
 //!
 //! The engine opens `vmicache-hoard` layers through the driver [`register`] adds.
 
 pub mod add;
+pub mod analyze;
 pub mod checkout;
 pub mod format;
 pub mod gc;
