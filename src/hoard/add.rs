@@ -12,19 +12,16 @@
 //! then is the index written (synced, renamed into place). A kill at any point leaves the
 //! hoard as it was, plus at worst a pack no index refers to (gc removes it).
 
-use super::format::{
-    self as hf, CacheIndex, Codec, IndexRun, Key, CHUNK, ZERO_DATA_PACK, ZERO_PACK,
-};
-use super::store::{encode_frame, Hoard, PackReader, PackWriter};
+use super::format::{self as hf, CacheIndex, IndexRun, Key, CHUNK, ZERO_DATA_PACK, ZERO_PACK};
+use super::pipe::{with_pipe, Pipe};
+use super::store::{Hoard, PackReader};
 use crate::engine::layer::{Format, MapMode, Mapping};
 use crate::engine::open::resolve_backing;
 use crate::engine::{Image, OpenOptions};
 use crate::format::ext::{CacheState, KIND as EXT_KIND};
 use crate::{Error, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
 
 /// Most chunks in one pack (1 GiB before compression); an add of more writes several.
 const PACK_CHUNKS: u32 = 1 << 18;
@@ -61,68 +58,10 @@ pub struct AddReport {
     pub seconds: f64,
 }
 
-/// A compressed frame on its way to the pack.
-struct Done {
-    seq: u64,
-    pack: u32,
-    stored: Vec<u8>,
-    codec: Codec,
-    hash: [u8; 32],
-    keys: Vec<Key>,
-}
-
-struct Job {
-    seq: u64,
-    pack: u32,
-    raw: Vec<u8>,
-    keys: Vec<Key>,
-}
-
 /// A chunk's place: (pack number in this add's list, chunk in the pack), or zeros.
 type Ref = (u32, u32);
 const ZERO: Ref = (ZERO_PACK, 0);
 const ZERO_DATA: Ref = (ZERO_DATA_PACK, 0);
-
-/// Writes finished frames in sequence order, one pack after another.
-struct Sink<'h> {
-    hoard: &'h Hoard,
-    pending: BTreeMap<u64, Done>,
-    next: u64,
-    writer: Option<(u32, PackWriter)>,
-    /// Ids of the packs this add wrote, by pack number.
-    ids: HashMap<u32, [u8; 32]>,
-    bytes: u64,
-}
-
-impl Sink<'_> {
-    fn take(&mut self, d: Done) -> Result<()> {
-        self.pending.insert(d.seq, d);
-        while let Some(d) = self.pending.remove(&self.next) {
-            self.next += 1;
-            if self.writer.as_ref().is_some_and(|(p, _)| *p != d.pack) {
-                self.finish()?;
-            }
-            if self.writer.is_none() {
-                self.writer = Some((d.pack, PackWriter::create(self.hoard)?));
-            }
-            let (_, w) = self.writer.as_mut().unwrap();
-            w.push(&d.stored, d.codec, d.hash, &d.keys)?;
-        }
-        Ok(())
-    }
-    fn finish(&mut self) -> Result<()> {
-        if let Some((p, w)) = self.writer.take() {
-            let frames = w.len();
-            if let Some(id) = w.finish()? {
-                self.ids.insert(p, id);
-                // With its tables and footer.
-                self.bytes +=
-                    std::fs::metadata(self.hoard.pack_path(&id)).map_or(frames, |m| m.len());
-            }
-        }
-        Ok(())
-    }
-}
 
 /// The data ranges of a cache: (first guest chunk, chunks, zero) in guest order.
 fn content(img: &Image) -> Result<Vec<(u64, u64, bool)>> {
@@ -302,19 +241,7 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
     drop(emitted);
 
     let frame_chunks = hoard.settings.frame_chunks as usize;
-    let level = hoard.settings.level;
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(8);
     let base_pack = packs.len() as u32;
-    let mut sink = Sink {
-        hoard,
-        pending: BTreeMap::new(),
-        next: 0,
-        writer: None,
-        ids: HashMap::new(),
-        bytes: 0,
-    };
     let mut report = AddReport {
         name: o.name.clone(),
         data_bytes: 0,
@@ -324,60 +251,22 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
         new_pack_bytes: 0,
         seconds: 0.0,
     };
-    let data_bytes_all = (total * CHUNK).min(size);
-    let (job_tx, job_rx) = sync_channel::<Job>(2 * workers);
-    let job_rx = Arc::new(Mutex::new(job_rx));
-    let (done_tx, done_rx) = channel::<Done>();
-    std::thread::scope(|s| -> Result<()> {
-        for _ in 0..workers {
-            let rx = Arc::clone(&job_rx);
-            let tx: Sender<Done> = done_tx.clone();
-            s.spawn(move || loop {
-                let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                };
-                let (stored, codec, hash) = encode_frame(&job.raw, level);
-                let d = Done {
-                    seq: job.seq,
-                    pack: job.pack,
-                    stored,
-                    codec,
-                    hash,
-                    keys: job.keys,
-                };
-                if tx.send(d).is_err() {
-                    return;
-                }
-            });
-        }
-        drop(done_tx);
-        let r = ingest(
-            &img,
-            &segments,
-            &rank_of,
-            &mut known,
-            &mut refs,
-            &mut report,
+    let all = (total * CHUNK).min(size);
+    let ((), written) = with_pipe(hoard, hoard.settings.level, |pipe| {
+        let mut cx = Ingest {
+            img: &img,
+            rank_of: &rank_of,
+            known: &mut known,
+            refs: &mut refs,
+            report: &mut report,
             o,
-            data_bytes_all,
-            base_pack,
+            all,
             frame_chunks,
-            &job_tx,
-            &done_rx,
-            &mut sink,
-        );
-        drop(job_tx);
-        // Drain what the workers still finish (all of it on success).
-        for d in done_rx.iter() {
-            if r.is_ok() {
-                sink.take(d)?;
-            }
-        }
-        r?;
-        sink.finish()
+            pack: base_pack,
+            in_pack: 0,
+        };
+        cx.run(&segments, pipe)
     })?;
-
     // The pack list of the index: the packs its runs name, in the order first named.
     let mut local: HashMap<u32, u32> = HashMap::new();
     let mut ids: Vec<[u8; 32]> = Vec::new();
@@ -388,7 +277,7 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
         let id = if p < base_pack {
             packs[p as usize]
         } else {
-            *sink
+            *written
                 .ids
                 .get(&p)
                 .ok_or_else(|| Error::corrupt(cache, "lost a pack written"))?
@@ -434,100 +323,93 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
         runs,
     };
     hoard.write_index(&o.name, &idx)?;
-    report.new_pack_bytes = sink.bytes;
+    report.new_pack_bytes = written.bytes;
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
 }
 
-/// Read, hash and deduplicate the chunks of `segments`, sending new ones off in frames.
-#[allow(clippy::too_many_arguments)]
-fn ingest(
-    img: &Image,
-    segments: &[(u64, u64)],
-    rank_of: &dyn Fn(u64) -> Option<u64>,
-    known: &mut HashMap<Key, Ref>,
-    refs: &mut [Ref],
-    report: &mut AddReport,
-    o: &AddOptions,
+/// Reading, hashing and deduplicating a cache's chunks, sending new ones off in frames.
+struct Ingest<'a> {
+    img: &'a Image,
+    rank_of: &'a dyn Fn(u64) -> Option<u64>,
+    known: &'a mut HashMap<Key, Ref>,
+    refs: &'a mut [Ref],
+    report: &'a mut AddReport,
+    o: &'a AddOptions<'a>,
     all: u64,
-    base_pack: u32,
     frame_chunks: usize,
-    jobs: &std::sync::mpsc::SyncSender<Job>,
-    done: &Receiver<Done>,
-    sink: &mut Sink,
-) -> Result<()> {
-    let size = img.virtual_size();
-    let mut pack = base_pack;
-    let mut in_pack = 0u32;
-    let mut seq = 0u64;
-    let mut raw: Vec<u8> = Vec::with_capacity(frame_chunks * CHUNK as usize);
-    let mut keys: Vec<Key> = Vec::with_capacity(frame_chunks);
-    let mut buf = vec![0u8; READ_BATCH as usize];
-    let send =
-        |pack: u32, raw: &mut Vec<u8>, keys: &mut Vec<Key>, seq: &mut u64, sink: &mut Sink| {
-            let job = Job {
-                seq: *seq,
-                pack,
-                raw: std::mem::replace(raw, Vec::with_capacity(frame_chunks * CHUNK as usize)),
-                keys: std::mem::take(keys),
-            };
-            *seq += 1;
-            jobs.send(job)
-                .map_err(|_| Error::refused(img.path(), "hoard: compression workers stopped"))?;
-            while let Ok(d) = done.try_recv() {
-                sink.take(d)?;
-            }
-            Ok::<(), Error>(())
-        };
-    for &(first, n) in segments {
-        let mut c = first;
-        while c < first + n {
-            let k = (first + n - c).min(READ_BATCH / CHUNK);
-            let off = c * CHUNK;
-            let len = (k * CHUNK).min(size - off);
-            let b = &mut buf[..(k * CHUNK) as usize];
-            b[len as usize..].fill(0);
-            img.read_at(&mut b[..len as usize], off)?;
-            for (i, chunk) in b.chunks_exact(CHUNK as usize).enumerate() {
-                let rank = rank_of(c + i as u64).expect("segments are data") as usize;
-                report.data_bytes += CHUNK.min(size - (c + i as u64) * CHUNK);
-                if crate::engine::qcow2::is_zero(chunk) {
-                    refs[rank] = ZERO_DATA;
-                    report.zero_bytes += CHUNK;
-                    continue;
-                }
-                let key = hf::key_of(chunk);
-                if let Some(&r) = known.get(&key) {
-                    refs[rank] = r;
-                    report.dedup_bytes += CHUNK;
-                    continue;
-                }
-                if in_pack == PACK_CHUNKS {
-                    if !keys.is_empty() {
-                        send(pack, &mut raw, &mut keys, &mut seq, sink)?;
+    /// The pack new chunks go to, and chunks in it so far.
+    pack: u32,
+    in_pack: u32,
+}
+
+impl Ingest<'_> {
+    fn run(&mut self, segments: &[(u64, u64)], pipe: &mut Pipe) -> Result<()> {
+        let size = self.img.virtual_size();
+        let fc = self.frame_chunks;
+        let mut raw: Vec<u8> = Vec::with_capacity(fc * CHUNK as usize);
+        let mut keys: Vec<Key> = Vec::with_capacity(fc);
+        let mut buf = vec![0u8; READ_BATCH as usize];
+        for &(first, n) in segments {
+            let mut c = first;
+            while c < first + n {
+                let k = (first + n - c).min(READ_BATCH / CHUNK);
+                let off = c * CHUNK;
+                let len = (k * CHUNK).min(size - off);
+                let b = &mut buf[..(k * CHUNK) as usize];
+                b[len as usize..].fill(0);
+                self.img.read_at(&mut b[..len as usize], off)?;
+                for (i, chunk) in b.chunks_exact(CHUNK as usize).enumerate() {
+                    let g = c + i as u64;
+                    let rank = (self.rank_of)(g).expect("segments are data") as usize;
+                    self.report.data_bytes += CHUNK.min(size - g * CHUNK);
+                    if crate::engine::qcow2::is_zero(chunk) {
+                        self.refs[rank] = ZERO_DATA;
+                        self.report.zero_bytes += CHUNK;
+                        continue;
                     }
-                    pack += 1;
-                    in_pack = 0;
+                    let key = hf::key_of(chunk);
+                    if let Some(&r) = self.known.get(&key) {
+                        self.refs[rank] = r;
+                        self.report.dedup_bytes += CHUNK;
+                        continue;
+                    }
+                    if self.in_pack == PACK_CHUNKS {
+                        if !keys.is_empty() {
+                            pipe.push(
+                                self.pack,
+                                std::mem::take(&mut raw),
+                                std::mem::take(&mut keys),
+                            )?;
+                        }
+                        self.pack += 1;
+                        self.in_pack = 0;
+                    }
+                    let r = (self.pack, self.in_pack);
+                    self.in_pack += 1;
+                    self.known.insert(key, r);
+                    self.refs[rank] = r;
+                    self.report.new_chunks += 1;
+                    raw.extend_from_slice(chunk);
+                    keys.push(key);
+                    if keys.len() == fc {
+                        pipe.push(
+                            self.pack,
+                            std::mem::take(&mut raw),
+                            std::mem::take(&mut keys),
+                        )?;
+                        raw.reserve(fc * CHUNK as usize);
+                    }
                 }
-                let r = (pack, in_pack);
-                in_pack += 1;
-                known.insert(key, r);
-                refs[rank] = r;
-                report.new_chunks += 1;
-                raw.extend_from_slice(chunk);
-                keys.push(key);
-                if keys.len() == frame_chunks {
-                    send(pack, &mut raw, &mut keys, &mut seq, sink)?;
+                c += k;
+                if let Some(p) = self.o.progress {
+                    p(self.report.data_bytes, self.all);
                 }
-            }
-            c += k;
-            if let Some(p) = o.progress {
-                p(report.data_bytes, all);
             }
         }
+        if !keys.is_empty() {
+            pipe.push(self.pack, raw, keys)?;
+        }
+        Ok(())
     }
-    if !keys.is_empty() {
-        send(pack, &mut raw, &mut keys, &mut seq, sink)?;
-    }
-    Ok(())
 }

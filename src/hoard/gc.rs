@@ -8,8 +8,9 @@
 //! packs nothing refers to, which the next gc deletes.
 
 use super::format::{CacheIndex, IndexRun, Key, CHUNK, ZERO_DATA_PACK};
+use super::pipe::with_pipe;
 use super::stats::{indexes, live_map};
-use super::store::{encode_frame, sync_dir, Hoard, PackReader, PackWriter};
+use super::store::{sync_dir, Hoard, PackReader};
 use crate::{Error, Result};
 use std::collections::{HashMap, HashSet};
 
@@ -107,50 +108,41 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
     let frame_chunks = o.frame_chunks.unwrap_or(h.settings.frame_chunks) as usize;
     let mut moved: HashMap<ChunkAt, ChunkAt> = HashMap::new();
     if !repack.is_empty() {
-        let mut w = PackWriter::create(h)?;
-        let mut pending: Vec<([u8; 32], u32)> = Vec::new(); // chunks of the current new pack
-        let mut raw: Vec<u8> = Vec::new();
-        let mut keys: Vec<Key> = Vec::new();
-        let flush = |w: &mut PackWriter, raw: &mut Vec<u8>, keys: &mut Vec<Key>| -> Result<()> {
-            if keys.is_empty() {
-                return Ok(());
-            }
-            let (stored, codec, hash) = encode_frame(raw, level);
-            w.push(&stored, codec, hash, keys)?;
-            raw.clear();
-            keys.clear();
-            Ok(())
-        };
-        for id in &repack {
-            let pr = &readers[id];
-            let pkeys = pr.keys()?;
-            let v = &live[id];
-            for fi in 0..pr.frames.len() {
-                let f0 = pr.first[fi];
-                let n = u32::from(pr.frames[fi].chunks);
-                if !(f0..f0 + n).any(|c| v[c as usize]) {
-                    continue;
-                }
-                let data = pr.read_frame(fi)?;
-                for c in f0..f0 + n {
-                    if !v[c as usize] {
+        let mut pending: Vec<ChunkAt> = Vec::new(); // old place of each chunk of the new pack
+        let ((), written) = with_pipe(h, level, |pipe| {
+            let mut raw: Vec<u8> = Vec::new();
+            let mut keys: Vec<Key> = Vec::new();
+            for id in &repack {
+                let pr = &readers[id];
+                let pkeys = pr.keys()?;
+                let v = &live[id];
+                for fi in 0..pr.frames.len() {
+                    let f0 = pr.first[fi];
+                    let n = u32::from(pr.frames[fi].chunks);
+                    if !(f0..f0 + n).any(|c| v[c as usize]) {
                         continue;
                     }
-                    let at = ((c - f0) as u64 * CHUNK) as usize;
-                    raw.extend_from_slice(&data[at..at + CHUNK as usize]);
-                    keys.push(pkeys[c as usize]);
-                    pending.push((*id, c));
-                    if keys.len() == frame_chunks {
-                        flush(&mut w, &mut raw, &mut keys)?;
+                    let data = pr.read_frame(fi)?;
+                    for c in (f0..f0 + n).filter(|&c| v[c as usize]) {
+                        let at = ((c - f0) as u64 * CHUNK) as usize;
+                        raw.extend_from_slice(&data[at..at + CHUNK as usize]);
+                        keys.push(pkeys[c as usize]);
+                        pending.push((*id, c));
+                        if keys.len() == frame_chunks {
+                            pipe.push(0, std::mem::take(&mut raw), std::mem::take(&mut keys))?;
+                        }
                     }
                 }
             }
-        }
-        flush(&mut w, &mut raw, &mut keys)?;
-        if let Some(new) = w.finish()? {
+            if !keys.is_empty() {
+                pipe.push(0, raw, keys)?;
+            }
+            Ok(())
+        })?;
+        if let Some(new) = written.ids.get(&0) {
             rep.new_packs = 1;
             for (i, old) in pending.into_iter().enumerate() {
-                moved.insert(old, (new, i as u32));
+                moved.insert(old, (*new, i as u32));
             }
         }
         rep.repacked = repack.len();

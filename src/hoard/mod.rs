@@ -16,6 +16,7 @@ pub mod checkout;
 pub mod format;
 pub mod gc;
 pub mod layer;
+mod pipe;
 pub mod stats;
 pub mod store;
 pub mod verify;
