@@ -3,7 +3,8 @@
 #   tools/test.sh          the default run (the minimal guest's boot story included)
 #   tools/test.sh --long   also the boot story on the systemd guest, the real-libvirt test
 #                          (tools/libvirt-test.sh; root) and 3 minutes of the kill -9
-#                          campaign (tools/crash-campaign.py)
+#                          campaign (tools/crash-campaign.py) and the hoard's
+#                          (tools/hoard-crash.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 long=0
@@ -37,6 +38,11 @@ if [ "$rc" = 0 ] && [ $long = 1 ]; then
     # The standing kill -9 campaign (a few minutes): crashes may leave leaks, never more.
     cargo build --release --quiet
     python3 tools/crash-campaign.py --binary target/release/vmicache --seconds 180 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+  fi
+  if [ "$rc" = 0 ]; then
+    # The hoard's writers killed at random: at least 50 kills of each of add and gc.
+    python3 tools/hoard-crash.py --binary target/release/vmicache --kills 50 --seconds 900 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
   fi
   set -e

@@ -253,7 +253,7 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
                 }
             }
             outln!(
-                "{} caches, {} of data; stored in {} packs: {} ({} unique chunks, {} in use); dedup {}, compression {}, overall {}; metadata {:.1} B per chunk",
+                "{} caches, {} of data; stored in {} packs: {} ({} unique chunks, {} in use); dedup {}, compression {}, overall {}; metadata {:.1} B per chunk on disk, {:.1} B in a server's memory",
                 s.caches.len(),
                 human(s.logical_bytes),
                 s.packs,
@@ -263,7 +263,8 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
                 ratio(s.dedup_ratio),
                 ratio(s.compression_ratio),
                 ratio(s.total_ratio),
-                s.metadata_per_chunk
+                s.metadata_per_chunk,
+                s.memory_per_chunk
             );
         }
         HoardCmd::Rm { name } => {

@@ -52,6 +52,9 @@ pub struct HoardStats {
     pub total_ratio: f64,
     /// Bytes of every index and pack table (not data), per stored chunk.
     pub metadata_per_chunk: f64,
+    /// Bytes a server holds in memory per stored chunk with every cache open: index runs
+    /// and frame tables (the chunk keys stay on disk: only `hoard add` reads them).
+    pub memory_per_chunk: f64,
     pub index_bytes: u64,
 }
 
@@ -142,6 +145,10 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
     let ok: Vec<&CacheIndex> = all.iter().filter_map(|(_, i)| i.as_ref().ok()).collect();
     let mut sizes = HashMap::new();
     let (mut pack_bytes, mut frame_bytes, mut stored, mut tables) = (0u64, 0u64, 0u64, 0u64);
+    let mut memory: u64 = ok
+        .iter()
+        .map(|i| (i.runs.len() * std::mem::size_of::<super::format::IndexRun>()) as u64)
+        .sum();
     let ids = h.pack_ids()?;
     for id in &ids {
         let path = h.pack_path(id);
@@ -150,6 +157,8 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
             sizes.insert(*id, p.chunks());
             stored += u64::from(p.chunks());
             frame_bytes += p.footer.table_offset - PACK_HEADER;
+            memory += u64::from(p.footer.frames)
+                * (std::mem::size_of::<super::format::Frame>() + 4) as u64;
             tables += PACK_HEADER
                 + PACK_FOOTER
                 + u64::from(p.footer.frames) * FRAME_ENTRY
@@ -175,6 +184,7 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
         compression_ratio: ratio((stored * CHUNK) as f64, frame_bytes as f64),
         total_ratio: ratio(logical as f64, (pack_bytes + index_bytes) as f64),
         metadata_per_chunk: ratio((tables + index_bytes) as f64, stored as f64),
+        memory_per_chunk: ratio(memory as f64, stored as f64),
         index_bytes,
     })
 }
