@@ -25,6 +25,8 @@ use std::path::Path;
 
 /// Most chunks in one pack (1 GiB before compression); an add of more writes several.
 const PACK_CHUNKS: u32 = 1 << 18;
+/// Most data chunks a cache may hold (1 TiB): the add keeps 8 bytes per chunk in memory.
+const MAX_DATA_CHUNKS: u64 = (1 << 40) / CHUNK;
 /// Bytes read from the cache at a time.
 const READ_BATCH: u64 = 1 << 20;
 
@@ -198,6 +200,15 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
             .collect()
     };
     let total: u64 = data.iter().map(|d| d.1).sum();
+    if total > MAX_DATA_CHUNKS {
+        return Err(Error::refused(
+            cache,
+            format!(
+                "holds {} B of data: a hoard takes caches of up to 1 TiB (boot working sets)",
+                total * CHUNK
+            ),
+        ));
+    }
     let mut refs: Vec<Ref> = vec![ZERO; total as usize];
     let mut emitted = vec![false; total as usize];
     let rank_of = |c: u64| -> Option<u64> {
@@ -207,7 +218,12 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
 
     // The order chunks are taken in: the trace's reads, then everything in guest order.
     let mut segments: Vec<(u64, u64)> = Vec::new(); // (first guest chunk, chunks)
+                                                    // A trace that keeps naming the same chunks (or a hostile one) gets a bounded walk.
+    let mut budget = total.saturating_mul(4).max(1 << 20);
     for &(off, len) in &o.order {
+        if budget == 0 {
+            break;
+        }
         let (a, b) = (off / CHUNK, off.saturating_add(len).div_ceil(CHUNK));
         let mut c = a;
         while c < b {
@@ -217,6 +233,10 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
                 c = data.get(i).map_or(b, |d| d.0.max(c + 1));
                 continue;
             };
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                break;
+            }
             if !emitted[r as usize] {
                 emitted[r as usize] = true;
                 match segments.last_mut() {

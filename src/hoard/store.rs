@@ -170,9 +170,19 @@ impl Hoard {
             .write(true)
             .open(&p)
             .map_err(io(&p, "open"))?;
-        Flock::lock(f, FlockArg::LockExclusive)
-            .map(WriteLock)
-            .map_err(|(_, e)| Error::io(&p, "lock", e.into()))
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(WriteLock(l)),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                log::warn!(
+                    "{}: another hoard writer (add, rm, gc) is at work: waiting for it",
+                    self.dir.display()
+                );
+                Flock::lock(f, FlockArg::LockExclusive)
+                    .map(WriteLock)
+                    .map_err(|(_, e)| Error::io(&p, "lock", e.into()))
+            }
+            Err((_, e)) => Err(Error::io(&p, "lock", e.into())),
+        }
     }
 
     pub fn pack_path(&self, id: &[u8; 32]) -> PathBuf {
@@ -346,7 +356,7 @@ impl PackReader {
         let raw = u64::from(f.chunks) * hf::CHUNK;
         let data = match f.codec {
             Codec::Plain => stored,
-            Codec::Zstd => match zstd::bulk::decompress(&stored, raw as usize) {
+            Codec::Zstd => match decompress(&stored, raw as usize) {
                 Ok(d) if d.len() as u64 == raw => d,
                 Ok(d) => {
                     return Err(self.damaged(i, format!("decompresses to {} B, not {raw}", d.len())))
@@ -375,6 +385,24 @@ impl PackReader {
         );
         Error::corrupt(&self.path, what)
     }
+}
+
+/// Decompress a frame of at most `cap` bytes with this thread's decompression context, into
+/// a buffer that is not zeroed first.
+fn decompress(stored: &[u8], cap: usize) -> std::io::Result<Vec<u8>> {
+    use std::cell::RefCell;
+    thread_local! {
+        static DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    }
+    DCTX.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        let mut out = Vec::with_capacity(cap);
+        d.as_mut().unwrap().decompress_to_buffer(stored, &mut out)?;
+        Ok(out)
+    })
 }
 
 /// Compress a frame's chunks: zstd at `level`, or as they are when that saves nothing.
