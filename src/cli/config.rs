@@ -36,7 +36,8 @@ fn check(config: Option<PathBuf>, quiet: bool) -> Result<i32> {
         ("sockets", &d.sockets),
         ("state", &d.state),
     ];
-    for (what, dir) in dirs {
+    let hoard = d.hoard.iter().map(|h| ("hoard", h));
+    for (what, dir) in dirs.into_iter().chain(hoard) {
         match std::fs::metadata(&dir.0) {
             Ok(m) if !m.is_dir() => {
                 anyhow::bail!("{}: dirs.{what}: not a directory", dir.0.display())
