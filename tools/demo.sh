@@ -4,7 +4,8 @@
 # Builds a small Linux guest from Debian packages (images/build.sh minimal, cached), puts a
 # cache layer over its base image, records a first boot under QEMU through `vmicache serve`
 # (copy-on-read fills the cache, the cache is sealed), then boots a new VM instance from the
-# sealed cache and shows, with nbdkit's log as the witness, that it read nothing from the base.
+# sealed cache and shows, with nbdkit's log as the witness, that it read nothing from the base;
+# then adds the cache to a hoard (deduplicated, compressed) and boots a third VM from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -52,17 +53,33 @@ kill "$srv"; wait "$srv" 2>/dev/null || true; srv=""
 boot2=$(sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' boot2.log)
 read2=$(bytes_read base-reads.log)
 
+echo "== the hoard: the sealed cache added to a deduplicated, compressed store, a VM booted from it"
+export VMICACHE_HOARD=$dir/hoard VMICACHE_ALLOW_BACKING=$VMICACHE_ALLOW_BACKING:$dir
+vmicache hoard init "$VMICACHE_HOARD" -q
+vmicache hoard add cache.qcow2 --name minimal
+vmicache chain hoard:minimal -o vm2.qcow2 -q
+: > base-reads.log
+vmicache serve vm2.qcow2 --socket "$dir/vm2.sock" -q & srv=$!
+while [ ! -S "$dir/vm2.sock" ]; do sleep 0.05; done
+"$repo/images/boot.sh" minimal "nbd+unix:///vm2?socket=$dir/vm2.sock" raw > console3.log 2> boot3.log
+kill "$srv"; wait "$srv" 2>/dev/null || true; srv=""
+boot3=$(sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' boot3.log)
+read3=$(bytes_read base-reads.log)
+hoarded=$(vmicache hoard stats --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["pack_bytes"] + d["index_bytes"])')
+
 echo "== vmicache inspect vm1.qcow2"
 vmicache inspect vm1.qcow2
 ws=$(vmicache inspect --json cache.qcow2 | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["allocated-bytes"])')
-python3 - "$(stat -c %s "$base")" "$ws" "$read1" "$read2" "$boot1" "$boot2" <<'PY'
+python3 - "$(stat -c %s "$base")" "$ws" "$read1" "$read2" "$boot1" "$boot2" "$read3" "$boot3" "$hoarded" <<'PY'
 import sys
 vs, ws, r1, r2 = (int(x) for x in sys.argv[1:5])
 b1, b2 = sys.argv[5], sys.argv[6]
+r3, b3, h = int(sys.argv[7]), sys.argv[8], int(sys.argv[9])
 mib = lambda n: f"{n / 2**20:.1f} MiB"
 print()
 print(f"base image:         {mib(vs)} virtual")
 print(f"cache (working set): {mib(ws)} = {100 * ws / vs:.1f}% of the base")
 print(f"boot 1 (recorded):  read {mib(r1)} from the base, marker after {b1} s")
 print(f"boot 2 (from cache): read {mib(r2)} from the base, marker after {b2} s")
+print(f"boot 3 (from hoard): read {mib(r3)} from the base, marker after {b3} s; the hoard holds the cache in {mib(h)}")
 PY
