@@ -181,10 +181,14 @@ fn minimal_guest_boots_from_its_cache_without_touching_the_base() {
     hv(&["hoard", "add", ps(&cache), "--name", "guest"]);
     let hinst = dir.join("hoarded.qcow2");
     hv(&["chain", "hoard:guest", "-o", ps(&hinst)]);
+    let allowed_before = std::env::var_os("VMICACHE_ALLOW_BACKING");
     std::env::set_var("VMICACHE_ALLOW_BACKING", &allow);
     let before = base_reads(&log);
     let plain_secs = boot_served(dir, &inst);
     let hoard_secs = boot_served(dir, &hinst);
+    if let Some(v) = allowed_before {
+        std::env::set_var("VMICACHE_ALLOW_BACKING", v);
+    }
     assert_eq!(
         base_reads(&log) - before,
         0,

@@ -244,9 +244,141 @@ fn shared_data_is_stored_once() {
     e.v(&["hoard", "gc", "--recompress", "19", "--frame-chunks", "64"]);
     assert!(e.pack_bytes() <= before);
     assert_ne!(e.packs(), old);
+    // The same repack again makes the very same pack (same id): it must survive its gc.
+    let packed = e.packs();
+    e.v(&["hoard", "gc", "--recompress", "19", "--frame-chunks", "64"]);
+    assert_eq!(e.packs(), packed);
+    e.v(&["hoard", "verify"]);
     let out2 = e.p("b-out2.qcow2");
     e.v(&["hoard", "checkout", "b", "-o", ps(&out2)]);
     compare(&cb, &out2);
+    // A gc killed after writing its pack and before rewriting any index, run again: the
+    // pack it writes again has the id of the one left over (kept here from an earlier gc).
+    let keep = e.packs();
+    e.v(&["hoard", "gc", "--recompress", "3", "--frame-chunks", "32"]);
+    let made: Vec<PathBuf> = e
+        .packs()
+        .into_iter()
+        .filter(|p| !keep.contains(p))
+        .collect();
+    assert_eq!(made.len(), 1);
+    let copy = std::fs::read(&made[0]).unwrap();
+    e.v(&["hoard", "gc", "--recompress", "19", "--frame-chunks", "64"]);
+    std::fs::write(&made[0], &copy).unwrap(); // the leftover of the "killed" gc
+    e.v(&["hoard", "gc", "--recompress", "3", "--frame-chunks", "32"]);
+    e.v(&["hoard", "verify"]);
+    let out3 = e.p("b-out3.qcow2");
+    e.v(&["hoard", "checkout", "b", "-o", ps(&out3)]);
+    compare(&cb, &out3);
+}
+
+#[test]
+fn odd_sizes_cluster_sizes_and_zero_data() {
+    let e = Env::new();
+    // 16 MiB + 512 B virtual: the last chunk is partial.
+    let base = e.p("odd.raw");
+    let f = std::fs::File::create(&base).unwrap();
+    f.set_len(16 * MIB + 512).unwrap();
+    write_at(&base, 0, &pattern(5, (3 * MIB) as usize));
+    write_at(&base, 16 * MIB - 1024, &[0x77; 1536]);
+    // A cluster of data whose first 4 KiB are zeros: a data chunk of zeros.
+    write_at(&base, 8 * MIB + 4096, &pattern(6, 60 << 10));
+    for cs in ["4K", "64K", "2M"] {
+        let cache = e.p(&format!("odd{cs}.qcow2"));
+        run(bin().args([
+            "build",
+            ps(&base),
+            "-o",
+            ps(&cache),
+            "-q",
+            "--cluster-size",
+            cs,
+        ]));
+        run(bin().args(["warm", ps(&cache), "--full", "-q"]));
+        run(bin().args(["seal", ps(&cache), "-q"]));
+        let name = format!("odd{cs}");
+        let r = e.json(&["hoard", "add", ps(&cache), "--json"]);
+        let (data, zero, dedup) = (
+            r["data_bytes"].as_u64().unwrap(),
+            r["zero_bytes"].as_u64().unwrap(),
+            r["dedup_bytes"].as_u64().unwrap(),
+        );
+        // Every byte of data is zeros, already hoarded or new (the last chunk holds 512 B).
+        let new = r["new_chunks"].as_u64().unwrap() * 4096;
+        assert!(
+            data <= zero + dedup + new && zero + dedup + new < data + 4096,
+            "{r}"
+        );
+        let out = e.p(&format!("{name}.out.qcow2"));
+        e.v(&["hoard", "checkout", &name, "-o", ps(&out)]);
+        compare(&cache, &out);
+        check_clean(&out);
+        // Served: the same bytes, the same block status as the cache itself.
+        let inst = e.p(&format!("{name}-i.qcow2"));
+        e.v(&["chain", &format!("hoard:{name}"), "-o", ps(&inst)]);
+        let ours = run(e.cmd().args(["inspect", "--map", "--json", ps(&inst)])).stdout;
+        let theirs = run(e.cmd().args(["inspect", "--map", "--json", ps(&cache)])).stdout;
+        let strip = |b: &[u8]| -> Vec<(u64, u64, bool, bool)> {
+            let v: serde_json::Value = serde_json::from_slice(b).unwrap();
+            let mut out: Vec<(u64, u64, bool, bool)> = Vec::new();
+            for x in v.as_array().unwrap() {
+                let k = (x["zero"].as_bool().unwrap(), x["data"].as_bool().unwrap());
+                let (s, l) = (x["start"].as_u64().unwrap(), x["length"].as_u64().unwrap());
+                match out.last_mut() {
+                    Some(p) if (p.2, p.3) == k && p.0 + p.1 == s => p.1 += l,
+                    _ => out.push((s, l, k.0, k.1)),
+                }
+            }
+            out
+        };
+        assert_eq!(strip(&ours), strip(&theirs), "{cs}");
+    }
+    // A checkout never overwrites, nor leaves a stale trace beside its output.
+    std::fs::write(e.p("x.qcow2.trace"), b"stale").unwrap();
+    let o = run_status(
+        e.cmd()
+            .args(["hoard", "checkout", "odd64K", "-o", ps(&e.p("x.qcow2"))]),
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exists already"));
+}
+
+#[test]
+fn traces_must_belong_to_the_cache() {
+    let e = Env::new();
+    let (a, b) = (e.p("a.raw"), e.p("b.raw"));
+    make_base(&a, 51);
+    make_base(&b, 52);
+    let (ca, cb) = (e.p("a.qcow2"), e.p("b.qcow2"));
+    sealed_cache(&ca, &a);
+    sealed_cache(&cb, &b);
+    // A trace recorded over B's base, given with A's cache.
+    let img =
+        vmicache::engine::Image::open(&cb, &vmicache::engine::OpenOptions::read_only()).unwrap();
+    let base = vmicache::chain::build::cache_meta(&img)
+        .unwrap()
+        .unwrap()
+        .base
+        .unwrap();
+    let t = vmicache::chain::trace::Trace {
+        base_size: base.virtual_size,
+        base_fingerprint: base.fingerprint,
+        reads: vec![(0, 4096)],
+    };
+    let tp = e.p("b.trace");
+    std::fs::write(&tp, t.encode()).unwrap();
+    let o = run_status(e.cmd().args(["hoard", "add", ps(&ca), "--trace", ps(&tp)]));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("another base"),
+        "{o:?}"
+    );
+    e.v(&["hoard", "add", ps(&cb), "--trace", ps(&tp)]);
+    std::fs::write(&tp, b"VMITRACE garbage").unwrap();
+    let o = run_status(e.cmd().args(["hoard", "add", ps(&ca), "--trace", ps(&tp)]));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("its trace"),
+        "{o:?}"
+    );
 }
 
 #[test]

@@ -41,7 +41,8 @@ enum HoardCmd {
         /// in its order, so a boot reads consecutive frames.
         #[arg(long)]
         trace: Option<PathBuf>,
-        /// Replace a hoarded cache of the same name.
+        /// Replace a hoarded cache of the same name (instances over it read the new one from
+        /// their next start: an instance records no identity of the cache beneath it).
         #[arg(long)]
         replace: bool,
     },
@@ -173,15 +174,20 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
                 let t = hoard::checkout::trace_path(&cache);
                 t.exists().then_some(t)
             });
-            let (order, tbytes) = match &tpath {
+            let tbytes = match &tpath {
                 Some(t) => {
-                    let bytes =
-                        std::fs::read(t).with_context(|| format!("{}: read", t.display()))?;
-                    let tr = vmicache::chain::trace::Trace::decode(&bytes)
-                        .map_err(|e| anyhow::anyhow!("{}: not a trace: {e}", t.display()))?;
-                    (tr.reads, bytes)
+                    let len = std::fs::metadata(t)
+                        .with_context(|| format!("{}: trace", t.display()))?
+                        .len();
+                    if len > hoard::add::MAX_TRACE_BYTES {
+                        bail!(
+                            "{}: a trace of {len} B is more than a trace takes",
+                            t.display()
+                        );
+                    }
+                    std::fs::read(t).with_context(|| format!("{}: read", t.display()))?
                 }
-                None => (Vec::new(), Vec::new()),
+                None => Vec::new(),
             };
             let b = bar(0, quiet, "hoarding");
             let progress = |done: u64, all: u64| {
@@ -191,7 +197,6 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
             let o = hoard::add::AddOptions {
                 name,
                 replace,
-                order,
                 trace: tbytes,
                 progress: Some(&progress),
             };
@@ -367,7 +372,8 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
 
 #[derive(clap::Args, Debug)]
 pub struct AnalyzeArgs {
-    /// Caches (their own data) or other images (all of their data).
+    /// Caches (their own data; `hoard:NAME` for a hoarded one) or other images (all of
+    /// their data).
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// Analyse the base beneath each cache instead of the cache.
@@ -386,7 +392,12 @@ pub struct AnalyzeArgs {
 
 pub fn analyze(a: AnalyzeArgs, quiet: bool) -> Result<i32> {
     use vmicache::hoard::analyze::{analyze, check_paths, Codec};
-    check_paths(&a.images)?;
+    let images = a
+        .images
+        .iter()
+        .map(|p| resolve_cache(p))
+        .collect::<Result<Vec<_>>>()?;
+    check_paths(&images)?;
     let mut sizes = a.block_sizes.clone();
     for must in [4096, 64 << 10] {
         if !sizes.contains(&must) {
@@ -397,7 +408,7 @@ pub fn analyze(a: AnalyzeArgs, quiet: bool) -> Result<i32> {
     let b = if quiet || a.json {
         ProgressBar::hidden()
     } else {
-        let b = ProgressBar::new(a.images.len() as u64);
+        let b = ProgressBar::new(images.len() as u64);
         b.set_style(
             ProgressStyle::with_template(
                 "{spinner} analysing [{bar:40}] {pos}/{len} images, {elapsed}",
@@ -409,7 +420,7 @@ pub fn analyze(a: AnalyzeArgs, quiet: bool) -> Result<i32> {
     };
     let progress = |done: usize, _all: usize| b.set_position(done as u64);
     let codecs = [Codec::Gzip6, Codec::Zstd3];
-    let r = analyze(&a.images, a.bases, &sizes, &codecs, Some(&progress))?;
+    let r = analyze(&images, a.bases, &sizes, &codecs, Some(&progress))?;
     b.finish_and_clear();
     let zfs = r.stored(64 << 10, Codec::Gzip6).unwrap_or(0);
     let fixed4k = r.stored(4096, Codec::Gzip6).unwrap_or(0);

@@ -352,7 +352,13 @@ fn run(cli: Cli) -> Result<i32> {
             verify,
             map,
             trace,
-        } => inspect::run(&image, json, map, verify, trace.as_deref()),
+        } => inspect::run(
+            &hoard::resolve_cache(&image)?,
+            json,
+            map,
+            verify,
+            trace.as_deref(),
+        ),
         Cmd::Serve {
             instances,
             socket,

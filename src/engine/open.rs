@@ -190,12 +190,13 @@ impl Image {
             };
             return match format {
                 Format::Raw => Ok(Image::new(Box::new(Raw::open(st, false)?), None)),
-                Format::Qcow2 | Format::Hoard => Err(Error::unsupported(
+                Format::Qcow2 => Err(Error::unsupported(
                     path,
-                    format!(
-                        "{} over NBD as a backing file (serve it as raw)",
-                        format.name()
-                    ),
+                    "qcow2 over NBD as a backing file (serve it as raw)",
+                )),
+                Format::Hoard => Err(Error::unsupported(
+                    path,
+                    "a hoarded cache over NBD (open it from its hoard's directory)",
                 )),
             };
         }

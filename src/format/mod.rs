@@ -10,6 +10,7 @@ pub mod ext;
 pub mod header;
 pub mod refcount;
 pub mod table;
+pub mod trace;
 pub mod types;
 
 /// An error found while decoding on-disk structures, before a path is attached.

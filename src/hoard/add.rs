@@ -12,8 +12,10 @@
 //! then is the index written (synced, renamed into place). A kill at any point leaves the
 //! hoard as it was, plus at worst a pack no index refers to (gc removes it).
 
-use super::format::{self as hf, CacheIndex, IndexRun, Key, CHUNK, ZERO_DATA_PACK, ZERO_PACK};
-use super::pipe::{with_pipe, Pipe};
+use super::format::{self as hf, Key, CHUNK, ZERO_DATA_PACK, ZERO_PACK};
+use super::gc::push_run;
+use super::index::{CacheIndex, IndexRun};
+use super::pipe::{with_pipe, Pipe, PACK_CHUNKS};
 use super::store::{Hoard, PackReader};
 use crate::engine::layer::{Format, MapMode, Mapping};
 use crate::engine::open::resolve_backing;
@@ -23,10 +25,10 @@ use crate::{Error, Result};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Most chunks in one pack (1 GiB before compression); an add of more writes several.
-const PACK_CHUNKS: u32 = 1 << 18;
 /// Most data chunks a cache may hold (1 TiB): the add keeps 8 bytes per chunk in memory.
 const MAX_DATA_CHUNKS: u64 = (1 << 40) / CHUNK;
+/// Largest trace kept with a cache (a boot's trace takes a few bytes per read: kilobytes).
+pub const MAX_TRACE_BYTES: u64 = 64 << 20;
 /// Bytes read from the cache at a time.
 const READ_BATCH: u64 = 1 << 20;
 
@@ -35,10 +37,9 @@ pub struct AddOptions<'a> {
     pub name: String,
     /// Replace a cache of the same name.
     pub replace: bool,
-    /// The recorded first boot's reads, (guest offset, length) in order: chunks are packed
-    /// in this order first.
-    pub order: Vec<(u64, u64)>,
-    /// The trace file's bytes, kept with the cache (checkout writes them back).
+    /// The cache's trace file (empty: none): its reads order the packing (first-boot order
+    /// first), and it is kept with the cache (checkout writes it back). It must have been
+    /// recorded over the cache's base, and be at most [`MAX_TRACE_BYTES`].
     pub trace: Vec<u8>,
     /// Called with (bytes done, bytes in all) as data is read.
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
@@ -129,6 +130,23 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
             ),
         ));
     }
+    let order = match o.trace.is_empty() {
+        true => Vec::new(),
+        false => {
+            let bad = |w: String| Error::refused(cache, format!("its trace: {w}"));
+            if o.trace.len() as u64 > MAX_TRACE_BYTES {
+                return Err(bad(format!("{} B, more than a trace takes", o.trace.len())));
+            }
+            let t = crate::format::trace::Trace::decode(&o.trace).map_err(bad)?;
+            let base = meta.base.as_ref();
+            if base.is_none_or(|b| {
+                b.virtual_size != t.base_size || b.fingerprint != t.base_fingerprint
+            }) {
+                return Err(bad("recorded over another base than this cache's".into()));
+            }
+            t.reads
+        }
+    };
     let header = q.header();
     let geo = q.geometry();
     if geo.cluster_size() < CHUNK {
@@ -220,7 +238,7 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
     let mut segments: Vec<(u64, u64)> = Vec::new(); // (first guest chunk, chunks)
                                                     // A trace that keeps naming the same chunks (or a hostile one) gets a bounded walk.
     let mut budget = total.saturating_mul(4).max(1 << 20);
-    for &(off, len) in &o.order {
+    for &(off, len) in &order {
         if budget == 0 {
             break;
         }
@@ -308,28 +326,20 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
     };
     let mut runs: Vec<IndexRun> = Vec::new();
     for &(a, n, zero) in &ranges {
-        for c in a..a + n {
-            let (p, k) = if zero {
-                ZERO
-            } else {
-                refs[rank_of(c).unwrap() as usize]
-            };
-            let pack = if p >= ZERO_DATA_PACK { p } else { id_of(p)? };
-            match runs.last_mut() {
-                Some(l)
-                    if l.end() == c
-                        && l.pack == pack
-                        && (pack >= ZERO_DATA_PACK || l.first + l.count == k) =>
-                {
-                    l.count += 1
-                }
-                _ => runs.push(IndexRun {
-                    start: c,
-                    count: 1,
-                    pack,
-                    first: if pack >= ZERO_DATA_PACK { 0 } else { k },
-                }),
+        if zero {
+            // Zero clusters: whole runs (split by push_run at the count's limit).
+            let mut c = a;
+            while c < a + n {
+                let k = (a + n - c).min(u64::from(u32::MAX)) as u32;
+                push_run(&mut runs, c, k, ZERO_PACK, 0);
+                c += u64::from(k);
             }
+            continue;
+        }
+        for c in a..a + n {
+            let (p, k) = refs[rank_of(c).unwrap() as usize];
+            let pack = if p >= ZERO_DATA_PACK { p } else { id_of(p)? };
+            push_run(&mut runs, c, 1, pack, k);
         }
     }
     let idx = CacheIndex {
@@ -382,16 +392,17 @@ impl Ingest<'_> {
                 for (i, chunk) in b.chunks_exact(CHUNK as usize).enumerate() {
                     let g = c + i as u64;
                     let rank = (self.rank_of)(g).expect("segments are data") as usize;
-                    self.report.data_bytes += CHUNK.min(size - g * CHUNK);
+                    let bytes = CHUNK.min(size - g * CHUNK);
+                    self.report.data_bytes += bytes;
                     if crate::engine::qcow2::is_zero(chunk) {
                         self.refs[rank] = ZERO_DATA;
-                        self.report.zero_bytes += CHUNK;
+                        self.report.zero_bytes += bytes;
                         continue;
                     }
                     let key = hf::key_of(chunk);
                     if let Some(&r) = self.known.get(&key) {
                         self.refs[rank] = r;
-                        self.report.dedup_bytes += CHUNK;
+                        self.report.dedup_bytes += bytes;
                         continue;
                     }
                     if self.in_pack == PACK_CHUNKS {

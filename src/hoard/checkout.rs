@@ -39,11 +39,15 @@ pub fn checkout(
     h.read_index(name)?; // a clear error for a missing name
     let layer = HoardLayer::open(&path, Box::new(FileStorage::open(&path, false)?))?;
     let idx = layer.index().clone();
-    if out.exists() {
-        return Err(Error::refused(
-            out,
-            "exists already (checkout writes a new file)",
-        ));
+    // The cache and its trace are new files: a trace left beside OUT would be taken as the
+    // new cache's (`hoard add` reads OUT.trace).
+    for p in [out.to_path_buf(), trace_path(out)] {
+        if p.symlink_metadata().is_ok() {
+            return Err(Error::refused(
+                &p,
+                "exists already (checkout writes new files)",
+            ));
+        }
     }
     let mut c = CreateOptions::new(idx.virtual_size);
     c.cluster_size = 1 << idx.cluster_bits;
@@ -73,16 +77,15 @@ pub fn checkout(
         let data = write_all(&layer, &img, progress)?;
         img.flush(true)?;
         drop(img);
-        if !idx.trace.is_empty() {
-            let t = trace_path(out);
-            super::store::write_atomic(&t, &idx.trace)?;
-        }
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, "rename into place", e))?;
         super::store::sync_dir(
             out.parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new(".")),
         )?;
+        if !idx.trace.is_empty() {
+            super::store::write_atomic(&trace_path(out), &idx.trace)?;
+        }
         Ok(data)
     })();
     let data = match r {

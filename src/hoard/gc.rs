@@ -7,8 +7,9 @@
 //! A kill at any point leaves every index resolving (to old packs or new), and at worst
 //! packs nothing refers to, which the next gc deletes.
 
-use super::format::{CacheIndex, IndexRun, Key, CHUNK, ZERO_DATA_PACK};
-use super::pipe::with_pipe;
+use super::format::{Key, CHUNK, ZERO_DATA_PACK};
+use super::index::{CacheIndex, IndexRun};
+use super::pipe::{with_pipe, PACK_CHUNKS};
 use super::stats::{indexes, live_map};
 use super::store::{sync_dir, Hoard, PackReader};
 use crate::{Error, Result};
@@ -71,25 +72,31 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
         ));
     }
     let idx: Vec<(String, CacheIndex)> = all.into_iter().map(|(n, i)| (n, i.unwrap())).collect();
+    let named: HashSet<[u8; 32]> = idx
+        .iter()
+        .flat_map(|(_, i)| i.packs.iter().copied())
+        .collect();
     let mut readers: HashMap<[u8; 32], PackReader> = HashMap::new();
+    let mut dead = Vec::new();
     for id in h.pack_ids()? {
-        readers.insert(id, PackReader::open(&h.pack_path(&id))?);
+        match PackReader::open(&h.pack_path(&id)) {
+            Ok(r) => {
+                readers.insert(id, r);
+            }
+            // Damaged, and nothing needs it: it goes.
+            Err(_) if !named.contains(&id) => dead.push(id),
+            Err(e) => return Err(e),
+        }
+    }
+    // Every index must resolve (as a reader checks it) before anything is judged unused.
+    for (n, i) in &idx {
+        check_runs(i, &readers).map_err(|what| {
+            Error::corrupt(h.dir(), format!("cache '{n}': {what} (`hoard verify`)"))
+        })?;
     }
     let sizes: HashMap<[u8; 32], u32> = readers.iter().map(|(id, p)| (*id, p.chunks())).collect();
     let refs: Vec<&CacheIndex> = idx.iter().map(|(_, i)| i).collect();
     let live = live_map(&refs, &sizes);
-    for (_, i) in &idx {
-        if let Some(id) = i.packs.iter().find(|id| !readers.contains_key(*id)) {
-            return Err(Error::corrupt(
-                h.dir(),
-                format!(
-                    "a cache names pack {} which is missing (`hoard verify`)",
-                    super::format::hex(id)
-                ),
-            ));
-        }
-    }
-    let mut dead = Vec::new();
     let mut repack: Vec<[u8; 32]> = Vec::new();
     let mut ids: Vec<&[u8; 32]> = live.keys().collect();
     ids.sort();
@@ -102,16 +109,28 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
             repack.push(*id);
         }
     }
+    // Packs no cache uses go first (a repack that fails later still leaves them collected).
+    for id in &dead {
+        let p = h.pack_path(id);
+        std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove", e))?;
+    }
+    rep.deleted_packs = dead.len();
+    sync_dir(&h.dir().join("packs"))?;
 
     // Copy the live chunks of the packs to repack into new packs, in their old order.
     let level = o.recompress.unwrap_or(h.settings.level);
     let frame_chunks = o.frame_chunks.unwrap_or(h.settings.frame_chunks) as usize;
     let mut moved: HashMap<ChunkAt, ChunkAt> = HashMap::new();
+    // Packs this gc wrote: never deleted by it, even when one has the id of a pack it
+    // replaces (the same chunks packed the same way make the same bytes).
+    let mut keep: HashSet<[u8; 32]> = HashSet::new();
     if !repack.is_empty() {
-        let mut pending: Vec<ChunkAt> = Vec::new(); // old place of each chunk of the new pack
+        // For each chunk of the new packs, in order: its old place and (pack number, chunk).
+        let mut placed: Vec<(ChunkAt, u32, u32)> = Vec::new();
         let ((), written) = with_pipe(h, level, |pipe| {
             let mut raw: Vec<u8> = Vec::new();
             let mut keys: Vec<Key> = Vec::new();
+            let (mut pack, mut in_pack) = (0u32, 0u32);
             for id in &repack {
                 let pr = &readers[id];
                 let pkeys = pr.keys()?;
@@ -124,27 +143,42 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
                     }
                     let data = pr.read_frame(fi)?;
                     for c in (f0..f0 + n).filter(|&c| v[c as usize]) {
+                        if in_pack == PACK_CHUNKS {
+                            if !keys.is_empty() {
+                                pipe.push(
+                                    pack,
+                                    std::mem::take(&mut raw),
+                                    std::mem::take(&mut keys),
+                                )?;
+                            }
+                            pack += 1;
+                            in_pack = 0;
+                        }
                         let at = ((c - f0) as u64 * CHUNK) as usize;
                         raw.extend_from_slice(&data[at..at + CHUNK as usize]);
                         keys.push(pkeys[c as usize]);
-                        pending.push((*id, c));
+                        placed.push(((*id, c), pack, in_pack));
+                        in_pack += 1;
                         if keys.len() == frame_chunks {
-                            pipe.push(0, std::mem::take(&mut raw), std::mem::take(&mut keys))?;
+                            pipe.push(pack, std::mem::take(&mut raw), std::mem::take(&mut keys))?;
                         }
                     }
                 }
             }
             if !keys.is_empty() {
-                pipe.push(0, raw, keys)?;
+                pipe.push(pack, raw, keys)?;
             }
             Ok(())
         })?;
-        if let Some(new) = written.ids.get(&0) {
-            rep.new_packs = 1;
-            for (i, old) in pending.into_iter().enumerate() {
-                moved.insert(old, (*new, i as u32));
-            }
+        for (old, p, c) in placed {
+            let new = *written
+                .ids
+                .get(&p)
+                .ok_or_else(|| Error::corrupt(h.dir(), "gc lost a pack it wrote"))?;
+            moved.insert(old, (new, c));
         }
+        keep.extend(written.ids.values().copied());
+        rep.new_packs = written.ids.len();
         rep.repacked = repack.len();
     }
 
@@ -157,15 +191,62 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
         h.write_index(name, &remap(i, &moved)?)?;
         rep.indexes_rewritten += 1;
     }
-    for id in dead.iter().chain(repack.iter()) {
+    for id in repack.iter().filter(|id| !keep.contains(*id)) {
         let p = h.pack_path(id);
         std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove", e))?;
     }
-    rep.deleted_packs = dead.len();
     sync_dir(&h.dir().join("packs"))?;
     rep.bytes_after = packs_bytes(h)?;
     rep.seconds = t0.elapsed().as_secs_f64();
     Ok(rep)
+}
+
+/// Whether every run of `i` lies within its pack (as a reader checks when it opens it).
+fn check_runs(
+    i: &CacheIndex,
+    packs: &HashMap<[u8; 32], PackReader>,
+) -> std::result::Result<(), String> {
+    for (k, r) in i.runs.iter().enumerate().filter(|(_, r)| r.in_pack()) {
+        let id = &i.packs[r.pack as usize];
+        let Some(p) = packs.get(id) else {
+            return Err(format!(
+                "names pack {}, which is missing",
+                super::format::hex(id)
+            ));
+        };
+        if r.first.checked_add(r.count).is_none_or(|e| e > p.chunks()) {
+            return Err(format!(
+                "run {k} lies beyond the end of pack {}",
+                super::format::hex(id)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Append a run of `count` chunks from guest chunk `start` (pack `pack`, from chunk `first`)
+/// to `runs`, joining it to the last run where it continues it.
+pub(super) fn push_run(runs: &mut Vec<IndexRun>, start: u64, count: u32, pack: u32, first: u32) {
+    if let Some(l) = runs.last_mut() {
+        let continues = l.end() == start
+            && l.pack == pack
+            && (pack >= ZERO_DATA_PACK || l.first.checked_add(l.count) == Some(first));
+        if continues {
+            let n = count.min(u32::MAX - l.count);
+            l.count += n;
+            if n == count {
+                return;
+            }
+            let first = if pack >= ZERO_DATA_PACK { 0 } else { first + n };
+            return push_run(runs, start + u64::from(n), count - n, pack, first);
+        }
+    }
+    runs.push(IndexRun {
+        start,
+        count,
+        pack,
+        first: if pack >= ZERO_DATA_PACK { 0 } else { first },
+    });
 }
 
 /// `i` with every chunk of a moved pack pointing to its new place.
@@ -174,35 +255,19 @@ fn remap(i: &CacheIndex, moved: &HashMap<ChunkAt, ChunkAt>) -> Result<CacheIndex
     let mut local: HashMap<[u8; 32], u32> = HashMap::new();
     let mut runs: Vec<IndexRun> = Vec::new();
     for r in &i.runs {
+        if !r.in_pack() {
+            push_run(&mut runs, r.start, r.count, r.pack, 0);
+            continue;
+        }
         for k in 0..r.count {
-            let c = r.start + u64::from(k);
-            let (pack, first) = if !r.in_pack() {
-                (r.pack, 0)
-            } else {
-                let old = (i.packs[r.pack as usize], r.first + k);
-                let (id, n) = moved.get(&old).copied().unwrap_or(old);
-                let next = packs.len() as u32;
-                let l = *local.entry(id).or_insert_with(|| {
-                    packs.push(id);
-                    next
-                });
-                (l, n)
-            };
-            match runs.last_mut() {
-                Some(l)
-                    if l.end() == c
-                        && l.pack == pack
-                        && (pack >= ZERO_DATA_PACK || l.first + l.count == first) =>
-                {
-                    l.count += 1
-                }
-                _ => runs.push(IndexRun {
-                    start: c,
-                    count: 1,
-                    pack,
-                    first,
-                }),
-            }
+            let old = (i.packs[r.pack as usize], r.first + k);
+            let (id, n) = moved.get(&old).copied().unwrap_or(old);
+            let next = packs.len() as u32;
+            let l = *local.entry(id).or_insert_with(|| {
+                packs.push(id);
+                next
+            });
+            push_run(&mut runs, r.start + u64::from(k), 1, l, n);
         }
     }
     Ok(CacheIndex {

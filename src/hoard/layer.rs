@@ -9,7 +9,8 @@
 //! Packs are opened when the layer is, and kept open: a gc that repacks while a server reads
 //! unlinks files this layer still holds, which stay readable.
 
-use super::format::{CacheIndex, CHUNK};
+use super::format::CHUNK;
+use super::index::CacheIndex;
 use super::store::{read_index_from, PackReader};
 use crate::engine::layer::{BackingRead, Format, Layer, MapMode, Mapped, Mapping, Run};
 use crate::engine::open::{place_backing, resolve_backing};

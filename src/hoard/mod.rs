@@ -1,7 +1,7 @@
 //! The hoard: the caches of many images kept on every node, deduplicated and compressed,
 //! read in place (Squirrel's cVolume, HPDC'14).
 //!
-//! - [`format`]: the pack and index files, pure encoding;
+//! - [`format`] and [`index`]: the pack and cache index files, pure encoding;
 //! - [`store`]: the hoard directory, its lock, packs and indexes on plain files;
 //! - [`add`]: ingesting a sealed cache; [`gc`]: reclaiming and repacking;
 //!   [`verify`]: checking every hash; [`checkout`]: an ordinary qcow2 cache again;
@@ -15,6 +15,7 @@ pub mod analyze;
 pub mod checkout;
 pub mod format;
 pub mod gc;
+pub mod index;
 pub mod layer;
 mod pipe;
 pub mod stats;

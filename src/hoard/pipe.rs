@@ -11,6 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
+/// Most chunks in one pack (1 GiB before compression): writers start a new pack there.
+pub const PACK_CHUNKS: u32 = 1 << 18;
+
 struct Job {
     seq: u64,
     pack: u32,

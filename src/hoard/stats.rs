@@ -1,7 +1,8 @@
 //! What a hoard holds: its caches and how much each takes, the packs, deduplication and
 //! compression figures; and `hoard rm`.
 
-use super::format::{CacheIndex, CHUNK, FRAME_ENTRY, KEY_LEN, PACK_FOOTER, PACK_HEADER};
+use super::format::{CHUNK, FRAME_ENTRY, KEY_LEN, PACK_FOOTER, PACK_HEADER};
+use super::index::CacheIndex;
 use super::store::{sync_dir, Hoard, PackReader};
 use crate::format::ext::CacheMeta;
 use crate::{Error, Result, Subject};
@@ -147,7 +148,7 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
     let (mut pack_bytes, mut frame_bytes, mut stored, mut tables) = (0u64, 0u64, 0u64, 0u64);
     let mut memory: u64 = ok
         .iter()
-        .map(|i| (i.runs.len() * std::mem::size_of::<super::format::IndexRun>()) as u64)
+        .map(|i| (i.runs.len() * std::mem::size_of::<super::index::IndexRun>()) as u64)
         .sum();
     let ids = h.pack_ids()?;
     for id in &ids {

@@ -8,7 +8,8 @@
 //! HOARD/caches/<name>.vmh   one index per hoarded cache (the layer a chain names)
 //! ```
 
-use super::format::{self as hf, Bad, CacheIndex, Codec, Footer, Frame, Key};
+use super::format::{self as hf, Bad, Codec, Footer, Frame, Key};
+use super::index::CacheIndex;
 use crate::{Error, Result};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -253,7 +254,10 @@ impl Hoard {
 
     pub fn write_index(&self, name: &str, idx: &CacheIndex) -> Result<()> {
         check_name(name)?;
-        write_atomic(&self.index_path(name), &idx.encode())
+        let b = idx.encode().map_err(|Bad(w)| {
+            Error::refused(self.index_path(name), format!("cannot be written: {w}"))
+        })?;
+        write_atomic(&self.index_path(name), &b)
     }
 }
 
