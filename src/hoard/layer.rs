@@ -117,12 +117,29 @@ impl HoardLayer {
             index,
             packs,
             meta,
-            frames: Mutex::new(Frames::default()),
+            frames: Mutex::new(Frames {
+                slots: Vec::new(),
+                bytes: 0,
+                limit: FRAME_CACHE_BYTES,
+                clock: 0,
+                decoded: 0,
+            }),
         })
     }
 
     pub fn index(&self) -> &CacheIndex {
         &self.index
+    }
+
+    /// Keep up to `bytes` of decompressed frames (a whole-cache walk in guest order, such as
+    /// a checkout, meets frames packed in boot order many times over).
+    pub fn set_frame_cache(&self, bytes: usize) {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner()).limit = bytes;
+    }
+
+    /// Frames decompressed since the layer was opened.
+    pub fn frames_decoded(&self) -> u64 {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner()).decoded
     }
 
     /// Clusters (of the cache's cluster size) holding data, and wholly zero; guest bytes of
