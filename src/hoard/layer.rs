@@ -21,14 +21,19 @@ use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// Decompressed frames kept (at 32 chunks a frame, 4 MiB).
-const FRAME_CACHE: usize = 32;
+/// Bytes of decompressed frames kept per open hoarded cache (32 frames of 32 chunks).
+const FRAME_CACHE_BYTES: usize = 4 << 20;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Frames {
     /// (pack, frame, last use, the chunks).
     slots: Vec<(u32, u32, u64, Arc<Vec<u8>>)>,
+    bytes: usize,
+    /// Most bytes kept.
+    limit: usize,
     clock: u64,
+    /// Frames decoded so far.
+    decoded: u64,
 }
 
 /// What a hoarded cache holds, counted in clusters.
@@ -58,6 +63,12 @@ fn packs_dir(path: &Path) -> PathBuf {
 impl HoardLayer {
     /// Open the index in `st` (the file at `path`) and the packs it names.
     pub fn open(path: &Path, st: Box<dyn Storage>) -> Result<HoardLayer> {
+        Self::open_locked(path, st, false)
+    }
+
+    /// [`HoardLayer::open`]; `lock`: an index opened again (replaced by a gc meanwhile) takes
+    /// a QEMU-compatible read lock as the first one did.
+    pub fn open_locked(path: &Path, st: Box<dyn Storage>, lock: bool) -> Result<HoardLayer> {
         let mut st = st;
         // A gc may replace the index (and remove the packs it named) between our reading it
         // and opening its packs: read it again then.
@@ -73,7 +84,12 @@ impl HoardLayer {
                 Err(Error::Io { source, .. })
                     if source.kind() == std::io::ErrorKind::NotFound && attempt < 3 =>
                 {
-                    st = Box::new(FileStorage::open(path, false)?);
+                    let fs = FileStorage::open(path, false)?;
+                    if lock {
+                        use crate::engine::lock::{lock, LockMode};
+                        lock(fs.file(), path, LockMode::Read)?;
+                    }
+                    st = Box::new(fs);
                 }
                 Err(e) => return Err(e),
             }
@@ -139,7 +155,10 @@ impl HoardLayer {
 
     /// Frames decompressed since the layer was opened.
     pub fn frames_decoded(&self) -> u64 {
-        self.frames.lock().unwrap_or_else(|e| e.into_inner()).decoded
+        self.frames
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .decoded
     }
 
     /// Clusters (of the cache's cluster size) holding data, and wholly zero; guest bytes of
@@ -200,11 +219,18 @@ impl HoardLayer {
         }
         let data = Arc::new(self.packs[p as usize].read_frame(f as usize)?);
         let mut g = self.frames.lock().unwrap_or_else(|e| e.into_inner());
-        let now = g.clock;
-        if g.slots.len() >= FRAME_CACHE {
-            let old = (0..g.slots.len()).min_by_key(|&i| g.slots[i].2).unwrap();
-            g.slots.swap_remove(old);
+        g.decoded += 1;
+        // Another reader may have decoded it meanwhile.
+        if g.slots.iter().any(|s| s.0 == p && s.1 == f) {
+            return Ok(data);
         }
+        while !g.slots.is_empty() && g.bytes + data.len() > g.limit {
+            let old = (0..g.slots.len()).min_by_key(|&i| g.slots[i].2).unwrap();
+            let gone = g.slots.swap_remove(old);
+            g.bytes -= gone.3.len();
+        }
+        let now = g.clock;
+        g.bytes += data.len();
         g.slots.push((p, f, now, Arc::clone(&data)));
         Ok(data)
     }
@@ -352,12 +378,21 @@ pub fn open(path: &Path, st: Box<dyn Storage>, opts: &OpenOptions) -> Result<Ima
             "a hoarded cache is sealed: never opened for writing",
         ));
     }
-    let layer = HoardLayer::open(path, st)?;
+    let layer = HoardLayer::open_locked(path, st, opts.lock)?;
     let backing = match (&layer.index.backing_file, opts.backing) {
         (Some(name), true) => {
             let bpath = resolve_backing(path, name)?;
             place_backing(path, &bpath)?;
-            let format = match &layer.index.backing_format {
+            // The header's backing format, else the one the cache recorded of its base.
+            let recorded_format = (layer.meta.as_ref())
+                .and_then(|m| m.base.as_ref())
+                .map(|b| b.format.clone());
+            let named = layer
+                .index
+                .backing_format
+                .as_ref()
+                .or(recorded_format.as_ref());
+            let format = match named {
                 None => None,
                 Some(f) => Some(
                     Format::parse(f)
