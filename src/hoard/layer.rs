@@ -10,6 +10,7 @@
 //! unlinks files this layer still holds, which stay readable.
 
 use super::format::CHUNK;
+use super::frames::FrameCache;
 use super::index::CacheIndex;
 use super::store::{read_index_from, PackReader};
 use crate::engine::layer::{BackingRead, Format, Layer, MapMode, Mapped, Mapping, Run};
@@ -19,22 +20,10 @@ use crate::engine::{Image, OpenOptions};
 use crate::format::ext::CacheMeta;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Bytes of decompressed frames kept per open hoarded cache (32 frames of 32 chunks).
 const FRAME_CACHE_BYTES: usize = 4 << 20;
-
-#[derive(Debug)]
-struct Frames {
-    /// (pack, frame, last use, the chunks).
-    slots: Vec<(u32, u32, u64, Arc<Vec<u8>>)>,
-    bytes: usize,
-    /// Most bytes kept.
-    limit: usize,
-    clock: u64,
-    /// Frames decoded so far.
-    decoded: u64,
-}
 
 /// What a hoarded cache holds, counted in clusters.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +40,7 @@ pub struct HoardLayer {
     index: CacheIndex,
     packs: Vec<PackReader>,
     meta: Option<CacheMeta>,
-    frames: Mutex<Frames>,
+    frames: FrameCache,
 }
 
 /// Where the packs of the index at `path` are: `HOARD/caches/x.vmh` → `HOARD/packs`.
@@ -133,13 +122,7 @@ impl HoardLayer {
             index,
             packs,
             meta,
-            frames: Mutex::new(Frames {
-                slots: Vec::new(),
-                bytes: 0,
-                limit: FRAME_CACHE_BYTES,
-                clock: 0,
-                decoded: 0,
-            }),
+            frames: FrameCache::new(FRAME_CACHE_BYTES),
         })
     }
 
@@ -150,15 +133,12 @@ impl HoardLayer {
     /// Keep up to `bytes` of decompressed frames (a whole-cache walk in guest order, such as
     /// a checkout, meets frames packed in boot order many times over).
     pub fn set_frame_cache(&self, bytes: usize) {
-        self.frames.lock().unwrap_or_else(|e| e.into_inner()).limit = bytes;
+        self.frames.set_limit(bytes);
     }
 
     /// Frames decompressed since the layer was opened.
     pub fn frames_decoded(&self) -> u64 {
-        self.frames
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .decoded
+        self.frames.decoded()
     }
 
     /// Clusters (of the cache's cluster size) holding data, and wholly zero; guest bytes of
@@ -208,31 +188,8 @@ impl HoardLayer {
 
     /// Frame `f` of pack `p`, decompressed and checked (cached).
     fn frame(&self, p: u32, f: u32) -> Result<Arc<Vec<u8>>> {
-        {
-            let mut g = self.frames.lock().unwrap_or_else(|e| e.into_inner());
-            g.clock += 1;
-            let now = g.clock;
-            if let Some(s) = g.slots.iter_mut().find(|s| s.0 == p && s.1 == f) {
-                s.2 = now;
-                return Ok(Arc::clone(&s.3));
-            }
-        }
-        let data = Arc::new(self.packs[p as usize].read_frame(f as usize)?);
-        let mut g = self.frames.lock().unwrap_or_else(|e| e.into_inner());
-        g.decoded += 1;
-        // Another reader may have decoded it meanwhile.
-        if g.slots.iter().any(|s| s.0 == p && s.1 == f) {
-            return Ok(data);
-        }
-        while !g.slots.is_empty() && g.bytes + data.len() > g.limit {
-            let old = (0..g.slots.len()).min_by_key(|&i| g.slots[i].2).unwrap();
-            let gone = g.slots.swap_remove(old);
-            g.bytes -= gone.3.len();
-        }
-        let now = g.clock;
-        g.bytes += data.len();
-        g.slots.push((p, f, now, Arc::clone(&data)));
-        Ok(data)
+        self.frames
+            .get((p, f), || self.packs[p as usize].read_frame(f as usize))
     }
 
     fn check(&self, off: u64, len: u64) -> Result<()> {

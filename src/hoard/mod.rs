@@ -14,6 +14,7 @@ pub mod add;
 pub mod analyze;
 pub mod checkout;
 pub mod format;
+mod frames;
 pub mod gc;
 pub mod index;
 pub mod layer;

@@ -1,0 +1,140 @@
+//! Decompressed frames of an open hoarded cache, shared by its readers: least recently used
+//! frames go when the byte limit is reached, and a frame being decompressed is waited for,
+//! not decompressed twice (parallel readers of neighbouring ranges meet the same frames).
+
+use crate::Result;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// (pack, frame in the pack).
+pub type FrameId = (u32, u32);
+
+#[derive(Debug)]
+struct Inner {
+    /// (frame, last use, the chunks).
+    slots: Vec<(FrameId, u64, Arc<Vec<u8>>)>,
+    /// Frames some reader is decompressing now.
+    busy: Vec<FrameId>,
+    bytes: usize,
+    limit: usize,
+    clock: u64,
+    decoded: u64,
+}
+
+#[derive(Debug)]
+pub struct FrameCache {
+    inner: Mutex<Inner>,
+    done: Condvar,
+}
+
+impl FrameCache {
+    pub fn new(limit: usize) -> FrameCache {
+        FrameCache {
+            inner: Mutex::new(Inner {
+                slots: Vec::new(),
+                busy: Vec::new(),
+                bytes: 0,
+                limit,
+                clock: 0,
+                decoded: 0,
+            }),
+            done: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_limit(&self, bytes: usize) {
+        self.lock().limit = bytes;
+    }
+
+    pub fn decoded(&self) -> u64 {
+        self.lock().decoded
+    }
+
+    /// Frame `id`, from the cache or by `decode` (outside the lock; another reader asking
+    /// for the same frame meanwhile waits for it).
+    pub fn get(
+        &self,
+        id: FrameId,
+        decode: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Arc<Vec<u8>>> {
+        let mut g = self.lock();
+        loop {
+            g.clock += 1;
+            let now = g.clock;
+            if let Some(s) = g.slots.iter_mut().find(|s| s.0 == id) {
+                s.1 = now;
+                return Ok(Arc::clone(&s.2));
+            }
+            if !g.busy.contains(&id) {
+                break;
+            }
+            g = self.done.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.busy.push(id);
+        drop(g);
+        let r = decode();
+        let mut g = self.lock();
+        g.busy.retain(|b| *b != id);
+        let out = r.map(|d| {
+            let data = Arc::new(d);
+            g.decoded += 1;
+            while !g.slots.is_empty() && g.bytes + data.len() > g.limit {
+                let old = (0..g.slots.len()).min_by_key(|&i| g.slots[i].1).unwrap();
+                let gone = g.slots.swap_remove(old);
+                g.bytes -= gone.2.len();
+            }
+            let now = g.clock;
+            g.bytes += data.len();
+            g.slots.push((id, now, Arc::clone(&data)));
+            data
+        });
+        drop(g);
+        // Waiters look again: they find the frame, or (it failed) decode it themselves.
+        self.done.notify_all();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_and_decoded_once() {
+        let c = FrameCache::new(3 * 1024);
+        for round in 0..2 {
+            for f in 0..3 {
+                let d = c.get((0, f), || Ok(vec![f as u8; 1024])).unwrap();
+                assert_eq!(d[0], f as u8, "round {round}");
+            }
+        }
+        assert_eq!(c.decoded(), 3);
+        c.get((0, 9), || Ok(vec![0; 1024])).unwrap(); // evicts one
+        assert_eq!(c.lock().bytes, 3 * 1024);
+        assert!(c
+            .get((1, 1), || Err(crate::Error::corrupt("x", "bad")))
+            .is_err());
+        assert!(c.lock().busy.is_empty());
+        // Many threads asking for one frame: decoded once.
+        let c = Arc::new(FrameCache::new(1 << 20));
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                let c = Arc::clone(&c);
+                std::thread::spawn(move || {
+                    c.get((2, 2), || {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        Ok(vec![7; 4096])
+                    })
+                    .unwrap()[0]
+                })
+            })
+            .collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap(), 7);
+        }
+        assert_eq!(c.decoded(), 1);
+    }
+}
