@@ -60,6 +60,15 @@ pub enum Mapping {
     Unallocated,
 }
 
+/// Part of a stored run as a layer hands it out without copying ([`Layer::read_shared`]).
+#[derive(Debug, Clone)]
+pub enum SharedPart {
+    /// This many bytes of zeros.
+    Zero(u64),
+    /// `len` bytes at `off` of a buffer the layer keeps (a decompressed frame).
+    Bytes(std::sync::Arc<Vec<u8>>, usize, usize),
+}
+
 /// A run of guest bytes `[off, off+len)` with one mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
@@ -184,6 +193,11 @@ pub trait Layer: Send + Sync + std::fmt::Debug {
     /// A layer that stands for a chain of its own (the lazily reached base of a sealed
     /// cache): block status from that chain when it is open (its top at this layer's depth).
     fn status_within(&self, _off: u64, _len: u64) -> Option<Result<Extent>> {
+        None
+    }
+    /// The bytes of a [`Mapping::Stored`] run as slices of buffers the layer keeps, for
+    /// sending without a copy; None: the layer has no such buffers (read with `read_run`).
+    fn read_shared(&self, _run: &Run) -> Option<Result<Vec<SharedPart>>> {
         None
     }
     /// The vmicache extension of a cache layer (base identity, state, ...); None for a

@@ -3,7 +3,7 @@
 //! a base), which a server hands to `sendfile(2)`.
 
 use super::image::Image;
-use super::layer::{MapMode, Mapping};
+use super::layer::{MapMode, Mapping, SharedPart};
 use crate::Result;
 use std::fs::File;
 
@@ -16,6 +16,12 @@ pub enum Piece<'a> {
     Bytes(Vec<u8>),
     /// `len` bytes at `off` of `file`, which does not change while it is open.
     File { file: &'a File, off: u64, len: u64 },
+    /// `len` bytes at `off` of a buffer a layer keeps (a hoarded cache's decompressed frame).
+    Shared {
+        buf: std::sync::Arc<Vec<u8>>,
+        off: usize,
+        len: usize,
+    },
 }
 
 impl Piece<'_> {
@@ -24,6 +30,7 @@ impl Piece<'_> {
             Piece::Zero(n) => *n,
             Piece::Bytes(b) => b.len() as u64,
             Piece::File { len, .. } => *len,
+            Piece::Shared { len, .. } => *len as u64,
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -117,6 +124,19 @@ impl Image {
             let mapped = layer.map(off, len, MapMode::SPARSE)?;
             let mut steps = Vec::with_capacity(mapped.runs.len());
             for run in &mapped.runs {
+                // A layer's own buffers (decompressed frames), sent as they are.
+                if let Some(parts) = (run.map == Mapping::Stored)
+                    .then(|| layer.read_shared(run))
+                    .flatten()
+                {
+                    for part in parts? {
+                        steps.push(Step::Done(match part {
+                            SharedPart::Zero(n) => Piece::Zero(n),
+                            SharedPart::Bytes(buf, off, len) => Piece::Shared { buf, off, len },
+                        }));
+                    }
+                    continue;
+                }
                 steps.push(match (run.map, file) {
                     (Mapping::Unallocated, _) => Step::Below(run.off, run.len),
                     (Mapping::Zero { .. }, _) => Step::Done(Piece::Zero(run.len)),

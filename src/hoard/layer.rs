@@ -13,7 +13,7 @@ use super::format::CHUNK;
 use super::frames::FrameCache;
 use super::index::CacheIndex;
 use super::store::{read_index_from, PackReader};
-use crate::engine::layer::{BackingRead, Format, Layer, MapMode, Mapped, Mapping, Run};
+use crate::engine::layer::{BackingRead, Format, Layer, MapMode, Mapped, Mapping, Run, SharedPart};
 use crate::engine::open::{place_backing, resolve_backing};
 use crate::engine::storage::{FileStorage, Storage};
 use crate::engine::{Image, OpenOptions};
@@ -192,6 +192,46 @@ impl HoardLayer {
             .get((p, f), || self.packs[p as usize].read_frame(f as usize))
     }
 
+    /// A stored run as slices of decompressed frames (and zeros), for sending without a copy.
+    fn shared(&self, run: &Run) -> Result<Vec<SharedPart>> {
+        self.check(run.off, run.len)?;
+        let mut out: Vec<SharedPart> = Vec::new();
+        let mut done = 0u64;
+        while done < run.len {
+            let pos = run.off + done;
+            let c = pos / CHUNK;
+            let i = self.index.find(c).map_err(|_| {
+                Error::request(self.path(), format!("read of {pos:#x}: not in this cache"))
+            })?;
+            let r = self.index.runs[i];
+            let in_run = r.end() * CHUNK - pos;
+            if !r.in_pack() {
+                let n = in_run.min(run.len - done);
+                match out.last_mut() {
+                    Some(SharedPart::Zero(z)) => *z += n,
+                    _ => out.push(SharedPart::Zero(n)),
+                }
+                done += n;
+                continue;
+            }
+            let pack = &self.packs[r.pack as usize];
+            let chunk = r.first + (c - r.start) as u32;
+            let fi = pack.frame_of(chunk);
+            let fdata = self.frame(r.pack, fi as u32)?;
+            let at = (chunk - pack.first[fi]) as usize * CHUNK as usize + (pos % CHUNK) as usize;
+            let n = ((fdata.len() - at) as u64).min(in_run).min(run.len - done) as usize;
+            match out.last_mut() {
+                // The next bytes of the same frame: one slice.
+                Some(SharedPart::Bytes(b, o, l)) if Arc::ptr_eq(b, &fdata) && *o + *l == at => {
+                    *l += n
+                }
+                _ => out.push(SharedPart::Bytes(fdata, at, n)),
+            }
+            done += n as u64;
+        }
+        Ok(out)
+    }
+
     fn check(&self, off: u64, len: u64) -> Result<()> {
         if off
             .checked_add(len)
@@ -311,6 +351,12 @@ impl Layer for HoardLayer {
             done += n;
         }
         Ok(())
+    }
+    fn read_shared(&self, run: &Run) -> Option<Result<Vec<SharedPart>>> {
+        if run.map != Mapping::Stored {
+            return None;
+        }
+        Some(self.shared(run))
     }
     fn write_at(&self, _buf: &[u8], _off: u64, _below: &dyn BackingRead) -> Result<()> {
         Err(self.never_written())

@@ -21,7 +21,13 @@ const HEADERS_MAX: usize = 512;
 /// One part of a reply.
 pub(super) enum Part<'a> {
     Bytes(Vec<u8>),
-    File { file: &'a File, off: u64, len: u64 },
+    /// A slice of a buffer a layer keeps.
+    Shared(std::sync::Arc<Vec<u8>>, usize, usize),
+    File {
+        file: &'a File,
+        off: u64,
+        len: u64,
+    },
     Zeros(u64),
 }
 
@@ -51,6 +57,7 @@ impl<'a> Reply<'a> {
             Piece::Bytes(b) => self.parts.push(Part::Bytes(b)),
             Piece::File { file, off, len } => self.parts.push(Part::File { file, off, len }),
             Piece::Zero(n) => self.parts.push(Part::Zeros(n)),
+            Piece::Shared { buf, off, len } => self.parts.push(Part::Shared(buf, off, len)),
         }
     }
 
@@ -116,10 +123,14 @@ impl<'a> Reply<'a> {
         let mut i = 0;
         while i < self.parts.len() {
             match &self.parts[i] {
-                Part::Bytes(_) => {
+                Part::Bytes(_) | Part::Shared(..) => {
                     let mut bufs = Vec::new();
-                    while let Some(Part::Bytes(b)) = self.parts.get(i) {
-                        bufs.push(&b[..]);
+                    loop {
+                        match self.parts.get(i) {
+                            Some(Part::Bytes(b)) => bufs.push(&b[..]),
+                            Some(Part::Shared(b, off, len)) => bufs.push(&b[*off..*off + *len]),
+                            _ => break,
+                        }
                         i += 1;
                     }
                     write_all_vectored(w, &bufs)?;
