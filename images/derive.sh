@@ -14,6 +14,7 @@
 # this script, ext4-sync.py, common/*, derived/NAME.conf and the base's recipe hash);
 # VMICACHE_IMAGES_FORCE=1 rebuilds. The base is built first with images/build.sh (a no-op
 # when up to date), in ${VMICACHE_BASE_DIR:-${VMICACHE_IMAGES:-<repo>/target/images}/BASE}.
+# shellcheck disable=SC2012  # ls over names we made or Debian's (no odd characters)
 set -euo pipefail
 export LC_ALL=C DEBIAN_FRONTEND=noninteractive
 
