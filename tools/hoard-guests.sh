@@ -15,10 +15,15 @@
 #                        `vmicache warm cache.qcow2 --boot -- images/boot.sh NAME {nbd}`
 #   cache.qcow2.trace    the recorded boot's trace
 #   cache.qcow2.log      that boot's console and vmicache's summary
-#   cache.qcow2.recipe   the recipe hash and cluster size the cache was recorded for: a cache
-#                        is recorded again only when they change (or the cache is not sealed)
-# and OUTDIR/SET/summary.tsv the table printed at the end (guest, base allocated bytes, cache
-# data bytes, boot seconds, ...). The derived guests' common base is built by images/build.sh
+#   cache.qcow2.recipe   the recipe hash, base.raw's size/inode/mtime and the cluster size the
+#                        cache was recorded for: a cache is recorded again only when one of
+#                        them changes (or the cache is not sealed)
+# and OUTDIR/SET/summary.tsv the table printed at the end: guest, base.raw's virtual and
+# allocated bytes, the base's data as vmicache counts it (inspect's base-data-bytes: allocated
+# and not all-zero; comparable across sets, unlike allocated bytes, which depend on how
+# sparse the file was made), the cache's data bytes and clusters, the recorded boot's seconds
+# to the marker (images/boot.sh's figure; "-" if unknown) and this run's build seconds (about
+# 0 when the guest was up to date). The derived guests' common base is built by images/build.sh
 # in ${VMICACHE_IMAGES:-<repo>/target/images}/systemd.
 #
 # OUTDIR defaults to ${VMICACHE_IMAGES:-<repo>/target/images}/hoard; the vmicache binary is
@@ -91,7 +96,8 @@ record() {
 	local set=$1 name=$2 dir=$3 guest want state
 	guest=$name
 	[[ $set == independent ]] && guest=independent/$name
-	want="$(cat "$dir/recipe.sha256") cluster=${HOARD_CLUSTER_SIZE:-default}"
+	# The recipe, the base file itself (a forced rebuild keeps the recipe hash) and the cluster size.
+	want="$(cat "$dir/recipe.sha256") base=$(stat -c '%s:%i:%Y' "$dir/base.raw") cluster=${HOARD_CLUSTER_SIZE:-default}"
 	boot_s=-
 	if [[ -f $dir/cache.qcow2 && -f $dir/cache.qcow2.recipe && $(cat "$dir/cache.qcow2.recipe") == "$want" ]]; then
 		state=$("$V" inspect --json "$dir/cache.qcow2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["cache"]["state"])')
@@ -118,7 +124,7 @@ for set in "${sets[@]}"; do
 	t_set=$SECONDS
 	mkdir -p "$out/$set"
 	rows=()
-	tsv=$'guest\tbase_virtual_bytes\tbase_allocated_bytes\tcache_data_bytes\tcache_clusters\tcluster_size\tboot_seconds\tbuild_seconds'
+	tsv=$'guest\tbase_virtual_bytes\tbase_allocated_bytes\tbase_data_bytes\tcache_data_bytes\tcache_clusters\tcluster_size\tboot_seconds\tbuild_seconds'
 	mapfile -t names < <(guests_of "$set")
 	for name in "${names[@]}"; do
 		dir=$out/$set/$name
@@ -132,17 +138,18 @@ for set in "${sets[@]}"; do
 		record "$set" "$name" "$dir"
 		vsize=$(stat -c %s "$dir/base.raw")
 		alloc=$(($(stat -c %b "$dir/base.raw") * 512))
-		read -r data clusters csize < <("$V" inspect --json "$dir/cache.qcow2" | python3 -c '
+		read -r data clusters csize bdata < <("$V" inspect --json "$dir/cache.qcow2" | python3 -c '
 import json, sys
-l = json.load(sys.stdin)["layers"][0]
-print(l["allocated-bytes"], l["data-clusters"], l["cluster-size"])')
-		rows+=("$(printf '| %s | %s | %s (%d clusters of %s) | %s |' "$name" "$(human "$alloc")" "$(human "$data")" "$clusters" "$(human "$csize")" "$boot_s")")
-		tsv+=$'\n'"$name"$'\t'"$vsize"$'\t'"$alloc"$'\t'"$data"$'\t'"$clusters"$'\t'"$csize"$'\t'"$boot_s"$'\t'"$build_s"
+j = json.load(sys.stdin)
+l = j["layers"][0]
+print(l["allocated-bytes"], l["data-clusters"], l["cluster-size"], j["cache"].get("base-data-bytes", "-"))')
+		rows+=("$(printf '| %s | %s | %s | %s (%d clusters of %s) | %s | %s |' "$name" "$(human "$alloc")" "$(human "$bdata")" "$(human "$data")" "$clusters" "$(human "$csize")" "$boot_s" "$build_s")")
+		tsv+=$'\n'"$name"$'\t'"$vsize"$'\t'"$alloc"$'\t'"$bdata"$'\t'"$data"$'\t'"$clusters"$'\t'"$csize"$'\t'"$boot_s"$'\t'"$build_s"
 	done
 	printf '%s\n' "$tsv" >"$out/$set/summary.tsv"
 	echo
 	echo "$set: ${#names[@]} guests in $out/$set ($((SECONDS - t_set)) s)"
-	echo "| guest | base allocated | cache data | boot (s) |"
-	echo "|---|---|---|---|"
+	echo "| guest | base allocated | base data | cache data | boot (s) | build (s) |"
+	echo "|---|---|---|---|---|---|"
 	printf '%s\n' "${rows[@]}"
 done
