@@ -11,9 +11,10 @@
 # images/build.sh's: vmlinuz initrd.img (the base's), base.raw, boot.env, packages.txt,
 # recipe.sha256; plus added.txt (the packages installed over the base), debugfs.cmds (what was
 # written into the image) and sync.json (counts of it). The build is skipped while recipe.sha256 matches (the recipe:
-# this script, ext4-sync.py, common/*, derived/NAME.conf and the base's recipe hash);
-# VMICACHE_IMAGES_FORCE=1 rebuilds. The base is built first with images/build.sh (a no-op
-# when up to date), in ${VMICACHE_BASE_DIR:-${VMICACHE_IMAGES:-<repo>/target/images}/BASE}.
+# this script, ext4-sync.py, common/*, derived/NAME.conf, the base's recipe hash and its
+# base.raw's size, inode and mtime); VMICACHE_IMAGES_FORCE=1 rebuilds the derived guest but
+# not its base. The base is built first with images/build.sh (a no-op when up to date), in
+# ${VMICACHE_BASE_DIR:-${VMICACHE_IMAGES:-<repo>/target/images}/BASE}.
 # shellcheck disable=SC2012  # ls over names we made or Debian's (no odd characters)
 set -euo pipefail
 export LC_ALL=C DEBIAN_FRONTEND=noninteractive
@@ -43,7 +44,10 @@ BASE=${BASE:-systemd}
 : "${PACKAGES:?$name.conf: PACKAGES}" "${CHECK_PATHS_EXTRA=}" "${MODULES_EXTRA=}"
 basedir=$(realpath -m "${VMICACHE_BASE_DIR:-$images/$BASE}")
 
-"$here/build.sh" "$BASE" "$basedir"
+# The base is built when missing or out of date, never forced from here: a forced base build
+# makes a new base.raw (not bit-reproducible), and guests derived from different builds of
+# it would not share its blocks. Force it with images/build.sh itself.
+VMICACHE_IMAGES_FORCE='' "$here/build.sh" "$BASE" "$basedir"
 for f in vmlinuz initrd.img base.raw boot.env recipe.sha256; do
 	[[ -s $basedir/$f ]] || die "base $BASE: no $basedir/$f"
 done
@@ -52,7 +56,8 @@ recipe_hash() {
 	{
 		(cd "$here" && find derive.sh ext4-sync.py common "derived/$name.conf" -type f -print0 |
 			sort -z | xargs -0 sha256sum)
-		echo "base $BASE $(cat "$basedir/recipe.sha256")"
+		# The base's recipe and its file (rebuilt with the same recipe, it is another base).
+		echo "base $BASE $(cat "$basedir/recipe.sha256") $(stat -c %s:%i:%Y "$basedir/base.raw")"
 	} | sha256sum | cut -c1-64
 }
 hash=$(recipe_hash)

@@ -19,12 +19,14 @@
 #                        cache was recorded for: a cache is recorded again only when one of
 #                        them changes (or the cache is not sealed)
 # and OUTDIR/SET/summary.tsv the table printed at the end: guest, base.raw's virtual and
-# allocated bytes, the base's data as vmicache counts it (inspect's base-data-bytes: allocated
-# and not all-zero; comparable across sets, unlike allocated bytes, which depend on how
-# sparse the file was made), the cache's data bytes and clusters, the recorded boot's seconds
+# allocated bytes, the base's data as vmicache counts it (inspect's base-data-bytes: the
+# file's data extents, where preallocated unwritten extents count as holes; comparable across
+# sets, unlike allocated bytes, which count mkfs's preallocated journal in build.sh's files
+# but not in derive.sh's sparse copies), the cache's data bytes and clusters, the recorded boot's seconds
 # to the marker (images/boot.sh's figure; "-" if unknown) and this run's build seconds (about
-# 0 when the guest was up to date). The derived guests' common base is built by images/build.sh
-# in ${VMICACHE_IMAGES:-<repo>/target/images}/systemd.
+# 0 when the guest was up to date). The derived guests' common base is built first, once, by
+# images/build.sh in ${VMICACHE_IMAGES:-<repo>/target/images}/systemd. VMICACHE_IMAGES_FORCE=1
+# rebuilds every guest of the chosen sets (and that base), and so records every cache again.
 #
 # OUTDIR defaults to ${VMICACHE_IMAGES:-<repo>/target/images}/hoard; the vmicache binary is
 # $VMICACHE (default <repo>/target/release/vmicache; this script never builds it).
@@ -126,6 +128,18 @@ for set in "${sets[@]}"; do
 	rows=()
 	tsv=$'guest\tbase_virtual_bytes\tbase_allocated_bytes\tbase_data_bytes\tcache_data_bytes\tcache_clusters\tcluster_size\tboot_seconds\tbuild_seconds'
 	mapfile -t names < <(guests_of "$set")
+	if [[ $set == derived ]]; then
+		# The common base(s), once (VMICACHE_IMAGES_FORCE applies here; derive.sh never
+		# forces a base, so that all derived guests come from one build of it).
+		for b in $(for n in "${names[@]}"; do (
+			BASE=systemd
+			# shellcheck source=/dev/null
+			. "$repo/images/derived/$n.conf"
+			echo "$BASE"
+		); done | sort -u); do
+			"$repo/images/build.sh" "$b"
+		done
+	fi
 	for name in "${names[@]}"; do
 		dir=$out/$set/$name
 		t0=$SECONDS
