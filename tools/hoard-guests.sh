@@ -21,10 +21,11 @@
 # and OUTDIR/SET/summary.tsv the table printed at the end: guest, base.raw's virtual and
 # allocated bytes, the base's data as vmicache counts it (inspect's base-data-bytes: the
 # file's data extents, where preallocated unwritten extents count as holes; comparable across
-# sets, unlike allocated bytes, which count mkfs's preallocated journal in build.sh's files
-# but not in derive.sh's sparse copies), the cache's data bytes and clusters, the recorded boot's seconds
-# to the marker (images/boot.sh's figure; "-" if unknown) and this run's build seconds (about
-# 0 when the guest was up to date). The derived guests' common base is built first, once, by
+# sets, unlike allocated bytes, which include ~87 MiB of journal and inode tables that mkfs
+# zeroed as unwritten extents in build.sh's files, but not in derive.sh's sparse copies), the
+# cache's data bytes and clusters, the recorded boot's seconds to the marker (images/boot.sh's
+# figure; "-" if unknown) and this run's build seconds (about 0 when the guest was up to
+# date). The derived guests' common base is built first, once, by
 # images/build.sh in ${VMICACHE_IMAGES:-<repo>/target/images}/systemd. VMICACHE_IMAGES_FORCE=1
 # rebuilds every guest of the chosen sets (and that base), and so records every cache again.
 #
