@@ -27,16 +27,20 @@ die() {
 }
 
 [[ $# -ge 1 && $# -le 2 && $1 != -* ]] || {
-	echo "usage: images/build.sh GUEST [OUTDIR]   (guests: $(cd "$here" && ls -- */guest.conf | cut -d/ -f1 | tr '\n' ' '))" >&2
+	echo "usage: images/build.sh GUEST [OUTDIR]   (guests: $(cd "$here" && ls -- */guest.conf */*/guest.conf | sed 's|/guest.conf$||' | tr '\n' ' '))" >&2
 	exit 2
 }
 guest=$1
 [[ -f $here/$guest/guest.conf ]] || die "unknown guest '$guest' (no images/$guest/guest.conf)"
 out=$(realpath -m "${2:-${VMICACHE_IMAGES:-$repo/target/images}/$guest}")
+# A guest may live in a subdirectory (images/independent/ssh): its host name and filesystem
+# label take the last part.
+short=${guest##*/}
 
-# The recipe: this script, the shared files and the guest's own directory.
+# The recipe: this script, the shared files and the guest's own directory (-L: a guest may
+# share a file with another by a symlink, e.g. images/independent/*/vmicache-check.service).
 recipe_hash() {
-	(cd "$here" && find build.sh common "$guest" -type f -print0 | sort -z |
+	(cd "$here" && find -L build.sh common "$guest" -type f -print0 | sort -z |
 		xargs -0 sha256sum | sha256sum | cut -c1-64)
 }
 hash=$(recipe_hash)
@@ -188,7 +192,7 @@ debs)
 	[[ -e $root/usr/bin/python3 ]] || ln -s python3.11 "$root/usr/bin/python3"
 	printf 'root:x:0:0:root:/root:/bin/bash\n' >"$root/etc/passwd"
 	printf 'root:x:0:\n' >"$root/etc/group"
-	echo "vmicache-$guest" >"$root/etc/hostname"
+	echo "vmicache-$short" >"$root/etc/hostname"
 	printf '/dev/vda / ext4 rw 0 0\n' >"$root/etc/fstab"
 	chroot "$root" /sbin/ldconfig
 	;;
@@ -203,7 +207,7 @@ debootstrap)
 	if grep -q " $root/" /proc/mounts; then die "mounts left below $root"; fi
 	# shellcheck disable=SC2016  # dpkg-query's own ${fields}
 	chroot "$root" dpkg-query -W -f '${Package} ${Version}\n' >"$pkglist"
-	echo "vmicache-$guest" >"$root/etc/hostname"
+	echo "vmicache-$short" >"$root/etc/hostname"
 	printf '/dev/vda / ext4 rw 0 0\n' >"$root/etc/fstab"
 	# An empty machine-id: each boot gets a transient one, nothing is written for it.
 	: >"$root/etc/machine-id"
@@ -258,7 +262,7 @@ root_bytes=$(du -sb "$root" | cut -f1)
 # --- disk ------------------------------------------------------------------------------------
 # Deterministic filesystem UUID and hash seed from the recipe hash.
 uuid=$(echo "$hash" | sed -E 's/^(.{8})(.{4})(.{4})(.{4})(.{12}).*/\1-\2-\3-\4-\5/')
-mkfs.ext4 -q -F -b 4096 -L "vmicache-$guest" -U "$uuid" \
+mkfs.ext4 -q -F -b 4096 -L "vmicache-$short" -U "$uuid" \
 	-E "lazy_itable_init=0,lazy_journal_init=0,hash_seed=$uuid" \
 	-d "$root" "$work/base.raw" "$DISK_SIZE" >/dev/null
 fallocate --dig-holes "$work/base.raw" # zero blocks mkfs wrote become holes: sparse raw
