@@ -36,7 +36,7 @@ pub fn checkout(
     h: &Hoard,
     name: &str,
     out: &Path,
-    progress: Option<&dyn Fn(u64, u64)>,
+    progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<CheckoutReport> {
     let t0 = std::time::Instant::now();
     super::store::check_name(name)?;
@@ -120,41 +120,78 @@ pub fn trace_path(cache: &Path) -> std::path::PathBuf {
 
 /// Copy what the layer holds into `img` (opened without its base, so a partial cluster is
 /// completed with zeros, as the cache had it): zero runs as zeros (zero clusters where whole),
-/// data runs as data.
-fn write_all(layer: &HoardLayer, img: &Image, progress: Option<&dyn Fn(u64, u64)>) -> Result<u64> {
+/// then data runs as data, in batches that two threads decompress and write at once.
+fn write_all(
+    layer: &HoardLayer,
+    img: &Image,
+    progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+) -> Result<u64> {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     let size = layer.virtual_size();
     let runs = layer.map(0, size, MapMode::READ)?.runs;
-    let all: u64 = runs
-        .iter()
-        .filter(|r| r.map == Mapping::Stored)
-        .map(|r| r.len)
-        .sum();
-    let mut done = 0u64;
-    let mut buf = vec![0u8; BATCH as usize];
+    let mut jobs: Vec<(u64, u64)> = Vec::new();
     for r in &runs {
         match r.map {
             Mapping::Zero { .. } => img.write_zeroes(r.off, r.len)?,
             Mapping::Stored => {
                 let mut pos = r.off;
                 while pos < r.end() {
-                    let n = (r.end() - pos).min(BATCH);
-                    let b = &mut buf[..n as usize];
-                    let run = Run {
-                        off: pos,
-                        len: n,
-                        map: Mapping::Stored,
-                    };
-                    layer.read_run(b, &run)?;
-                    img.write_at(b, pos)?;
+                    // Batches end on batch boundaries, so no two share a cluster.
+                    let n = (r.end() - pos).min(BATCH - pos % BATCH);
+                    jobs.push((pos, n));
                     pos += n;
-                    done += n;
-                    if let Some(p) = progress {
-                        p(done, all);
-                    }
                 }
             }
             _ => {}
         }
     }
-    Ok(done)
+    let all: u64 = jobs.iter().map(|j| j.1).sum();
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut buf = vec![0u8; BATCH as usize];
+                    let r = (|| {
+                        while let Some(&(off, len)) = jobs.get(next.fetch_add(1, Ordering::Relaxed))
+                        {
+                            let b = &mut buf[..len as usize];
+                            let run = Run {
+                                off,
+                                len,
+                                map: Mapping::Stored,
+                            };
+                            layer.read_run(b, &run)?;
+                            img.write_at(b, off)?;
+                            let d = done.fetch_add(len, Ordering::Relaxed) + len;
+                            if let Some(p) = progress {
+                                p(d, all);
+                            }
+                        }
+                        Ok(())
+                    })();
+                    if r.is_err() {
+                        // The others stop at their next batch.
+                        next.store(jobs.len(), Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        let mut first_err = None;
+        for w in workers {
+            let r = w.join().unwrap_or_else(|_| {
+                Err(Error::refused(layer.path(), "a checkout thread panicked"))
+            });
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    })?;
+    Ok(done.load(Ordering::Relaxed))
 }
