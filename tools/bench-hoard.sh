@@ -8,7 +8,8 @@
 # Data: the guest sets of tools/hoard-guests.sh (built and their caches recorded by real
 # boots when missing; cached under target/images/hoard): "derived" guests made from one base
 # image by installing packages, "independent" guests built from scratch.
-#  1. per set, a fresh hoard: `hoard add` of every cache (MiB/s of cache data), then
+#  1. per set, a fresh hoard: `hoard add` of every cache (MiB/s of cache data, the caches in
+#     the page cache), then
 #     `analyze` on the same caches: the hoard's bytes on disk against "ZFS-style" (64 KiB
 #     blocks, dedup, gzip-6 per block) and "4 KiB fixed + gzip-6"; after the fast path
 #     (zstd-3, 32-chunk frames) and after the repack off the hot path (`hoard gc
@@ -55,6 +56,8 @@ for set in $sets; do
   H=$work/$set
   "$V" hoard init "$H" -q
   echo "== $set: ${#caches[@]} caches"
+  # Timed with the caches in the page cache: the CPU path, not this machine's disk.
+  cat "${caches[@]}" >/dev/null
   data=0; secs=0
   for c in "${caches[@]}"; do
     name=$(basename "$(dirname "$c")")
