@@ -28,6 +28,20 @@ fn sealed_cache(cache: &Path, base: &Path) {
     run(bin().args(["seal", ps(cache), "-q"]));
 }
 
+/// A trace of `reads` recorded (as it were) over the base of `cache`.
+fn trace_for(cache: &Path, reads: Vec<(u64, u64)>) -> Vec<u8> {
+    use vmicache::engine::{Image, OpenOptions};
+    let img = Image::open(cache, &OpenOptions::read_only()).unwrap();
+    let meta = vmicache::chain::build::cache_meta(&img).unwrap().unwrap();
+    let base = meta.base.unwrap();
+    let t = vmicache::chain::trace::Trace {
+        base_size: base.virtual_size,
+        base_fingerprint: base.fingerprint,
+        reads,
+    };
+    t.encode()
+}
+
 struct Env {
     _d: tempfile::TempDir,
     dir: PathBuf,
@@ -77,15 +91,7 @@ impl Env {
 }
 
 fn compare(a: &Path, b: &Path) {
-    let out = run_status(tool("qemu-img").args(["compare", "-U", ps(a), ps(b)]));
-    assert!(
-        out.status.success(),
-        "qemu-img compare {} {}: {}{}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    compare_images(a, b, &["-U"]);
 }
 
 #[test]
@@ -95,23 +101,8 @@ fn add_list_checkout_rm_gc_round_trip() {
     make_base(&base, 1);
     sealed_cache(&cache, &base);
     // A trace beside the cache travels with it (and orders the packing).
-    let trace_bytes = {
-        use vmicache::engine::{Image, OpenOptions};
-        let img = Image::open(&cache, &OpenOptions::read_only()).unwrap();
-        let base = vmicache::chain::build::cache_meta(&img)
-            .unwrap()
-            .unwrap()
-            .base
-            .unwrap();
-        let t = vmicache::chain::trace::Trace {
-            base_size: base.virtual_size,
-            base_fingerprint: base.fingerprint,
-            reads: vec![(10 * MIB, 4 * KIB), (MIB, 16 * KIB)],
-        };
-        let b = t.encode();
-        std::fs::write(e.p("c1.qcow2.trace"), &b).unwrap();
-        b
-    };
+    let trace_bytes = trace_for(&cache, vec![(10 * MIB, 4 * KIB), (MIB, 16 * KIB)]);
+    std::fs::write(e.p("c1.qcow2.trace"), &trace_bytes).unwrap();
     let r = e.json(&["hoard", "add", ps(&cache), "--json"]);
     assert_eq!(r["name"], "c1");
     assert!(r["new_chunks"].as_u64().unwrap() > 0, "{r}");
@@ -352,20 +343,8 @@ fn traces_must_belong_to_the_cache() {
     sealed_cache(&ca, &a);
     sealed_cache(&cb, &b);
     // A trace recorded over B's base, given with A's cache.
-    let img =
-        vmicache::engine::Image::open(&cb, &vmicache::engine::OpenOptions::read_only()).unwrap();
-    let base = vmicache::chain::build::cache_meta(&img)
-        .unwrap()
-        .unwrap()
-        .base
-        .unwrap();
-    let t = vmicache::chain::trace::Trace {
-        base_size: base.virtual_size,
-        base_fingerprint: base.fingerprint,
-        reads: vec![(0, 4096)],
-    };
     let tp = e.p("b.trace");
-    std::fs::write(&tp, t.encode()).unwrap();
+    std::fs::write(&tp, trace_for(&cb, vec![(0, 4096)])).unwrap();
     let o = run_status(e.cmd().args(["hoard", "add", ps(&ca), "--trace", ps(&tp)]));
     assert_eq!(o.status.code(), Some(1));
     assert!(

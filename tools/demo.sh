@@ -45,26 +45,27 @@ boot1=$(sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' boot1.log)
 read1=$(bytes_read base-reads.log)
 : > base-reads.log
 
+# boot_served VM N: serve VM.qcow2, boot it (console N), set bootN (seconds) and readN (base
+# bytes read meanwhile)
+boot_served() {
+  : > base-reads.log
+  vmicache serve "$1.qcow2" --socket "$dir/$1.sock" -q & srv=$!
+  while [ ! -S "$dir/$1.sock" ]; do sleep 0.05; done
+  "$repo/images/boot.sh" minimal "nbd+unix:///$1?socket=$dir/$1.sock" raw > "console$2.log" 2> "boot$2.log"
+  kill "$srv"; wait "$srv" 2>/dev/null || true; srv=""
+  printf -v "boot$2" '%s' "$(sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' "boot$2.log")"
+  printf -v "read$2" '%s' "$(bytes_read base-reads.log)"
+}
+
 echo "== second boot: a new VM instance on the sealed cache"
-vmicache serve vm1.qcow2 --socket "$dir/vm1.sock" -q & srv=$!
-while [ ! -S "$dir/vm1.sock" ]; do sleep 0.05; done
-"$repo/images/boot.sh" minimal "nbd+unix:///vm1?socket=$dir/vm1.sock" raw > console2.log 2> boot2.log
-kill "$srv"; wait "$srv" 2>/dev/null || true; srv=""
-boot2=$(sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' boot2.log)
-read2=$(bytes_read base-reads.log)
+boot_served vm1 2
 
 echo "== the hoard: the sealed cache added to a deduplicated, compressed store, a VM booted from it"
 export VMICACHE_HOARD=$dir/hoard VMICACHE_ALLOW_BACKING=$VMICACHE_ALLOW_BACKING:$dir
 vmicache hoard init "$VMICACHE_HOARD" -q
 vmicache hoard add cache.qcow2 --name minimal
 vmicache chain hoard:minimal -o vm2.qcow2 -q
-: > base-reads.log
-vmicache serve vm2.qcow2 --socket "$dir/vm2.sock" -q & srv=$!
-while [ ! -S "$dir/vm2.sock" ]; do sleep 0.05; done
-"$repo/images/boot.sh" minimal "nbd+unix:///vm2?socket=$dir/vm2.sock" raw > console3.log 2> boot3.log
-kill "$srv"; wait "$srv" 2>/dev/null || true; srv=""
-boot3=$(sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' boot3.log)
-read3=$(bytes_read base-reads.log)
+boot_served vm2 3
 hoarded=$(vmicache hoard stats --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["pack_bytes"] + d["index_bytes"])')
 
 echo "== vmicache inspect vm1.qcow2"

@@ -106,6 +106,24 @@ fn json_count(v: &serde_json::Value, key: &str) -> u64 {
     v.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0)
 }
 
+/// Asserts that `qemu-img compare OPTS... A B` finds the images equal.
+pub fn compare_images(a: &Path, b: &Path, opts: &[&str]) {
+    let out = run_status(
+        tool("qemu-img")
+            .arg("compare")
+            .args(opts)
+            .args([ps(a), ps(b)]),
+    );
+    assert!(
+        out.status.success(),
+        "qemu-img compare {} {}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Asserts that `qemu-img check` finds nothing wrong with the qcow2 image at
 /// `path` and that (for v3) neither the dirty nor the corrupt bit is set.
 pub fn check_clean(path: &Path) {
