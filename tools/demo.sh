@@ -53,8 +53,11 @@ boot_served() {
   while [ ! -S "$dir/$1.sock" ]; do sleep 0.05; done
   "$repo/images/boot.sh" minimal "nbd+unix:///$1?socket=$dir/$1.sock" raw > "console$2.log" 2> "boot$2.log"
   kill "$srv"; wait "$srv" 2>/dev/null || true; srv=""
-  printf -v "boot$2" '%s' "$(sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' "boot$2.log")"
-  printf -v "read$2" '%s' "$(bytes_read base-reads.log)"
+  local secs bytes
+  secs=$(sed -n 's/.*marker after \([0-9.]*\) s.*/\1/p' "boot$2.log")
+  bytes=$(bytes_read base-reads.log)
+  printf -v "boot$2" '%s' "$secs"
+  printf -v "read$2" '%s' "$bytes"
 }
 
 echo "== second boot: a new VM instance on the sealed cache"

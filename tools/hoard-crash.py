@@ -132,7 +132,7 @@ class Campaign:
         cache = self.rnd.choice(free)
         name = os.path.basename(cache).split(".")[0]
         before = self.listed()
-        self.run_killed(c, ("add", cache), ["hoard", "add", cache, "--name", name, "-q"])
+        killed = self.run_killed(c, ("add", cache), ["hoard", "add", cache, "--name", name, "-q"])
         c.iterations += 1
         self.verify(c, f"kill of add {name}")
         now = self.listed()
@@ -140,7 +140,7 @@ class Campaign:
             self.fail(c, f"add {name} changed other caches: {before} -> {now}")
         self.hoarded[name] = cache
         if name in now:
-            c.landed += 1
+            c.landed += killed
             self.reads_as_source(c, name, "a killed add")
         else:
             self.v("hoard", "add", cache, "--name", name, "-q")  # continuation

@@ -67,6 +67,8 @@ pub enum SharedPart {
     Zero(u64),
     /// `len` bytes at `off` of a buffer the layer keeps (a decompressed frame).
     Bytes(std::sync::Arc<Vec<u8>>, usize, usize),
+    /// Bytes copied out (a small part of a large buffer is not worth keeping it alive for).
+    Copied(Vec<u8>),
 }
 
 /// A run of guest bytes `[off, off+len)` with one mapping.

@@ -124,6 +124,11 @@ impl Image {
             let mapped = layer.map(off, len, MapMode::SPARSE)?;
             let mut steps = Vec::with_capacity(mapped.runs.len());
             for run in &mapped.runs {
+                // Decoding stored data (decompressing a hoard's frames, reading its packs) is
+                // worker's work, not the connection reader's.
+                if local && run.map == Mapping::Stored {
+                    return Ok(false);
+                }
                 // A layer's own buffers (decompressed frames), sent as they are.
                 if let Some(parts) = (run.map == Mapping::Stored)
                     .then(|| layer.read_shared(run))
@@ -133,6 +138,7 @@ impl Image {
                         steps.push(Step::Done(match part {
                             SharedPart::Zero(n) => Piece::Zero(n),
                             SharedPart::Bytes(buf, off, len) => Piece::Shared { buf, off, len },
+                            SharedPart::Copied(b) => Piece::Bytes(b),
                         }));
                     }
                     continue;

@@ -120,7 +120,8 @@ pub fn trace_path(cache: &Path) -> std::path::PathBuf {
 
 /// Copy what the layer holds into `img` (opened without its base, so a partial cluster is
 /// completed with zeros, as the cache had it): zero runs as zeros (zero clusters where whole),
-/// then data runs as data, in batches that two threads decompress and write at once.
+/// then data runs as data, in batches that a thread per core (up to 4) decompresses and writes
+/// at once.
 fn write_all(
     layer: &HoardLayer,
     img: &Image,

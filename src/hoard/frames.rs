@@ -75,7 +75,19 @@ impl FrameCache {
         }
         g.busy.push(id);
         drop(g);
+        // Should `decode` panic, the frame is no longer busy and the waiters try it.
+        struct Unbusy<'c>(&'c FrameCache, FrameId, bool);
+        impl Drop for Unbusy<'_> {
+            fn drop(&mut self) {
+                if self.2 {
+                    self.0.lock().busy.retain(|b| *b != self.1);
+                    self.0.done.notify_all();
+                }
+            }
+        }
+        let mut guard = Unbusy(self, id, true);
         let r = decode();
+        guard.2 = false;
         let mut g = self.lock();
         g.busy.retain(|b| *b != id);
         let out = r.map(|d| {

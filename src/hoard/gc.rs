@@ -228,7 +228,8 @@ fn check_runs(
 /// to `runs`, joining it to the last run where it continues it.
 pub(super) fn push_run(runs: &mut Vec<IndexRun>, start: u64, count: u32, pack: u32, first: u32) {
     if let Some(l) = runs.last_mut() {
-        let continues = l.end() == start
+        let continues = l.count < u32::MAX
+            && l.end() == start
             && l.pack == pack
             && (pack >= ZERO_DATA_PACK || l.first.checked_add(l.count) == Some(first));
         if continues {
@@ -275,4 +276,29 @@ fn remap(i: &CacheIndex, moved: &HashMap<ChunkAt, ChunkAt>) -> Result<CacheIndex
         runs,
         ..i.clone()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_at_the_count_limit() {
+        let mut runs = Vec::new();
+        let max = u64::from(u32::MAX);
+        push_run(&mut runs, 0, u32::MAX, ZERO_DATA_PACK + 1, 0);
+        push_run(&mut runs, max, u32::MAX, ZERO_DATA_PACK + 1, 0);
+        push_run(&mut runs, 2 * max, 5, ZERO_DATA_PACK + 1, 0);
+        assert_eq!(runs.len(), 3);
+        assert_eq!(runs[2].start, 2 * max);
+        let mut runs = Vec::new();
+        push_run(&mut runs, 0, u32::MAX - 2, 0, 0);
+        push_run(&mut runs, max - 2, 4, 0, u32::MAX - 2);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(
+            (runs[0].count, runs[1].start, runs[1].count),
+            (u32::MAX, max, 2)
+        );
+        assert_eq!(runs[1].first, u32::MAX);
+    }
 }

@@ -225,6 +225,14 @@ impl HoardLayer {
                 Some(SharedPart::Bytes(b, o, l)) if Arc::ptr_eq(b, &fdata) && *o + *l == at => {
                     *l += n
                 }
+                // A small part of a frame is copied: a reply must not keep frames alive many
+                // times its own size (chunks deduplicated into scattered frames).
+                Some(SharedPart::Copied(v)) if n * 4 < fdata.len() => {
+                    v.extend_from_slice(&fdata[at..at + n])
+                }
+                _ if n * 4 < fdata.len() => {
+                    out.push(SharedPart::Copied(fdata[at..at + n].to_vec()))
+                }
                 _ => out.push(SharedPart::Bytes(fdata, at, n)),
             }
             done += n as u64;

@@ -47,7 +47,8 @@ pub struct Hoard {
     pub settings: Settings,
 }
 
-/// Held by the one process that changes the hoard.
+/// The hoard's lock, held: exclusive by the one process that changes the hoard, shared by
+/// readers that must see no change half done.
 pub struct WriteLock(#[allow(dead_code)] Flock<File>);
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -171,15 +172,37 @@ impl Hoard {
             .write(true)
             .open(&p)
             .map_err(io(&p, "open"))?;
-        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => Ok(WriteLock(l)),
+        self.take(f, true).map(|l| l.expect("an exclusive lock"))
+    }
+
+    /// Wait for, and take, the lock shared (readers that must not see a writer's half work,
+    /// such as verify); None when no writer ever ran here (no lock file). Needs no write
+    /// access to the hoard.
+    pub fn read_lock(&self) -> Result<Option<WriteLock>> {
+        let p = self.dir.join("lock");
+        match File::open(&p) {
+            Ok(f) => self.take(f, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&p, "open", e)),
+        }
+    }
+
+    fn take(&self, f: File, exclusive: bool) -> Result<Option<WriteLock>> {
+        let p = self.dir.join("lock");
+        let (now, wait) = if exclusive {
+            (FlockArg::LockExclusiveNonblock, FlockArg::LockExclusive)
+        } else {
+            (FlockArg::LockSharedNonblock, FlockArg::LockShared)
+        };
+        match Flock::lock(f, now) {
+            Ok(l) => Ok(Some(WriteLock(l))),
             Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
                 log::warn!(
                     "{}: another hoard writer (add, rm, gc) is at work: waiting for it",
                     self.dir.display()
                 );
-                Flock::lock(f, FlockArg::LockExclusive)
-                    .map(WriteLock)
+                Flock::lock(f, wait)
+                    .map(|l| Some(WriteLock(l)))
                     .map_err(|(_, e)| Error::io(&p, "lock", e.into()))
             }
             Err((_, e)) => Err(Error::io(&p, "lock", e.into())),

@@ -76,9 +76,10 @@ fn check_pack(path: &std::path::Path, id: &[u8; 32], r: &mut Report) {
     }
 }
 
-/// Check the whole hoard. Holds the writers' lock, so no add or gc changes it meanwhile.
+/// Check the whole hoard. Holds the lock shared, so no add or gc changes it meanwhile (and
+/// several verifies may run at once).
 pub fn verify(h: &Hoard) -> Result<Report> {
-    let _lock = h.lock()?;
+    let _lock = h.read_lock()?;
     let mut r = Report::default();
     let dir = h.dir().join("packs");
     let mut present = HashSet::new();
