@@ -14,8 +14,10 @@
 #     blocks, dedup, gzip-6 per block) and "4 KiB fixed + gzip-6"; after the fast path
 #     (zstd-3, 32-chunk frames) and after the repack off the hot path (`hoard gc
 #     --recompress 9 --frame-chunks 64`); the same analysis over the bases; index bytes per
-#     unique chunk on disk and in a server's memory; `hoard checkout` MiB/s
-#  2. a sequential read (nbdcopy -C 1) of an instance over the hoarded cache (vmicache serve)
+#     unique chunk on disk and in a server's memory; `hoard checkout` MiB/s, on the add-path
+#     hoard and on the repacked one
+#  2. a sequential read (nbdcopy -C 1) of an instance over the hoarded cache (vmicache serve;
+#     add-path and repacked hoard)
 #     against qemu-nbd -r over the same cache as a plain qcow2 (median of N; ratio = qemu
 #     time / ours: above 1 = vmicache faster)
 #  3. warm boots of the systemd guest (TCG) served from the hoarded cache and from the plain
@@ -51,6 +53,46 @@ now() { date +%s.%N; }
 mib() { python3 -c "import sys; print(f'{int(sys.argv[1])/1048576:.1f} MiB')" "$1"; }
 j() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$@"; }
 
+# checkout_all SET HOARD LABEL: every cache checked out (MiB/s), each compared with its source.
+checkout_all() {
+  local data=0 secs=0 c name
+  for c in "${caches[@]}"; do
+    name=$(basename "$(dirname "$c")")
+    rm -f "$work/co.qcow2" "$work/co.qcow2.trace"
+    "$V" hoard checkout "$name" -o "$work/co.qcow2" --hoard "$2" --json >"$work/co.json"
+    data=$((data + $(j "$work/co.json" "d['data_bytes']")))
+    secs=$(python3 -c "print($secs + $(j "$work/co.json" "d['seconds']"))")
+    qemu-img compare -q -U "$c" "$work/co.qcow2" || { echo "checkout of $name differs" >&2; exit 1; }
+  done
+  echo "   hoard checkout ($3): $(mib "$data") in ${secs} s = $(python3 -c "print(f'{$data/1048576/$secs:.0f}')") MiB/s (target >= 500); all equal (qemu-img compare)"
+}
+
+# seq_read HOARD LABEL: nbdcopy -C 1 of the largest cache's instance, vmicache over the hoard
+# vs qemu-nbd -r over the plain cache, median of $runs (ratio = qemu time / ours).
+seq_read() {
+  local big name sock o t a b pid
+  big=$(for c in "${caches[@]}"; do echo "$(stat -c %s "$c") $c"; done | sort -n | tail -1 | cut -d' ' -f2)
+  name=$(basename "$(dirname "$big")")
+  rm -f "$work/hi.qcow2"
+  VMICACHE_HOARD=$1 "$V" chain "hoard:$name" -o "$work/hi.qcow2" -q
+  sock=$work/s.sock
+  local ours=() theirs=()
+  for _ in $(seq "$runs"); do
+    rm -f "$sock"; "$V" serve "$work/hi.qcow2" --socket "$sock" -q & pid=$!
+    while [ ! -S "$sock" ]; do sleep 0.02; done
+    a=$(now); nbdcopy -C 1 "nbd+unix:///hi?socket=$sock" null:; b=$(now)
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    ours+=("$(python3 -c "print($b - $a)")")
+    rm -f "$sock"; qemu-nbd -t -r -k "$sock" -f qcow2 "$big" & pid=$!
+    while [ ! -S "$sock" ]; do sleep 0.02; done
+    a=$(now); nbdcopy -C 1 "nbd+unix:///?socket=$sock" null:; b=$(now)
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    theirs+=("$(python3 -c "print($b - $a)")")
+  done
+  o=$(med "${ours[@]}"); t=$(med "${theirs[@]}")
+  echo "   sequential read of $name's instance (nbdcopy -C 1, median of $runs): vmicache over the $2 ${o} s, qemu-nbd -r over the cache ${t} s: $(python3 -c "print(f'{$t/$o:.2f}')")x (target >= 1.0)"
+}
+
 for set in $sets; do
   mapfile -t caches < <(ls "$G/$set"/*/cache.qcow2)
   H=$work/$set
@@ -75,39 +117,9 @@ for set in $sets; do
   f4k=$(j "$work/$set.analyze.json" "d['baselines']['fixed_4k_gzip6']")
   echo "   the bases beneath the caches:"
   "$V" analyze "${caches[@]}" --bases --block-sizes 4K,64K | sed 's/^/     /'
-  # checkout speed
-  data=0; secs=0
-  for c in "${caches[@]}"; do
-    name=$(basename "$(dirname "$c")")
-    rm -f "$work/co.qcow2" "$work/co.qcow2.trace"
-    "$V" hoard checkout "$name" -o "$work/co.qcow2" --hoard "$H" --json >"$work/co.json"
-    data=$((data + $(j "$work/co.json" "d['data_bytes']")))
-    secs=$(python3 -c "print($secs + $(j "$work/co.json" "d['seconds']"))")
-    qemu-img compare -q -U "$c" "$work/co.qcow2" || { echo "checkout of $name differs" >&2; exit 1; }
-  done
-  echo "   hoard checkout (the add-path hoard): $(mib "$data") in ${secs} s = $(python3 -c "print(f'{$data/1048576/$secs:.0f}')") MiB/s (target >= 500); all equal (qemu-img compare)"
-
+  checkout_all "$set" "$H" "the add-path hoard"
   # 2. sequential read: instance over the hoarded cache vs qemu-nbd -r over the plain cache
-  big=$(for c in "${caches[@]}"; do echo "$(stat -c %s "$c") $c"; done | sort -n | tail -1 | cut -d' ' -f2)
-  name=$(basename "$(dirname "$big")")
-  rm -f "$work/hi.qcow2"
-  VMICACHE_HOARD=$H "$V" chain "hoard:$name" -o "$work/hi.qcow2" -q
-  sock=$work/s.sock
-  ours=(); theirs=()
-  for _ in $(seq "$runs"); do
-    rm -f "$sock"; "$V" serve "$work/hi.qcow2" --socket "$sock" -q & pid=$!
-    while [ ! -S "$sock" ]; do sleep 0.02; done
-    a=$(now); nbdcopy -C 1 "nbd+unix:///hi?socket=$sock" null:; b=$(now)
-    kill "$pid"; wait "$pid" 2>/dev/null || true
-    ours+=("$(python3 -c "print($b - $a)")")
-    rm -f "$sock"; qemu-nbd -t -r -k "$sock" -f qcow2 "$big" & pid=$!
-    while [ ! -S "$sock" ]; do sleep 0.02; done
-    a=$(now); nbdcopy -C 1 "nbd+unix:///?socket=$sock" null:; b=$(now)
-    kill "$pid"; wait "$pid" 2>/dev/null || true
-    theirs+=("$(python3 -c "print($b - $a)")")
-  done
-  o=$(med "${ours[@]}"); t=$(med "${theirs[@]}")
-  echo "   sequential read of $name's instance (nbdcopy -C 1, median of $runs): vmicache over the (add-path) hoard ${o} s, qemu-nbd -r over the cache ${t} s: $(python3 -c "print(f'{$t/$o:.2f}')")x (target >= 1.0)"
+  seq_read "$H" "add-path hoard"
   t0=$(now)
   "$V" hoard gc --recompress 9 --frame-chunks 64 --hoard "$H" -q
   t1=$(now)
@@ -122,6 +134,8 @@ print(f"   hoard on disk: fast path {m(fast)} = {fast / zfs:.3f}x ZFS-style, {fa
       f" {rep / f4k:.3f}x 4K+gzip-6")
 PY
   echo "   index: $(j "$work/$set.repacked.json" "round(d['metadata_per_chunk'], 1)") B per unique chunk on disk, $(j "$work/$set.repacked.json" "round(d['memory_per_chunk'], 1)") B in a server's memory (target <= 32)"
+  checkout_all "$set" "$H" "the repacked hoard"
+  seq_read "$H" "repacked hoard"
 done
 
 # 3. warm boots of the systemd guest: hoarded cache vs plain cache, base behind nbdkit's log
