@@ -13,8 +13,7 @@
 //! hoard as it was, plus at worst a pack no index refers to (gc removes it).
 
 use super::format::{self as hf, Key, CHUNK, ZERO_DATA_PACK, ZERO_PACK};
-use super::gc::push_run;
-use super::index::{CacheIndex, IndexRun};
+use super::index::{push_run, CacheIndex, IndexRun};
 use super::pipe::{with_pipe, Pipe, PACK_CHUNKS};
 use super::store::{Hoard, PackReader};
 use crate::engine::layer::{Format, MapMode, Mapping};

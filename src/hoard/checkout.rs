@@ -41,7 +41,9 @@ pub fn checkout(
     let t0 = std::time::Instant::now();
     super::store::check_name(name)?;
     let path = h.index_path(name);
-    h.read_index(name)?; // a clear error for a missing name
+    if !path.exists() {
+        h.read_index(name)?; // the clear "no cache named" error
+    }
     let layer = HoardLayer::open(&path, Box::new(FileStorage::open(&path, false)?))?;
     layer.set_frame_cache(CHECKOUT_FRAME_CACHE);
     let idx = layer.index().clone();

@@ -7,8 +7,8 @@
 //! A kill at any point leaves every index resolving (to old packs or new), and at worst
 //! packs nothing refers to, which the next gc deletes.
 
-use super::format::{Key, CHUNK, ZERO_DATA_PACK};
-use super::index::{CacheIndex, IndexRun};
+use super::format::{Key, CHUNK};
+use super::index::{push_run, CacheIndex, IndexRun};
 use super::pipe::{with_pipe, PACK_CHUNKS};
 use super::stats::{indexes, live_map};
 use super::store::{sync_dir, Hoard, PackReader};
@@ -224,32 +224,6 @@ fn check_runs(
     Ok(())
 }
 
-/// Append a run of `count` chunks from guest chunk `start` (pack `pack`, from chunk `first`)
-/// to `runs`, joining it to the last run where it continues it.
-pub(super) fn push_run(runs: &mut Vec<IndexRun>, start: u64, count: u32, pack: u32, first: u32) {
-    if let Some(l) = runs.last_mut() {
-        let continues = l.count < u32::MAX
-            && l.end() == start
-            && l.pack == pack
-            && (pack >= ZERO_DATA_PACK || l.first.checked_add(l.count) == Some(first));
-        if continues {
-            let n = count.min(u32::MAX - l.count);
-            l.count += n;
-            if n == count {
-                return;
-            }
-            let first = if pack >= ZERO_DATA_PACK { 0 } else { first + n };
-            return push_run(runs, start + u64::from(n), count - n, pack, first);
-        }
-    }
-    runs.push(IndexRun {
-        start,
-        count,
-        pack,
-        first: if pack >= ZERO_DATA_PACK { 0 } else { first },
-    });
-}
-
 /// `i` with every chunk of a moved pack pointing to its new place.
 fn remap(i: &CacheIndex, moved: &HashMap<ChunkAt, ChunkAt>) -> Result<CacheIndex> {
     let mut packs: Vec<[u8; 32]> = Vec::new();
@@ -276,29 +250,4 @@ fn remap(i: &CacheIndex, moved: &HashMap<ChunkAt, ChunkAt>) -> Result<CacheIndex
         runs,
         ..i.clone()
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_split_at_the_count_limit() {
-        let mut runs = Vec::new();
-        let max = u64::from(u32::MAX);
-        push_run(&mut runs, 0, u32::MAX, ZERO_DATA_PACK + 1, 0);
-        push_run(&mut runs, max, u32::MAX, ZERO_DATA_PACK + 1, 0);
-        push_run(&mut runs, 2 * max, 5, ZERO_DATA_PACK + 1, 0);
-        assert_eq!(runs.len(), 3);
-        assert_eq!(runs[2].start, 2 * max);
-        let mut runs = Vec::new();
-        push_run(&mut runs, 0, u32::MAX - 2, 0, 0);
-        push_run(&mut runs, max - 2, 4, 0, u32::MAX - 2);
-        assert_eq!(runs.len(), 2);
-        assert_eq!(
-            (runs[0].count, runs[1].start, runs[1].count),
-            (u32::MAX, max, 2)
-        );
-        assert_eq!(runs[1].first, u32::MAX);
-    }
 }
