@@ -131,7 +131,7 @@ fn add_list_checkout_rm_gc_round_trip() {
     assert!(!e.packs().is_empty());
     e.v(&["hoard", "rm", "c1"]);
     assert_eq!(e.json(&["hoard", "list", "--json"]), serde_json::json!([]));
-    let g = e.json(&["hoard", "gc", "--json"]);
+    let g = e.json(&["hoard", "gc", "--keep-days", "0", "--json"]);
     assert_eq!(g["deleted_packs"], 1, "{g}");
     assert!(e.packs().is_empty());
     e.v(&["hoard", "verify"]);
@@ -224,7 +224,7 @@ fn shared_data_is_stored_once() {
     e.v(&["hoard", "rm", "a"]);
     e.v(&["hoard", "rm", "a-again"]);
     let old = e.packs();
-    e.v(&["hoard", "gc"]);
+    e.v(&["hoard", "gc", "--keep-days", "0"]);
     e.v(&["hoard", "verify"]);
     let out = e.p("b-out.qcow2");
     e.v(&["hoard", "checkout", "b", "-o", ps(&out)]);
@@ -232,12 +232,12 @@ fn shared_data_is_stored_once() {
     check_clean(&out);
     // Slower, smaller: recompress everything at zstd 19.
     let before = e.pack_bytes();
-    e.v(&["hoard", "gc", "--recompress", "19", "--frame-chunks", "64"]);
+    e.v(&["hoard", "gc", "--keep-days", "0", "--recompress", "19", "--frame-chunks", "64"]);
     assert!(e.pack_bytes() <= before);
     assert_ne!(e.packs(), old);
     // The same repack again makes the very same pack (same id): it must survive its gc.
     let packed = e.packs();
-    e.v(&["hoard", "gc", "--recompress", "19", "--frame-chunks", "64"]);
+    e.v(&["hoard", "gc", "--keep-days", "0", "--recompress", "19", "--frame-chunks", "64"]);
     assert_eq!(e.packs(), packed);
     e.v(&["hoard", "verify"]);
     let out2 = e.p("b-out2.qcow2");
@@ -246,7 +246,7 @@ fn shared_data_is_stored_once() {
     // A gc killed after writing its pack and before rewriting any index, run again: the
     // pack it writes again has the id of the one left over (kept here from an earlier gc).
     let keep = e.packs();
-    e.v(&["hoard", "gc", "--recompress", "3", "--frame-chunks", "32"]);
+    e.v(&["hoard", "gc", "--keep-days", "0", "--recompress", "3", "--frame-chunks", "32"]);
     let made: Vec<PathBuf> = e
         .packs()
         .into_iter()
@@ -254,9 +254,9 @@ fn shared_data_is_stored_once() {
         .collect();
     assert_eq!(made.len(), 1);
     let copy = std::fs::read(&made[0]).unwrap();
-    e.v(&["hoard", "gc", "--recompress", "19", "--frame-chunks", "64"]);
+    e.v(&["hoard", "gc", "--keep-days", "0", "--recompress", "19", "--frame-chunks", "64"]);
     std::fs::write(&made[0], &copy).unwrap(); // the leftover of the "killed" gc
-    e.v(&["hoard", "gc", "--recompress", "3", "--frame-chunks", "32"]);
+    e.v(&["hoard", "gc", "--keep-days", "0", "--recompress", "3", "--frame-chunks", "32"]);
     e.v(&["hoard", "verify"]);
     let out3 = e.p("b-out3.qcow2");
     e.v(&["hoard", "checkout", "b", "-o", ps(&out3)]);

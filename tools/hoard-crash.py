@@ -153,7 +153,9 @@ class Campaign:
         name = self.rnd.choice(sorted(self.hoarded))
         self.v("hoard", "rm", name)
         del self.hoarded[name]
-        args = ["hoard", "gc", "-q"]
+        # Mostly a window of 0 days (older generations go at once), sometimes one that keeps
+        # them (their packs stay).
+        args = ["hoard", "gc", "-q", "--keep-days", self.rnd.choice(["0", "0", "1"])]
         if self.rnd.random() < 0.3:
             args += ["--recompress", str(self.rnd.choice([3, 9]))]
         self.run_killed(c, ("gc", len(args)), args)
@@ -161,7 +163,7 @@ class Campaign:
         self.verify(c, "a killed gc")
         for n in sorted(self.hoarded):
             self.reads_as_source(c, n, "a killed gc")
-        self.v("hoard", "gc", "-q")
+        self.v("hoard", "gc", "-q", "--keep-days", "0")
         self.verify(c, "gc to completion")
 
 

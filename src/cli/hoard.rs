@@ -53,7 +53,8 @@ enum HoardCmd {
     Stats,
     /// Deregister a cache (its chunks stay until `hoard gc`).
     Rm { name: String },
-    /// Delete packs no cache uses; repack packs that are mostly unused.
+    /// Delete generations older than the GC window and packs no kept generation uses;
+    /// repack packs that are mostly unused.
     Gc {
         /// Repack every pack at this zstd level (e.g. 19): smaller, slower; off the hot path
         /// of `hoard add`, which uses the fast level of hoard.yaml.
@@ -62,7 +63,13 @@ enum HoardCmd {
         /// With --recompress: chunks per compressed frame (default: hoard.yaml's).
         #[arg(long, requires = "recompress", value_parser = clap::value_parser!(u32).range(1..=256))]
         frame_chunks: Option<u32>,
+        /// Keep the generations of the last N days (and always the newest); older ones, and
+        /// what only they use, are deleted (default: keep_days of hoard.yaml, 7).
+        #[arg(long, value_name = "N")]
+        keep_days: Option<u32>,
     },
+    /// The generations kept here, newest first: number, time, change, caches.
+    Log,
     /// Check every pack's hash, every frame and chunk, and that every index resolves.
     ///
     /// Exit code 0 when all is well, 2 when something is damaged (each problem named).
@@ -101,9 +108,20 @@ pub fn resolve_cache(arg: &Path) -> Result<PathBuf> {
         None => Ok(arg.to_path_buf()),
         Some(name) => {
             let h = Hoard::open(&hoard_dir(None)?)?;
-            h.read_index(name)?;
-            Ok(h.index_path(name))
+            index_file(&h, name)
         }
+    }
+}
+
+/// The index file of hoarded cache `name`, as a chain names it.
+pub fn index_file(h: &Hoard, name: &str) -> Result<PathBuf> {
+    let id = h.index_id(name)?;
+    // The view names it (a gc that replaces the index is followed there); a view a stopped
+    // writer left behind is passed over for the stored index itself.
+    let view = h.index_path(name);
+    match std::fs::read(&view) {
+        Ok(b) if blake3::hash(&b).as_bytes() == &id => Ok(view),
+        _ => Ok(h.stored_index_path(&id)),
     }
 }
 
@@ -287,21 +305,26 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
         HoardCmd::Gc {
             recompress,
             frame_chunks,
+            keep_days,
         } => {
             let h = open()?;
             let o = hoard::gc::GcOptions {
                 recompress,
                 frame_chunks,
+                keep_days,
             };
             let r = hoard::gc::gc(&h, &o)?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&r)?);
             } else if !quiet {
                 outln!(
-                    "gc: {} -> {} in packs in {:.2} s; {} packs deleted, {} repacked into {}, {} indexes rewritten, {} leftovers removed",
+                    "gc: {} -> {} in packs in {:.2} s; {} generations kept, {} deleted ({} indexes); {} packs deleted, {} repacked into {}, {} indexes rewritten, {} leftovers removed",
                     human(r.bytes_before),
                     human(r.bytes_after),
                     r.seconds,
+                    r.kept_generations,
+                    r.deleted_generations,
+                    r.deleted_indexes,
                     r.deleted_packs,
                     r.repacked,
                     r.new_packs,
@@ -363,9 +386,10 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
         }
         HoardCmd::Path { name } => {
             let h = open()?;
-            h.read_index(&name)?;
-            outln!("{}", h.index_path(&name).display());
+            h.index_id(&name)?;
+            outln!("{}", index_file(&h, &name)?.display());
         }
+        HoardCmd::Log => return super::propagate::log(&open()?, json),
     }
     Ok(exit::OK)
 }

@@ -8,6 +8,7 @@ mod hoard;
 mod hook;
 mod inspect;
 mod layers;
+mod propagate;
 mod serve;
 mod warm;
 

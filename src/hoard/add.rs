@@ -91,8 +91,10 @@ fn content(img: &Image) -> Result<Vec<(u64, u64, bool)>> {
 pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
     let t0 = std::time::Instant::now();
     super::store::check_name(&o.name)?;
-    let _lock = hoard.lock()?;
-    if !o.replace && hoard.index_path(&o.name).exists() {
+    let lock = hoard.lock()?;
+    hoard.sync_view()?;
+    let mut caches = hoard.head_caches()?;
+    if !o.replace && caches.contains_key(&o.name) {
         return Err(Error::refused(
             cache,
             format!(
@@ -351,7 +353,8 @@ pub fn add(hoard: &Hoard, cache: &Path, o: &AddOptions) -> Result<AddReport> {
         packs: ids,
         runs,
     };
-    hoard.write_index(&o.name, &idx)?;
+    caches.insert(o.name.clone(), hoard.put_index(&idx)?);
+    hoard.commit(&lock, &format!("add {}", o.name), &caches)?;
     report.new_pack_bytes = written.bytes;
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)

@@ -40,10 +40,7 @@ pub fn checkout(
 ) -> Result<CheckoutReport> {
     let t0 = std::time::Instant::now();
     super::store::check_name(name)?;
-    let path = h.index_path(name);
-    if !path.exists() {
-        h.read_index(name)?; // the clear "no cache named" error
-    }
+    let path = h.stored_index_path(&h.index_id(name)?);
     let layer = HoardLayer::open(&path, Box::new(FileStorage::open(&path, false)?))?;
     layer.set_frame_cache(CHECKOUT_FRAME_CACHE);
     let idx = layer.index().clone();

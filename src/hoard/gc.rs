@@ -2,18 +2,24 @@
 //! with `recompress`, every pack, at a slower zstd level: the repack off the hot path that
 //! `hoard add`'s fast level leaves to later).
 //!
-//! Crash safety: new packs are written and synced first; then each index that named a
-//! repacked pack is rewritten (synced, renamed into place); only then are old packs deleted.
-//! A kill at any point leaves every index resolving (to old packs or new), and at worst
-//! packs nothing refers to, which the next gc deletes.
+//! The GC window: the generations of the last `keep_days` days and the newest are kept, with
+//! every index and pack they name; older generations, and whatever only they named, go.
+//! Only the newest generation's indexes are repacked (older ones are immutable), and only
+//! packs that no older kept generation names (repacking those would free nothing).
+//!
+//! Crash safety: new packs are written and synced first; then the rewritten indexes, and a
+//! new generation naming them is committed; only then are old packs, indexes and records
+//! deleted. A kill at any point leaves every kept generation resolving, and at worst files
+//! nothing refers to, which the next gc deletes.
 
 use super::format::{Key, CHUNK};
 use super::index::{push_run, CacheIndex, IndexRun};
 use super::pipe::{with_pipe, PACK_CHUNKS};
-use super::stats::{indexes, live_map};
+use super::gens::{GenId, Generation};
+use super::stats::live_map;
 use super::store::{sync_dir, Hoard, PackReader};
 use crate::{Error, Result};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// A chunk: (pack id, chunk in the pack).
 type ChunkAt = ([u8; 32], u32);
@@ -30,6 +36,11 @@ pub struct GcReport {
     pub new_packs: usize,
     /// Indexes rewritten to name the new packs.
     pub indexes_rewritten: usize,
+    /// Generations out of the window, and indexes only they named, deleted.
+    pub deleted_generations: usize,
+    pub deleted_indexes: usize,
+    /// Generations kept.
+    pub kept_generations: usize,
     /// Temporary files of stopped writers removed.
     pub leftovers: usize,
     pub bytes_before: u64,
@@ -43,6 +54,19 @@ pub struct GcOptions {
     /// Repack every pack at this zstd level (and this frame size, in chunks).
     pub recompress: Option<i32>,
     pub frame_chunks: Option<u32>,
+    /// Keep the generations of this many last days (default: the hoard's `keep_days`).
+    pub keep_days: Option<u32>,
+}
+
+/// The generations gc keeps: the newest, and those of the last `days` days (newest first).
+pub fn kept_generations(h: &Hoard, days: u32) -> Result<Vec<(GenId, Generation)>> {
+    let since = super::gens::now().saturating_sub(u64::from(days) * 86_400);
+    Ok(h.history()?
+        .into_iter()
+        .enumerate()
+        .filter(|(k, (_, g))| *k == 0 || (days > 0 && g.time >= since))
+        .map(|(_, x)| x)
+        .collect())
 }
 
 fn packs_bytes(h: &Hoard) -> Result<u64> {
@@ -54,7 +78,7 @@ fn packs_bytes(h: &Hoard) -> Result<u64> {
 
 pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
     let t0 = std::time::Instant::now();
-    let _lock = h.lock()?;
+    let lock = h.lock()?;
     let mut rep = GcReport {
         bytes_before: packs_bytes(h)?,
         ..GcReport::default()
@@ -63,17 +87,35 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
         std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove", e))?;
         rep.leftovers += 1;
     }
-    let all = indexes(h)?;
-    // An index that does not read keeps every pack: gc never deletes what it cannot rule out.
-    if let Some((n, Err(e))) = all.iter().find(|(_, i)| i.is_err()) {
-        return Err(Error::refused(
-            h.dir(),
-            format!("cache '{n}' does not read ({e}): nothing collected (`hoard verify`, `hoard rm {n}`)"),
-        ));
+    h.sync_view()?;
+    let kept = kept_generations(h, o.keep_days.unwrap_or(h.settings.keep_days))?;
+    // Every index of a kept generation, read. One that does not read keeps every pack: gc
+    // never deletes what it cannot rule out.
+    let mut kept_idx: HashMap<[u8; 32], CacheIndex> = HashMap::new();
+    for (_, g) in &kept {
+        for (n, id) in g.indexes()? {
+            if kept_idx.contains_key(&id) {
+                continue;
+            }
+            let i = h.stored_index(&id).map_err(|e| Error::refused(
+                h.dir(),
+                format!("cache '{n}' of generation {} does not read ({e}): nothing collected (`hoard verify`)", g.generation),
+            ))?;
+            kept_idx.insert(id, i);
+        }
     }
-    let idx: Vec<(String, CacheIndex)> = all.into_iter().map(|(n, i)| (n, i.unwrap())).collect();
-    let named: HashSet<[u8; 32]> = idx
+    let head = kept.first().map(|(_, g)| g.indexes()).transpose()?.unwrap_or_default();
+    let idx: Vec<(String, CacheIndex)> =
+        head.iter().map(|(n, id)| (n.clone(), kept_idx[id].clone())).collect();
+    let head_ids: HashSet<[u8; 32]> = head.values().copied().collect();
+    let named: HashSet<[u8; 32]> = kept_idx
+        .values()
+        .flat_map(|i| i.packs.iter().copied())
+        .collect();
+    // Packs an older kept generation names: they stay while it does.
+    let pinned: HashSet<[u8; 32]> = kept_idx
         .iter()
+        .filter(|(id, _)| !head_ids.contains(*id))
         .flat_map(|(_, i)| i.packs.iter().copied())
         .collect();
     let mut readers: HashMap<[u8; 32], PackReader> = HashMap::new();
@@ -89,13 +131,14 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
         }
     }
     // Every index must resolve (as a reader checks it) before anything is judged unused.
-    for (n, i) in &idx {
+    for (id, i) in &kept_idx {
+        let n = head.iter().find(|(_, x)| *x == id).map_or("(older)", |(n, _)| n);
         check_runs(i, &readers).map_err(|what| {
             Error::corrupt(h.dir(), format!("cache '{n}': {what} (`hoard verify`)"))
         })?;
     }
     let sizes: HashMap<[u8; 32], u32> = readers.iter().map(|(id, p)| (*id, p.chunks())).collect();
-    let refs: Vec<&CacheIndex> = idx.iter().map(|(_, i)| i).collect();
+    let refs: Vec<&CacheIndex> = kept_idx.values().collect();
     let live = live_map(&refs, &sizes);
     let mut repack: Vec<[u8; 32]> = Vec::new();
     let mut ids: Vec<&[u8; 32]> = live.keys().collect();
@@ -105,6 +148,8 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
         let n = v.iter().filter(|&&x| x).count();
         if n == 0 {
             dead.push(*id);
+        } else if pinned.contains(id) {
+            continue;
         } else if o.recompress.is_some() || (n as f64) < REPACK_BELOW * v.len() as f64 {
             repack.push(*id);
         }
@@ -182,20 +227,61 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
         rep.repacked = repack.len();
     }
 
-    // Rewrite the indexes that name repacked packs.
+    // Rewrite the newest generation's indexes that name repacked packs, and commit them.
     let gone: HashSet<[u8; 32]> = repack.iter().copied().collect();
+    let mut caches: BTreeMap<String, [u8; 32]> = head.clone();
     for (name, i) in &idx {
         if !i.packs.iter().any(|p| gone.contains(p)) {
             continue;
         }
-        h.write_index(name, &remap(i, &moved)?)?;
+        caches.insert(name.clone(), h.put_index(&remap(i, &moved)?)?);
         rep.indexes_rewritten += 1;
     }
-    for id in repack.iter().filter(|id| !keep.contains(*id)) {
+    if rep.indexes_rewritten > 0 {
+        h.commit(&lock, "gc (repack)", &caches)?;
+    }
+    // What the window keeps now (the generation before a repack's is kept by a window of a
+    // day or more, and with it the packs it names).
+    let kept = kept_generations(h, o.keep_days.unwrap_or(h.settings.keep_days))?;
+    rep.kept_generations = kept.len();
+    let keep_gens: HashSet<GenId> = kept.iter().map(|(id, _)| *id).collect();
+    let mut keep_indexes: HashSet<[u8; 32]> = HashSet::new();
+    for (_, g) in &kept {
+        keep_indexes.extend(g.indexes()?.into_values());
+    }
+    let mut named_now: HashSet<[u8; 32]> = HashSet::new();
+    for id in &keep_indexes {
+        named_now.extend(h.stored_index(id)?.packs);
+    }
+    for id in repack.iter().filter(|id| !keep.contains(*id) && !named_now.contains(*id)) {
         let p = h.pack_path(id);
         std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove", e))?;
     }
     sync_dir(&h.dir().join("packs"))?;
+    // Records and indexes of generations out of the window (or never committed) go last.
+    for (sub, ext, keep) in [("gens", ".gen", &keep_gens), ("indexes", ".vmh", &keep_indexes)] {
+        let d = h.dir().join(sub);
+        let mut n = 0;
+        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, "list", e))? {
+            let e = e.map_err(|e| Error::io(&d, "list", e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(ext).and_then(super::format::parse_hex) else {
+                continue;
+            };
+            if !keep.contains(&id) {
+                std::fs::remove_file(e.path()).map_err(|x| Error::io(e.path(), "remove", x))?;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            sync_dir(&d)?;
+        }
+        if sub == "gens" {
+            rep.deleted_generations = n;
+        } else {
+            rep.deleted_indexes = n;
+        }
+    }
     rep.bytes_after = packs_bytes(h)?;
     rep.seconds = t0.elapsed().as_secs_f64();
     Ok(rep)

@@ -16,6 +16,7 @@ pub mod checkout;
 pub mod format;
 mod frames;
 pub mod gc;
+pub mod gens;
 pub mod index;
 pub mod layer;
 mod pipe;

@@ -3,9 +3,9 @@
 
 use super::format::{CHUNK, FRAME_ENTRY, KEY_LEN, PACK_FOOTER, PACK_HEADER};
 use super::index::CacheIndex;
-use super::store::{sync_dir, Hoard, PackReader};
+use super::store::{Hoard, PackReader};
 use crate::format::ext::CacheMeta;
-use crate::{Error, Result, Subject};
+use crate::{Error, Result};
 use std::collections::HashMap;
 
 /// One hoarded cache.
@@ -125,7 +125,11 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
     let mut caches = Vec::new();
     let mut index_bytes = 0;
     for (n, i) in &all {
-        let len = std::fs::metadata(h.index_path(n)).map_or(0, |m| m.len());
+        let len = h
+            .index_id(n)
+            .ok()
+            .and_then(|id| std::fs::metadata(h.stored_index_path(&id)).ok())
+            .map_or(0, |m| m.len());
         index_bytes += len;
         caches.push(match i {
             Ok(i) => CacheInfo::of(n, i, len),
@@ -193,14 +197,12 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
 /// Deregister a cache: its index goes; the chunks only it used stay until `hoard gc`.
 pub fn remove(h: &Hoard, name: &str) -> Result<()> {
     super::store::check_name(name)?;
-    let _lock = h.lock()?;
-    let p = h.index_path(name);
-    match std::fs::remove_file(&p) {
-        Ok(()) => sync_dir(p.parent().unwrap()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::refused(
-            Subject::Other(format!("hoard {}", h.dir().display())),
-            format!("no cache named '{name}' (see `vmicache hoard list`)"),
-        )),
-        Err(e) => Err(Error::io(&p, "remove", e)),
+    let lock = h.lock()?;
+    h.sync_view()?;
+    let mut caches = h.head_caches()?;
+    if caches.remove(name).is_none() {
+        return Err(h.no_such(name));
     }
+    h.commit(&lock, &format!("rm {name}"), &caches)?;
+    Ok(())
 }

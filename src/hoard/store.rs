@@ -2,10 +2,12 @@
 //! plain files, each written whole and synced before it is renamed into place.
 //!
 //! ```text
-//! HOARD/hoard.yaml          settings (format version, frame size, compression level)
-//! HOARD/lock                flock(2): one writer at a time (add, rm, gc)
+//! HOARD/hoard.yaml          settings (format version, frame size, compression level, GC window)
+//! HOARD/lock                flock(2): one writer at a time (add, rm, gc, receive, pull)
 //! HOARD/packs/<id>.pack     immutable packs of unique chunks (id = BLAKE3 of the file)
-//! HOARD/caches/<name>.vmh   one index per hoarded cache (the layer a chain names)
+//! HOARD/indexes/<id>.vmh    cache indexes, content-addressed
+//! HOARD/gens/<id>.gen, HEAD generations and the newest one (see [`super::gens`])
+//! HOARD/caches/<name>.vmh   the newest generation's indexes by name (what chains name)
 //! ```
 
 use super::format::{self as hf, Bad, Codec, Footer, Frame, Key};
@@ -28,14 +30,29 @@ pub struct Settings {
     pub frame_chunks: u32,
     /// zstd level of `hoard add` (the fast path; `hoard gc --recompress` repacks slower).
     pub level: i32,
+    /// `hoard gc` keeps the generations of this many last days (and always the newest), so
+    /// that nodes that were offline meanwhile can catch up with a small stream.
+    #[serde(default = "default_keep_days")]
+    pub keep_days: u32,
 }
+
+fn default_keep_days() -> u32 {
+    7
+}
+
+/// The hoard format this vmicache writes and reads.
+pub const FORMAT: u32 = 2;
+
+/// Subdirectories of a hoard.
+const SUBDIRS: [&str; 4] = ["packs", "indexes", "gens", "caches"];
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            format: 1,
+            format: FORMAT,
             frame_chunks: 32,
             level: 3,
+            keep_days: default_keep_days(),
         }
     }
 }
@@ -104,24 +121,65 @@ pub fn check_name(name: &str) -> Result<()> {
 }
 
 impl Hoard {
-    /// Make `dir` a hoard (creating it); an existing hoard is left as it is.
+    /// Make `dir` a hoard (creating it); an existing hoard is left as it is, but one of
+    /// format 1 (before generations) is upgraded: its caches become generation 1.
     pub fn init(dir: &Path) -> Result<(Hoard, bool)> {
         if dir.join("hoard.yaml").exists() {
+            let h = Hoard::open_any(dir)?;
+            if h.settings.format == 1 {
+                h.upgrade()?;
+            }
             return Ok((Hoard::open(dir)?, false));
         }
-        for d in [dir.to_path_buf(), dir.join("packs"), dir.join("caches")] {
+        std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        for d in SUBDIRS {
+            let d = dir.join(d);
             std::fs::create_dir_all(&d).map_err(io(&d, "create directory"))?;
         }
-        let s = Settings::default();
-        let text = format!(
-            "# vmicache hoard (see docs/format.md)\n{}",
-            serde_norway::to_string(&s).expect("settings serialize")
-        );
-        write_atomic(&dir.join("hoard.yaml"), text.as_bytes())?;
+        write_settings(dir, &Settings::default())?;
         Ok((Hoard::open(dir)?, true))
     }
 
+    /// Format 1 → 2: the indexes in `caches/` stored by id, one generation naming them.
+    fn upgrade(&self) -> Result<()> {
+        let lock = self.lock()?;
+        for d in SUBDIRS {
+            let d = self.dir.join(d);
+            std::fs::create_dir_all(&d).map_err(io(&d, "create directory"))?;
+        }
+        let mut caches = std::collections::BTreeMap::new();
+        for name in self.view_names()? {
+            let p = self.index_path(&name);
+            let b = std::fs::read(&p).map_err(io(&p, "read"))?;
+            read_index_file(&p)?;
+            caches.insert(name, self.put_index_bytes(&b)?);
+        }
+        self.commit(&lock, "upgrade from hoard format 1", &caches)?;
+        let s = Settings {
+            format: FORMAT,
+            ..self.settings.clone()
+        };
+        write_settings(&self.dir, &s)?;
+        log::info!(
+            "{}: upgraded to hoard format {FORMAT} ({} caches in generation 1)",
+            self.dir.display(),
+            caches.len()
+        );
+        Ok(())
+    }
+
     pub fn open(dir: &Path) -> Result<Hoard> {
+        let h = Hoard::open_any(dir)?;
+        if h.settings.format == 1 {
+            return Err(Error::unsupported(
+                dir,
+                "hoard format 1 (before generations): `vmicache hoard init DIR` upgrades it",
+            ));
+        }
+        Ok(h)
+    }
+
+    fn open_any(dir: &Path) -> Result<Hoard> {
         let conf = dir.join("hoard.yaml");
         let text = std::fs::read_to_string(&conf).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -135,10 +193,10 @@ impl Hoard {
         })?;
         let settings: Settings = serde_norway::from_str(&text)
             .map_err(|e| Error::invalid(&conf, format!("hoard settings: {e}")))?;
-        if settings.format != 1 {
+        if settings.format != 1 && settings.format != FORMAT {
             return Err(Error::unsupported(
                 &conf,
-                format!("hoard format {} (this vmicache knows 1)", settings.format),
+                format!("hoard format {} (this vmicache knows {FORMAT})", settings.format),
             ));
         }
         if !(1..=hf::MAX_FRAME_CHUNKS).contains(&settings.frame_chunks) {
@@ -147,7 +205,12 @@ impl Hoard {
         if !(1..=22).contains(&settings.level) {
             return Err(Error::invalid(&conf, "level must be a zstd level, 1 to 22"));
         }
-        for d in ["packs", "caches"] {
+        let need: &[&str] = if settings.format == 1 {
+            &["packs", "caches"]
+        } else {
+            &SUBDIRS
+        };
+        for d in need {
             let p = dir.join(d);
             if !p.is_dir() {
                 return Err(Error::invalid(dir, format!("hoard without {d}/")));
@@ -233,8 +296,13 @@ impl Hoard {
         Ok(out)
     }
 
-    /// Names of the hoarded caches, sorted.
+    /// Names of the hoarded caches (of the newest generation), sorted.
     pub fn names(&self) -> Result<Vec<String>> {
+        Ok(self.head_caches()?.into_keys().collect())
+    }
+
+    /// Names in the `caches/` view.
+    pub fn view_names(&self) -> Result<Vec<String>> {
         self.listing("caches", ".vmh")
     }
 
@@ -250,7 +318,7 @@ impl Hoard {
     /// Temporary files left by writers that stopped (only while holding the lock).
     pub fn leftovers(&self) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
-        for sub in ["packs", "caches", "."] {
+        for sub in ["packs", "indexes", "gens", "caches", "."] {
             let d = self.dir.join(sub);
             for e in std::fs::read_dir(&d).map_err(io(&d, "list"))? {
                 let e = e.map_err(io(&d, "list"))?;
@@ -262,26 +330,34 @@ impl Hoard {
         Ok(out)
     }
 
-    pub fn read_index(&self, name: &str) -> Result<CacheIndex> {
+    /// The id of the index of cache `name` in the newest generation.
+    pub fn index_id(&self, name: &str) -> Result<[u8; 32]> {
         check_name(name)?;
-        read_index_file(&self.index_path(name)).map_err(|e| match e {
-            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                Error::refused(
-                    crate::Subject::Other(format!("hoard {}", self.dir.display())),
-                    format!("no cache named '{name}' (see `vmicache hoard list`)"),
-                )
-            }
-            e => e,
-        })
+        self.head_caches()?
+            .get(name)
+            .copied()
+            .ok_or_else(|| self.no_such(name))
     }
 
-    pub fn write_index(&self, name: &str, idx: &CacheIndex) -> Result<()> {
-        check_name(name)?;
-        let b = idx.encode().map_err(|Bad(w)| {
-            Error::refused(self.index_path(name), format!("cannot be written: {w}"))
-        })?;
-        write_atomic(&self.index_path(name), &b)
+    pub fn no_such(&self, name: &str) -> Error {
+        Error::refused(
+            crate::Subject::Other(format!("hoard {}", self.dir.display())),
+            format!("no cache named '{name}' (see `vmicache hoard list`)"),
+        )
     }
+
+    /// The index of cache `name` in the newest generation.
+    pub fn read_index(&self, name: &str) -> Result<CacheIndex> {
+        self.stored_index(&self.index_id(name)?)
+    }
+}
+
+fn write_settings(dir: &Path, s: &Settings) -> Result<()> {
+    let text = format!(
+        "# vmicache hoard (see docs/format.md)\n{}",
+        serde_norway::to_string(s).expect("settings serialize")
+    );
+    write_atomic(&dir.join("hoard.yaml"), text.as_bytes())
 }
 
 /// Read and check a cache index file (bounded in size).

@@ -14,6 +14,8 @@ pub struct Report {
     pub packs: usize,
     pub chunks: u64,
     pub caches: usize,
+    /// Generations kept here (all checked).
+    pub generations: usize,
     /// Damage: each names the file and what is wrong.
     pub problems: Vec<String>,
     /// Harmless findings: packs no cache refers to (gc reclaims them), leftovers.
@@ -108,7 +110,10 @@ pub fn verify(h: &Hoard) -> Result<Report> {
     let mut unread = false;
     for name in h.names()? {
         r.caches += 1;
-        let path = h.index_path(&name);
+        let path = h.stored_index_path(&h.index_id(&name)?);
+        if let Err(e) = h.index_bytes(&h.index_id(&name)?) {
+            r.problems.push(format!("cache '{name}': {e}"));
+        }
         // The packs an index names count as used even when something else of it is wrong.
         match super::store::read_index_file(&path) {
             Ok(i) => used.extend(i.packs.iter().copied()),
@@ -119,6 +124,44 @@ pub fn verify(h: &Hoard) -> Result<Report> {
         if let Err(e) = opened {
             r.problems.push(format!("cache '{name}': {e}"));
         }
+    }
+    // Older generations kept here (the GC window): each index reads and its packs are here.
+    let mut seen: HashSet<[u8; 32]> = h.head_caches()?.into_values().collect();
+    let hist = h.history()?;
+    r.generations = hist.len();
+    for (_, g) in hist.iter().skip(1) {
+        for (name, id) in g.indexes()? {
+            if !seen.insert(id) {
+                continue;
+            }
+            let what = format!("cache '{name}' of generation {}", g.generation);
+            if let Err(e) = h.index_bytes(&id) {
+                r.problems.push(format!("{what}: {e}"));
+                unread = true;
+                continue;
+            }
+            match h.stored_index(&id) {
+                Ok(i) => {
+                    for p in &i.packs {
+                        if !present.contains(p) {
+                            r.problems
+                                .push(format!("{what}: names pack {}, which is missing", hex(p)));
+                        }
+                    }
+                    used.extend(i.packs.iter().copied());
+                }
+                Err(e) => {
+                    r.problems.push(format!("{what}: {e}"));
+                    unread = true;
+                }
+            }
+        }
+    }
+    if !h.view_matches()? {
+        r.notes.push(format!(
+            "{}/caches does not match the newest generation yet (a writer stopped; the next one puts it right)",
+            h.dir().display()
+        ));
     }
     if !unread {
         for id in present.difference(&used) {

@@ -1,0 +1,310 @@
+//! Generations: every change of the hoard (add, rm, a gc that rewrites indexes, a receive or
+//! pull) makes a new immutable generation, and moving `HEAD` to it is the one step that
+//! commits the change.
+//!
+//! ```text
+//! HOARD/gens/<id>.gen        a generation record (YAML; id = BLAKE3 of the file)
+//! HOARD/indexes/<id>.vmh     cache indexes, content-addressed (id = BLAKE3 of the file)
+//! HOARD/HEAD                 the id of the newest generation
+//! HOARD/caches/<name>.vmh    the newest generation's indexes, hard links (what chains name)
+//! ```
+//!
+//! Order of a commit: packs, then indexes, then the record are written and synced; `HEAD` is
+//! renamed into place; then the `caches/` view follows it. A kill before `HEAD` moves leaves
+//! the previous generation in force; one after it leaves a view that the next writer (or
+//! `hoard verify`) puts right.
+
+use super::format::{hex, parse_hex};
+use super::index::CacheIndex;
+use super::store::{read_index_from, sync_dir, write_atomic, Hoard, WriteLock};
+use crate::{Error, Result, Subject};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// A generation's id: the BLAKE3 hash of its record.
+pub type GenId = [u8; 32];
+
+/// Largest generation record read (about 100 bytes per cache).
+const MAX_GEN_BYTES: u64 = 64 << 20;
+
+/// A generation record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Generation {
+    /// 1 for the first, the parent's plus one after.
+    pub generation: u64,
+    /// When it was made (seconds since the Unix epoch, UTC).
+    pub time: u64,
+    /// The generation it follows (hex id), none for the first.
+    pub parent: Option<String>,
+    /// What made it, for people (`add NAME`, `rm NAME`, `gc`, ...).
+    pub change: String,
+    /// Every cache of this generation: name → hex id of its index.
+    pub caches: BTreeMap<String, String>,
+}
+
+impl Generation {
+    /// The caches with their index ids decoded.
+    pub fn indexes(&self) -> Result<BTreeMap<String, [u8; 32]>> {
+        self.caches
+            .iter()
+            .map(|(n, d)| {
+                parse_hex(d).map(|id| (n.clone(), id)).ok_or_else(|| {
+                    Error::corrupt(
+                        Subject::Other(format!("generation {}", self.generation)),
+                        format!("cache '{n}' has a bad index id '{d}'"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    pub fn parent_id(&self) -> Option<GenId> {
+        self.parent.as_deref().and_then(parse_hex)
+    }
+
+    /// The record's bytes, as written and hashed.
+    pub fn encode(&self) -> Vec<u8> {
+        format!(
+            "# vmicache hoard generation (see docs/format.md)\n{}",
+            serde_norway::to_string(self).expect("a generation serializes")
+        )
+        .into_bytes()
+    }
+
+    /// A record from its bytes, checked against the id it is known by.
+    pub fn decode(b: &[u8], id: &GenId, what: impl Into<Subject>) -> Result<Generation> {
+        let what = what.into();
+        if blake3::hash(b).as_bytes() != id {
+            return Err(Error::corrupt(what, "generation record checksum mismatch"));
+        }
+        let text = std::str::from_utf8(b)
+            .map_err(|_| Error::corrupt(what.clone(), "generation record is not UTF-8"))?;
+        let g: Generation = serde_norway::from_str(text)
+            .map_err(|e| Error::corrupt(what.clone(), format!("generation record: {e}")))?;
+        for n in g.caches.keys() {
+            super::store::check_name(n)?;
+        }
+        g.indexes()?;
+        if g.parent.is_some() && g.parent_id().is_none() {
+            return Err(Error::corrupt(what, "generation record: bad parent id"));
+        }
+        Ok(g)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn read_bounded(path: &std::path::Path, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
+    let mut b = Vec::new();
+    f.take(max + 1)
+        .read_to_end(&mut b)
+        .map_err(|e| Error::io(path, "read", e))?;
+    if b.len() as u64 > max {
+        return Err(Error::invalid(path, format!("larger than {max} B")));
+    }
+    Ok(b)
+}
+
+impl Hoard {
+    pub fn gen_path(&self, id: &GenId) -> PathBuf {
+        self.dir().join("gens").join(format!("{}.gen", hex(id)))
+    }
+
+    pub fn stored_index_path(&self, id: &[u8; 32]) -> PathBuf {
+        self.dir().join("indexes").join(format!("{}.vmh", hex(id)))
+    }
+
+    /// The id of the newest generation; None in a hoard that never had one.
+    pub fn head_id(&self) -> Result<Option<GenId>> {
+        let p = self.dir().join("HEAD");
+        match std::fs::read_to_string(&p) {
+            Ok(s) => parse_hex(s.trim())
+                .map(Some)
+                .ok_or_else(|| Error::corrupt(&p, "HEAD does not name a generation")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&p, "read", e)),
+        }
+    }
+
+    /// The newest generation, with its id.
+    pub fn head(&self) -> Result<Option<(GenId, Generation)>> {
+        match self.head_id()? {
+            None => Ok(None),
+            Some(id) => Ok(Some((id, self.read_gen(&id)?))),
+        }
+    }
+
+    /// The newest generation's caches (empty before the first add).
+    pub fn head_caches(&self) -> Result<BTreeMap<String, [u8; 32]>> {
+        match self.head()? {
+            None => Ok(BTreeMap::new()),
+            Some((_, g)) => g.indexes(),
+        }
+    }
+
+    pub fn has_gen(&self, id: &GenId) -> bool {
+        self.gen_path(id).exists()
+    }
+
+    pub fn read_gen(&self, id: &GenId) -> Result<Generation> {
+        let p = self.gen_path(id);
+        let b = read_bounded(&p, MAX_GEN_BYTES)?;
+        Generation::decode(&b, id, &p)
+    }
+
+    /// Generations from the newest back along parents, as far as records are kept here.
+    pub fn history(&self) -> Result<Vec<(GenId, Generation)>> {
+        let mut out: Vec<(GenId, Generation)> = Vec::new();
+        let mut next = self.head_id()?;
+        while let Some(id) = next {
+            if !self.has_gen(&id) || out.iter().any(|(i, _)| *i == id) {
+                break;
+            }
+            let g = self.read_gen(&id)?;
+            next = g.parent_id();
+            out.push((id, g));
+        }
+        Ok(out)
+    }
+
+    /// The bytes of stored index `id`, checked against it.
+    pub fn index_bytes(&self, id: &[u8; 32]) -> Result<Vec<u8>> {
+        let p = self.stored_index_path(id);
+        let b = read_bounded(&p, super::format::MAX_INDEX_BYTES)?;
+        if blake3::hash(&b).as_bytes() != id {
+            return Err(Error::corrupt(&p, "index file checksum mismatch"));
+        }
+        Ok(b)
+    }
+
+    /// Stored index `id`, read and checked.
+    pub fn stored_index(&self, id: &[u8; 32]) -> Result<CacheIndex> {
+        let p = self.stored_index_path(id);
+        let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, "open", e))?;
+        let i = read_index_from(&f, &p)?;
+        Ok(i)
+    }
+
+    /// Store index bytes under their id (kept when already there); the id.
+    pub fn put_index_bytes(&self, b: &[u8]) -> Result<[u8; 32]> {
+        let id = *blake3::hash(b).as_bytes();
+        let p = self.stored_index_path(&id);
+        if !p.exists() {
+            write_atomic(&p, b)?;
+        }
+        Ok(id)
+    }
+
+    /// Encode and store an index; its id.
+    pub fn put_index(&self, idx: &CacheIndex) -> Result<[u8; 32]> {
+        let b = idx.encode().map_err(|super::format::Bad(w)| {
+            Error::refused(self.dir(), format!("an index cannot be written: {w}"))
+        })?;
+        self.put_index_bytes(&b)
+    }
+
+    /// Store a generation record (kept when already there); its id.
+    pub fn put_gen(&self, g: &Generation) -> Result<GenId> {
+        let b = g.encode();
+        let id = *blake3::hash(&b).as_bytes();
+        let p = self.gen_path(&id);
+        if !p.exists() {
+            write_atomic(&p, &b)?;
+        }
+        Ok(id)
+    }
+
+    /// Make `HEAD` name generation `id` (its record and everything it names already stored),
+    /// then bring the `caches/` view to it.
+    pub fn set_head(&self, _lock: &WriteLock, id: &GenId) -> Result<()> {
+        write_atomic(&self.dir().join("HEAD"), format!("{}\n", hex(id)).as_bytes())?;
+        self.sync_view()
+    }
+
+    /// Commit a new generation after the newest, with these caches (their indexes stored).
+    pub fn commit(
+        &self,
+        lock: &WriteLock,
+        change: &str,
+        caches: &BTreeMap<String, [u8; 32]>,
+    ) -> Result<(GenId, Generation)> {
+        let head = self.head()?;
+        let g = Generation {
+            generation: head.as_ref().map_or(0, |(_, g)| g.generation) + 1,
+            time: now().max(head.as_ref().map_or(0, |(_, g)| g.time)),
+            parent: head.as_ref().map(|(id, _)| hex(id)),
+            change: change.to_string(),
+            caches: caches.iter().map(|(n, d)| (n.clone(), hex(d))).collect(),
+        };
+        let id = self.put_gen(&g)?;
+        self.set_head(lock, &id)?;
+        log::info!(
+            "{}: generation {} ({change}): {} caches",
+            self.dir().display(),
+            g.generation,
+            g.caches.len()
+        );
+        Ok((id, g))
+    }
+
+    /// Make `caches/` hold exactly the newest generation's indexes (hard links to them).
+    pub fn sync_view(&self) -> Result<()> {
+        let want = self.head_caches()?;
+        let dir = self.dir().join("caches");
+        let mut changed = false;
+        for (name, id) in &want {
+            let view = self.index_path(name);
+            let src = self.stored_index_path(id);
+            let same = match (std::fs::metadata(&view), std::fs::metadata(&src)) {
+                (Ok(a), Ok(b)) => {
+                    use std::os::unix::fs::MetadataExt;
+                    a.ino() == b.ino() && a.dev() == b.dev()
+                }
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            let tmp = dir.join(format!(".tmp-{}-{name}.vmh", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            std::fs::hard_link(&src, &tmp).map_err(|e| Error::io(&src, "link", e))?;
+            std::fs::rename(&tmp, &view).map_err(|e| Error::io(&view, "rename into place", e))?;
+            changed = true;
+        }
+        for name in self.view_names()? {
+            if !want.contains_key(&name) {
+                let p = self.index_path(&name);
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove", e))?;
+                changed = true;
+            }
+        }
+        if changed {
+            sync_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the `caches/` view matches the newest generation.
+    pub fn view_matches(&self) -> Result<bool> {
+        let want = self.head_caches()?;
+        if self.view_names()? != want.keys().cloned().collect::<Vec<_>>() {
+            return Ok(false);
+        }
+        for (name, id) in &want {
+            let v = std::fs::read(self.index_path(name)).unwrap_or_default();
+            if blake3::hash(&v).as_bytes() != id {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
