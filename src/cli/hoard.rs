@@ -70,6 +70,27 @@ enum HoardCmd {
     },
     /// The generations kept here, newest first: number, time, change, caches.
     Log,
+    /// Write what a node at generation GEN lacks to reach the newest generation (new packs,
+    /// changed indexes, the generation's record), as one stream: `hoard send --from 7 |
+    /// ssh node vmicache hoard receive`. Without --from, a full stream any node takes.
+    Send {
+        /// The receiver's generation (it must be kept here: see `hoard log`).
+        #[arg(long, value_name = "GEN")]
+        from: Option<u64>,
+        /// Write the stream to FILE (default: standard output, which must not be a terminal).
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Apply a stream of `hoard send` (from FILE, or standard input when FILE is - or
+    /// missing): every item checked against its hash, the new generation committed at the
+    /// end only (a kill leaves the previous one in force). Refuses a stream that starts from
+    /// another generation than this hoard's, naming both.
+    Receive {
+        file: Option<PathBuf>,
+        /// Accept a full stream of an older generation than this hoard's.
+        #[arg(long)]
+        force: bool,
+    },
     /// Check every pack's hash, every frame and chunk, and that every index resolves.
     ///
     /// Exit code 0 when all is well, 2 when something is damaged (each problem named).
@@ -390,6 +411,12 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
             outln!("{}", index_file(&h, &name)?.display());
         }
         HoardCmd::Log => return super::propagate::log(&open()?, json),
+        HoardCmd::Send { from, output } => {
+            return super::propagate::send(&open()?, from, output.as_deref(), json, quiet)
+        }
+        HoardCmd::Receive { file, force } => {
+            return super::propagate::receive(&open()?, file.as_deref(), force, json, quiet)
+        }
     }
     Ok(exit::OK)
 }

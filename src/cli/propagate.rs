@@ -2,8 +2,10 @@
 //! travel between nodes.
 
 use super::exit;
-use anyhow::Result;
-use vmicache::hoard::Hoard;
+use super::util::human;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use vmicache::hoard::{self, Hoard};
 
 /// Seconds since the epoch as UTC `YYYY-MM-DD HH:MM:SS`.
 pub fn utc(t: u64) -> String {
@@ -64,6 +66,120 @@ pub fn log(h: &Hoard, json: bool) -> Result<i32> {
         }
     }
     Ok(exit::OK)
+}
+
+
+pub fn send(
+    h: &Hoard,
+    from: Option<u64>,
+    output: Option<&Path>,
+    json: bool,
+    quiet: bool,
+) -> Result<i32> {
+    use std::io::IsTerminal;
+    let r = match output {
+        Some(p) => {
+            let tmp = p.with_file_name(format!(
+                ".{}.partial",
+                p.file_name()
+                    .map_or("stream".into(), |n| n.to_string_lossy())
+            ));
+            let f = std::fs::File::create(&tmp)
+                .with_context(|| format!("{}: create", tmp.display()))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            let r = hoard::stream::send(h, from, &mut w);
+            let r = r.and_then(|r| {
+                w.into_inner()
+                    .map_err(|e| vmicache::Error::io(p, "write", e.into_error()))?
+                    .sync_all()
+                    .map_err(|e| vmicache::Error::io(p, "sync", e))?;
+                Ok(r)
+            });
+            match r {
+                Ok(r) => {
+                    std::fs::rename(&tmp, p).with_context(|| format!("{}: rename", p.display()))?;
+                    r
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.into());
+                }
+            }
+        }
+        None => {
+            let out = std::io::stdout();
+            if out.is_terminal() {
+                bail!("hoard send writes a binary stream: give -o FILE or pipe it (to `hoard receive`, ssh, ...)");
+            }
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, out.lock());
+            hoard::stream::send(h, from, &mut w)?
+        }
+    };
+    report(
+        &r,
+        "sent",
+        json && output.is_some(),
+        quiet || output.is_none(),
+    );
+    Ok(exit::OK)
+}
+
+pub fn receive(
+    h: &Hoard,
+    file: Option<&Path>,
+    force: bool,
+    json: bool,
+    quiet: bool,
+) -> Result<i32> {
+    let r = match file.filter(|f| f.as_os_str() != "-") {
+        Some(p) => {
+            let f = std::fs::File::open(p).with_context(|| format!("{}: open", p.display()))?;
+            hoard::stream::receive(h, &mut std::io::BufReader::with_capacity(1 << 20, f), force)?
+        }
+        None => {
+            let i = std::io::stdin();
+            hoard::stream::receive(
+                h,
+                &mut std::io::BufReader::with_capacity(1 << 20, i.lock()),
+                force,
+            )?
+        }
+    };
+    report(&r, "received", json, quiet);
+    Ok(exit::OK)
+}
+
+fn report(r: &hoard::stream::StreamReport, what: &str, json: bool, quiet: bool) {
+    if json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(r).expect("a report serializes")
+        );
+        return;
+    }
+    if quiet {
+        return;
+    }
+    if r.up_to_date {
+        outln!("already at generation {}", r.generation);
+        return;
+    }
+    outln!(
+        "{what} generation {}{}: {} indexes, {} packs ({}){}; stream {} in {:.2} s",
+        r.generation,
+        r.from
+            .map_or(" (full)".to_string(), |f| format!(" from {f}")),
+        r.indexes,
+        r.packs,
+        human(r.pack_bytes),
+        if r.packs_present > 0 {
+            format!(", {} packs already here", r.packs_present)
+        } else {
+            String::new()
+        },
+        human(r.bytes),
+        r.seconds
+    );
 }
 
 #[cfg(test)]

@@ -13,9 +13,9 @@
 //! nothing refers to, which the next gc deletes.
 
 use super::format::{Key, CHUNK};
+use super::gens::{GenId, Generation};
 use super::index::{push_run, CacheIndex, IndexRun};
 use super::pipe::{with_pipe, PACK_CHUNKS};
-use super::gens::{GenId, Generation};
 use super::stats::live_map;
 use super::store::{sync_dir, Hoard, PackReader};
 use crate::{Error, Result};
@@ -104,9 +104,15 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
             kept_idx.insert(id, i);
         }
     }
-    let head = kept.first().map(|(_, g)| g.indexes()).transpose()?.unwrap_or_default();
-    let idx: Vec<(String, CacheIndex)> =
-        head.iter().map(|(n, id)| (n.clone(), kept_idx[id].clone())).collect();
+    let head = kept
+        .first()
+        .map(|(_, g)| g.indexes())
+        .transpose()?
+        .unwrap_or_default();
+    let idx: Vec<(String, CacheIndex)> = head
+        .iter()
+        .map(|(n, id)| (n.clone(), kept_idx[id].clone()))
+        .collect();
     let head_ids: HashSet<[u8; 32]> = head.values().copied().collect();
     let named: HashSet<[u8; 32]> = kept_idx
         .values()
@@ -132,7 +138,10 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
     }
     // Every index must resolve (as a reader checks it) before anything is judged unused.
     for (id, i) in &kept_idx {
-        let n = head.iter().find(|(_, x)| *x == id).map_or("(older)", |(n, _)| n);
+        let n = head
+            .iter()
+            .find(|(_, x)| *x == id)
+            .map_or("(older)", |(n, _)| n);
         check_runs(i, &readers).map_err(|what| {
             Error::corrupt(h.dir(), format!("cache '{n}': {what} (`hoard verify`)"))
         })?;
@@ -253,13 +262,19 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
     for id in &keep_indexes {
         named_now.extend(h.stored_index(id)?.packs);
     }
-    for id in repack.iter().filter(|id| !keep.contains(*id) && !named_now.contains(*id)) {
+    for id in repack
+        .iter()
+        .filter(|id| !keep.contains(*id) && !named_now.contains(*id))
+    {
         let p = h.pack_path(id);
         std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove", e))?;
     }
     sync_dir(&h.dir().join("packs"))?;
     // Records and indexes of generations out of the window (or never committed) go last.
-    for (sub, ext, keep) in [("gens", ".gen", &keep_gens), ("indexes", ".vmh", &keep_indexes)] {
+    for (sub, ext, keep) in [
+        ("gens", ".gen", &keep_gens),
+        ("indexes", ".vmh", &keep_indexes),
+    ] {
         let d = h.dir().join(sub);
         let mut n = 0;
         for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, "list", e))? {

@@ -226,7 +226,10 @@ impl Hoard {
     /// Make `HEAD` name generation `id` (its record and everything it names already stored),
     /// then bring the `caches/` view to it.
     pub fn set_head(&self, _lock: &WriteLock, id: &GenId) -> Result<()> {
-        write_atomic(&self.dir().join("HEAD"), format!("{}\n", hex(id)).as_bytes())?;
+        write_atomic(
+            &self.dir().join("HEAD"),
+            format!("{}\n", hex(id)).as_bytes(),
+        )?;
         self.sync_view()
     }
 

@@ -19,9 +19,11 @@ pub mod gc;
 pub mod gens;
 pub mod index;
 pub mod layer;
+mod pack;
 mod pipe;
 pub mod stats;
 pub mod store;
+pub mod stream;
 pub mod verify;
 
 pub use store::Hoard;

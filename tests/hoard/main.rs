@@ -2,97 +2,13 @@
 //! referee), deduplication counted in bytes, serving a hoarded cache over NBD, damage
 //! detected and never served, concurrent writers, gc.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod env;
+mod gens;
 use common::*;
+use env::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-const SIZE: u64 = 64 * MIB;
-
-/// A raw base of `SIZE` with data in a few regions (the rest holes), from `seed`.
-fn make_base(path: &Path, seed: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(SIZE).unwrap();
-    for (i, (off, len)) in [(0, 4 * MIB), (10 * MIB, 6 * MIB), (40 * MIB, 3 * MIB)]
-        .into_iter()
-        .enumerate()
-    {
-        write_at(path, off, &pattern(seed + i as u64, len as usize));
-    }
-}
-
-/// A sealed cache over `base`, holding all of it.
-fn sealed_cache(cache: &Path, base: &Path) {
-    run(bin().args(["build", ps(base), "-o", ps(cache), "-q"]));
-    run(bin().args(["warm", ps(cache), "--full", "-q"]));
-    run(bin().args(["seal", ps(cache), "-q"]));
-}
-
-/// A trace of `reads` recorded (as it were) over the base of `cache`.
-fn trace_for(cache: &Path, reads: Vec<(u64, u64)>) -> Vec<u8> {
-    use vmicache::engine::{Image, OpenOptions};
-    let img = Image::open(cache, &OpenOptions::read_only()).unwrap();
-    let meta = vmicache::chain::build::cache_meta(&img).unwrap().unwrap();
-    let base = meta.base.unwrap();
-    let t = vmicache::chain::trace::Trace {
-        base_size: base.virtual_size,
-        base_fingerprint: base.fingerprint,
-        reads,
-    };
-    t.encode()
-}
-
-struct Env {
-    _d: tempfile::TempDir,
-    dir: PathBuf,
-    hoard: PathBuf,
-}
-
-impl Env {
-    fn new() -> Env {
-        let d = tempfile::tempdir().unwrap();
-        let dir = d.path().to_path_buf();
-        let hoard = dir.join("hoard");
-        let e = Env { _d: d, dir, hoard };
-        e.v(&["hoard", "init", ps(&e.hoard)]);
-        e
-    }
-    fn cmd(&self) -> Command {
-        let mut c = bin();
-        c.env("VMICACHE_HOARD", &self.hoard)
-            .env("VMICACHE_ALLOW_BACKING", &self.dir)
-            .env("VMICACHE_CONFIG", self.dir.join("none.yaml"));
-        c
-    }
-    fn v(&self, args: &[&str]) -> String {
-        String::from_utf8(run(self.cmd().args(args)).stdout).unwrap()
-    }
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let out = self.v(args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}\n{out}"))
-    }
-    fn pack_bytes(&self) -> u64 {
-        std::fs::read_dir(self.hoard.join("packs"))
-            .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap().len())
-            .sum()
-    }
-    fn packs(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(self.hoard.join("packs"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        v.sort();
-        v
-    }
-    fn p(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-}
-
-fn compare(a: &Path, b: &Path) {
-    compare_images(a, b, &["-U"]);
-}
 
 #[test]
 fn add_list_checkout_rm_gc_round_trip() {
@@ -232,12 +148,30 @@ fn shared_data_is_stored_once() {
     check_clean(&out);
     // Slower, smaller: recompress everything at zstd 19.
     let before = e.pack_bytes();
-    e.v(&["hoard", "gc", "--keep-days", "0", "--recompress", "19", "--frame-chunks", "64"]);
+    e.v(&[
+        "hoard",
+        "gc",
+        "--keep-days",
+        "0",
+        "--recompress",
+        "19",
+        "--frame-chunks",
+        "64",
+    ]);
     assert!(e.pack_bytes() <= before);
     assert_ne!(e.packs(), old);
     // The same repack again makes the very same pack (same id): it must survive its gc.
     let packed = e.packs();
-    e.v(&["hoard", "gc", "--keep-days", "0", "--recompress", "19", "--frame-chunks", "64"]);
+    e.v(&[
+        "hoard",
+        "gc",
+        "--keep-days",
+        "0",
+        "--recompress",
+        "19",
+        "--frame-chunks",
+        "64",
+    ]);
     assert_eq!(e.packs(), packed);
     e.v(&["hoard", "verify"]);
     let out2 = e.p("b-out2.qcow2");
@@ -246,7 +180,16 @@ fn shared_data_is_stored_once() {
     // A gc killed after writing its pack and before rewriting any index, run again: the
     // pack it writes again has the id of the one left over (kept here from an earlier gc).
     let keep = e.packs();
-    e.v(&["hoard", "gc", "--keep-days", "0", "--recompress", "3", "--frame-chunks", "32"]);
+    e.v(&[
+        "hoard",
+        "gc",
+        "--keep-days",
+        "0",
+        "--recompress",
+        "3",
+        "--frame-chunks",
+        "32",
+    ]);
     let made: Vec<PathBuf> = e
         .packs()
         .into_iter()
@@ -254,9 +197,27 @@ fn shared_data_is_stored_once() {
         .collect();
     assert_eq!(made.len(), 1);
     let copy = std::fs::read(&made[0]).unwrap();
-    e.v(&["hoard", "gc", "--keep-days", "0", "--recompress", "19", "--frame-chunks", "64"]);
+    e.v(&[
+        "hoard",
+        "gc",
+        "--keep-days",
+        "0",
+        "--recompress",
+        "19",
+        "--frame-chunks",
+        "64",
+    ]);
     std::fs::write(&made[0], &copy).unwrap(); // the leftover of the "killed" gc
-    e.v(&["hoard", "gc", "--keep-days", "0", "--recompress", "3", "--frame-chunks", "32"]);
+    e.v(&[
+        "hoard",
+        "gc",
+        "--keep-days",
+        "0",
+        "--recompress",
+        "3",
+        "--frame-chunks",
+        "32",
+    ]);
     e.v(&["hoard", "verify"]);
     let out3 = e.p("b-out3.qcow2");
     e.v(&["hoard", "checkout", "b", "-o", ps(&out3)]);
