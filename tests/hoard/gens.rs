@@ -230,5 +230,5 @@ fn a_format_1_hoard_is_named_and_upgraded() {
     assert_eq!(l[0]["name"], "c1", "{l}");
     let v = e.json(&["hoard", "verify", "--json"]);
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");
-    same(&e, &h, "c1", &e.p("c1.qcow2"));
+    same(&e, h, "c1", &e.p("c1.qcow2"));
 }
