@@ -20,6 +20,8 @@ fi
 need=()
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+# The hoard's registry tests: the CNCF distribution registry, run by the tests themselves.
+command -v docker-registry >/dev/null || need+=(docker-registry)
 if [ $boot = 1 ]; then
   command -v nbdkit >/dev/null || need+=(nbdkit)
   command -v debootstrap >/dev/null || need+=(debootstrap)
@@ -43,5 +45,14 @@ if [ ${#need_bpo[@]} -gt 0 ]; then
   apt-get install -y -qq -t bookworm-backports "${need_bpo[@]}" >/dev/null
 fi
 if [ ${#need[@]} -gt 0 ]; then
+  # Packages' own services (docker-registry's on :5000) are not started: the tests start
+  # what they use, on ports of their own.
+  policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    policy=1
+  fi
   apt-get install -y -qq "${need[@]}" >/dev/null
+  if [ $policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi

@@ -2,6 +2,7 @@
 
 #[macro_use]
 pub mod util;
+mod analyze;
 mod check;
 mod config;
 mod hoard;
@@ -254,7 +255,7 @@ enum Cmd {
     /// not counted. Blocks compress one by one and are kept compressed only when that saves
     /// 1/8 (ZFS's rule), in 512 B sectors. Cross-similarity: each image's share of distinct
     /// blocks also found in another image of the set, averaged.
-    Analyze(hoard::AnalyzeArgs),
+    Analyze(analyze::AnalyzeArgs),
     /// The libvirt qemu hook: GUEST OP SUBOP EXTRA, the domain XML on stdin (install
     /// tools/libvirt/qemu as /etc/libvirt/hooks/qemu; see docs/libvirt.md).
     Hook(hook::HookArgs),
@@ -407,7 +408,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Config { cmd } => config::run(cmd, cli.quiet),
         Cmd::Hook(args) => hook::run(args),
         Cmd::Hoard(args) => hoard::run(args, cli.quiet),
-        Cmd::Analyze(args) => hoard::analyze(args, cli.quiet),
+        Cmd::Analyze(args) => analyze::analyze(args, cli.quiet),
         Cmd::Man => {
             let mut out = Vec::new();
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;

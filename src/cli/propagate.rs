@@ -5,27 +5,12 @@ use super::exit;
 use super::util::human;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
+use vmicache::hoard::registry::{Auth, Remote};
 use vmicache::hoard::{self, Hoard};
 
 /// Seconds since the epoch as UTC `YYYY-MM-DD HH:MM:SS`.
 pub fn utc(t: u64) -> String {
-    let (days, s) = ((t / 86_400) as i64, t % 86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
+    hoard::gens::rfc3339(t).replace('T', " ").replace('Z', "")
 }
 
 pub fn log(h: &Hoard, json: bool) -> Result<i32> {
@@ -67,7 +52,6 @@ pub fn log(h: &Hoard, json: bool) -> Result<i32> {
     }
     Ok(exit::OK)
 }
-
 
 pub fn send(
     h: &Hoard,
@@ -182,12 +166,112 @@ fn report(r: &hoard::stream::StreamReport, what: &str, json: bool, quiet: bool) 
     );
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn utc() {
-        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
-        assert_eq!(super::utc(1_764_600_000), "2025-12-01 14:40:00");
-        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00");
+/// Where the registry is, from the command line, the environment and the configuration.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RemoteArgs {
+    /// The registry and repository: HOST[:PORT]/REPOSITORY[:TAG] (default: $VMICACHE_REGISTRY,
+    /// else `registry: ref:` of the configuration). Credentials come from
+    /// $VMICACHE_REGISTRY_USER and $VMICACHE_REGISTRY_PASSWORD, or $VMICACHE_REGISTRY_TOKEN,
+    /// else the configuration's username/password_file/token_file.
+    #[arg(value_name = "REF")]
+    pub reference: Option<String>,
+    /// Plain HTTP to a registry that is not on a loopback address.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+fn first_line(p: &Path) -> Result<String> {
+    let t = std::fs::read_to_string(p).with_context(|| format!("{}: read", p.display()))?;
+    Ok(t.lines().next().unwrap_or("").trim().to_string())
+}
+
+/// The registry to use, or why there is none.
+pub fn remote(a: &RemoteArgs) -> Result<Option<Remote>> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let cfg = vmicache::config::Config::load(&vmicache::config::config_path(None))
+        .ok()
+        .and_then(|c| c.registry);
+    let Some(reference) = a
+        .reference
+        .clone()
+        .or_else(|| env("VMICACHE_REGISTRY"))
+        .or_else(|| cfg.as_ref().map(|c| c.reference.clone()))
+    else {
+        return Ok(None);
+    };
+    let auth = if let Some(t) = env("VMICACHE_REGISTRY_TOKEN") {
+        Auth::Bearer(t)
+    } else if let (Some(u), Some(p)) = (
+        env("VMICACHE_REGISTRY_USER"),
+        env("VMICACHE_REGISTRY_PASSWORD"),
+    ) {
+        Auth::Basic(u, p)
+    } else if let Some(c) = &cfg {
+        match (&c.username, &c.password_file, &c.token_file) {
+            (_, _, Some(t)) => Auth::Bearer(first_line(&t.0)?),
+            (Some(u), Some(p), None) => Auth::Basic(u.clone(), first_line(&p.0)?),
+            _ => Auth::Anonymous,
+        }
+    } else {
+        Auth::Anonymous
+    };
+    Ok(Some(Remote {
+        reference,
+        auth,
+        insecure: a.insecure || cfg.is_some_and(|c| c.insecure),
+    }))
+}
+
+fn need_remote(a: &RemoteArgs) -> Result<Remote> {
+    remote(a)?.ok_or_else(|| {
+        anyhow::anyhow!("no registry: give REF, set VMICACHE_REGISTRY, or set `registry: ref:` in the configuration")
+    })
+}
+
+pub fn push(h: &Hoard, a: &RemoteArgs, json: bool, quiet: bool) -> Result<i32> {
+    let r = hoard::registry::push(h, &need_remote(a)?)?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&r)?);
+    } else if !quiet {
+        outln!(
+            "pushed generation {} to {} ({}): {} blobs uploaded ({}), {} there already ({}) in {:.2} s",
+            r.generation,
+            r.reference,
+            r.tags.join(", "),
+            r.uploaded,
+            human(r.uploaded_bytes),
+            r.present,
+            human(r.present_bytes),
+            r.seconds
+        );
     }
+    Ok(exit::OK)
+}
+
+/// `pull` (retry_for 0) and `sync` (retrying while the registry cannot be reached).
+pub fn pull(
+    h: &Hoard,
+    a: &RemoteArgs,
+    force: bool,
+    retry_for: u64,
+    json: bool,
+    quiet: bool,
+) -> Result<i32> {
+    let remote = need_remote(a)?;
+    let t0 = std::time::Instant::now();
+    let mut wait = 1u64;
+    let r = loop {
+        match hoard::registry::pull(h, &remote, force) {
+            Ok(r) => break r,
+            // Only the registry's absence is waited out; a refusal or damage is not.
+            Err(e @ vmicache::Error::Io { .. }) if t0.elapsed().as_secs() + wait <= retry_for => {
+                log::warn!("{e}; trying again in {wait} s");
+                std::thread::sleep(std::time::Duration::from_secs(wait));
+                wait = (wait * 2).min(30);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    report(&r, "pulled", json, quiet);
+    Ok(exit::OK)
 }

@@ -54,6 +54,9 @@ pub struct Config {
     /// [`crate::nbd::Limits`].
     #[serde(default)]
     pub nbd: NbdLimits,
+    /// The OCI registry hoards travel through (`vmicache hoard push|pull|sync`, `register`).
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
     /// Per-image settings, keyed by a name (used in the domain XML as `base="NAME"`, with a
     /// `base:` path) or by the base image's absolute path.
     #[serde(default)]

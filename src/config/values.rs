@@ -62,6 +62,27 @@ impl AsRef<Path> for AbsDir {
     }
 }
 
+/// The `registry:` section: where `vmicache hoard push|pull|sync` find the hoard's
+/// generations, and the credentials (secrets in files of their own, not here). The
+/// environment overrides it: `VMICACHE_REGISTRY`, `VMICACHE_REGISTRY_USER`,
+/// `VMICACHE_REGISTRY_PASSWORD`, `VMICACHE_REGISTRY_TOKEN`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// `HOST[:PORT]/REPOSITORY` (a tag after `:` is what `pull` fetches; default `latest`).
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// User for basic authentication (or a token service that takes it).
+    pub username: Option<String>,
+    /// A file whose first line is the password of `username`.
+    pub password_file: Option<AbsDir>,
+    /// A file whose first line is a bearer token.
+    pub token_file: Option<AbsDir>,
+    /// Plain HTTP to a registry that is not on a loopback address (loopback always may).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
 /// The `nbd:` section: limits of the hook's NBD servers, as the `vmicache serve` options
 /// of the same names (`max_connections` is `--max-connections`, and so on).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

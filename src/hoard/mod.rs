@@ -21,6 +21,7 @@ pub mod index;
 pub mod layer;
 mod pack;
 mod pipe;
+pub mod registry;
 pub mod stats;
 pub mod store;
 pub mod stream;

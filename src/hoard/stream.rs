@@ -265,50 +265,102 @@ impl In<'_> {
     }
 }
 
-/// Copy `len` bytes from `r` into a new pack file `id` of `h` (written under a temporary
-/// name, synced, checked against `id`, renamed into place).
-pub fn install_pack(h: &Hoard, id: &[u8; 32], len: u64, r: &mut dyn Read) -> Result<()> {
-    if len > MAX_PACK_BYTES {
-        return Err(Error::refused(
-            stream(),
-            format!("a pack of {len} B is too large"),
-        ));
-    }
-    let path = h.pack_path(id);
-    let tmp = path.with_file_name(format!(".tmp-{}-{}.pack", std::process::id(), hex(id)));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        let mut sum = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = len;
-        while left > 0 {
-            let n = buf.len().min(left as usize);
-            r.read_exact(&mut buf[..n]).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    Error::refused(stream(), "cut short (nothing applied)")
-                } else {
-                    Error::io(stream(), "read", e)
-                }
-            })?;
-            sum.update(&buf[..n]);
-            f.write_all(&buf[..n])
-                .map_err(|e| Error::io(&tmp, "write", e))?;
-            left -= n as u64;
-        }
-        if sum.finalize().as_bytes() != id {
-            return Err(Error::corrupt(
+/// A pack arriving: written under a temporary name while hashed; [`PackSink::finish`]
+/// checks it against its id and its tables, syncs it and renames it into place. Dropped
+/// unfinished, the temporary file goes.
+pub struct PackSink {
+    id: [u8; 32],
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+    f: Option<std::fs::File>,
+    sum: blake3::Hasher,
+    left: u64,
+}
+
+impl PackSink {
+    pub fn new(h: &Hoard, id: &[u8; 32], len: u64) -> Result<PackSink> {
+        if len > MAX_PACK_BYTES {
+            return Err(Error::refused(
                 stream(),
-                format!("pack {} does not match its name (BLAKE3)", hex(id)),
+                format!("a pack of {len} B is too large"),
             ));
         }
-        f.sync_all().map_err(|e| Error::io(&tmp, "sync", e))?;
-        super::store::PackReader::open(&tmp)?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "rename into place", e))
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let path = h.pack_path(id);
+        let tmp = path.with_file_name(format!(".tmp-{}-{}.pack", std::process::id(), hex(id)));
+        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
+        Ok(PackSink {
+            id: *id,
+            tmp,
+            path,
+            f: Some(f),
+            sum: blake3::Hasher::new(),
+            left: len,
+        })
     }
-    res
+
+    pub fn write(&mut self, b: &[u8]) -> Result<()> {
+        if b.len() as u64 > self.left {
+            return Err(Error::refused(
+                stream(),
+                format!("pack {} is longer than announced", hex(&self.id)),
+            ));
+        }
+        self.sum.update(b);
+        let f = self.f.as_mut().expect("an open pack");
+        f.write_all(b)
+            .map_err(|e| Error::io(&self.tmp, "write", e))?;
+        self.left -= b.len() as u64;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<()> {
+        if self.left != 0 {
+            return Err(Error::refused(
+                stream(),
+                format!("pack {} is shorter than announced", hex(&self.id)),
+            ));
+        }
+        if self.sum.finalize().as_bytes() != &self.id {
+            return Err(Error::refused(
+                stream(),
+                format!("pack {} does not match its name (BLAKE3)", hex(&self.id)),
+            ));
+        }
+        let f = self.f.take().expect("an open pack");
+        f.sync_all().map_err(|e| Error::io(&self.tmp, "sync", e))?;
+        drop(f);
+        super::store::PackReader::open(&self.tmp)?;
+        std::fs::rename(&self.tmp, &self.path)
+            .map_err(|e| Error::io(&self.path, "rename into place", e))
+    }
+}
+
+impl Drop for PackSink {
+    fn drop(&mut self) {
+        if self.f.is_some() || self.tmp.exists() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Copy `len` bytes from `r` into a new pack file `id` of `h`.
+pub fn install_pack(h: &Hoard, id: &[u8; 32], len: u64, r: &mut dyn Read) -> Result<()> {
+    let mut sink = PackSink::new(h, id, len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = buf.len().min(left as usize);
+        r.read_exact(&mut buf[..n]).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::refused(stream(), "cut short (nothing applied)")
+            } else {
+                Error::io(stream(), "read", e)
+            }
+        })?;
+        sink.write(&buf[..n])?;
+        left -= n as u64;
+    }
+    sink.finish()
 }
 
 /// Skip `len` bytes of `r`.

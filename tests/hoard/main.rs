@@ -6,6 +6,7 @@
 mod common;
 mod env;
 mod gens;
+mod registry;
 use common::*;
 use env::*;
 use std::path::{Path, PathBuf};
