@@ -67,6 +67,10 @@ enum HoardCmd {
         /// what only they use, are deleted (default: keep_days of hoard.yaml, 7).
         #[arg(long, value_name = "N")]
         keep_days: Option<u32>,
+        /// Also remove the registry's tags gen-N of generations out of the window (REF as in
+        /// `hoard push`; its blobs go with the registry's own garbage collector).
+        #[arg(long, value_name = "REF", num_args = 0..=1, default_missing_value = "")]
+        registry: Option<String>,
     },
     /// The generations kept here, newest first: number, time, change, caches.
     Log,
@@ -350,6 +354,7 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
             recompress,
             frame_chunks,
             keep_days,
+            registry,
         } => {
             let h = open()?;
             let o = hoard::gc::GcOptions {
@@ -358,8 +363,16 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
                 keep_days,
             };
             let r = hoard::gc::gc(&h, &o)?;
+            let pruned = match registry {
+                Some(reg) => Some(super::propagate::prune(&h, keep_days, reg)?),
+                None => None,
+            };
             if json {
-                outln!("{}", serde_json::to_string_pretty(&r)?);
+                let mut v = serde_json::to_value(&r)?;
+                if let Some((reg, n)) = &pruned {
+                    v["registry"] = serde_json::json!({"reference": reg, "tags_removed": n});
+                }
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else if !quiet {
                 outln!(
                     "gc: {} -> {} in packs in {:.2} s; {} generations kept, {} deleted ({} indexes); {} packs deleted, {} repacked into {}, {} indexes rewritten, {} leftovers removed",
@@ -375,6 +388,9 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
                     r.indexes_rewritten,
                     r.leftovers
                 );
+            }
+            if let (Some((reg, n)), false) = (&pruned, json || quiet) {
+                outln!("{reg}: {n} tags out of the GC window removed (the registry's garbage collector reclaims their blobs)");
             }
         }
         HoardCmd::Verify => {

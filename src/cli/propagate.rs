@@ -149,7 +149,7 @@ fn report(r: &hoard::stream::StreamReport, what: &str, json: bool, quiet: bool) 
         return;
     }
     outln!(
-        "{what} generation {}{}: {} indexes, {} packs ({}){}; stream {} in {:.2} s",
+        "{what} generation {}{}: {} indexes, {} packs ({}){}; {} {} in {:.2} s",
         r.generation,
         r.from
             .map_or(" (full)".to_string(), |f| format!(" from {f}")),
@@ -160,6 +160,11 @@ fn report(r: &hoard::stream::StreamReport, what: &str, json: bool, quiet: bool) 
             format!(", {} packs already here", r.packs_present)
         } else {
             String::new()
+        },
+        if what == "pulled" {
+            "downloaded"
+        } else {
+            "stream"
         },
         human(r.bytes),
         r.seconds
@@ -274,4 +279,18 @@ pub fn pull(
     };
     report(&r, "pulled", json, quiet);
     Ok(exit::OK)
+}
+
+/// `hoard gc --registry`: the registry's tags out of the window; (reference, tags removed).
+pub fn prune(h: &Hoard, keep_days: Option<u32>, reg: String) -> Result<(String, usize)> {
+    let a = RemoteArgs {
+        reference: (!reg.is_empty()).then_some(reg),
+        insecure: false,
+    };
+    let remote = need_remote(&a)?;
+    let kept = hoard::gc::kept_generations(h, keep_days.unwrap_or(h.settings.keep_days))?;
+    let newest = kept.first().map_or(0, |(_, g)| g.generation);
+    let keep = kept.iter().map(|(_, g)| g.generation).collect();
+    let n = hoard::registry::prune_tags(&remote, &keep, newest)?;
+    Ok((remote.reference, n))
 }

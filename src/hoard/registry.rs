@@ -91,6 +91,9 @@ struct Session {
     auth: RegistryAuth,
     reference: Reference,
     name: String,
+    /// Plain HTTP (a loopback registry, or `insecure`).
+    plain: bool,
+    remote_auth: Auth,
 }
 
 impl Session {
@@ -109,7 +112,8 @@ impl Session {
             ));
         }
         let host = reference.resolve_registry().to_string();
-        let protocol = if is_loopback(&host) || remote.insecure {
+        let plain = is_loopback(&host) || remote.insecure;
+        let protocol = if plain {
             ClientProtocol::HttpsExcept(vec![host.clone()])
         } else {
             ClientProtocol::Https
@@ -138,6 +142,8 @@ impl Session {
             auth,
             reference,
             name,
+            plain,
+            remote_auth: remote.auth.clone(),
         })
     }
 
@@ -461,4 +467,63 @@ pub fn pull(h: &Hoard, remote: &Remote, force: bool) -> Result<StreamReport> {
     }
     rep.seconds = t0.elapsed().as_secs_f64();
     Ok(rep)
+}
+
+/// Remove the tags `gen-N` of generations not in `keep` (the GC window) from `remote`; the
+/// registry's own garbage collector then reclaims blobs nothing names. The newest generation
+/// (`latest`) is never removed. The number of tags removed.
+pub fn prune_tags(remote: &Remote, keep: &HashSet<u64>, newest: u64) -> Result<usize> {
+    let s = Session::new(remote)?;
+    let r = s.tagged("latest");
+    s.rt.block_on(async {
+        let tags = s
+            .client
+            .list_tags(&r, &s.auth, None, None)
+            .await
+            .map_err(|e| s.err("list tags", e))?
+            .tags;
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(|e| s.err("HTTP client", e))?;
+        let mut removed = 0;
+        for t in tags {
+            let Some(n) = t.strip_prefix("gen-").and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            if keep.contains(&n) || n >= newest {
+                continue;
+            }
+            let tr = s.tagged(&t);
+            let digest = s
+                .client
+                .fetch_manifest_digest(&tr, &s.auth)
+                .await
+                .map_err(|e| s.err(&format!("manifest {t}"), e))?;
+            let url = format!(
+                "{}://{}/v2/{}/manifests/{digest}",
+                if s.plain { "http" } else { "https" },
+                s.reference.resolve_registry(),
+                s.reference.repository()
+            );
+            let mut req = http.delete(&url);
+            req = match &s.remote_auth {
+                Auth::Anonymous => req,
+                Auth::Basic(u, p) => req.basic_auth(u, Some(p)),
+                Auth::Bearer(t) => req.bearer_auth(t),
+            };
+            let resp = req.send().await.map_err(|e| s.err(&format!("delete {t}"), e))?;
+            if !resp.status().is_success() {
+                return Err(Error::refused(
+                    subject(&s.name),
+                    format!(
+                        "deleting {t} answered {} (does the registry allow deletes? storage.delete.enabled)",
+                        resp.status()
+                    ),
+                ));
+            }
+            log::info!("{}: removed tag {t} (out of the GC window)", s.name);
+            removed += 1;
+        }
+        Ok(removed)
+    })
 }

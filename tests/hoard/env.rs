@@ -164,6 +164,23 @@ impl Registry {
         }
     }
 
+    /// The tags of repository `repo` (its name in the registry), sorted.
+    pub fn tags(&self, repo: &str) -> Vec<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
+        write!(s, "GET /v2/{repo}/tags/list HTTP/1.0\r\n\r\n").unwrap();
+        let mut b = String::new();
+        s.read_to_string(&mut b).unwrap();
+        let body = &b[b.find("\r\n\r\n").unwrap() + 4..];
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        let mut t: Vec<String> = v["tags"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default();
+        t.sort();
+        t
+    }
+
     /// A repository reference in it.
     pub fn repo(&self, name: &str) -> String {
         format!("{}/{name}", self.addr)

@@ -142,4 +142,20 @@ fn nodes_follow_the_registry() {
     );
     let o = on(&e, &nodes[0], &["hoard", "pull", "not a reference"]);
     assert!(!o.status.success());
+
+    // The GC window on the storage node takes the registry's old tags with it.
+    let tags = ["gen-1", "gen-2", "gen-3", "gen-4", "latest"];
+    assert_eq!(reg.tags("vmicache/hoard"), tags);
+    let g = ok_json(
+        &e,
+        s,
+        &["hoard", "gc", "--keep-days", "0", "--registry", &repo],
+    );
+    assert_eq!(g["registry"]["tags_removed"], 3, "{g}");
+    assert_eq!(reg.tags("vmicache/hoard"), ["gen-4", "latest"]);
+    // A node that was away all along still catches up from what is left.
+    let late = e.p("late");
+    e.v(&["hoard", "init", ps(&late)]);
+    ok_json(&e, &late, &["hoard", "sync", &repo]);
+    assert_eq!(head(&late), head(s));
 }
