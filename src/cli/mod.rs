@@ -10,6 +10,7 @@ mod hook;
 mod inspect;
 mod layers;
 mod propagate;
+mod register;
 mod serve;
 mod warm;
 
@@ -256,6 +257,12 @@ enum Cmd {
     /// 1/8 (ZFS's rule), in 512 B sectors. Cross-similarity: each image's share of distinct
     /// blocks also found in another image of the set, averaged.
     Analyze(analyze::AnalyzeArgs),
+    /// Register a base image with the hoard: build its cache, record a first boot (the
+    /// command after --, as `warm --boot`), seal it, add it to the hoard, and push the new
+    /// generation when a registry is configured (the storage node's one command).
+    Register(register::RegisterArgs),
+    /// Deregister a hoarded cache: remove it from the hoard (a new generation) and push.
+    Deregister(register::DeregisterArgs),
     /// The libvirt qemu hook: GUEST OP SUBOP EXTRA, the domain XML on stdin (install
     /// tools/libvirt/qemu as /etc/libvirt/hooks/qemu; see docs/libvirt.md).
     Hook(hook::HookArgs),
@@ -408,6 +415,8 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Config { cmd } => config::run(cmd, cli.quiet),
         Cmd::Hook(args) => hook::run(args),
         Cmd::Hoard(args) => hoard::run(args, cli.quiet),
+        Cmd::Register(args) => register::register(args, cli.quiet),
+        Cmd::Deregister(args) => register::deregister(args, cli.quiet),
         Cmd::Analyze(args) => analyze::analyze(args, cli.quiet),
         Cmd::Man => {
             let mut out = Vec::new();

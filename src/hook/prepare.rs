@@ -32,11 +32,18 @@ pub(super) fn prepare(cfg: &Config, plans: &[DiskPlan], log: &HookLog) -> Result
         let cache = p.cache.as_ref().expect("resolved");
         // A sealed cache needs nothing of its base (a storage node may be down): what it
         // recorded of the base is compared below without reading it.
-        let sealed = exists(cache)
-            && Image::open(cache, &OpenOptions::read_only())
+        let sealed = if exists(cache) {
+            Image::open(cache, &OpenOptions::read_only())
                 .ok()
                 .and_then(|c| cache_meta(&c).ok().flatten())
-                .is_some_and(|m| m.state == CacheState::Sealed);
+                .is_some_and(|m| m.state == CacheState::Sealed)
+        } else {
+            // One the hoard holds comes sealed.
+            cfg.dirs
+                .hoard
+                .as_ref()
+                .is_some_and(|h| in_hoard(&h.0, img).is_some())
+        };
         if !sealed {
             let m =
                 std::fs::metadata(&img.base).map_err(|e| Error::io(&img.base, "base image", e))?;
@@ -185,6 +192,18 @@ fn ensure_cache(
     if !exists(cache) {
         let _lock = lock_file(p.lock.as_ref().expect("resolved"))?;
         if !exists(cache) {
+            if let Some(h) = &cfg.dirs.hoard {
+                if let Some((name, gen)) = from_hoard(&h.0, img, cache)? {
+                    undo.files.push(cache.clone());
+                    log.line(&format!(
+                        "{}: took cache {} from the hoard ('{name}', generation {gen}): no first boot here",
+                        p.dev,
+                        cache.display()
+                    ));
+                }
+            }
+        }
+        if !exists(cache) {
             build_into(&img.base, cache, &opts)?;
             undo.files.push(cache.clone());
             log.line(&format!(
@@ -231,6 +250,56 @@ fn ensure_cache(
     Ok(cache_meta(&c)?
         .map(|m| m.state)
         .unwrap_or(CacheState::Sealed))
+}
+
+/// The hoarded cache of `img`'s base, checked out to `cache` (at a temporary name, renamed
+/// into place): the one named as the image when it stands on this base, else the first that
+/// does. None when the hoard holds none (the hook then builds and records as before).
+fn from_hoard(dir: &Path, img: &ResolvedImage, cache: &Path) -> Result<Option<(String, u64)>> {
+    let Some((h, name, gen)) = in_hoard(dir, img) else {
+        return Ok(None);
+    };
+    let name = &name;
+    let tmp = cache.with_file_name(format!(
+        ".{}.hoard{}",
+        cache.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let tmp_trace = crate::hoard::checkout::trace_path(&tmp);
+    let _ = remove_regular(&tmp);
+    let _ = remove_regular(&tmp_trace);
+    let r = crate::hoard::checkout::checkout(&h, name, &tmp, None);
+    let _ = remove_regular(&tmp_trace);
+    if let Err(e) = r {
+        let _ = remove_regular(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, cache).map_err(|e| {
+        let _ = remove_regular(&tmp);
+        Error::io(cache, "rename", e)
+    })?;
+    Ok(Some((name.clone(), gen)))
+}
+
+/// The hoard at `dir`, the name of its cache over `img`'s base and the hoard's generation.
+fn in_hoard(dir: &Path, img: &ResolvedImage) -> Option<(crate::hoard::Hoard, String, u64)> {
+    let h = match crate::hoard::Hoard::open(dir) {
+        Ok(h) => h,
+        Err(e) => {
+            log::warn!("{e}: caches are built here instead");
+            return None;
+        }
+    };
+    let (_, g) = h.head().ok()??;
+    let base = img.base.to_string_lossy();
+    let stands = |name: &str| {
+        h.read_index(name)
+            .is_ok_and(|i| i.backing_file.as_deref() == Some(&*base))
+    };
+    let mut names: Vec<&String> = g.caches.keys().collect();
+    names.sort_by_key(|n| **n != img.name);
+    let name = names.into_iter().find(|n| stands(n))?.clone();
+    Some((h, name, g.generation))
 }
 
 /// Build a cache at a temporary name beside `cache` and rename it into place.

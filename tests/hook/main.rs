@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 mod concurrency;
+mod hoarded;
 mod lifecycle;
 mod ownership;
 mod refusals;

@@ -1,0 +1,160 @@
+//! `vmicache register` and `vmicache deregister`: a base image's cache made, recorded,
+//! hoarded and published in one command each (the storage node's side of the hoard).
+
+use super::exit;
+use super::hoard::hoard_dir;
+use super::propagate::{remote, RemoteArgs};
+use super::util::human;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use vmicache::hoard::{self, Hoard};
+
+#[derive(clap::Args, Debug)]
+pub struct RegisterArgs {
+    /// The base image (raw or qcow2).
+    base: PathBuf,
+    /// The cache's name in the hoard.
+    #[arg(long)]
+    name: String,
+    /// Keep the recorded cache here too (default: it is hoarded and then deleted).
+    #[arg(long, value_name = "CACHE")]
+    keep_cache: Option<PathBuf>,
+    /// The cache's quota (bytes of base data it may hold).
+    #[arg(long, value_parser = super::util::parse_size, default_value = "1G")]
+    quota: u64,
+    /// Give up on the first boot after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Replace a hoarded cache of the same name.
+    #[arg(long)]
+    replace: bool,
+    /// Do not push the new generation even when a registry is configured.
+    #[arg(long)]
+    no_push: bool,
+    /// The hoard directory (default: $VMICACHE_HOARD, else dirs.hoard of the configuration).
+    #[arg(long, value_name = "DIR")]
+    hoard: Option<PathBuf>,
+    #[command(flatten)]
+    registry: RegisterRemote,
+    /// The boot command, after --; `{nbd}` is replaced by the NBD URI of the cache being
+    /// recorded (as `vmicache warm --boot`).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct RegisterRemote {
+    /// Push to this registry (default: $VMICACHE_REGISTRY, else the configuration's).
+    #[arg(long, value_name = "REF")]
+    registry: Option<String>,
+    /// Plain HTTP to a registry that is not on a loopback address.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl RegisterRemote {
+    fn args(&self) -> RemoteArgs {
+        RemoteArgs {
+            reference: self.registry.clone(),
+            insecure: self.insecure,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DeregisterArgs {
+    /// The hoarded cache's name.
+    name: String,
+    /// Do not push the new generation even when a registry is configured.
+    #[arg(long)]
+    no_push: bool,
+    #[arg(long, value_name = "DIR")]
+    hoard: Option<PathBuf>,
+    #[command(flatten)]
+    registry: RegisterRemote,
+}
+
+/// Push the newest generation when a registry is known (and not --no-push).
+fn publish(h: &Hoard, r: &RegisterRemote, no_push: bool, quiet: bool) -> Result<()> {
+    if no_push {
+        return Ok(());
+    }
+    let Some(remote) = remote(&r.args())? else {
+        if !quiet {
+            outln!("no registry configured: nothing pushed");
+        }
+        return Ok(());
+    };
+    let p = hoard::registry::push(h, &remote)?;
+    if !quiet {
+        outln!(
+            "pushed generation {} to {}: {} blobs uploaded ({})",
+            p.generation,
+            p.reference,
+            p.uploaded,
+            human(p.uploaded_bytes)
+        );
+    }
+    Ok(())
+}
+
+pub fn register(a: RegisterArgs, quiet: bool) -> Result<i32> {
+    let h = Hoard::open(&hoard_dir(a.hoard.as_deref())?)?;
+    hoard::store::check_name(&a.name)?;
+    if !a.replace && h.head_caches()?.contains_key(&a.name) {
+        bail!(
+            "'{}' is registered already (deregister it first, or --replace)",
+            a.name
+        );
+    }
+    let (cache, scratch): (PathBuf, bool) = match &a.keep_cache {
+        Some(p) => (p.clone(), false),
+        None => (
+            h.dir()
+                .join(format!(".register-{}-{}.qcow2", a.name, std::process::id())),
+            true,
+        ),
+    };
+    let trace = PathBuf::from(format!("{}.trace", cache.display()));
+    let result = (|| -> Result<hoard::add::AddReport> {
+        super::layers::build(&a.base, &cache, a.quota, 65536, None, false, true)?;
+        super::serve::run_boot(&cache, &a.command, a.timeout, Some(&trace), quiet)?;
+        let o = hoard::add::AddOptions {
+            name: a.name.clone(),
+            replace: a.replace,
+            trace: std::fs::read(&trace).with_context(|| format!("{}: read", trace.display()))?,
+            progress: None,
+        };
+        Ok(hoard::add::add(&h, &cache, &o)?)
+    })();
+    if scratch {
+        let _ = std::fs::remove_file(&cache);
+        let _ = std::fs::remove_file(&trace);
+    }
+    let r = result?;
+    if !quiet {
+        outln!(
+            "registered '{}': {} of data, {} new in the hoard ({} in packs)",
+            a.name,
+            human(r.data_bytes),
+            human(r.new_chunks * 4096),
+            human(r.new_pack_bytes)
+        );
+    }
+    publish(&h, &a.registry, a.no_push, quiet)?;
+    Ok(exit::OK)
+}
+
+pub fn deregister(a: DeregisterArgs, quiet: bool) -> Result<i32> {
+    let h = Hoard::open(&hoard_dir(a.hoard.as_deref())?)?;
+    hoard::stats::remove(&h, &a.name)?;
+    if !quiet {
+        outln!(
+            "deregistered '{}' ({}); its data goes with `hoard gc` after the GC window",
+            a.name,
+            h.dir().display()
+        );
+    }
+    publish(&h, &a.registry, a.no_push, quiet)?;
+    Ok(exit::OK)
+}
