@@ -4,6 +4,9 @@
 //! them uses all of it, hence the blanket `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod guest;
+pub mod registry;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
