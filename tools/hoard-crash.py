@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
-"""A bounded kill -9 campaign against the hoard's writers (issue #12): `hoard add` and
-`hoard gc` killed at random moments, over and over, and what a kill may never leave behind.
+"""A bounded kill -9 campaign against the hoard's writers (issues #12, #13): `hoard add`,
+`hoard gc` and `hoard receive` (on a second hoard, a "node") killed at random moments, over
+and over, and what a kill may never leave behind.
 
 After every kill: `hoard verify` must find no damage (exit 0; unreferenced packs and
 leftovers are allowed: gc takes them); every cache hoarded before the kill must still read as
 its source (`hoard checkout` + `qemu-img compare`, one at random each round, all at the end);
-a killed add has either landed whole (compares equal) or not at all. Then the killed command
+a killed add has either landed whole (compares equal) or not at all; a killed receive leaves
+the node at its previous generation or the new one, never between. Then the killed command
 runs again to completion and verify must be clean again. Two adds started at once must both
 land (the writers' lock serializes them).
 
 Usage: tools/hoard-crash.py [--binary target/release/vmicache] [--kills 50] [--seconds 600]
                             [--keep]
-Runs until both `add` and `gc` were killed mid-work --kills times (or --seconds pass) and
+Runs until `add`, `gc` and `receive` were each killed mid-work --kills times (or --seconds pass) and
 prints one line per operation; exits 1 if anything above failed.
 """
 import argparse
@@ -71,6 +73,7 @@ class Campaign:
     def __init__(self, b, d, rnd):
         self.b, self.d, self.rnd = b, d, rnd
         self.hoard = os.path.join(d, "hoard")
+        self.node = os.path.join(d, "node")
         self.env = dict(os.environ, VMICACHE_HOARD=self.hoard, VMICACHE_ALLOW_BACKING=d,
                         VMICACHE_CONFIG=os.path.join(d, "none.yaml"))
         self.sources = {}  # cache file -> base
@@ -87,8 +90,15 @@ class Campaign:
         self.failures.append(what)
         print(f"  FAIL: {what}", file=sys.stderr)
 
-    def verify(self, c, when):
-        r = self.v("hoard", "verify", "--json", check=False)
+    def head(self, hoard):
+        try:
+            with open(os.path.join(hoard, "HEAD")) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
+
+    def verify(self, c, when, hoard=None):
+        r = self.v("hoard", "--hoard", hoard or self.hoard, "verify", "--json", check=False)
         if r.returncode != 0:
             self.fail(c, f"verify after {when}: exit {r.returncode}: {r.stdout[-600:]}{r.stderr[-600:]}")
 
@@ -148,6 +158,48 @@ class Campaign:
         if self.hoarded:
             self.reads_as_source(c, self.rnd.choice(sorted(self.hoarded)), f"add {name}")
 
+    def receive_round(self, c):
+        """The hoard's newest generation streamed to the node (incremental when the node's
+        generation is still kept here, else full), the receive killed at random."""
+        if self.head(self.node) == self.head(self.hoard) or self.rnd.random() < 0.3:
+            shutil.rmtree(self.node, ignore_errors=True)
+            self.v("hoard", "init", self.node)
+        stream = os.path.join(self.d, "gen.stream")
+        args = ["hoard", "send", "-o", stream, "-q"]
+        at = self.head(self.node)
+        log = json.loads(self.v("hoard", "log", "--json").stdout)
+        kept = {g["id"]: g["generation"] for g in log}
+        if at in kept:
+            args += ["--from", str(kept[at])]
+        self.v(*args)
+        new = self.head(self.hoard)
+        self.run_killed(c, ("receive", at in kept), ["hoard", "--hoard", self.node, "receive",
+                                                     stream, "-q"])
+        c.iterations += 1
+        now = self.head(self.node)
+        if now not in (at, new):
+            self.fail(c, f"a killed receive left the node at {now}, neither {at} nor {new}")
+        self.verify(c, "a killed receive", self.node)
+        if now == new:
+            c.landed += 1
+        else:
+            self.v("hoard", "--hoard", self.node, "receive", stream, "-q")
+        if self.head(self.node) != new:
+            self.fail(c, "receive to completion did not reach the sent generation")
+        self.verify(c, "receive to completion", self.node)
+        listed = json.loads(self.v("hoard", "--hoard", self.node, "list", "--json").stdout)
+        if listed:
+            name = self.rnd.choice(listed)["name"]
+            out = os.path.join(self.d, "node-out.qcow2")
+            for p in (out, out + ".trace"):
+                if os.path.exists(p):
+                    os.unlink(p)
+            r = self.v("hoard", "--hoard", self.node, "checkout", name, "-o", out, "-q",
+                       check=False)
+            if r.returncode != 0 or sh("qemu-img", "compare", "-U", "-q", self.hoarded[name],
+                                       out, check=False).returncode != 0:
+                self.fail(c, f"{name} on the node does not read as its source")
+
     def gc_round(self, c):
         # Something to collect: deregister one cache (and re-add another one later).
         name = self.rnd.choice(sorted(self.hoarded))
@@ -192,7 +244,7 @@ def main():
             cp.v("warm", cache, "--full", "-q")
             cp.v("seal", cache, "-q")
             cp.sources[cache] = base
-        add, gc = Counts("add"), Counts("gc")
+        add, gc, recv = Counts("add"), Counts("gc"), Counts("receive")
         # Two writers at once: both land.
         both = [subprocess.Popen([b, "hoard", "add", c, "-q"], env=cp.env)
                 for c in sorted(cp.sources)[:2]]
@@ -201,9 +253,14 @@ def main():
         for c in sorted(cp.sources)[:2]:
             cp.hoarded[os.path.basename(c).split(".")[0]] = c
         t0 = time.time()
-        while (add.mid_work < a.kills or gc.mid_work < a.kills) and time.time() - t0 < a.seconds:
+        def short():
+            return min(add.mid_work, gc.mid_work, recv.mid_work) < a.kills
+
+        while short() and time.time() - t0 < a.seconds:
             free = len(cp.sources) - len(cp.hoarded)
-            if cp.hoarded and (gc.mid_work < a.kills or not free) and (
+            if recv.mid_work < a.kills and cp.hoarded and rnd.random() < 0.34:
+                cp.receive_round(recv)
+            elif cp.hoarded and (gc.mid_work < a.kills or not free) and (
                     rnd.random() < 0.5 or not free or add.mid_work >= a.kills):
                 cp.gc_round(gc)
             else:
@@ -212,11 +269,11 @@ def main():
             cp.reads_as_source(add, n, "the campaign")
         print(add.line())
         print(gc.line())
-        short = add.mid_work < a.kills or gc.mid_work < a.kills
-        if short:
+        print(recv.line())
+        if short():
             print(f"hoard crash campaign: fewer than {a.kills} kills mid-work of each within "
                   f"{a.seconds:.0f} s", file=sys.stderr)
-        ok = not cp.failures and not short
+        ok = not cp.failures and not short()
         print("hoard crash campaign: " + ("ok" if ok else "FAILED"))
         return 0 if ok else 1
     finally:
