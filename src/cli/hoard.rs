@@ -22,9 +22,15 @@ pub struct HoardArgs {
 #[derive(clap::Subcommand, Debug)]
 enum HoardCmd {
     /// Make DIR a hoard (created if missing; an existing hoard is left as it is).
+    ///
+    /// On an existing hoard of format 1 it upgrades it (its caches become generation 1).
     Init {
         /// The directory (default: --hoard).
         dir: Option<PathBuf>,
+        /// Point a missing or damaged HEAD at the newest generation whose indexes and packs
+        /// are all present (and bring caches/ to it).
+        #[arg(long)]
+        repair: bool,
     },
     /// Register a sealed cache: store the clusters it holds, deduplicated against everything
     /// hoarded, compressed; keep its geometry, base, vmicache extension and trace.
@@ -165,12 +171,13 @@ pub fn resolve_cache(arg: &Path) -> Result<PathBuf> {
 pub fn index_file(h: &Hoard, name: &str) -> Result<PathBuf> {
     let id = h.index_id(name)?;
     // The view names it (a gc that replaces the index is followed there); a view a stopped
-    // writer left behind is passed over for the stored index itself.
-    let view = h.index_path(name);
-    match std::fs::read(&view) {
-        Ok(b) if blake3::hash(&b).as_bytes() == &id => Ok(view),
-        _ => Ok(h.stored_index_path(&id)),
+    // writer left behind is put right first (under the writers' lock).
+    if !h.is_view_of(name, &id) {
+        let _lock = h.lock()?;
+        h.sync_view()?;
+        h.index_id(name)?;
     }
+    Ok(h.index_path(name))
 }
 
 fn bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
@@ -197,12 +204,21 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
     let quiet = quiet || json;
     let open = || -> Result<Hoard> { Ok(Hoard::open(&hoard_dir(a.hoard.as_deref())?)?) };
     match a.cmd {
-        HoardCmd::Init { dir } => {
+        HoardCmd::Init { dir, repair } => {
             let d = match dir {
                 Some(d) => d,
                 None => hoard_dir(a.hoard.as_deref())?,
             };
             let (h, new) = Hoard::init(&d)?;
+            if repair {
+                let lock = h.lock()?;
+                match h.repair_head(&lock)? {
+                    Some(n) => outln!("{}: HEAD repaired: generation {n}", d.display()),
+                    None => outln!("{}: HEAD is sound: nothing to repair", d.display()),
+                }
+                h.sync_view()?;
+                return Ok(exit::OK);
+            }
             if json {
                 outln!(
                     "{}",

@@ -269,7 +269,10 @@ pub fn pull(
         match hoard::registry::pull(h, &remote, force) {
             Ok(r) => break r,
             // Only the registry's absence is waited out; a refusal or damage is not.
-            Err(e @ vmicache::Error::Io { .. }) if t0.elapsed().as_secs() + wait <= retry_for => {
+            Err(e)
+                if hoard::registry::unreachable(&e)
+                    && t0.elapsed().as_secs() + wait <= retry_for =>
+            {
                 log::warn!("{e}; trying again in {wait} s");
                 std::thread::sleep(std::time::Duration::from_secs(wait));
                 wait = (wait * 2).min(30);

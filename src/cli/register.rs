@@ -107,17 +107,23 @@ pub fn register(a: RegisterArgs, quiet: bool) -> Result<i32> {
             a.name
         );
     }
-    let (cache, scratch): (PathBuf, bool) = match &a.keep_cache {
-        Some(p) => (p.clone(), false),
-        None => (
-            h.dir()
-                .join(format!(".register-{}-{}.qcow2", a.name, std::process::id())),
-            true,
-        ),
+    // A base file as an absolute path: the cache records it, and nodes find it by it (a
+    // URI stays as it is).
+    let base = std::fs::canonicalize(&a.base).unwrap_or_else(|_| a.base.clone());
+    // Scratch in the hoard's file system (a cache may be large), in a directory `hoard gc`
+    // removes once this process is gone.
+    let scratch = h.dir().join(format!(".register-{}", std::process::id()));
+    let cache = match &a.keep_cache {
+        Some(p) => p.clone(),
+        None => {
+            std::fs::create_dir_all(&scratch)
+                .with_context(|| format!("{}: create", scratch.display()))?;
+            scratch.join(format!("{}.qcow2", a.name))
+        }
     };
     let trace = PathBuf::from(format!("{}.trace", cache.display()));
     let result = (|| -> Result<hoard::add::AddReport> {
-        super::layers::build(&a.base, &cache, a.quota, 65536, None, false, true)?;
+        super::layers::build(&base, &cache, a.quota, 65536, None, false, true)?;
         super::serve::run_boot(&cache, &a.command, a.timeout, Some(&trace), quiet)?;
         let o = hoard::add::AddOptions {
             name: a.name.clone(),
@@ -127,9 +133,8 @@ pub fn register(a: RegisterArgs, quiet: bool) -> Result<i32> {
         };
         Ok(hoard::add::add(&h, &cache, &o)?)
     })();
-    if scratch {
-        let _ = std::fs::remove_file(&cache);
-        let _ = std::fs::remove_file(&trace);
+    if a.keep_cache.is_none() {
+        let _ = std::fs::remove_dir_all(&scratch);
     }
     let r = result?;
     if !quiet {

@@ -58,15 +58,55 @@ pub struct GcOptions {
     pub keep_days: Option<u32>,
 }
 
-/// The generations gc keeps: the newest, and those of the last `days` days (newest first).
+/// The generations gc keeps (newest first): the newest, and those that were the newest at
+/// some time in the last `days` days (a generation counts from when the next one came, so
+/// that one that stayed newest for a month is not dropped the day after it is replaced).
 pub fn kept_generations(h: &Hoard, days: u32) -> Result<Vec<(GenId, Generation)>> {
     let since = super::gens::now().saturating_sub(u64::from(days) * 86_400);
-    Ok(h.history()?
+    let hist = h.history()?;
+    let mut out = Vec::new();
+    let mut next_time = u64::MAX;
+    for (k, (id, g)) in hist.into_iter().enumerate() {
+        if k == 0 || (days > 0 && next_time >= since) {
+            next_time = g.time;
+            out.push((id, g));
+        } else {
+            next_time = g.time;
+        }
+    }
+    Ok(out)
+}
+
+/// Delete the generation records not in `gens`, then the stored indexes not in `indexes`
+/// (records first: a kill between leaves indexes nothing names, never a record naming
+/// what is gone). The numbers deleted.
+fn drop_unkept(
+    h: &Hoard,
+    gens: &HashSet<GenId>,
+    indexes: &HashSet<[u8; 32]>,
+) -> Result<(usize, usize)> {
+    let mut counts = [0usize; 2];
+    for (k, (sub, ext, keep)) in [("gens", ".gen", gens), ("indexes", ".vmh", indexes)]
         .into_iter()
         .enumerate()
-        .filter(|(k, (_, g))| *k == 0 || (days > 0 && g.time >= since))
-        .map(|(_, x)| x)
-        .collect())
+    {
+        let d = h.dir().join(sub);
+        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, "list", e))? {
+            let e = e.map_err(|e| Error::io(&d, "list", e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(ext).and_then(super::format::parse_hex) else {
+                continue;
+            };
+            if !keep.contains(&id) {
+                std::fs::remove_file(e.path()).map_err(|x| Error::io(e.path(), "remove", x))?;
+                counts[k] += 1;
+            }
+        }
+        if counts[k] > 0 {
+            sync_dir(&d)?;
+        }
+    }
+    Ok((counts[0], counts[1]))
 }
 
 fn packs_bytes(h: &Hoard) -> Result<u64> {
@@ -84,7 +124,12 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
         ..GcReport::default()
     };
     for p in h.leftovers()? {
-        std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove", e))?;
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        }
+        .map_err(|e| Error::io(&p, "remove", e))?;
         rep.leftovers += 1;
     }
     h.sync_view()?;
@@ -163,7 +208,15 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
             repack.push(*id);
         }
     }
-    // Packs no cache uses go first (a repack that fails later still leaves them collected).
+    // Generations out of the window go first, then what only they used: the packs no kept
+    // generation uses (a repack that fails later still leaves them collected).
+    let (g, i) = drop_unkept(
+        h,
+        &kept.iter().map(|(id, _)| *id).collect(),
+        &kept_idx.keys().copied().collect(),
+    )?;
+    rep.deleted_generations += g;
+    rep.deleted_indexes += i;
     for id in &dead {
         let p = h.pack_path(id);
         std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove", e))?;
@@ -262,6 +315,9 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
     for id in &keep_indexes {
         named_now.extend(h.stored_index(id)?.packs);
     }
+    let (g, i) = drop_unkept(h, &keep_gens, &keep_indexes)?;
+    rep.deleted_generations += g;
+    rep.deleted_indexes += i;
     for id in repack
         .iter()
         .filter(|id| !keep.contains(*id) && !named_now.contains(*id))
@@ -270,33 +326,6 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
         std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove", e))?;
     }
     sync_dir(&h.dir().join("packs"))?;
-    // Records and indexes of generations out of the window (or never committed) go last.
-    for (sub, ext, keep) in [
-        ("gens", ".gen", &keep_gens),
-        ("indexes", ".vmh", &keep_indexes),
-    ] {
-        let d = h.dir().join(sub);
-        let mut n = 0;
-        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, "list", e))? {
-            let e = e.map_err(|e| Error::io(&d, "list", e))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(ext).and_then(super::format::parse_hex) else {
-                continue;
-            };
-            if !keep.contains(&id) {
-                std::fs::remove_file(e.path()).map_err(|x| Error::io(e.path(), "remove", x))?;
-                n += 1;
-            }
-        }
-        if n > 0 {
-            sync_dir(&d)?;
-        }
-        if sub == "gens" {
-            rep.deleted_generations = n;
-        } else {
-            rep.deleted_indexes = n;
-        }
-    }
     rep.bytes_after = packs_bytes(h)?;
     rep.seconds = t0.elapsed().as_secs_f64();
     Ok(rep)

@@ -144,24 +144,99 @@ impl Hoard {
         self.dir().join("indexes").join(format!("{}.vmh", hex(id)))
     }
 
-    /// The id of the newest generation; None in a hoard that never had one.
+    /// The id of the newest generation; None in a hoard that never had one. A hoard that has
+    /// generation records but no `HEAD` is damaged, not empty: that is an error (one that
+    /// `hoard init --repair` mends), so that no writer takes it for an empty hoard.
     pub fn head_id(&self) -> Result<Option<GenId>> {
         let p = self.dir().join("HEAD");
         match std::fs::read_to_string(&p) {
-            Ok(s) => parse_hex(s.trim())
-                .map(Some)
-                .ok_or_else(|| Error::corrupt(&p, "HEAD does not name a generation")),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Ok(s) => parse_hex(s.trim()).map(Some).ok_or_else(|| {
+                Error::corrupt(
+                    &p,
+                    "HEAD does not name a generation (`vmicache hoard init --repair`)",
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.gen_ids()?.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(Error::corrupt(
+                        &p,
+                        "missing, though generations are recorded here (`vmicache hoard init --repair` points it at the newest whole one)",
+                    ))
+                }
+            }
             Err(e) => Err(Error::io(&p, "read", e)),
         }
+    }
+
+    /// Ids of the generation records present (well named).
+    pub fn gen_ids(&self) -> Result<Vec<GenId>> {
+        let d = self.dir().join("gens");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, "list", e))? {
+            let e = e.map_err(|e| Error::io(&d, "list", e))?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = n.strip_suffix(".gen").and_then(parse_hex) {
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 
     /// The newest generation, with its id.
     pub fn head(&self) -> Result<Option<(GenId, Generation)>> {
         match self.head_id()? {
             None => Ok(None),
-            Some(id) => Ok(Some((id, self.read_gen(&id)?))),
+            Some(id) => {
+                let g = self.read_gen(&id).map_err(|e| {
+                    Error::corrupt(
+                        self.dir().join("HEAD"),
+                        format!("names a generation that does not read ({e}); `vmicache hoard init --repair`"),
+                    )
+                })?;
+                Ok(Some((id, g)))
+            }
         }
+    }
+
+    /// Whether generation `g`'s indexes and the packs they name are all here.
+    pub fn whole(&self, g: &Generation) -> bool {
+        g.indexes().is_ok_and(|m| {
+            m.values().all(|id| {
+                self.index_bytes(id).is_ok()
+                    && self
+                        .stored_index(id)
+                        .is_ok_and(|i| i.packs.iter().all(|p| self.pack_path(p).exists()))
+            })
+        })
+    }
+
+    /// Point a missing or damaged `HEAD` at the newest generation that is whole here (its
+    /// indexes and packs present). The generation chosen, or None when HEAD was sound.
+    pub fn repair_head(&self, lock: &WriteLock) -> Result<Option<u64>> {
+        if self.head().is_ok() {
+            return Ok(None);
+        }
+        let mut all: Vec<(GenId, Generation)> = self
+            .gen_ids()?
+            .into_iter()
+            .filter_map(|id| self.read_gen(&id).ok().map(|g| (id, g)))
+            .collect();
+        all.sort_by_key(|(_, g)| std::cmp::Reverse((g.generation, g.time)));
+        let Some((id, g)) = all.into_iter().find(|(_, g)| self.whole(g)) else {
+            return Err(Error::corrupt(
+                self.dir(),
+                "no generation here is whole (indexes and packs present): nothing to repair to",
+            ));
+        };
+        self.set_head(lock, &id)?;
+        log::warn!(
+            "{}: HEAD repaired: it names generation {} now",
+            self.dir().display(),
+            g.generation
+        );
+        Ok(Some(g.generation))
     }
 
     /// The newest generation's caches (empty before the first add).
@@ -182,18 +257,30 @@ impl Hoard {
         Generation::decode(&b, id, &p)
     }
 
-    /// Generations from the newest back along parents, as far as records are kept here.
+    /// The generations kept here, newest first: the newest (`HEAD`), then every record
+    /// present of an older generation (a node that received generation 8 while at 5 keeps 5
+    /// too, though 6 and 7 never were here). Records that do not read, and those of the
+    /// newest's number or later that are not the newest (a receive stopped before `HEAD`
+    /// moved, or history left behind by `pull --force`), are not among them.
     pub fn history(&self) -> Result<Vec<(GenId, Generation)>> {
-        let mut out: Vec<(GenId, Generation)> = Vec::new();
-        let mut next = self.head_id()?;
-        while let Some(id) = next {
-            if !self.has_gen(&id) || out.iter().any(|(i, _)| *i == id) {
-                break;
-            }
-            let g = self.read_gen(&id)?;
-            next = g.parent_id();
-            out.push((id, g));
-        }
+        let Some((hid, hg)) = self.head()? else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<(GenId, Generation)> = self
+            .gen_ids()?
+            .into_iter()
+            .filter(|id| *id != hid)
+            .filter_map(|id| self.read_gen(&id).ok().map(|g| (id, g)))
+            .filter(|(_, g)| g.generation < hg.generation)
+            .collect();
+        out.sort_by_key(|(id, g)| {
+            (
+                std::cmp::Reverse(g.generation),
+                std::cmp::Reverse(g.time),
+                *id,
+            )
+        });
+        out.insert(0, (hid, hg));
         Ok(out)
     }
 
@@ -235,13 +322,26 @@ impl Hoard {
 
     /// Store a generation record (kept when already there); its id.
     pub fn put_gen(&self, g: &Generation) -> Result<GenId> {
-        let b = g.encode();
-        let id = *blake3::hash(&b).as_bytes();
+        self.put_gen_bytes(&g.encode())
+    }
+
+    /// Store a generation record's bytes as they are (a received record keeps the bytes its
+    /// id hashes); its id.
+    pub fn put_gen_bytes(&self, b: &[u8]) -> Result<GenId> {
+        let id = *blake3::hash(b).as_bytes();
         let p = self.gen_path(&id);
         if !p.exists() {
-            write_atomic(&p, &b)?;
+            write_atomic(&p, b)?;
         }
         Ok(id)
+    }
+
+    /// A stored record's bytes, checked against its id (what send and push pass on).
+    pub fn gen_bytes(&self, id: &GenId) -> Result<Vec<u8>> {
+        let p = self.gen_path(id);
+        let b = read_bounded(&p, MAX_GEN_BYTES)?;
+        Generation::decode(&b, id, &p)?;
+        Ok(b)
     }
 
     /// Make `HEAD` name generation `id` (its record and everything it names already stored),
@@ -263,7 +363,11 @@ impl Hoard {
     ) -> Result<(GenId, Generation)> {
         let head = self.head()?;
         let g = Generation {
-            generation: head.as_ref().map_or(0, |(_, g)| g.generation) + 1,
+            generation: head
+                .as_ref()
+                .map_or(0, |(_, g)| g.generation)
+                .checked_add(1)
+                .ok_or_else(|| Error::corrupt(self.dir(), "generation numbers are exhausted"))?,
             time: now().max(head.as_ref().map_or(0, |(_, g)| g.time)),
             parent: head.as_ref().map(|(id, _)| hex(id)),
             change: change.to_string(),
@@ -288,14 +392,7 @@ impl Hoard {
         for (name, id) in &want {
             let view = self.index_path(name);
             let src = self.stored_index_path(id);
-            let same = match (std::fs::metadata(&view), std::fs::metadata(&src)) {
-                (Ok(a), Ok(b)) => {
-                    use std::os::unix::fs::MetadataExt;
-                    a.ino() == b.ino() && a.dev() == b.dev()
-                }
-                _ => false,
-            };
-            if same {
+            if self.is_view_of(name, id) {
                 continue;
             }
             let tmp = dir.join(format!(".tmp-{}-{name}.vmh", std::process::id()));
@@ -323,13 +420,19 @@ impl Hoard {
         if self.view_names()? != want.keys().cloned().collect::<Vec<_>>() {
             return Ok(false);
         }
-        for (name, id) in &want {
-            let v = std::fs::read(self.index_path(name)).unwrap_or_default();
-            if blake3::hash(&v).as_bytes() != id {
-                return Ok(false);
-            }
+        Ok(want.iter().all(|(name, id)| self.is_view_of(name, id)))
+    }
+
+    /// Whether `caches/NAME.vmh` is (a hard link of) stored index `id`.
+    pub fn is_view_of(&self, name: &str, id: &[u8; 32]) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (
+            std::fs::metadata(self.index_path(name)),
+            std::fs::metadata(self.stored_index_path(id)),
+        ) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
         }
-        Ok(true)
     }
 }
 

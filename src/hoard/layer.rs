@@ -60,7 +60,9 @@ impl HoardLayer {
     pub fn open_locked(path: &Path, st: Box<dyn Storage>, lock: bool) -> Result<HoardLayer> {
         let mut st = st;
         // A gc may replace the index (and remove the packs it named) between our reading it
-        // and opening its packs: read it again then.
+        // and opening its packs: read it again then; it must be the same cache repacked
+        // (same geometry, base and extension), not another one put under the name.
+        let mut first: Option<CacheIndex> = None;
         for attempt in 0.. {
             let index = {
                 let f = st
@@ -68,6 +70,20 @@ impl HoardLayer {
                     .ok_or_else(|| Error::unsupported(path, "a hoarded cache not in a file"))?;
                 read_index_from(f, path)?
             };
+            if let Some(f) = &first {
+                let same = f.virtual_size == index.virtual_size
+                    && f.cluster_bits == index.cluster_bits
+                    && f.backing_file == index.backing_file
+                    && f.extension == index.extension;
+                if !same {
+                    return Err(Error::refused(
+                        path,
+                        "was replaced by another cache while it was being opened",
+                    ));
+                }
+            } else {
+                first = Some(index.clone());
+            }
             match Self::open_packs(path, &index) {
                 Ok(packs) => return Self::with(st, index, packs),
                 Err(Error::Io { source, .. })

@@ -67,12 +67,60 @@ fn subject(r: &str) -> Subject {
     Subject::Other(format!("registry {r}"))
 }
 
-fn oci_err(r: &str, what: &str, e: impl std::fmt::Display) -> Error {
-    Error::io(
-        subject(r),
-        "registry",
-        std::io::Error::other(format!("{what}: {e}")),
-    )
+/// An error with its sources, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        let t = x.to_string();
+        if !s.contains(&t) {
+            s = format!("{s}: {t}");
+        }
+        src = x.source();
+    }
+    s
+}
+
+/// The kinds of I/O error that mean "the registry cannot be reached now" (what `hoard
+/// sync` waits out); every other failure is an answer, and final.
+pub fn unreachable(e: &Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e, Error::Io { path: Subject::Other(s), source, .. }
+        if s.starts_with("registry ")
+            && matches!(source.kind(), ConnectionRefused | ConnectionReset | ConnectionAborted
+                | NotConnected | TimedOut | BrokenPipe | UnexpectedEof | HostUnreachable
+                | NetworkUnreachable | NetworkDown))
+}
+
+/// A failure of the registry or the way to it, classified (see [`unreachable`]).
+fn net_err(r: &str, what: &str, e: &(dyn std::error::Error + 'static)) -> Error {
+    use std::io::ErrorKind;
+    let kind = match e.downcast_ref::<oci_client::errors::OciDistributionError>() {
+        Some(oci_client::errors::OciDistributionError::RequestError(x)) if x.is_timeout() => {
+            Some(ErrorKind::TimedOut)
+        }
+        Some(oci_client::errors::OciDistributionError::RequestError(x))
+            if x.is_connect() || x.is_request() || x.is_body() =>
+        {
+            Some(ErrorKind::ConnectionRefused)
+        }
+        Some(oci_client::errors::OciDistributionError::IoError(x)) => Some(x.kind()),
+        Some(_) => None,
+        None => e
+            .downcast_ref::<std::io::Error>()
+            .map(|x| x.kind())
+            .or_else(|| {
+                e.downcast_ref::<reqwest::Error>()
+                    .map(|_| ErrorKind::ConnectionRefused)
+            }),
+    };
+    let text = format!("{what}: {}", chain(e));
+    match kind {
+        Some(k) if k != ErrorKind::Other && k != ErrorKind::InvalidData => {
+            Error::io(subject(r), "registry", std::io::Error::new(k, text))
+        }
+        _ => Error::refused(subject(r), text),
+    }
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -155,8 +203,14 @@ impl Session {
         )
     }
 
+    /// What the registry answered that we refuse.
     fn err(&self, what: &str, e: impl std::fmt::Display) -> Error {
-        oci_err(&self.name, what, e)
+        Error::refused(subject(&self.name), format!("{what}: {e}"))
+    }
+
+    /// A failure on the way to the registry, or its refusal.
+    fn net(&self, what: &str, e: impl std::error::Error + 'static) -> Error {
+        net_err(&self.name, what, &e)
     }
 }
 
@@ -215,7 +269,7 @@ pub fn push(h: &Hoard, remote: &Remote) -> Result<PushReport> {
         ..Default::default()
     };
     let need = super::stream::needs(h, &g, None)?;
-    let rec = g.encode();
+    let rec = h.gen_bytes(&gid)?;
     let r = s.tagged("latest");
     s.rt.block_on(async {
         s.client
@@ -245,7 +299,7 @@ pub fn push(h: &Hoard, remote: &Remote) -> Result<PushReport> {
                 .client
                 .blob_exists(&r, &digest)
                 .await
-                .map_err(|e| s.err("blob exists?", e))?;
+                .map_err(|e| s.net("blob exists?", e))?;
             if have {
                 rep.present += 1;
                 rep.present_bytes += size;
@@ -258,7 +312,7 @@ pub fn push(h: &Hoard, remote: &Remote) -> Result<PushReport> {
                 s.client
                     .push_blob_stream(&r, body, &digest, Some(size))
                     .await
-                    .map_err(|e| s.err(&format!("upload {title}"), e))?;
+                    .map_err(|e| s.net(&format!("upload {title}"), e))?;
                 rep.uploaded += 1;
                 rep.uploaded_bytes += size;
             }
@@ -269,12 +323,12 @@ pub fn push(h: &Hoard, remote: &Remote) -> Result<PushReport> {
             .client
             .blob_exists(&r, &cdigest)
             .await
-            .map_err(|e| s.err("blob exists?", e))?
+            .map_err(|e| s.net("blob exists?", e))?
         {
             s.client
                 .push_blob(&r, rec.clone(), &cdigest)
                 .await
-                .map_err(|e| s.err("upload the generation record", e))?;
+                .map_err(|e| s.net("upload the generation record", e))?;
         }
         let m = OciImageManifest {
             schema_version: 2,
@@ -307,7 +361,7 @@ pub fn push(h: &Hoard, remote: &Remote) -> Result<PushReport> {
                     OCI_IMAGE_MEDIA_TYPE.parse().expect("a header value"),
                 )
                 .await
-                .map_err(|e| s.err(&format!("push the manifest as {tag}"), e))?;
+                .map_err(|e| s.net(&format!("push the manifest as {tag}"), e))?;
             rep.tags.push(tag);
         }
         Ok::<(), Error>(())
@@ -338,10 +392,10 @@ async fn fetch_small(s: &Session, r: &Reference, d: &OciDescriptor, max: u64) ->
         .client
         .pull_blob_stream(r, d)
         .await
-        .map_err(|e| s.err(&format!("download {}", d.digest), e))?;
+        .map_err(|e| s.net(&format!("download {}", d.digest), e))?;
     let mut out = Vec::with_capacity(d.size as usize);
     while let Some(c) = st.next().await {
-        let c = c.map_err(|e| s.err(&format!("download {}", d.digest), e))?;
+        let c = c.map_err(|e| s.net(&format!("download {}", d.digest), e))?;
         if (out.len() + c.len()) as u64 > d.size as u64 {
             return Err(s.err(
                 "blob",
@@ -374,7 +428,7 @@ pub fn pull(h: &Hoard, remote: &Remote, force: bool) -> Result<StreamReport> {
             .client
             .pull_manifest_raw(&r, &s.auth, &[OCI_IMAGE_MEDIA_TYPE])
             .await
-            .map_err(|e| s.err(&format!("manifest {tag}"), e))?;
+            .map_err(|e| s.net(&format!("manifest {tag}"), e))?;
         if body.len() > 64 << 20 {
             return Err(s.err("manifest", "too large"));
         }
@@ -447,11 +501,11 @@ pub fn pull(h: &Hoard, remote: &Remote, force: bool) -> Result<StreamReport> {
                 .client
                 .pull_blob_stream(&r, d)
                 .await
-                .map_err(|e| s.err(&format!("download pack {}", hex(&id)), e))?;
+                .map_err(|e| s.net(&format!("download pack {}", hex(&id)), e))?;
             let mut sink = PackSink::new(h, &id, d.size as u64)?;
             let mut got = 0u64;
             while let Some(c) = st.next().await {
-                let c = c.map_err(|e| s.err(&format!("download pack {}", hex(&id)), e))?;
+                let c = c.map_err(|e| s.net(&format!("download pack {}", hex(&id)), e))?;
                 got += c.len() as u64;
                 sink.write(&c)?;
             }
@@ -480,11 +534,17 @@ pub fn prune_tags(remote: &Remote, keep: &HashSet<u64>, newest: u64) -> Result<u
             .client
             .list_tags(&r, &s.auth, None, None)
             .await
-            .map_err(|e| s.err("list tags", e))?
+            .map_err(|e| s.net("list tags", e))?
             .tags;
         let http = reqwest::Client::builder()
             .build()
             .map_err(|e| s.err("HTTP client", e))?;
+        // Deleting a manifest deletes every tag on it: the one `latest` names is never touched.
+        let latest = s
+            .client
+            .fetch_manifest_digest(&r, &s.auth)
+            .await
+            .map_err(|e| s.net("manifest latest", e))?;
         let mut removed = 0;
         for t in tags {
             let Some(n) = t.strip_prefix("gen-").and_then(|n| n.parse::<u64>().ok()) else {
@@ -498,7 +558,10 @@ pub fn prune_tags(remote: &Remote, keep: &HashSet<u64>, newest: u64) -> Result<u
                 .client
                 .fetch_manifest_digest(&tr, &s.auth)
                 .await
-                .map_err(|e| s.err(&format!("manifest {t}"), e))?;
+                .map_err(|e| s.net(&format!("manifest {t}"), e))?;
+            if digest == latest {
+                continue;
+            }
             let url = format!(
                 "{}://{}/v2/{}/manifests/{digest}",
                 if s.plain { "http" } else { "https" },
@@ -511,7 +574,7 @@ pub fn prune_tags(remote: &Remote, keep: &HashSet<u64>, newest: u64) -> Result<u
                 Auth::Basic(u, p) => req.basic_auth(u, Some(p)),
                 Auth::Bearer(t) => req.bearer_auth(t),
             };
-            let resp = req.send().await.map_err(|e| s.err(&format!("delete {t}"), e))?;
+            let resp = req.send().await.map_err(|e| s.net(&format!("delete {t}"), e))?;
             if !resp.status().is_success() {
                 return Err(Error::refused(
                     subject(&s.name),

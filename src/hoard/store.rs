@@ -267,8 +267,13 @@ impl Hoard {
             Ok(l) => Ok(Some(WriteLock(l))),
             Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
                 log::warn!(
-                    "{}: another hoard writer (add, rm, gc) is at work: waiting for it",
-                    self.dir.display()
+                    "{}: another vmicache holds the hoard's lock ({}): waiting for it",
+                    self.dir.display(),
+                    if exclusive {
+                        "a writer, or a reader such as send, push, verify or checkout"
+                    } else {
+                        "a writer: add, rm, gc, receive or pull"
+                    }
                 );
                 Flock::lock(f, wait)
                     .map(|l| Some(WriteLock(l)))
@@ -328,7 +333,13 @@ impl Hoard {
             let d = self.dir.join(sub);
             for e in std::fs::read_dir(&d).map_err(io(&d, "list"))? {
                 let e = e.map_err(io(&d, "list"))?;
-                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                let n = e.file_name().to_string_lossy().into_owned();
+                // `vmicache register`'s scratch directories, of registers that are gone.
+                let dead_register = sub == "."
+                    && n.strip_prefix(".register-")
+                        .and_then(|p| p.parse::<u32>().ok())
+                        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+                if n.starts_with(".tmp-") || dead_register {
                     out.push(e.path());
                 }
             }

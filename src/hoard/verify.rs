@@ -108,16 +108,51 @@ pub fn verify(h: &Hoard) -> Result<Report> {
     }
     let mut used = HashSet::new();
     let mut unread = false;
-    for name in h.names()? {
+    match h.head_caches() {
+        Err(e) => {
+            // No newest generation to check against: nothing is judged unused either.
+            r.problems.push(e.to_string());
+            unread = true;
+        }
+        Ok(caches) => check_generations(h, &caches, &present, &mut used, &mut unread, &mut r)?,
+    }
+    for id in h.gen_ids()? {
+        if let Err(e) = h.read_gen(&id) {
+            r.problems.push(e.to_string());
+        }
+    }
+    if !unread {
+        for id in present.difference(&used) {
+            r.notes.push(format!(
+                "pack {} is not used by any cache (gc reclaims it)",
+                hex(id)
+            ));
+        }
+    }
+    r.notes.sort();
+    Ok(r)
+}
+
+/// The newest generation's caches (each opened as a reader opens it), then the older
+/// generations kept here (each index read, its packs present).
+fn check_generations(
+    h: &Hoard,
+    caches: &std::collections::BTreeMap<String, [u8; 32]>,
+    present: &HashSet<[u8; 32]>,
+    used: &mut HashSet<[u8; 32]>,
+    unread: &mut bool,
+    r: &mut Report,
+) -> Result<()> {
+    for (name, id) in caches {
         r.caches += 1;
-        let path = h.stored_index_path(&h.index_id(&name)?);
-        if let Err(e) = h.index_bytes(&h.index_id(&name)?) {
+        let path = h.stored_index_path(id);
+        if let Err(e) = h.index_bytes(id) {
             r.problems.push(format!("cache '{name}': {e}"));
         }
         // The packs an index names count as used even when something else of it is wrong.
         match super::store::read_index_file(&path) {
             Ok(i) => used.extend(i.packs.iter().copied()),
-            Err(_) => unread = true,
+            Err(_) => *unread = true,
         }
         let opened =
             FileStorage::open(&path, false).and_then(|st| HoardLayer::open(&path, Box::new(st)));
@@ -125,19 +160,19 @@ pub fn verify(h: &Hoard) -> Result<Report> {
             r.problems.push(format!("cache '{name}': {e}"));
         }
     }
-    // Older generations kept here (the GC window): each index reads and its packs are here.
-    let mut seen: HashSet<[u8; 32]> = h.head_caches()?.into_values().collect();
+    let mut seen: HashSet<[u8; 32]> = caches.values().copied().collect();
     let hist = h.history()?;
     r.generations = hist.len();
     for (_, g) in hist.iter().skip(1) {
-        for (name, id) in g.indexes()? {
+        let Ok(idx) = g.indexes() else { continue };
+        for (name, id) in idx {
             if !seen.insert(id) {
                 continue;
             }
             let what = format!("cache '{name}' of generation {}", g.generation);
             if let Err(e) = h.index_bytes(&id) {
                 r.problems.push(format!("{what}: {e}"));
-                unread = true;
+                *unread = true;
                 continue;
             }
             match h.stored_index(&id) {
@@ -152,7 +187,7 @@ pub fn verify(h: &Hoard) -> Result<Report> {
                 }
                 Err(e) => {
                     r.problems.push(format!("{what}: {e}"));
-                    unread = true;
+                    *unread = true;
                 }
             }
         }
@@ -163,14 +198,5 @@ pub fn verify(h: &Hoard) -> Result<Report> {
             h.dir().display()
         ));
     }
-    if !unread {
-        for id in present.difference(&used) {
-            r.notes.push(format!(
-                "pack {} is not used by any cache (gc reclaims it)",
-                hex(id)
-            ));
-        }
-    }
-    r.notes.sort();
-    Ok(r)
+    Ok(())
 }

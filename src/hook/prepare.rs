@@ -193,13 +193,22 @@ fn ensure_cache(
         let _lock = lock_file(p.lock.as_ref().expect("resolved"))?;
         if !exists(cache) {
             if let Some(h) = &cfg.dirs.hoard {
-                if let Some((name, gen)) = from_hoard(&h.0, img, cache)? {
-                    undo.files.push(cache.clone());
-                    log.line(&format!(
-                        "{}: took cache {} from the hoard ('{name}', generation {gen}): no first boot here",
+                // The hoard is a shortcut: when it fails, the cache is built as before.
+                match from_hoard(&h.0, img, cache) {
+                    Ok(Some((name, gen))) => {
+                        undo.files.push(cache.clone());
+                        log.line(&format!(
+                            "{}: took cache {} from the hoard ('{name}', generation {gen}): no first boot here",
+                            p.dev,
+                            cache.display()
+                        ));
+                    }
+                    Ok(None) => {}
+                    Err(e) => log.line(&format!(
+                        "{}: the hoard's cache of {} could not be taken ({e}); building one",
                         p.dev,
-                        cache.display()
-                    ));
+                        img.base.display()
+                    )),
                 }
             }
         }
@@ -268,7 +277,11 @@ fn from_hoard(dir: &Path, img: &ResolvedImage, cache: &Path) -> Result<Option<(S
     let tmp_trace = crate::hoard::checkout::trace_path(&tmp);
     let _ = remove_regular(&tmp);
     let _ = remove_regular(&tmp_trace);
-    let r = crate::hoard::checkout::checkout(&h, name, &tmp, None);
+    let r = crate::hoard::checkout::checkout(&h, name, &tmp, None).and_then(|_| {
+        // Recorded over this very base (not another one at the same path)?
+        let c = Image::open(&tmp, &OpenOptions::read_only())?;
+        require_base_matches(&c)
+    });
     let _ = remove_regular(&tmp_trace);
     if let Err(e) = r {
         let _ = remove_regular(&tmp);

@@ -152,6 +152,10 @@ fn streams_bring_nodes_to_the_same_generation() {
         "incremental {inc} B vs full {full_len} B"
     );
     assert_eq!(head(&n1), head(&e.hoard));
+    // n1 keeps the generation it was at, too (its log and GC window as the sender's).
+    let l: serde_json::Value =
+        serde_json::from_str(&ok(&e, &n1, &["hoard", "log", "--json"])).unwrap();
+    assert_eq!(l.as_array().unwrap().len(), 2, "{l}");
     let v: serde_json::Value =
         serde_json::from_str(&ok(&e, &n1, &["hoard", "verify", "--json"])).unwrap();
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");
@@ -231,4 +235,40 @@ fn a_format_1_hoard_is_named_and_upgraded() {
     let v = e.json(&["hoard", "verify", "--json"]);
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");
     same(&e, h, "c1", &e.p("c1.qcow2"));
+}
+
+#[test]
+fn a_lost_head_is_refused_then_repaired() {
+    let e = Env::new();
+    let b1 = e.p("b1.raw");
+    make_base(&b1, 1);
+    sealed_cache(&e.p("c1.qcow2"), &b1);
+    sealed_cache(&e.p("c2.qcow2"), &b1);
+    e.v(&["hoard", "add", ps(&e.p("c1.qcow2"))]);
+    e.v(&["hoard", "add", ps(&e.p("c2.qcow2"))]);
+    let packs = e.packs();
+    std::fs::remove_file(e.hoard.join("HEAD")).unwrap();
+    // Not an empty hoard: writers refuse, nothing is deleted, verify names it.
+    for args in [
+        vec!["hoard", "add", ps(&e.p("c1.qcow2")), "--name", "c3"],
+        vec!["hoard", "gc", "--keep-days", "0"],
+        vec!["hoard", "list"],
+    ] {
+        let o = e.cmd().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("--repair"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(e.packs(), packs);
+    assert!(e.hoard.join("caches/c1.vmh").exists());
+    let o = e.cmd().args(["hoard", "verify"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    e.v(&["hoard", "init", ps(&e.hoard), "--repair"]);
+    let l = e.json(&["hoard", "log", "--json"]);
+    assert_eq!(l[0]["generation"], 2, "{l}");
+    let v = e.json(&["hoard", "verify", "--json"]);
+    assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+    same(&e, &e.hoard, "c2", &e.p("c2.qcow2"));
 }
