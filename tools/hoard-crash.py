@@ -161,7 +161,8 @@ class Campaign:
     def receive_round(self, c):
         """The hoard's newest generation streamed to the node (incremental when the node's
         generation is still kept here, else full), the receive killed at random."""
-        if self.head(self.node) == self.head(self.hoard) or self.rnd.random() < 0.3:
+        if (not os.path.exists(os.path.join(self.node, "hoard.yaml"))
+                or self.head(self.node) == self.head(self.hoard) or self.rnd.random() < 0.3):
             shutil.rmtree(self.node, ignore_errors=True)
             self.v("hoard", "init", self.node)
         stream = os.path.join(self.d, "gen.stream")
