@@ -82,8 +82,10 @@ class Campaign:
         self.failures = []
 
     def v(self, *args, check=True):
-        return subprocess.run([self.b, *args], check=check, capture_output=True, text=True,
-                              env=self.env)
+        r = subprocess.run([self.b, *args], capture_output=True, text=True, env=self.env)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"vmicache {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
+        return r
 
     def fail(self, c, what):
         c.problems += 1
