@@ -115,8 +115,9 @@ enum HoardCmd {
         force: bool,
     },
     /// Catch up with the registry's latest generation, however long this node was away
-    /// (for node start-up: tools/vmicache-hoard-sync.service), retrying while the registry
-    /// cannot be reached.
+    /// (for node start-up: tools/libvirt/vmicache-hoard-sync.service; the hook's reconnect
+    /// starts one too), retrying while the registry cannot be reached. One sync at a time: a
+    /// second exits at once.
     Sync {
         #[command(flatten)]
         remote: super::propagate::RemoteArgs,
@@ -474,7 +475,14 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
             return super::propagate::pull(&open()?, &remote, force, 0, json, quiet)
         }
         HoardCmd::Sync { remote, retry_for } => {
-            return super::propagate::pull(&open()?, &remote, false, retry_for, json, quiet)
+            let h = open()?;
+            let Some(_sync) = h.try_sync_lock()? else {
+                if !quiet {
+                    outln!("another hoard sync is at work here: nothing to do");
+                }
+                return Ok(exit::OK);
+            };
+            return super::propagate::pull(&h, &remote, false, retry_for, json, quiet);
         }
         HoardCmd::Receive { file, force } => {
             return super::propagate::receive(&open()?, file.as_deref(), force, json, quiet)

@@ -256,6 +256,23 @@ impl Hoard {
         }
     }
 
+    /// The lock of `hoard sync` (HOARD/sync.lock), taken without waiting: None while another
+    /// sync runs (it reaches the newest generation as well).
+    pub fn try_sync_lock(&self) -> Result<Option<WriteLock>> {
+        let p = self.dir.join("sync.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(io(&p, "open"))?;
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(Some(WriteLock(l))),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(Error::io(&p, "lock", e.into())),
+        }
+    }
+
     fn take(&self, f: File, exclusive: bool) -> Result<Option<WriteLock>> {
         let p = self.dir.join("lock");
         let (now, wait) = if exclusive {

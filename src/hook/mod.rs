@@ -177,6 +177,7 @@ fn release(plans: &[DiskPlan], remove: bool, log: &HookLog) -> Result<()> {
 }
 
 fn reconnect(cfg: &Config, plans: &[DiskPlan], log: &HookLog) -> Result<()> {
+    server::start_hoard_sync(cfg, log);
     for p in plans.iter().filter(|p| p.mode == DiskMode::Nbd) {
         if matches!(running(p)?, Server::Ours(_)) {
             continue;

@@ -339,3 +339,45 @@ fn socket_access(cfg: &Config, sock: &Path) -> Result<()> {
     std::fs::set_permissions(sock, std::fs::Permissions::from_mode(cfg.socket.mode.0))
         .map_err(|e| Error::io(sock, "chmod", e))
 }
+
+/// At `reconnect` (libvirtd started again: this node may have been away): when it has a hoard
+/// and a registry, start `vmicache hoard sync` detached, its output in
+/// `STATE/hoard-sync.log`. The hook does not wait for it; syncs run one at a time (a second
+/// exits at once), so the reconnect of every domain may start one.
+pub(super) fn start_hoard_sync(cfg: &Config, log: &HookLog) {
+    if cfg.dirs.hoard.is_none() || cfg.registry.is_none() {
+        return;
+    }
+    let out_path = cfg.dirs.state.0.join("hoard-sync.log");
+    let started = (|| -> Result<u32> {
+        let exe = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", "resolve", e))?;
+        let out = open_append(&out_path, 0o640)?;
+        let err = out
+            .try_clone()
+            .map_err(|e| Error::io(&out_path, "dup", e))?;
+        let mut cmd = Command::new(&exe);
+        cmd.args(["hoard", "sync", "--retry-for", "300", "-q"])
+            .env("VMICACHE_CONFIG", &cfg.path)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::io(&exe, "start vmicache hoard sync", e))?;
+        Ok(child.id())
+    })();
+    match started {
+        Ok(pid) => log.line(&format!(
+            "started hoard sync (pid {pid}; log {})",
+            out_path.display()
+        )),
+        Err(e) => log.line(&format!("could not start hoard sync: {e}")),
+    }
+}

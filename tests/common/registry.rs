@@ -1,5 +1,6 @@
 //! A real OCI registry for the tests: Debian's `docker-registry` (the CNCF distribution
 //! registry) on 127.0.0.1, its storage in a tempdir.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::Command;

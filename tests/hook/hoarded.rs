@@ -73,3 +73,69 @@ fn prepare_takes_the_cache_from_the_hoard() {
     assert!(log.contains("built cache"), "{log}");
     h.ok("vm4", "release", "end", &xml);
 }
+
+#[test]
+fn reconnect_starts_a_hoard_sync() {
+    let h = Host::new("");
+    let reg = super::registry::Registry::start();
+    let repo = reg.repo("cloud/hoard");
+    // The storage node: a sealed cache of debian.raw, hoarded and pushed.
+    let storage = h.s("outside/storage");
+    let made = h.s("outside/made.qcow2");
+    let v = |args: &[&str]| {
+        let o = bin()
+            .env("VMICACHE_CONFIG", h.p("config.yaml"))
+            .env("VMICACHE_HOARD", &storage)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    v(&["build", &h.s("bases/debian.raw"), "-o", &made, "-q"]);
+    v(&["warm", &made, "--full", "-q"]);
+    v(&["seal", &made, "-q"]);
+    v(&["hoard", "init", &storage]);
+    v(&["hoard", "add", &made, "--name", "debian"]);
+    v(&["hoard", "push", &repo]);
+    // This node: an empty hoard and the registry in its configuration.
+    let extra = format!("registry:\n  ref: {repo}\n");
+    let text = h.config_text(&extra).replacen(
+        "dirs:\n",
+        &format!("dirs:\n  hoard: {}\n", h.s("hoard")),
+        1,
+    );
+    std::fs::write(h.p("config.yaml"), text).unwrap();
+    let o = bin()
+        .env("VMICACHE_CONFIG", h.p("config.yaml"))
+        .args(["hoard", "init"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sock = h.s("sockets/vm5.sock");
+    let xml = domain(
+        "vm5",
+        &h.s("bases/debian.raw"),
+        " mode=\"nbd\"",
+        &nbd_disk(&sock, "vm5"),
+    );
+    h.ok("vm5", "prepare", "begin", &xml);
+    // libvirtd restarted: reconnect starts a sync, which brings the hoard to generation 1.
+    h.ok("vm5", "reconnect", "begin", &xml);
+    let t0 = std::time::Instant::now();
+    while !h.p("hoard/HEAD").exists() {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "no sync: {}",
+            std::fs::read_to_string(h.p("state/hoard-sync.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(h.p("state/hook.log")).unwrap();
+    assert!(log.contains("started hoard sync"), "{log}");
+    assert!(h.p("hoard/caches/debian.vmh").exists());
+    h.ok("vm5", "release", "end", &xml);
+}

@@ -14,6 +14,8 @@ mod hoarded;
 mod lifecycle;
 mod ownership;
 mod refusals;
+#[path = "../common/registry.rs"]
+mod registry;
 mod servers;
 
 const MIB: u64 = 1 << 20;
