@@ -176,15 +176,15 @@ class Campaign:
             args += ["--from", str(kept[at])]
         self.v(*args)
         new = self.head(self.hoard)
-        self.run_killed(c, ("receive", at in kept), ["hoard", "--hoard", self.node, "receive",
-                                                     stream, "-q"])
+        killed = self.run_killed(c, ("receive", at in kept), ["hoard", "--hoard", self.node,
+                                                              "receive", stream, "-q"])
         c.iterations += 1
         now = self.head(self.node)
         if now not in (at, new):
             self.fail(c, f"a killed receive left the node at {now}, neither {at} nor {new}")
         self.verify(c, "a killed receive", self.node)
         if now == new:
-            c.landed += 1
+            c.landed += killed
         else:
             self.v("hoard", "--hoard", self.node, "receive", stream, "-q")
         if self.head(self.node) != new:

@@ -73,6 +73,10 @@ enum HoardCmd {
         /// what only they use, are deleted (default: keep_days of hoard.yaml, 7).
         #[arg(long, value_name = "N")]
         keep_days: Option<u32>,
+        /// Delete only, never repack: no generation of this node's own (for compute nodes
+        /// that follow a registry; tools/libvirt/vmicache-hoard-sync.service uses it).
+        #[arg(long, conflicts_with = "recompress")]
+        no_repack: bool,
         /// Also remove the registry's tags gen-N of generations out of the window (REF as in
         /// `hoard push`; its blobs go with the registry's own garbage collector).
         #[arg(long, value_name = "REF", num_args = 0..=1, default_missing_value = "")]
@@ -371,6 +375,7 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
             recompress,
             frame_chunks,
             keep_days,
+            no_repack,
             registry,
         } => {
             let h = open()?;
@@ -378,6 +383,7 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
                 recompress,
                 frame_chunks,
                 keep_days,
+                no_repack,
             };
             let r = hoard::gc::gc(&h, &o)?;
             let pruned = match registry {

@@ -103,7 +103,7 @@ pub fn register(a: RegisterArgs, quiet: bool) -> Result<i32> {
     hoard::store::check_name(&a.name)?;
     if !a.replace && h.head_caches()?.contains_key(&a.name) {
         bail!(
-            "'{}' is registered already (deregister it first, or --replace)",
+            "'{}' is registered already (deregister it first, or --replace; if its push failed, `vmicache hoard push` publishes it)",
             a.name
         );
     }
@@ -120,6 +120,11 @@ pub fn register(a: RegisterArgs, quiet: bool) -> Result<i32> {
                 .with_context(|| format!("{}: create", scratch.display()))?;
             scratch.join(format!("{}.qcow2", a.name))
         }
+    };
+    // Held while we run: `hoard gc` removes the scratch of registers that are gone.
+    let _scratch_lock = match a.keep_cache {
+        None => Some(hoard::store::lock_scratch(&scratch)?),
+        Some(_) => None,
     };
     let trace = PathBuf::from(format!("{}.trace", cache.display()));
     let result = (|| -> Result<hoard::add::AddReport> {

@@ -38,10 +38,25 @@ pub fn checkout(
     out: &Path,
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<CheckoutReport> {
+    checkout_with(h, name, out, progress, true)
+}
+
+/// [`checkout`]; `wait`: false refuses at once while a writer holds the hoard's lock.
+pub fn checkout_with(
+    h: &Hoard,
+    name: &str,
+    out: &Path,
+    progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+    wait: bool,
+) -> Result<CheckoutReport> {
     let t0 = std::time::Instant::now();
     super::store::check_name(name)?;
     // Shared: no gc or pull deletes what is being read meanwhile.
-    let _lock = h.read_lock()?;
+    let _lock = if wait {
+        h.read_lock()?
+    } else {
+        h.read_lock_nowait()?
+    };
     let path = h.stored_index_path(&h.index_id(name)?);
     let layer = HoardLayer::open(&path, Box::new(FileStorage::open(&path, false)?))?;
     layer.set_frame_cache(CHECKOUT_FRAME_CACHE);

@@ -56,6 +56,10 @@ pub struct GcOptions {
     pub frame_chunks: Option<u32>,
     /// Keep the generations of this many last days (default: the hoard's `keep_days`).
     pub keep_days: Option<u32>,
+    /// Delete only: never repack, so never make a generation of its own (what a node that
+    /// follows a registry runs: a local generation would stand between it and the next
+    /// one the storage node publishes).
+    pub no_repack: bool,
 }
 
 /// The generations gc keeps (newest first): the newest, and those that were the newest at
@@ -63,18 +67,11 @@ pub struct GcOptions {
 /// that one that stayed newest for a month is not dropped the day after it is replaced).
 pub fn kept_generations(h: &Hoard, days: u32) -> Result<Vec<(GenId, Generation)>> {
     let since = super::gens::now().saturating_sub(u64::from(days) * 86_400);
-    let hist = h.history()?;
-    let mut out = Vec::new();
-    let mut next_time = u64::MAX;
-    for (k, (id, g)) in hist.into_iter().enumerate() {
-        if k == 0 || (days > 0 && next_time >= since) {
-            next_time = g.time;
-            out.push((id, g));
-        } else {
-            next_time = g.time;
-        }
-    }
-    Ok(out)
+    Ok(h.history_since()?
+        .into_iter()
+        .filter(|(_, _, replaced)| replaced.is_none_or(|t| days > 0 && t >= since))
+        .map(|(id, g, _)| (id, g))
+        .collect())
 }
 
 /// Delete the generation records not in `gens`, then the stored indexes not in `indexes`
@@ -202,7 +199,7 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
         let n = v.iter().filter(|&&x| x).count();
         if n == 0 {
             dead.push(*id);
-        } else if pinned.contains(id) {
+        } else if pinned.contains(id) || o.no_repack {
             continue;
         } else if o.recompress.is_some() || (n as f64) < REPACK_BELOW * v.len() as f64 {
             repack.push(*id);
@@ -316,6 +313,7 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
         named_now.extend(h.stored_index(id)?.packs);
     }
     let (g, i) = drop_unkept(h, &keep_gens, &keep_indexes)?;
+    h.prune_heads(&keep_gens)?;
     rep.deleted_generations += g;
     rep.deleted_indexes += i;
     for id in repack

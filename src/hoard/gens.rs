@@ -5,7 +5,8 @@
 //! ```text
 //! HOARD/gens/<id>.gen        a generation record (YAML; id = BLAKE3 of the file)
 //! HOARD/indexes/<id>.vmh     cache indexes, content-addressed (id = BLAKE3 of the file)
-//! HOARD/HEAD                 the id of the newest generation
+//! HOARD/HEAD                 the id of the newest generation (`none` before the first)
+//! HOARD/heads                the generations that were newest here, and since when
 //! HOARD/caches/<name>.vmh    the newest generation's indexes, hard links (what chains name)
 //! ```
 //!
@@ -150,6 +151,7 @@ impl Hoard {
     pub fn head_id(&self) -> Result<Option<GenId>> {
         let p = self.dir().join("HEAD");
         match std::fs::read_to_string(&p) {
+            Ok(s) if s.trim() == "none" => Ok(None),
             Ok(s) => parse_hex(s.trim()).map(Some).ok_or_else(|| {
                 Error::corrupt(
                     &p,
@@ -223,7 +225,16 @@ impl Hoard {
             .into_iter()
             .filter_map(|id| self.read_gen(&id).ok().map(|g| (id, g)))
             .collect();
+        // The one that was newest here last, else the highest number.
         all.sort_by_key(|(_, g)| std::cmp::Reverse((g.generation, g.time)));
+        let heads = self.heads()?;
+        let rank = |id: &GenId| {
+            heads
+                .iter()
+                .position(|(h, _)| h == id)
+                .unwrap_or(usize::MAX)
+        };
+        all.sort_by_key(|(id, _)| rank(id));
         let Some((id, g)) = all.into_iter().find(|(_, g)| self.whole(g)) else {
             return Err(Error::corrupt(
                 self.dir(),
@@ -257,31 +268,74 @@ impl Hoard {
         Generation::decode(&b, id, &p)
     }
 
-    /// The generations kept here, newest first: the newest (`HEAD`), then every record
-    /// present of an older generation (a node that received generation 8 while at 5 keeps 5
-    /// too, though 6 and 7 never were here). Records that do not read, and those of the
-    /// newest's number or later that are not the newest (a receive stopped before `HEAD`
-    /// moved, or history left behind by `pull --force`), are not among them.
+    /// The generations kept here, newest first: the newest (`HEAD`), then those that were
+    /// the newest here before it (`heads`; a node that received generation 8 while at 5 keeps
+    /// 5, though 6 and 7 never were here), as far as their records read. Records that never
+    /// were `HEAD` (a writer stopped before it moved) are not among them, nor those of the
+    /// newest's number or later (history left behind by `pull --force`).
     pub fn history(&self) -> Result<Vec<(GenId, Generation)>> {
+        Ok(self
+            .history_since()?
+            .into_iter()
+            .map(|(id, g, _)| (id, g))
+            .collect())
+    }
+
+    /// [`Hoard::history`], each with when it was replaced here (None for the newest).
+    pub fn history_since(&self) -> Result<Vec<(GenId, Generation, Option<u64>)>> {
         let Some((hid, hg)) = self.head()? else {
             return Ok(Vec::new());
         };
-        let mut out: Vec<(GenId, Generation)> = self
-            .gen_ids()?
-            .into_iter()
-            .filter(|id| *id != hid)
-            .filter_map(|id| self.read_gen(&id).ok().map(|g| (id, g)))
-            .filter(|(_, g)| g.generation < hg.generation)
-            .collect();
-        out.sort_by_key(|(id, g)| {
-            (
-                std::cmp::Reverse(g.generation),
-                std::cmp::Reverse(g.time),
-                *id,
-            )
-        });
-        out.insert(0, (hid, hg));
+        let mut out = vec![(hid, hg.clone(), None)];
+        let mut replaced: Option<u64> = None;
+        for (id, t) in self.heads()? {
+            // `t`: when `id` became the newest; it was replaced when the one after it did.
+            let at = replaced.unwrap_or(t);
+            replaced = Some(t);
+            if id == hid || out.iter().any(|(x, _, _)| *x == id) {
+                continue;
+            }
+            if let Ok(g) = self.read_gen(&id) {
+                if g.generation < hg.generation {
+                    out.push((id, g, Some(at)));
+                }
+            }
+        }
         Ok(out)
+    }
+
+    /// The `heads` log, newest first: each generation that became the newest here, and when
+    /// (seconds since the epoch); lines that do not parse are passed over.
+    pub fn heads(&self) -> Result<Vec<(GenId, u64)>> {
+        let p = self.dir().join("heads");
+        let b = match read_bounded(&p, MAX_GEN_BYTES) {
+            Ok(b) => b,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Vec::new())
+            }
+            Err(e) => return Err(e),
+        };
+        let mut out: Vec<(GenId, u64)> = String::from_utf8_lossy(&b)
+            .lines()
+            .filter_map(|l| {
+                let (id, t) = l.split_once(' ')?;
+                Some((parse_hex(id)?, t.trim().parse().ok()?))
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Rewrite the `heads` log with only the generations in `keep` (gc).
+    pub fn prune_heads(&self, keep: &std::collections::HashSet<GenId>) -> Result<()> {
+        let mut lines: Vec<String> = self
+            .heads()?
+            .into_iter()
+            .filter(|(id, _)| keep.contains(id))
+            .map(|(id, t)| format!("{} {t}\n", hex(&id)))
+            .collect();
+        lines.reverse();
+        write_atomic(&self.dir().join("heads"), lines.concat().as_bytes())
     }
 
     /// The bytes of stored index `id`, checked against it.
@@ -351,6 +405,18 @@ impl Hoard {
             &self.dir().join("HEAD"),
             format!("{}\n", hex(id)).as_bytes(),
         )?;
+        // Then the log of the generations that were newest here (a kill between leaves the
+        // newest unlogged: it is `HEAD` anyway).
+        let p = self.dir().join("heads");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, "open", e))?;
+        use std::io::Write;
+        f.write_all(format!("{} {}\n", hex(id), now()).as_bytes())
+            .and_then(|()| f.sync_data())
+            .map_err(|e| Error::io(&p, "append", e))?;
         self.sync_view()
     }
 

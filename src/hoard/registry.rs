@@ -9,7 +9,7 @@
 //! the pack's tables by us) and installs the generation as a stream does: `HEAD` last.
 
 use super::format::{hex, parse_hex};
-use super::gens::Generation;
+use super::gens::{GenId, Generation};
 use super::store::Hoard;
 use super::stream::{adopt, install_index, PackSink, StreamReport, MAX_PACK_BYTES};
 use crate::{Error, Result, Subject};
@@ -94,32 +94,48 @@ pub fn unreachable(e: &Error) -> bool {
 
 /// A failure of the registry or the way to it, classified (see [`unreachable`]).
 fn net_err(r: &str, what: &str, e: &(dyn std::error::Error + 'static)) -> Error {
+    use oci_client::errors::OciDistributionError as Oci;
     use std::io::ErrorKind;
-    let kind = match e.downcast_ref::<oci_client::errors::OciDistributionError>() {
-        Some(oci_client::errors::OciDistributionError::RequestError(x)) if x.is_timeout() => {
-            Some(ErrorKind::TimedOut)
-        }
-        Some(oci_client::errors::OciDistributionError::RequestError(x))
-            if x.is_connect() || x.is_request() || x.is_body() =>
+    fn of_reqwest(x: &reqwest::Error) -> ErrorKind {
+        if x.is_timeout() {
+            ErrorKind::TimedOut
+        } else if x
+            .status()
+            .is_some_and(|s| [429, 502, 503, 504].contains(&s.as_u16()))
         {
-            Some(ErrorKind::ConnectionRefused)
+            ErrorKind::ConnectionRefused
+        } else if x.is_connect() || x.is_request() || x.is_body() || x.is_decode() {
+            ErrorKind::ConnectionReset
+        } else {
+            ErrorKind::Other
         }
-        Some(oci_client::errors::OciDistributionError::IoError(x)) => Some(x.kind()),
-        Some(_) => None,
+    }
+    fn of_io(x: &std::io::Error) -> ErrorKind {
+        // A download's stream wraps the HTTP client's errors in io::Error::other.
+        match x.get_ref().and_then(|i| i.downcast_ref::<reqwest::Error>()) {
+            Some(r) => of_reqwest(r),
+            None => x.kind(),
+        }
+    }
+    let kind = match e.downcast_ref::<Oci>() {
+        Some(Oci::RequestError(x)) => of_reqwest(x),
+        Some(Oci::IoError(x)) => of_io(x),
+        // A proxy or registry that is restarting or overloaded: try again later.
+        Some(Oci::ServerError { code, .. }) if [429, 502, 503, 504].contains(code) => {
+            ErrorKind::ConnectionRefused
+        }
+        Some(_) => ErrorKind::Other,
         None => e
             .downcast_ref::<std::io::Error>()
-            .map(|x| x.kind())
-            .or_else(|| {
-                e.downcast_ref::<reqwest::Error>()
-                    .map(|_| ErrorKind::ConnectionRefused)
-            }),
+            .map(of_io)
+            .or_else(|| e.downcast_ref::<reqwest::Error>().map(of_reqwest))
+            .unwrap_or(ErrorKind::Other),
     };
     let text = format!("{what}: {}", chain(e));
-    match kind {
-        Some(k) if k != ErrorKind::Other && k != ErrorKind::InvalidData => {
-            Error::io(subject(r), "registry", std::io::Error::new(k, text))
-        }
-        _ => Error::refused(subject(r), text),
+    if matches!(kind, ErrorKind::Other | ErrorKind::InvalidData) {
+        Error::refused(subject(r), text)
+    } else {
+        Error::io(subject(r), "registry", std::io::Error::new(kind, text))
     }
 }
 
@@ -393,7 +409,7 @@ async fn fetch_small(s: &Session, r: &Reference, d: &OciDescriptor, max: u64) ->
         .pull_blob_stream(r, d)
         .await
         .map_err(|e| s.net(&format!("download {}", d.digest), e))?;
-    let mut out = Vec::with_capacity(d.size as usize);
+    let mut out = Vec::new();
     while let Some(c) = st.next().await {
         let c = c.map_err(|e| s.net(&format!("download {}", d.digest), e))?;
         if (out.len() + c.len()) as u64 > d.size as u64 {
@@ -413,68 +429,100 @@ async fn fetch_small(s: &Session, r: &Reference, d: &OciDescriptor, max: u64) ->
     Ok(out)
 }
 
+/// The BLAKE3 id a descriptor is annotated with.
+fn id_of(s: &Session, d: &OciDescriptor) -> Result<[u8; 32]> {
+    d.annotations
+        .as_ref()
+        .and_then(|a| a.get(ID_ANNOTATION))
+        .and_then(|x| parse_hex(x))
+        .ok_or_else(|| {
+            s.err(
+                "manifest",
+                format!("blob {} has no {ID_ANNOTATION}", d.digest),
+            )
+        })
+}
+
+/// A generation's manifest at `r`, checked to be a hoard's, with its record.
+async fn fetch_generation(
+    s: &Session,
+    r: &Reference,
+    tag: &str,
+) -> Result<(OciImageManifest, GenId, Vec<u8>, Generation)> {
+    let (body, _digest) = s
+        .client
+        .pull_manifest_raw(r, &s.auth, &[OCI_IMAGE_MEDIA_TYPE])
+        .await
+        .map_err(|e| s.net(&format!("manifest {tag}"), e))?;
+    if body.len() > 64 << 20 {
+        return Err(s.err("manifest", "too large"));
+    }
+    let m: OciImageManifest = serde_json::from_slice(&body).map_err(|e| s.err("manifest", e))?;
+    if m.artifact_type.as_deref() != Some(ARTIFACT_TYPE) || m.config.media_type != GEN_TYPE {
+        return Err(Error::refused(
+            subject(&s.name),
+            format!(
+                "{tag} is not a vmicache hoard generation (artifact type {:?})",
+                m.artifact_type
+            ),
+        ));
+    }
+    let gid = id_of(s, &m.config)?;
+    let rec = fetch_small(s, r, &m.config, 64 << 20).await?;
+    let g = Generation::decode(&rec, &gid, subject(&s.name))?;
+    Ok((m, gid, rec, g))
+}
+
 /// Bring this hoard to the generation at `remote` (its tag, else `latest`), downloading only
-/// the blobs it lacks. `force`: accept an older generation than this hoard's.
+/// the blobs it lacks. `force`: accept an older generation than this hoard's. The hoard's
+/// lock is taken only once there is something to fetch (a pull that finds this hoard up to
+/// date never holds it).
 pub fn pull(h: &Hoard, remote: &Remote, force: bool) -> Result<StreamReport> {
     let t0 = std::time::Instant::now();
-    let lock = h.lock()?;
     let s = Session::new(remote)?;
     let tag = tag_of(&s);
     let r = s.tagged(&tag);
-    let here = h.head()?;
-    let mut rep = StreamReport::default();
-    let (gid, rec) = s.rt.block_on(async {
-        let (body, _digest) = s
-            .client
-            .pull_manifest_raw(&r, &s.auth, &[OCI_IMAGE_MEDIA_TYPE])
-            .await
-            .map_err(|e| s.net(&format!("manifest {tag}"), e))?;
-        if body.len() > 64 << 20 {
-            return Err(s.err("manifest", "too large"));
+    let (m, gid, rec, g) = s.rt.block_on(fetch_generation(&s, &r, &tag))?;
+    let mut rep = StreamReport {
+        generation: g.generation,
+        id: hex(&gid),
+        ..Default::default()
+    };
+    let done = |mut rep: StreamReport| {
+        rep.up_to_date = true;
+        rep.seconds = t0.elapsed().as_secs_f64();
+        Ok(rep)
+    };
+    if h.head_id()? == Some(gid) {
+        return done(rep);
+    }
+    let lock = h.lock()?;
+    if let Some((hid, hg)) = h.head()? {
+        if hid == gid {
+            return done(rep);
         }
-        let m: OciImageManifest =
-            serde_json::from_slice(&body).map_err(|e| s.err("manifest", e))?;
-        if m.artifact_type.as_deref() != Some(ARTIFACT_TYPE) || m.config.media_type != GEN_TYPE {
+        if hg.generation > g.generation && !force {
             return Err(Error::refused(
-                subject(&s.name),
-                format!("{tag} is not a vmicache hoard generation (artifact type {:?})", m.artifact_type),
+                h.dir(),
+                format!(
+                    "this hoard is at generation {}, newer than {tag}'s {} (--force to go back)",
+                    hg.generation, g.generation
+                ),
             ));
         }
-        let id_of = |d: &OciDescriptor| -> Result<[u8; 32]> {
-            d.annotations
-                .as_ref()
-                .and_then(|a| a.get(ID_ANNOTATION))
-                .and_then(|x| parse_hex(x))
-                .ok_or_else(|| s.err("manifest", format!("blob {} has no {ID_ANNOTATION}", d.digest)))
-        };
-        let gid = id_of(&m.config)?;
-        let rec = fetch_small(&s, &r, &m.config, 64 << 20).await?;
-        let g = Generation::decode(&rec, &gid, subject(&s.name))?;
-        rep.generation = g.generation;
-        rep.id = hex(&gid);
-        if let Some((hid, hg)) = &here {
-            if *hid == gid {
-                rep.up_to_date = true;
-                return Ok((gid, rec));
-            }
-            if hg.generation > g.generation && !force {
-                return Err(Error::refused(
-                    h.dir(),
-                    format!(
-                        "this hoard is at generation {}, newer than {tag}'s {} (--force to go back)",
-                        hg.generation, g.generation
-                    ),
-                ));
-            }
-            rep.from = Some(hg.generation);
-        }
+        rep.from = Some(hg.generation);
+    }
+    s.rt.block_on(async {
         // Indexes first: what they name bounds which packs are taken.
         let want: HashSet<[u8; 32]> = g.indexes()?.into_values().collect();
         let mut packs_wanted: HashSet<[u8; 32]> = HashSet::new();
         for d in m.layers.iter().filter(|d| d.media_type == INDEX_TYPE) {
-            let id = id_of(d)?;
+            let id = id_of(&s, d)?;
             if !want.contains(&id) {
-                return Err(s.err("manifest", format!("index {} is not its generation's", hex(&id))));
+                return Err(s.err(
+                    "manifest",
+                    format!("index {} is not its generation's", hex(&id)),
+                ));
             }
             if let Ok(i) = h.stored_index(&id) {
                 packs_wanted.extend(i.packs);
@@ -486,9 +534,12 @@ pub fn pull(h: &Hoard, remote: &Remote, force: bool) -> Result<StreamReport> {
             rep.bytes += b.len() as u64;
         }
         for d in m.layers.iter().filter(|d| d.media_type == PACK_TYPE) {
-            let id = id_of(d)?;
+            let id = id_of(&s, d)?;
             if !packs_wanted.contains(&id) {
-                return Err(s.err("manifest", format!("pack {} is not used by its generation", hex(&id))));
+                return Err(s.err(
+                    "manifest",
+                    format!("pack {} is not used by its generation", hex(&id)),
+                ));
             }
             if h.pack_path(&id).exists() {
                 rep.packs_present += 1;
@@ -514,11 +565,10 @@ pub fn pull(h: &Hoard, remote: &Remote, force: bool) -> Result<StreamReport> {
             rep.pack_bytes += got;
             rep.bytes += got;
         }
-        Ok((gid, rec))
+        Ok::<(), Error>(())
     })?;
-    if !rep.up_to_date {
-        adopt(h, &lock, &gid, &rec)?;
-    }
+    rep.bytes += rec.len() as u64;
+    adopt(h, &lock, &gid, &rec)?;
     rep.seconds = t0.elapsed().as_secs_f64();
     Ok(rep)
 }

@@ -139,6 +139,7 @@ impl Hoard {
             let d = dir.join(d);
             std::fs::create_dir_all(&d).map_err(io(&d, "create directory"))?;
         }
+        write_atomic(&dir.join("HEAD"), b"none\n")?;
         write_settings(dir, &Settings::default())?;
         Ok((Hoard::open(dir)?, true))
     }
@@ -273,6 +274,25 @@ impl Hoard {
         }
     }
 
+    /// [`Hoard::read_lock`] without waiting: refused while a writer holds the lock (for
+    /// callers that do something else then, as the hook builds a cache itself).
+    pub fn read_lock_nowait(&self) -> Result<Option<WriteLock>> {
+        let p = self.dir.join("lock");
+        let f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&p, "open", e)),
+        };
+        match Flock::lock(f, FlockArg::LockSharedNonblock) {
+            Ok(l) => Ok(Some(WriteLock(l))),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::refused(
+                &self.dir,
+                "busy: a writer (add, rm, gc, receive, pull) holds it",
+            )),
+            Err((_, e)) => Err(Error::io(&p, "lock", e.into())),
+        }
+    }
+
     fn take(&self, f: File, exclusive: bool) -> Result<Option<WriteLock>> {
         let p = self.dir.join("lock");
         let (now, wait) = if exclusive {
@@ -352,10 +372,8 @@ impl Hoard {
                 let e = e.map_err(io(&d, "list"))?;
                 let n = e.file_name().to_string_lossy().into_owned();
                 // `vmicache register`'s scratch directories, of registers that are gone.
-                let dead_register = sub == "."
-                    && n.strip_prefix(".register-")
-                        .and_then(|p| p.parse::<u32>().ok())
-                        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+                let dead_register =
+                    sub == "." && n.starts_with(".register-") && !register_alive(&e.path());
                 if n.starts_with(".tmp-") || dead_register {
                     out.push(e.path());
                 }
@@ -384,6 +402,30 @@ impl Hoard {
     pub fn read_index(&self, name: &str) -> Result<CacheIndex> {
         self.stored_index(&self.index_id(name)?)
     }
+}
+
+/// Whether the `vmicache register` that made scratch directory `dir` still runs: it holds
+/// an flock on `dir/lock` all along (a directory without one yet is young: alive for an
+/// hour).
+fn register_alive(dir: &Path) -> bool {
+    match File::open(dir.join("lock")) {
+        Ok(f) => Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err(),
+        Err(_) => std::fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age.as_secs() < 3600),
+    }
+}
+
+/// Take the lock of a `vmicache register` scratch directory (held while the value lives; see
+/// `register_alive`).
+pub fn lock_scratch(dir: &Path) -> Result<WriteLock> {
+    let p = dir.join("lock");
+    let f = File::create(&p).map_err(io(&p, "create"))?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock)
+        .map(WriteLock)
+        .map_err(|(_, e)| Error::io(&p, "lock", e.into()))
 }
 
 fn write_settings(dir: &Path, s: &Settings) -> Result<()> {

@@ -42,7 +42,7 @@ pub(super) fn prepare(cfg: &Config, plans: &[DiskPlan], log: &HookLog) -> Result
             cfg.dirs
                 .hoard
                 .as_ref()
-                .is_some_and(|h| in_hoard(&h.0, img).is_some())
+                .is_some_and(|h| matches!(in_hoard(&h.0, img), Ok(Some(_))))
         };
         if !sealed {
             let m =
@@ -265,7 +265,7 @@ fn ensure_cache(
 /// into place): the one named as the image when it stands on this base, else the first that
 /// does. None when the hoard holds none (the hook then builds and records as before).
 fn from_hoard(dir: &Path, img: &ResolvedImage, cache: &Path) -> Result<Option<(String, u64)>> {
-    let Some((h, name, gen)) = in_hoard(dir, img) else {
+    let Some((h, name, gen)) = in_hoard(dir, img)? else {
         return Ok(None);
     };
     let name = &name;
@@ -277,7 +277,8 @@ fn from_hoard(dir: &Path, img: &ResolvedImage, cache: &Path) -> Result<Option<(S
     let tmp_trace = crate::hoard::checkout::trace_path(&tmp);
     let _ = remove_regular(&tmp);
     let _ = remove_regular(&tmp_trace);
-    let r = crate::hoard::checkout::checkout(&h, name, &tmp, None).and_then(|_| {
+    // Without waiting: a sync or gc at work means building here, not holding up the start.
+    let r = crate::hoard::checkout::checkout_with(&h, name, &tmp, None, false).and_then(|_| {
         // Recorded over this very base (not another one at the same path)?
         let c = Image::open(&tmp, &OpenOptions::read_only())?;
         require_base_matches(&c)
@@ -294,25 +295,26 @@ fn from_hoard(dir: &Path, img: &ResolvedImage, cache: &Path) -> Result<Option<(S
     Ok(Some((name.clone(), gen)))
 }
 
-/// The hoard at `dir`, the name of its cache over `img`'s base and the hoard's generation.
-fn in_hoard(dir: &Path, img: &ResolvedImage) -> Option<(crate::hoard::Hoard, String, u64)> {
-    let h = match crate::hoard::Hoard::open(dir) {
-        Ok(h) => h,
-        Err(e) => {
-            log::warn!("{e}: caches are built here instead");
-            return None;
-        }
+/// The hoard at `dir`, the name of its cache over `img`'s base and the hoard's generation;
+/// None when it holds none.
+fn in_hoard(dir: &Path, img: &ResolvedImage) -> Result<Option<(crate::hoard::Hoard, String, u64)>> {
+    let h = crate::hoard::Hoard::open(dir)?;
+    let Some((_, g)) = h.head()? else {
+        return Ok(None);
     };
-    let (_, g) = h.head().ok()??;
+    let caches = g.indexes()?;
     let base = img.base.to_string_lossy();
-    let stands = |name: &str| {
-        h.read_index(name)
+    // The one named as the image first, then the others (each index read once).
+    let mut names: Vec<(&String, &[u8; 32])> = caches.iter().collect();
+    names.sort_by_key(|(n, _)| **n != img.name);
+    for (name, id) in names {
+        if h.stored_index(id)
             .is_ok_and(|i| i.backing_file.as_deref() == Some(&*base))
-    };
-    let mut names: Vec<&String> = g.caches.keys().collect();
-    names.sort_by_key(|n| **n != img.name);
-    let name = names.into_iter().find(|n| stands(n))?.clone();
-    Some((h, name, g.generation))
+        {
+            return Ok(Some((h, name.clone(), g.generation)));
+        }
+    }
+    Ok(None)
 }
 
 /// Build a cache at a temporary name beside `cache` and rename it into place.
