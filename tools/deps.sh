@@ -22,6 +22,7 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 # The hoard's registry tests: the CNCF distribution registry, run by the tests themselves.
 command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v htpasswd >/dev/null || need+=(apache2-utils)   # its users, for the auth test
 if [ $boot = 1 ]; then
   command -v nbdkit >/dev/null || need+=(nbdkit)
   command -v debootstrap >/dev/null || need+=(debootstrap)

@@ -131,8 +131,19 @@ fn net_err(r: &str, what: &str, e: &(dyn std::error::Error + 'static)) -> Error 
             .or_else(|| e.downcast_ref::<reqwest::Error>().map(of_reqwest))
             .unwrap_or(ErrorKind::Other),
     };
-    let text = format!("{what}: {}", chain(e));
-    if matches!(kind, ErrorKind::Other | ErrorKind::InvalidData) {
+    let denied = match e.downcast_ref::<Oci>() {
+        Some(Oci::AuthenticationFailure(_) | Oci::UnauthorizedError { .. }) => true,
+        Some(Oci::RequestError(x)) => x.status().is_some_and(|s| [401, 403].contains(&s.as_u16())),
+        Some(Oci::ServerError { code, .. }) => [401, 403].contains(code),
+        _ => false,
+    };
+    let mut text = format!("{what}: {}", chain(e));
+    if denied {
+        text.push_str(
+            " (credentials: VMICACHE_REGISTRY_USER and VMICACHE_REGISTRY_PASSWORD, or VMICACHE_REGISTRY_TOKEN, or the configuration's registry: section)",
+        );
+    }
+    if denied || matches!(kind, ErrorKind::Other | ErrorKind::InvalidData) {
         Error::refused(subject(r), text)
     } else {
         Error::io(subject(r), "registry", std::io::Error::new(kind, text))

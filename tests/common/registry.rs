@@ -16,6 +16,15 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_with(None)
+    }
+
+    /// With basic authentication (htpasswd, bcrypt) for `user` and `password`.
+    pub fn start_with_auth(user: &str, password: &str) -> Registry {
+        Self::start_with(Some((user, password)))
+    }
+
+    fn start_with(auth: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -24,10 +33,24 @@ impl Registry {
             .port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
+        let mut auth_conf = String::new();
+        if let Some((user, password)) = auth {
+            let o = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect("htpasswd (tools/deps.sh installs apache2-utils)");
+            assert!(o.status.success());
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, &o.stdout).unwrap();
+            auth_conf = format!(
+                "auth:\n  htpasswd: {{realm: vmicache-test, path: {}}}\n",
+                file.display()
+            );
+        }
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\nhttp: {{addr: {addr}, secret: vmicache-test}}\n",
+                "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\nhttp: {{addr: {addr}, secret: vmicache-test}}\n{auth_conf}",
                 dir.path().join("data").display()
             ),
         )
@@ -60,7 +83,7 @@ impl Registry {
                 let _ = write!(s, "GET /v2/ HTTP/1.0\r\n\r\n");
                 let mut b = String::new();
                 let _ = s.read_to_string(&mut b);
-                if b.starts_with("HTTP/1.") && b.contains(" 200 ") {
+                if b.starts_with("HTTP/1.") && (b.contains(" 200 ") || b.contains(" 401 ")) {
                     return;
                 }
             }

@@ -159,3 +159,61 @@ fn nodes_follow_the_registry() {
     ok_json(&e, &late, &["hoard", "sync", &repo]);
     assert_eq!(head(&late), head(s));
 }
+
+#[test]
+fn credentials_reach_the_registry() {
+    let e = Env::new();
+    let reg = Registry::start_with_auth("vmicache", "s3cret pass");
+    let repo = reg.repo("private/hoard");
+    let b1 = e.p("b1.raw");
+    make_base(&b1, 1);
+    sealed_cache(&e.p("c1.qcow2"), &b1);
+    e.v(&["hoard", "add", ps(&e.p("c1.qcow2"))]);
+    // Without credentials, and with wrong ones: refused in one line that says where they go.
+    for pw in [None, Some("wrong")] {
+        let mut c = e.cmd();
+        if let Some(pw) = pw {
+            c.env("VMICACHE_REGISTRY_USER", "vmicache")
+                .env("VMICACHE_REGISTRY_PASSWORD", pw);
+        }
+        let o = c.args(["hoard", "push", &repo]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(
+            err.contains("VMICACHE_REGISTRY_USER") && err.trim().lines().count() == 1,
+            "{err}"
+        );
+    }
+    // From the environment.
+    let o = e
+        .cmd()
+        .env("VMICACHE_REGISTRY_USER", "vmicache")
+        .env("VMICACHE_REGISTRY_PASSWORD", "s3cret pass")
+        .args(["hoard", "push", &repo])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // From the configuration (the password in a file of its own).
+    let node = e.p("node");
+    e.v(&["hoard", "init", ps(&node)]);
+    std::fs::write(e.p("password"), "s3cret pass\n").unwrap();
+    std::fs::write(
+        e.p("config.yaml"),
+        format!(
+            "dirs:\n  bases: [{d}]\n  caches: {d}/caches\n  instances: {d}/instances\n  traces: {d}/traces\n  sockets: {d}/sockets\n  state: {d}/state\n  hoard: {n}\nregistry:\n  ref: {repo}\n  username: vmicache\n  password_file: {d}/password\n",
+            d = e.dir.display(),
+            n = node.display()
+        ),
+    )
+    .unwrap();
+    let o = e
+        .cmd()
+        .env_remove("VMICACHE_HOARD")
+        .env("VMICACHE_CONFIG", e.p("config.yaml"))
+        .args(["hoard", "sync", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["generation"], 1, "{r}");
+}
