@@ -488,7 +488,11 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
                 }
                 return Ok(exit::OK);
             };
-            return super::propagate::pull(&h, &remote, false, retry_for, json, quiet);
+            let code = super::propagate::pull(&h, &remote, false, retry_for, json, quiet)?;
+            // A sync that found this one at work and left may have come for a newer generation
+            // than the one fetched: look once more (cheap when nothing changed).
+            let _ = super::propagate::pull(&h, &remote, false, 0, false, true);
+            return Ok(code);
         }
         HoardCmd::Receive { file, force } => {
             return super::propagate::receive(&open()?, file.as_deref(), force, json, quiet)

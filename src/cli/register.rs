@@ -112,11 +112,16 @@ pub fn register(a: RegisterArgs, quiet: bool) -> Result<i32> {
     let base = std::fs::canonicalize(&a.base).unwrap_or_else(|_| a.base.clone());
     // Scratch in the hoard's file system (a cache may be large), in a directory `hoard gc`
     // removes once this process is gone.
-    let scratch = h.dir().join(format!(".register-{}", std::process::id()));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let scratch = h
+        .dir()
+        .join(format!(".register-{}-{nanos:09}", std::process::id()));
     let cache = match &a.keep_cache {
         Some(p) => p.clone(),
         None => {
-            std::fs::create_dir_all(&scratch)
+            std::fs::create_dir(&scratch)
                 .with_context(|| format!("{}: create", scratch.display()))?;
             scratch.join(format!("{}.qcow2", a.name))
         }

@@ -120,6 +120,8 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
         bytes_before: packs_bytes(h)?,
         ..GcReport::default()
     };
+    h.ensure_heads(&lock)?;
+    rep.leftovers += h.sweep_registers()?;
     for p in h.leftovers()? {
         if p.is_dir() {
             std::fs::remove_dir_all(&p)

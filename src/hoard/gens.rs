@@ -287,7 +287,8 @@ impl Hoard {
             return Ok(Vec::new());
         };
         let mut out = vec![(hid, hg.clone(), None)];
-        let mut replaced: Option<u64> = None;
+        // When HEAD last moved (its own line, when the log has it, says the same).
+        let mut replaced: Option<u64> = self.head_mtime();
         for (id, t) in self.heads()? {
             // `t`: when `id` became the newest; it was replaced when the one after it did.
             let at = replaced.unwrap_or(t);
@@ -304,8 +305,75 @@ impl Hoard {
         Ok(out)
     }
 
+    fn head_mtime(&self) -> Option<u64> {
+        std::fs::metadata(self.dir().join("HEAD"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+    }
+
+    /// Make the `heads` log know the current `HEAD`: a hoard made before the log had none (its
+    /// older generations are logged from their records), and a writer killed after moving
+    /// `HEAD` may not have logged it. Under the writers' lock.
+    pub fn ensure_heads(&self, _lock: &WriteLock) -> Result<()> {
+        // No HEAD yet (or a damaged one, which others report): nothing to log.
+        let Ok(Some((hid, hg))) = self.head() else {
+            return Ok(());
+        };
+        let heads = self.heads()?;
+        if heads.first().is_some_and(|(id, _)| *id == hid) {
+            return Ok(());
+        }
+        let mut lines = String::new();
+        if !self.dir().join("heads").exists() {
+            let mut older: Vec<(GenId, Generation)> = self
+                .gen_ids()?
+                .into_iter()
+                .filter(|id| *id != hid)
+                .filter_map(|id| self.read_gen(&id).ok().map(|g| (id, g)))
+                .filter(|(_, g)| g.generation < hg.generation)
+                .collect();
+            older.sort_by_key(|(_, g)| (g.generation, g.time));
+            for (id, g) in older {
+                lines.push_str(&format!("{} {}\n", hex(&id), g.time));
+            }
+        }
+        let t = self.head_mtime().unwrap_or_else(now);
+        lines.push_str(&format!("{} {t}\n", hex(&hid)));
+        self.append_heads(&lines)
+    }
+
+    /// Append lines to the `heads` log (after a newline, should a torn line end it).
+    fn append_heads(&self, lines: &str) -> Result<()> {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let p = self.dir().join("heads");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, "open", e))?;
+        let len = f.metadata().map_err(|e| Error::io(&p, "stat", e))?.len();
+        let mut last = [b'\n'];
+        if len > 0 {
+            f.seek(SeekFrom::Start(len - 1))
+                .and_then(|_| f.read_exact(&mut last))
+                .map_err(|e| Error::io(&p, "read", e))?;
+        }
+        let text = if last[0] == b'\n' {
+            lines.to_string()
+        } else {
+            format!("\n{lines}")
+        };
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_data())
+            .map_err(|e| Error::io(&p, "append", e))
+    }
+
     /// The `heads` log, newest first: each generation that became the newest here, and when
-    /// (seconds since the epoch); lines that do not parse are passed over.
+    /// (seconds since the epoch); lines that do not parse, or whose time is not plausible,
+    /// are passed over.
     pub fn heads(&self) -> Result<Vec<(GenId, u64)>> {
         let p = self.dir().join("heads");
         let b = match read_bounded(&p, MAX_GEN_BYTES) {
@@ -319,7 +387,11 @@ impl Hoard {
             .lines()
             .filter_map(|l| {
                 let (id, t) = l.split_once(' ')?;
-                Some((parse_hex(id)?, t.trim().parse().ok()?))
+                let t: u64 = t.trim().parse().ok()?;
+                // After 2001 and not beyond tomorrow: a torn line's cut-off time is not one.
+                (1_000_000_000..now() + 86_400)
+                    .contains(&t)
+                    .then_some((parse_hex(id)?, t))
             })
             .collect();
         out.reverse();
@@ -400,23 +472,16 @@ impl Hoard {
 
     /// Make `HEAD` name generation `id` (its record and everything it names already stored),
     /// then bring the `caches/` view to it.
-    pub fn set_head(&self, _lock: &WriteLock, id: &GenId) -> Result<()> {
+    pub fn set_head(&self, lock: &WriteLock, id: &GenId) -> Result<()> {
+        // The log first (the generation leaving HEAD too, should it be missing there): a line
+        // for one that never became HEAD (a kill before the rename) is passed over, being of
+        // the number the next commit takes again.
+        self.ensure_heads(lock)?;
+        self.append_heads(&format!("{} {}\n", hex(id), now()))?;
         write_atomic(
             &self.dir().join("HEAD"),
             format!("{}\n", hex(id)).as_bytes(),
         )?;
-        // Then the log of the generations that were newest here (a kill between leaves the
-        // newest unlogged: it is `HEAD` anyway).
-        let p = self.dir().join("heads");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)
-            .map_err(|e| Error::io(&p, "open", e))?;
-        use std::io::Write;
-        f.write_all(format!("{} {}\n", hex(id), now()).as_bytes())
-            .and_then(|()| f.sync_data())
-            .map_err(|e| Error::io(&p, "append", e))?;
         self.sync_view()
     }
 

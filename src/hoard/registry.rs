@@ -124,6 +124,14 @@ fn net_err(r: &str, what: &str, e: &(dyn std::error::Error + 'static)) -> Error 
         Some(Oci::ServerError { code, .. }) if [429, 502, 503, 504].contains(code) => {
             ErrorKind::ConnectionRefused
         }
+        Some(Oci::RegistryError { envelope, .. })
+            if envelope
+                .errors
+                .iter()
+                .any(|x| x.code == oci_client::errors::OciErrorCode::Toomanyrequests) =>
+        {
+            ErrorKind::ConnectionRefused
+        }
         Some(_) => ErrorKind::Other,
         None => e
             .downcast_ref::<std::io::Error>()
@@ -135,6 +143,10 @@ fn net_err(r: &str, what: &str, e: &(dyn std::error::Error + 'static)) -> Error 
         Some(Oci::AuthenticationFailure(_) | Oci::UnauthorizedError { .. }) => true,
         Some(Oci::RequestError(x)) => x.status().is_some_and(|s| [401, 403].contains(&s.as_u16())),
         Some(Oci::ServerError { code, .. }) => [401, 403].contains(code),
+        Some(Oci::RegistryError { envelope, .. }) => envelope.errors.iter().any(|x| {
+            use oci_client::errors::OciErrorCode::{Denied, Unauthorized};
+            matches!(x.code, Denied | Unauthorized)
+        }),
         _ => false,
     };
     let mut text = format!("{what}: {}", chain(e));
@@ -507,7 +519,10 @@ pub fn pull(h: &Hoard, remote: &Remote, force: bool) -> Result<StreamReport> {
     if h.head_id()? == Some(gid) {
         return done(rep);
     }
-    let lock = h.lock()?;
+    // Downloads under the shared lock (readers such as the hook's checkout go on; a gc,
+    // which could take what is downloaded for garbage, waits); the exclusive one only to
+    // commit.
+    let shared = h.read_lock()?;
     if let Some((hid, hg)) = h.head()? {
         if hid == gid {
             return done(rep);
@@ -579,6 +594,21 @@ pub fn pull(h: &Hoard, remote: &Remote, force: bool) -> Result<StreamReport> {
         Ok::<(), Error>(())
     })?;
     rep.bytes += rec.len() as u64;
+    drop(shared);
+    let lock = h.lock()?;
+    match h.head()? {
+        Some((hid, _)) if hid == gid => return done(rep),
+        Some((_, hg)) if hg.generation > g.generation && !force => {
+            return Err(Error::refused(
+                h.dir(),
+                format!(
+                    "this hoard moved to generation {} meanwhile, newer than {tag}'s {}",
+                    hg.generation, g.generation
+                ),
+            ))
+        }
+        _ => {}
+    }
     adopt(h, &lock, &gid, &rec)?;
     rep.seconds = t0.elapsed().as_secs_f64();
     Ok(rep)

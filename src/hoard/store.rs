@@ -147,6 +147,11 @@ impl Hoard {
     /// Format 1 → 2: the indexes in `caches/` stored by id, one generation naming them.
     fn upgrade(&self) -> Result<()> {
         let lock = self.lock()?;
+        // An upgrade killed after writing its record must not leave a hoard whose records
+        // lack a HEAD (which reads as damaged).
+        if !self.dir.join("HEAD").exists() {
+            write_atomic(&self.dir.join("HEAD"), b"none\n")?;
+        }
         for d in SUBDIRS {
             let d = self.dir.join(d);
             std::fs::create_dir_all(&d).map_err(io(&d, "create directory"))?;
@@ -371,10 +376,7 @@ impl Hoard {
             for e in std::fs::read_dir(&d).map_err(io(&d, "list"))? {
                 let e = e.map_err(io(&d, "list"))?;
                 let n = e.file_name().to_string_lossy().into_owned();
-                // `vmicache register`'s scratch directories, of registers that are gone.
-                let dead_register =
-                    sub == "." && n.starts_with(".register-") && !register_alive(&e.path());
-                if n.starts_with(".tmp-") || dead_register {
+                if n.starts_with(".tmp-") {
                     out.push(e.path());
                 }
             }
@@ -404,17 +406,41 @@ impl Hoard {
     }
 }
 
-/// Whether the `vmicache register` that made scratch directory `dir` still runs: it holds
-/// an flock on `dir/lock` all along (a directory without one yet is young: alive for an
-/// hour).
-fn register_alive(dir: &Path) -> bool {
-    match File::open(dir.join("lock")) {
-        Ok(f) => Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err(),
-        Err(_) => std::fs::metadata(dir)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_none_or(|age| age.as_secs() < 3600),
+impl Hoard {
+    /// Remove the scratch directories of `vmicache register`s that are gone: each holds an
+    /// flock on `DIR/lock` all along; a directory whose lock is free is removed while we hold
+    /// it (one without a lock file yet is young: left alone for an hour). The number removed.
+    pub fn sweep_registers(&self) -> Result<usize> {
+        let mut n = 0;
+        for e in std::fs::read_dir(&self.dir).map_err(io(&self.dir, "list"))? {
+            let e = e.map_err(io(&self.dir, "list"))?;
+            if !e.file_name().to_string_lossy().starts_with(".register-") {
+                continue;
+            }
+            let dir = e.path();
+            let _held = match File::open(dir.join("lock")) {
+                Ok(f) => match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                    Ok(l) => l,
+                    Err(_) => continue,
+                },
+                Err(_) => {
+                    let young = std::fs::metadata(&dir)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_none_or(|age| age.as_secs() < 3600);
+                    if young {
+                        continue;
+                    }
+                    std::fs::remove_dir_all(&dir).map_err(io(&dir, "remove"))?;
+                    n += 1;
+                    continue;
+                }
+            };
+            std::fs::remove_dir_all(&dir).map_err(io(&dir, "remove"))?;
+            n += 1;
+        }
+        Ok(n)
     }
 }
 

@@ -365,6 +365,9 @@ pub(super) fn start_hoard_sync(cfg: &Config, log: &HookLog) {
         unsafe {
             cmd.pre_exec(|| {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
+                // The hoard's files readable as a sync run by hand makes them (the hook
+                // itself runs with umask 077).
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
                 Ok(())
             });
         }
