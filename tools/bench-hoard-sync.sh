@@ -57,7 +57,6 @@ repo_ref=127.0.0.1:$port/bench/hoard
 h() { local node=$1; shift; VMICACHE_HOARD=$work/$node "$V" hoard "$@"; }
 j() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {}, {'d': d}))" "$1"; }
 mib() { python3 -c "import sys; print(f'{int(sys.argv[1])/1048576:.2f} MiB')" "$1"; }
-kib() { python3 -c "import sys; print(f'{int(sys.argv[1])/1024:.1f} KiB')" "$1"; }
 
 for n in storage node1 late; do "$V" hoard init "$work/$n" >/dev/null; done
 names=(ssh web python db devel server)

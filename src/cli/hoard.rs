@@ -469,7 +469,6 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
         }
         HoardCmd::Path { name } => {
             let h = open()?;
-            h.index_id(&name)?;
             outln!("{}", index_file(&h, &name)?.display());
         }
         HoardCmd::Log => return super::propagate::log(&open()?, json),

@@ -291,7 +291,7 @@ pub fn prune(h: &Hoard, keep_days: Option<u32>, reg: String) -> Result<(String, 
         insecure: false,
     };
     let remote = need_remote(&a)?;
-    let kept = hoard::gc::kept_generations(h, keep_days.unwrap_or(h.settings.keep_days))?;
+    let kept = hoard::gc::kept_generations(h, keep_days)?;
     let newest = kept.first().map_or(0, |(_, g)| g.generation);
     let keep = kept.iter().map(|(_, g)| g.generation).collect();
     let n = hoard::registry::prune_tags(&remote, &keep, newest)?;

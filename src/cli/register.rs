@@ -131,7 +131,7 @@ pub fn register(a: RegisterArgs, quiet: bool) -> Result<i32> {
         None => Some(hoard::store::lock_scratch(&scratch)?),
         Some(_) => None,
     };
-    let trace = PathBuf::from(format!("{}.trace", cache.display()));
+    let trace = hoard::checkout::trace_path(&cache);
     let result = (|| -> Result<hoard::add::AddReport> {
         super::layers::build(&base, &cache, a.quota, 65536, None, false, true)?;
         super::serve::run_boot(&cache, &a.command, a.timeout, Some(&trace), quiet)?;

@@ -65,7 +65,9 @@ pub struct GcOptions {
 /// The generations gc keeps (newest first): the newest, and those that were the newest at
 /// some time in the last `days` days (a generation counts from when the next one came, so
 /// that one that stayed newest for a month is not dropped the day after it is replaced).
-pub fn kept_generations(h: &Hoard, days: u32) -> Result<Vec<(GenId, Generation)>> {
+/// `days`: None for the hoard's `keep_days`.
+pub fn kept_generations(h: &Hoard, days: Option<u32>) -> Result<Vec<(GenId, Generation)>> {
+    let days = days.unwrap_or(h.settings.keep_days);
     let since = super::gens::now().saturating_sub(u64::from(days) * 86_400);
     Ok(h.history_since()?
         .into_iter()
@@ -83,24 +85,22 @@ fn drop_unkept(
     indexes: &HashSet<[u8; 32]>,
 ) -> Result<(usize, usize)> {
     let mut counts = [0usize; 2];
-    for (k, (sub, ext, keep)) in [("gens", ".gen", gens), ("indexes", ".vmh", indexes)]
-        .into_iter()
-        .enumerate()
-    {
-        let d = h.dir().join(sub);
-        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, "list", e))? {
-            let e = e.map_err(|e| Error::io(&d, "list", e))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(ext).and_then(super::format::parse_hex) else {
-                continue;
+    let files = [
+        (h.gen_ids()?, gens, h.dir().join("gens")),
+        (h.ids("indexes", ".vmh")?, indexes, h.dir().join("indexes")),
+    ];
+    for (k, (ids, keep, dir)) in files.into_iter().enumerate() {
+        for id in ids.iter().filter(|id| !keep.contains(*id)) {
+            let p = if k == 0 {
+                h.gen_path(id)
+            } else {
+                h.stored_index_path(id)
             };
-            if !keep.contains(&id) {
-                std::fs::remove_file(e.path()).map_err(|x| Error::io(e.path(), "remove", x))?;
-                counts[k] += 1;
-            }
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove", e))?;
+            counts[k] += 1;
         }
         if counts[k] > 0 {
-            sync_dir(&d)?;
+            sync_dir(&dir)?;
         }
     }
     Ok((counts[0], counts[1]))
@@ -123,16 +123,11 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
     h.ensure_heads(&lock)?;
     rep.leftovers += h.sweep_registers()?;
     for p in h.leftovers()? {
-        if p.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        }
-        .map_err(|e| Error::io(&p, "remove", e))?;
+        std::fs::remove_file(&p).map_err(|e| Error::io(&p, "remove", e))?;
         rep.leftovers += 1;
     }
     h.sync_view()?;
-    let kept = kept_generations(h, o.keep_days.unwrap_or(h.settings.keep_days))?;
+    let kept = kept_generations(h, o.keep_days)?;
     // Every index of a kept generation, read. One that does not read keeps every pack: gc
     // never deletes what it cannot rule out.
     let mut kept_idx: HashMap<[u8; 32], CacheIndex> = HashMap::new();
@@ -303,7 +298,7 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
     }
     // What the window keeps now (the generation before a repack's is kept by a window of a
     // day or more, and with it the packs it names).
-    let kept = kept_generations(h, o.keep_days.unwrap_or(h.settings.keep_days))?;
+    let kept = kept_generations(h, o.keep_days)?;
     rep.kept_generations = kept.len();
     let keep_gens: HashSet<GenId> = kept.iter().map(|(id, _)| *id).collect();
     let mut keep_indexes: HashSet<[u8; 32]> = HashSet::new();
@@ -312,7 +307,10 @@ pub fn gc(h: &Hoard, o: &GcOptions) -> Result<GcReport> {
     }
     let mut named_now: HashSet<[u8; 32]> = HashSet::new();
     for id in &keep_indexes {
-        named_now.extend(h.stored_index(id)?.packs);
+        match kept_idx.get(id) {
+            Some(i) => named_now.extend(i.packs.iter().copied()),
+            None => named_now.extend(h.stored_index(id)?.packs),
+        }
     }
     let (g, i) = drop_unkept(h, &keep_gens, &keep_indexes)?;
     h.prune_heads(&keep_gens)?;

@@ -17,7 +17,7 @@
 
 use super::format::{hex, parse_hex};
 use super::index::CacheIndex;
-use super::store::{read_index_from, sync_dir, write_atomic, Hoard, WriteLock};
+use super::store::{sync_dir, write_atomic, Hoard, WriteLock};
 use crate::{Error, Result, Subject};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -27,7 +27,7 @@ use std::path::PathBuf;
 pub type GenId = [u8; 32];
 
 /// Largest generation record read (about 100 bytes per cache).
-const MAX_GEN_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_GEN_BYTES: u64 = 64 << 20;
 
 /// A generation record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,10 +61,6 @@ impl Generation {
             .collect()
     }
 
-    pub fn parent_id(&self) -> Option<GenId> {
-        self.parent.as_deref().and_then(parse_hex)
-    }
-
     /// The record's bytes, as written and hashed.
     pub fn encode(&self) -> Vec<u8> {
         format!(
@@ -88,7 +84,7 @@ impl Generation {
             super::store::check_name(n)?;
         }
         g.indexes()?;
-        if g.parent.is_some() && g.parent_id().is_none() {
+        if g.parent.as_deref().is_some_and(|p| parse_hex(p).is_none()) {
             return Err(Error::corrupt(what, "generation record: bad parent id"));
         }
         Ok(g)
@@ -174,16 +170,7 @@ impl Hoard {
 
     /// Ids of the generation records present (well named).
     pub fn gen_ids(&self) -> Result<Vec<GenId>> {
-        let d = self.dir().join("gens");
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(&d).map_err(|e| Error::io(&d, "list", e))? {
-            let e = e.map_err(|e| Error::io(&d, "list", e))?;
-            let n = e.file_name().to_string_lossy().into_owned();
-            if let Some(id) = n.strip_suffix(".gen").and_then(parse_hex) {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        self.ids("gens", ".gen")
     }
 
     /// The newest generation, with its id.
@@ -206,12 +193,18 @@ impl Hoard {
     pub fn whole(&self, g: &Generation) -> bool {
         g.indexes().is_ok_and(|m| {
             m.values().all(|id| {
-                self.index_bytes(id).is_ok()
-                    && self
-                        .stored_index(id)
-                        .is_ok_and(|i| i.packs.iter().all(|p| self.pack_path(p).exists()))
+                self.stored_index(id)
+                    .is_ok_and(|i| self.missing_pack(&i).is_none())
             })
         })
+    }
+
+    /// The first pack `i` names that is not here.
+    pub fn missing_pack(&self, i: &CacheIndex) -> Option<[u8; 32]> {
+        i.packs
+            .iter()
+            .find(|p| !self.pack_path(p).exists())
+            .copied()
     }
 
     /// Point a missing or damaged `HEAD` at the newest generation that is whole here (its
@@ -256,10 +249,6 @@ impl Hoard {
             None => Ok(BTreeMap::new()),
             Some((_, g)) => g.indexes(),
         }
-    }
-
-    pub fn has_gen(&self, id: &GenId) -> bool {
-        self.gen_path(id).exists()
     }
 
     pub fn read_gen(&self, id: &GenId) -> Result<Generation> {
@@ -420,12 +409,11 @@ impl Hoard {
         Ok(b)
     }
 
-    /// Stored index `id`, read and checked.
+    /// Stored index `id`, read and checked (against its id, then decoded).
     pub fn stored_index(&self, id: &[u8; 32]) -> Result<CacheIndex> {
-        let p = self.stored_index_path(id);
-        let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, "open", e))?;
-        let i = read_index_from(&f, &p)?;
-        Ok(i)
+        let b = self.index_bytes(id)?;
+        CacheIndex::decode(&b)
+            .map_err(|super::format::Bad(w)| Error::corrupt(self.stored_index_path(id), w))
     }
 
     /// Store index bytes under their id (kept when already there); the id.

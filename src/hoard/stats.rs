@@ -88,12 +88,16 @@ impl CacheInfo {
 }
 
 /// The indexes of all hoarded caches (those that read; the others with their error).
-pub fn indexes(h: &Hoard) -> Result<Vec<(String, std::result::Result<CacheIndex, Error>)>> {
-    Ok(h.names()?
+/// A hoarded cache: its name, its index's id, and the index (or why it does not read).
+pub type Hoarded = (String, [u8; 32], std::result::Result<CacheIndex, Error>);
+
+/// The newest generation's caches.
+pub fn indexes(h: &Hoard) -> Result<Vec<Hoarded>> {
+    Ok(h.head_caches()?
         .into_iter()
-        .map(|n| {
-            let i = h.read_index(&n);
-            (n, i)
+        .map(|(n, id)| {
+            let i = h.stored_index(&id);
+            (n, id, i)
         })
         .collect())
 }
@@ -124,12 +128,8 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
     let all = indexes(h)?;
     let mut caches = Vec::new();
     let mut index_bytes = 0;
-    for (n, i) in &all {
-        let len = h
-            .index_id(n)
-            .ok()
-            .and_then(|id| std::fs::metadata(h.stored_index_path(&id)).ok())
-            .map_or(0, |m| m.len());
+    for (n, id, i) in &all {
+        let len = std::fs::metadata(h.stored_index_path(id)).map_or(0, |m| m.len());
         index_bytes += len;
         caches.push(match i {
             Ok(i) => CacheInfo::of(n, i, len),
@@ -147,7 +147,7 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
             },
         });
     }
-    let ok: Vec<&CacheIndex> = all.iter().filter_map(|(_, i)| i.as_ref().ok()).collect();
+    let ok: Vec<&CacheIndex> = all.iter().filter_map(|(_, _, i)| i.as_ref().ok()).collect();
     let mut sizes = HashMap::new();
     let (mut pack_bytes, mut frame_bytes, mut stored, mut tables) = (0u64, 0u64, 0u64, 0u64);
     let mut memory: u64 = ok

@@ -349,11 +349,6 @@ impl Hoard {
         Ok(out)
     }
 
-    /// Names of the hoarded caches (of the newest generation), sorted.
-    pub fn names(&self) -> Result<Vec<String>> {
-        Ok(self.head_caches()?.into_keys().collect())
-    }
-
     /// Names in the `caches/` view.
     pub fn view_names(&self) -> Result<Vec<String>> {
         self.listing("caches", ".vmh")
@@ -361,8 +356,13 @@ impl Hoard {
 
     /// Ids of the packs present (well named ones; others are reported by verify).
     pub fn pack_ids(&self) -> Result<Vec<[u8; 32]>> {
+        self.ids("packs", ".pack")
+    }
+
+    /// Ids of the well-named files `SUB/<hex id>EXT`.
+    pub(super) fn ids(&self, sub: &str, ext: &str) -> Result<Vec<[u8; 32]>> {
         Ok(self
-            .listing("packs", ".pack")?
+            .listing(sub, ext)?
             .iter()
             .filter_map(|s| hf::parse_hex(s))
             .collect())
@@ -398,11 +398,6 @@ impl Hoard {
             crate::Subject::Other(format!("hoard {}", self.dir.display())),
             format!("no cache named '{name}' (see `vmicache hoard list`)"),
         )
-    }
-
-    /// The index of cache `name` in the newest generation.
-    pub fn read_index(&self, name: &str) -> Result<CacheIndex> {
-        self.stored_index(&self.index_id(name)?)
     }
 }
 

@@ -351,33 +351,16 @@ impl Drop for PackSink {
     }
 }
 
-/// Copy `len` bytes from `r` into a new pack file `id` of `h`.
-pub fn install_pack(h: &Hoard, id: &[u8; 32], len: u64, r: &mut dyn Read) -> Result<()> {
-    let mut sink = PackSink::new(h, id, len)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let n = buf.len().min(left as usize);
-        r.read_exact(&mut buf[..n]).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::refused(stream(), "cut short (nothing applied)")
-            } else {
-                Error::io(stream(), "read", e)
-            }
-        })?;
-        sink.write(&buf[..n])?;
-        left -= n as u64;
-    }
-    sink.finish()
-}
-
-/// Skip `len` bytes of `r`.
-fn skip(r: &mut In, len: u64) -> Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
+/// Pass `len` bytes of the stream into `sink` (or over them, when there is none).
+fn copy(r: &mut In, len: u64, mut sink: Option<&mut PackSink>) -> Result<()> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
     let mut left = len;
     while left > 0 {
         let n = buf.len().min(left as usize);
         r.get(&mut buf[..n], false)?;
+        if let Some(s) = sink.as_deref_mut() {
+            s.write(&buf[..n])?;
+        }
         left -= n as u64;
     }
     Ok(())
@@ -386,7 +369,7 @@ fn skip(r: &mut In, len: u64) -> Result<()> {
 /// Check a received index's bytes and store it: its id, and the packs it names.
 pub fn install_index(h: &Hoard, id: &[u8; 32], b: &[u8]) -> Result<Vec<[u8; 32]>> {
     if blake3::hash(b).as_bytes() != id {
-        return Err(Error::corrupt(
+        return Err(Error::refused(
             stream(),
             format!("index {} does not match its name (BLAKE3)", hex(id)),
         ));
@@ -409,16 +392,14 @@ pub fn adopt(h: &Hoard, lock: &WriteLock, to: &GenId, rec: &[u8]) -> Result<Gene
                 format!("cache '{name}' of the new generation: {e}"),
             )
         })?;
-        for p in &i.packs {
-            if !h.pack_path(p).exists() {
-                return Err(Error::refused(
-                    stream(),
-                    format!(
-                        "cache '{name}' names pack {}, which is neither here nor in the stream",
-                        hex(p)
-                    ),
-                ));
-            }
+        if let Some(p) = h.missing_pack(&i) {
+            return Err(Error::refused(
+                stream(),
+                format!(
+                    "cache '{name}' names pack {}, which is neither here nor in the stream",
+                    hex(&p)
+                ),
+            ));
         }
     }
     sync_dir(&h.dir().join("packs"))?;
@@ -443,6 +424,20 @@ pub fn adopt(h: &Hoard, lock: &WriteLock, to: &GenId, rec: &[u8]) -> Result<Gene
         g.caches.len()
     );
     Ok(g)
+}
+
+/// Refuse to take this hoard (at generation `here`) back to an older generation `to` unless
+/// `force`d; `whose` names where `to` comes from ("the stream's", "latest's").
+pub fn not_back(h: &Hoard, here: u64, to: u64, whose: &str, force: bool) -> Result<()> {
+    if here > to && !force {
+        return Err(Error::refused(
+            h.dir(),
+            format!(
+                "this hoard is at generation {here}, newer than {whose} {to} (--force to go back)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The refusal of a stream or pull for a node at another generation.
@@ -505,14 +500,8 @@ pub fn receive(h: &Hoard, r: &mut dyn Read, force: bool) -> Result<StreamReport>
     if let Some((id, g)) = &here {
         if *id == to_id {
             rep.up_to_date = true;
-        } else if full && g.generation > to_n && !force {
-            return Err(Error::refused(
-                h.dir(),
-                format!(
-                    "this hoard is at generation {}, newer than the stream's {to_n} (--force to go back)",
-                    g.generation
-                ),
-            ));
+        } else if full {
+            not_back(h, g.generation, to_n, "the stream's", force)?;
         }
     }
     // The target generation's record comes first: what it names bounds what is accepted.
@@ -523,7 +512,7 @@ pub fn receive(h: &Hoard, r: &mut dyn Read, force: bool) -> Result<StreamReport>
             "does not start with its generation's record",
         ));
     }
-    let rec = inp.bytes(len, 64 << 20, "a generation record")?;
+    let rec = inp.bytes(len, super::gens::MAX_GEN_BYTES, "a generation record")?;
     let g = Generation::decode(&rec, &to_id, stream())?;
     if g.generation != to_n {
         return Err(Error::refused(
@@ -554,7 +543,7 @@ pub fn receive(h: &Hoard, r: &mut dyn Read, force: bool) -> Result<StreamReport>
             }
             KIND_INDEX => {
                 if !want_idx.contains_key(&id) {
-                    return Err(Error::invalid(
+                    return Err(Error::refused(
                         stream(),
                         format!(
                             "carries index {}, which its generation does not name",
@@ -568,7 +557,7 @@ pub fn receive(h: &Hoard, r: &mut dyn Read, force: bool) -> Result<StreamReport>
             }
             KIND_PACK => {
                 if !want_packs.contains(&id) {
-                    return Err(Error::invalid(
+                    return Err(Error::refused(
                         stream(),
                         format!(
                             "carries pack {}, which its generation does not use",
@@ -577,11 +566,12 @@ pub fn receive(h: &Hoard, r: &mut dyn Read, force: bool) -> Result<StreamReport>
                     ));
                 }
                 if h.pack_path(&id).exists() {
-                    skip(&mut inp, len)?;
+                    copy(&mut inp, len, None)?;
                     rep.packs_present += 1;
                 } else {
-                    install_pack(h, &id, len, &mut inp.r)?;
-                    inp.bytes += len;
+                    let mut sink = PackSink::new(h, &id, len)?;
+                    copy(&mut inp, len, Some(&mut sink))?;
+                    sink.finish()?;
                     rep.packs += 1;
                     rep.pack_bytes += len;
                 }

@@ -170,11 +170,6 @@ fn check_generations(
                 continue;
             }
             let what = format!("cache '{name}' of generation {}", g.generation);
-            if let Err(e) = h.index_bytes(&id) {
-                r.problems.push(format!("{what}: {e}"));
-                *unread = true;
-                continue;
-            }
             match h.stored_index(&id) {
                 Ok(i) => {
                     for p in &i.packs {

@@ -92,3 +92,35 @@ impl Env {
 pub fn compare(a: &Path, b: &Path) {
     compare_images(a, b, &["-U"]);
 }
+
+/// The vmicache command run on hoard `hoard` (another "node" in the same tempdir).
+pub fn on(e: &Env, hoard: &Path, args: &[&str]) -> std::process::Output {
+    e.cmd()
+        .env("VMICACHE_HOARD", hoard)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// [`on`], which must succeed: its standard output.
+pub fn ok(e: &Env, hoard: &Path, args: &[&str]) -> String {
+    let o = on(e, hoard, args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// [`ok`] with `--json`, parsed.
+pub fn ok_json(e: &Env, hoard: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    serde_json::from_str(&ok(e, hoard, &a)).unwrap()
+}
+
+/// What `HOARD/HEAD` holds.
+pub fn head(hoard: &Path) -> String {
+    std::fs::read_to_string(hoard.join("HEAD")).unwrap()
+}

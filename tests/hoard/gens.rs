@@ -12,24 +12,6 @@ fn node(e: &Env, name: &str) -> std::path::PathBuf {
     h
 }
 
-fn on(e: &Env, hoard: &Path, args: &[&str]) -> std::process::Output {
-    e.cmd()
-        .env("VMICACHE_HOARD", hoard)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(e: &Env, hoard: &Path, args: &[&str]) -> String {
-    let o = on(e, hoard, args);
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
 /// Hoarded cache `name` of `hoard` reads as `cache` (checked out, compared by QEMU).
 fn same(e: &Env, hoard: &Path, name: &str, cache: &Path) {
     let out = e.p("same.qcow2");
@@ -37,10 +19,6 @@ fn same(e: &Env, hoard: &Path, name: &str, cache: &Path) {
     let _ = std::fs::remove_file(e.p("same.qcow2.trace"));
     ok(e, hoard, &["hoard", "checkout", name, "-o", ps(&out)]);
     compare(cache, &out);
-}
-
-fn head(hoard: &Path) -> String {
-    std::fs::read_to_string(hoard.join("HEAD")).unwrap()
 }
 
 fn log(e: &Env, hoard: &Path) -> serde_json::Value {

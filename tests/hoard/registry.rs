@@ -3,31 +3,6 @@
 
 use super::common::*;
 use super::env::*;
-use std::path::Path;
-
-fn on(e: &Env, hoard: &Path, args: &[&str]) -> std::process::Output {
-    e.cmd()
-        .env("VMICACHE_HOARD", hoard)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok_json(e: &Env, hoard: &Path, args: &[&str]) -> serde_json::Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let o = on(e, hoard, &a);
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn head(hoard: &Path) -> String {
-    std::fs::read_to_string(hoard.join("HEAD")).unwrap()
-}
 
 #[test]
 fn nodes_follow_the_registry() {

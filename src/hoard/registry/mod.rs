@@ -21,7 +21,6 @@ use errors::{net_err, subject};
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OCI_IMAGE_MEDIA_TYPE};
-use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -45,13 +44,9 @@ pub struct Remote {
     pub insecure: bool,
 }
 
-#[derive(Debug, Clone, Default)]
-pub enum Auth {
-    #[default]
-    Anonymous,
-    Basic(String, String),
-    Bearer(String),
-}
+/// Credentials: anonymous, basic (user, password) or a bearer token (its `Debug` hides
+/// secrets).
+pub use oci_client::secrets::RegistryAuth as Auth;
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct PushReport {
@@ -81,12 +76,11 @@ fn is_loopback(host: &str) -> bool {
 struct Session {
     rt: tokio::runtime::Runtime,
     client: Client,
-    auth: RegistryAuth,
+    auth: Auth,
     reference: Reference,
     name: String,
     /// Plain HTTP (a loopback registry, or `insecure`).
     plain: bool,
-    remote_auth: Auth,
 }
 
 impl Session {
@@ -120,11 +114,7 @@ impl Session {
             read_timeout: Some(std::time::Duration::from_secs(120)),
             ..Default::default()
         });
-        let auth = match &remote.auth {
-            Auth::Anonymous => RegistryAuth::Anonymous,
-            Auth::Basic(u, p) => RegistryAuth::Basic(u.clone(), p.clone()),
-            Auth::Bearer(t) => RegistryAuth::Bearer(t.clone()),
-        };
+        let auth = remote.auth.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -136,7 +126,6 @@ impl Session {
             reference,
             name,
             plain,
-            remote_auth: remote.auth.clone(),
         })
     }
 

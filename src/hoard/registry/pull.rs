@@ -6,7 +6,9 @@ use super::{Auth, Remote, Session, ARTIFACT_TYPE, GEN_TYPE, ID_ANNOTATION, INDEX
 use crate::hoard::format::{hex, parse_hex};
 use crate::hoard::gens::{GenId, Generation};
 use crate::hoard::store::Hoard;
-use crate::hoard::stream::{adopt, install_index, PackSink, StreamReport, MAX_PACK_BYTES};
+use crate::hoard::stream::{
+    adopt, install_index, not_back, PackSink, StreamReport, MAX_PACK_BYTES,
+};
 use crate::{Error, Result};
 use futures_util::StreamExt;
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OCI_IMAGE_MEDIA_TYPE};
@@ -87,7 +89,7 @@ async fn fetch_generation(
         ));
     }
     let gid = id_of(s, &m.config)?;
-    let rec = fetch_small(s, r, &m.config, 64 << 20).await?;
+    let rec = fetch_small(s, r, &m.config, crate::hoard::gens::MAX_GEN_BYTES).await?;
     let g = Generation::decode(&rec, &gid, subject(&s.name))?;
     Ok((m, gid, rec, g))
 }
@@ -123,15 +125,7 @@ pub fn pull(h: &Hoard, remote: &Remote, force: bool) -> Result<StreamReport> {
         if hid == gid {
             return done(rep);
         }
-        if hg.generation > g.generation && !force {
-            return Err(Error::refused(
-                h.dir(),
-                format!(
-                    "this hoard is at generation {}, newer than {tag}'s {} (--force to go back)",
-                    hg.generation, g.generation
-                ),
-            ));
-        }
+        not_back(h, hg.generation, g.generation, &format!("{tag}'s"), force)?;
         rep.from = Some(hg.generation);
     }
     s.rt.block_on(async {
@@ -192,18 +186,11 @@ pub fn pull(h: &Hoard, remote: &Remote, force: bool) -> Result<StreamReport> {
     rep.bytes += rec.len() as u64;
     drop(shared);
     let lock = h.lock()?;
+    // Another writer may have moved this hoard meanwhile.
     match h.head()? {
         Some((hid, _)) if hid == gid => return done(rep),
-        Some((_, hg)) if hg.generation > g.generation && !force => {
-            return Err(Error::refused(
-                h.dir(),
-                format!(
-                    "this hoard moved to generation {} meanwhile, newer than {tag}'s {}",
-                    hg.generation, g.generation
-                ),
-            ))
-        }
-        _ => {}
+        Some((_, hg)) => not_back(h, hg.generation, g.generation, &format!("{tag}'s"), force)?,
+        None => {}
     }
     adopt(h, &lock, &gid, &rec)?;
     rep.seconds = t0.elapsed().as_secs_f64();
@@ -256,7 +243,7 @@ pub fn prune_tags(remote: &Remote, keep: &HashSet<u64>, newest: u64) -> Result<u
                 s.reference.repository()
             );
             let mut req = http.delete(&url);
-            req = match &s.remote_auth {
+            req = match &s.auth {
                 Auth::Anonymous => req,
                 Auth::Basic(u, p) => req.basic_auth(u, Some(p)),
                 Auth::Bearer(t) => req.bearer_auth(t),
