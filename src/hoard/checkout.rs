@@ -52,11 +52,7 @@ pub fn checkout_with(
     let t0 = std::time::Instant::now();
     super::store::check_name(name)?;
     // Shared: no gc or pull deletes what is being read meanwhile.
-    let _lock = if wait {
-        h.read_lock()?
-    } else {
-        h.read_lock_nowait()?
-    };
+    let _lock = h.read_lock_with(wait)?;
     let path = h.stored_index_path(&h.index_id(name)?);
     let layer = HoardLayer::open(&path, Box::new(FileStorage::open(&path, false)?))?;
     layer.set_frame_cache(CHECKOUT_FRAME_CACHE);

@@ -240,73 +240,72 @@ impl Hoard {
 
     /// Wait for, and take, the writers' lock.
     pub fn lock(&self) -> Result<WriteLock> {
-        let p = self.dir.join("lock");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(io(&p, "open"))?;
-        self.take(f, true).map(|l| l.expect("an exclusive lock"))
+        let f = self.lock_file("lock", true)?.expect("created");
+        self.take(f, "lock", true, true)
+            .map(|l| l.expect("a lock that was waited for"))
     }
 
     /// Wait for, and take, the lock shared (readers that must not see a writer's half work,
     /// such as verify); None when no writer ever ran here (no lock file). Needs no write
     /// access to the hoard.
     pub fn read_lock(&self) -> Result<Option<WriteLock>> {
-        let p = self.dir.join("lock");
-        match File::open(&p) {
-            Ok(f) => self.take(f, false),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(&p, "open", e)),
+        self.read_lock_with(true)
+    }
+
+    /// [`Hoard::read_lock`]; `wait`: false refuses at once while a writer holds the lock (for
+    /// callers that do something else then, as the hook builds a cache itself).
+    pub fn read_lock_with(&self, wait: bool) -> Result<Option<WriteLock>> {
+        let Some(f) = self.lock_file("lock", false)? else {
+            return Ok(None);
+        };
+        match self.take(f, "lock", false, wait)? {
+            Some(l) => Ok(Some(l)),
+            None => Err(Error::refused(
+                &self.dir,
+                "busy: a writer (add, rm, gc, receive, pull) holds it",
+            )),
         }
     }
 
     /// The lock of `hoard sync` (HOARD/sync.lock), taken without waiting: None while another
     /// sync runs (it reaches the newest generation as well).
     pub fn try_sync_lock(&self) -> Result<Option<WriteLock>> {
-        let p = self.dir.join("sync.lock");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(io(&p, "open"))?;
-        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => Ok(Some(WriteLock(l))),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-            Err((_, e)) => Err(Error::io(&p, "lock", e.into())),
-        }
+        let f = self.lock_file("sync.lock", true)?.expect("created");
+        self.take(f, "sync.lock", true, false)
     }
 
-    /// [`Hoard::read_lock`] without waiting: refused while a writer holds the lock (for
-    /// callers that do something else then, as the hook builds a cache itself).
-    pub fn read_lock_nowait(&self) -> Result<Option<WriteLock>> {
-        let p = self.dir.join("lock");
-        let f = match File::open(&p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&p, "open", e)),
+    /// `HOARD/NAME` opened to be locked: created when `create` (which needs write access),
+    /// else None when it is not there.
+    fn lock_file(&self, name: &str, create: bool) -> Result<Option<File>> {
+        let p = self.dir.join(name);
+        let r = if create {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&p)
+        } else {
+            File::open(&p)
         };
-        match Flock::lock(f, FlockArg::LockSharedNonblock) {
-            Ok(l) => Ok(Some(WriteLock(l))),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::refused(
-                &self.dir,
-                "busy: a writer (add, rm, gc, receive, pull) holds it",
-            )),
-            Err((_, e)) => Err(Error::io(&p, "lock", e.into())),
+        match r {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&p, "open", e)),
         }
     }
 
-    fn take(&self, f: File, exclusive: bool) -> Result<Option<WriteLock>> {
-        let p = self.dir.join("lock");
-        let (now, wait) = if exclusive {
+    /// flock `f` (`HOARD/NAME`), exclusive or shared; held elsewhere: wait for it (saying
+    /// so) when `wait`, else None.
+    fn take(&self, f: File, name: &str, exclusive: bool, wait: bool) -> Result<Option<WriteLock>> {
+        let p = self.dir.join(name);
+        let (now, then) = if exclusive {
             (FlockArg::LockExclusiveNonblock, FlockArg::LockExclusive)
         } else {
             (FlockArg::LockSharedNonblock, FlockArg::LockShared)
         };
         match Flock::lock(f, now) {
             Ok(l) => Ok(Some(WriteLock(l))),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if !wait => Ok(None),
             Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
                 log::warn!(
                     "{}: another vmicache holds the hoard's lock ({}): waiting for it",
@@ -317,7 +316,7 @@ impl Hoard {
                         "a writer: add, rm, gc, receive or pull"
                     }
                 );
-                Flock::lock(f, wait)
+                Flock::lock(f, then)
                     .map(|l| Some(WriteLock(l)))
                     .map_err(|(_, e)| Error::io(&p, "lock", e.into()))
             }

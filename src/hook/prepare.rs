@@ -268,31 +268,19 @@ fn from_hoard(dir: &Path, img: &ResolvedImage, cache: &Path) -> Result<Option<(S
     let Some((h, name, gen)) = in_hoard(dir, img)? else {
         return Ok(None);
     };
-    let name = &name;
-    let tmp = cache.with_file_name(format!(
-        ".{}.hoard{}",
-        cache.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let tmp_trace = crate::hoard::checkout::trace_path(&tmp);
-    let _ = remove_regular(&tmp);
-    let _ = remove_regular(&tmp_trace);
-    // Without waiting: a sync or gc at work means building here, not holding up the start.
-    let r = crate::hoard::checkout::checkout_with(&h, name, &tmp, None, false).and_then(|_| {
-        // Recorded over this very base (not another one at the same path)?
-        let c = Image::open(&tmp, &OpenOptions::read_only())?;
-        require_base_matches(&c)
-    });
-    let _ = remove_regular(&tmp_trace);
-    if let Err(e) = r {
-        let _ = remove_regular(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, cache).map_err(|e| {
-        let _ = remove_regular(&tmp);
-        Error::io(cache, "rename", e)
+    into_place(cache, "hoard", |tmp| {
+        let tmp_trace = crate::hoard::checkout::trace_path(tmp);
+        let _ = remove_regular(&tmp_trace);
+        // Without waiting: a sync or gc at work means building here, not holding up the start.
+        let r = crate::hoard::checkout::checkout_with(&h, &name, tmp, None, false).and_then(|_| {
+            // Recorded over this very base (not another one at the same path)?
+            let c = Image::open(tmp, &OpenOptions::read_only())?;
+            require_base_matches(&c)
+        });
+        let _ = remove_regular(&tmp_trace);
+        r
     })?;
-    Ok(Some((name.clone(), gen)))
+    Ok(Some((name, gen)))
 }
 
 /// The hoard at `dir`, the name of its cache over `img`'s base and the hoard's generation;
@@ -319,13 +307,19 @@ fn in_hoard(dir: &Path, img: &ResolvedImage) -> Result<Option<(crate::hoard::Hoa
 
 /// Build a cache at a temporary name beside `cache` and rename it into place.
 fn build_into(base: &Path, cache: &Path, opts: &BuildOptions) -> Result<()> {
+    into_place(cache, "tmp", |tmp| build_cache(base, tmp, opts).map(|_| ()))
+}
+
+/// Make `cache` with `make` at a temporary name beside it (`.FILE.TAGPID`), and rename it
+/// into place; the temporary file goes when anything fails.
+fn into_place(cache: &Path, tag: &str, make: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = cache.with_file_name(format!(
-        ".{}.tmp{}",
+        ".{}.{tag}{}",
         cache.file_name().unwrap_or_default().to_string_lossy(),
         std::process::id()
     ));
     let _ = remove_regular(&tmp);
-    if let Err(e) = build_cache(base, &tmp, opts) {
+    if let Err(e) = make(&tmp) {
         let _ = remove_regular(&tmp);
         return Err(e);
     }
