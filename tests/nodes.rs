@@ -14,7 +14,6 @@ use common::guest::*;
 use common::registry::Registry;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 struct Nodes {
     dir: PathBuf,
@@ -109,17 +108,7 @@ fn nodes_share_a_hoard_through_a_registry() {
     let images: Vec<PathBuf> = (1..=5)
         .map(|i| {
             let p = dir.join(format!("image{i}.qcow2"));
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                &uri,
-                "-F",
-                "raw",
-                ps(&p),
-            ]);
+            qemu_overlay(&p, &uri, "raw");
             p
         })
         .collect();
@@ -205,26 +194,17 @@ fn nodes_share_a_hoard_through_a_registry() {
         !o.status.success() && err.contains("from generation 5"),
         "{err}"
     );
-    let mut send = bin()
-        .env("VMICACHE_HOARD", dir.join("node1"))
-        .env("VMICACHE_CONFIG", dir.join("none.yaml"))
-        .args(["hoard", "send"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let recv = bin()
-        .env("VMICACHE_HOARD", dir.join("node4"))
-        .env("VMICACHE_CONFIG", dir.join("none.yaml"))
-        .args(["hoard", "receive", "-"])
-        .stdin(send.stdout.take().unwrap())
-        .output()
-        .unwrap();
-    assert!(send.wait().unwrap().success());
-    assert!(
-        recv.status.success(),
-        "{}",
-        String::from_utf8_lossy(&recv.stderr)
-    );
+    let node = |n: &str| {
+        let mut c = bin();
+        c.env("VMICACHE_HOARD", dir.join(n))
+            .env("VMICACHE_CONFIG", dir.join("none.yaml"));
+        c
+    };
+    let mut send = node("node1");
+    send.args(["hoard", "send"]);
+    let mut recv = node("node4");
+    recv.args(["hoard", "receive", "-"]);
+    piped(&mut send, &mut recv);
     assert_eq!(nodes.head("node4"), want);
     eprintln!("logical sizes of the first registrations: {sizes:?}");
 }

@@ -28,14 +28,8 @@ pub struct RegisterArgs {
     /// Replace a hoarded cache of the same name.
     #[arg(long)]
     replace: bool,
-    /// Do not push the new generation even when a registry is configured.
-    #[arg(long)]
-    no_push: bool,
-    /// The hoard directory (default: $VMICACHE_HOARD, else dirs.hoard of the configuration).
-    #[arg(long, value_name = "DIR")]
-    hoard: Option<PathBuf>,
     #[command(flatten)]
-    registry: RegisterRemote,
+    publish: Publish,
     /// The boot command, after --; `{nbd}` is replaced by the NBD URI of the cache being
     /// recorded (as `vmicache warm --boot`).
     #[arg(last = true, required = true)]
@@ -65,9 +59,17 @@ impl RegisterRemote {
 pub struct DeregisterArgs {
     /// The hoarded cache's name.
     name: String,
+    #[command(flatten)]
+    publish: Publish,
+}
+
+/// Where register and deregister work, and whether they push.
+#[derive(clap::Args, Debug)]
+struct Publish {
     /// Do not push the new generation even when a registry is configured.
     #[arg(long)]
     no_push: bool,
+    /// The hoard directory (default: $VMICACHE_HOARD, else dirs.hoard of the configuration).
     #[arg(long, value_name = "DIR")]
     hoard: Option<PathBuf>,
     #[command(flatten)]
@@ -75,11 +77,11 @@ pub struct DeregisterArgs {
 }
 
 /// Push the newest generation when a registry is known (and not --no-push).
-fn publish(h: &Hoard, r: &RegisterRemote, no_push: bool, quiet: bool) -> Result<()> {
-    if no_push {
+fn publish(h: &Hoard, p: &Publish, quiet: bool) -> Result<()> {
+    if p.no_push {
         return Ok(());
     }
-    let Some(remote) = remote(&r.args())? else {
+    let Some(remote) = remote(&p.registry.args())? else {
         if !quiet {
             outln!("no registry configured: nothing pushed");
         }
@@ -99,7 +101,7 @@ fn publish(h: &Hoard, r: &RegisterRemote, no_push: bool, quiet: bool) -> Result<
 }
 
 pub fn register(a: RegisterArgs, quiet: bool) -> Result<i32> {
-    let h = Hoard::open(&hoard_dir(a.hoard.as_deref())?)?;
+    let h = Hoard::open(&hoard_dir(a.publish.hoard.as_deref())?)?;
     hoard::store::check_name(&a.name)?;
     if !a.replace && h.head_caches()?.contains_key(&a.name) {
         bail!(
@@ -156,12 +158,12 @@ pub fn register(a: RegisterArgs, quiet: bool) -> Result<i32> {
             human(r.new_pack_bytes)
         );
     }
-    publish(&h, &a.registry, a.no_push, quiet)?;
+    publish(&h, &a.publish, quiet)?;
     Ok(exit::OK)
 }
 
 pub fn deregister(a: DeregisterArgs, quiet: bool) -> Result<i32> {
-    let h = Hoard::open(&hoard_dir(a.hoard.as_deref())?)?;
+    let h = Hoard::open(&hoard_dir(a.publish.hoard.as_deref())?)?;
     hoard::stats::remove(&h, &a.name)?;
     if !quiet {
         outln!(
@@ -170,6 +172,6 @@ pub fn deregister(a: DeregisterArgs, quiet: bool) -> Result<i32> {
             h.dir().display()
         );
     }
-    publish(&h, &a.registry, a.no_push, quiet)?;
+    publish(&h, &a.publish, quiet)?;
     Ok(exit::OK)
 }

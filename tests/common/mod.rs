@@ -415,6 +415,25 @@ pub fn qemu_create(path: &Path, size: Option<&str>, opts: &[&str]) {
     qemu_img(&args);
 }
 
+/// Run `from | to` (both must succeed); `to`'s output.
+pub fn piped(from: &mut Command, to: &mut Command) -> Output {
+    let mut src = from
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {from:?}: {e}"));
+    let out = to
+        .stdin(src.stdout.take().unwrap())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot spawn {to:?}: {e}"));
+    assert!(src.wait().unwrap().success(), "{from:?} failed");
+    assert!(
+        out.status.success(),
+        "{to:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn qemu_overlay(path: &Path, backing: &str, backing_fmt: &str) {
     qemu_img(&[
         "create",

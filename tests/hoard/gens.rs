@@ -3,7 +3,6 @@
 use super::common::*;
 use super::env::*;
 use std::path::Path;
-use std::process::Stdio;
 
 /// A second hoard ("node") in the same tempdir.
 fn node(e: &Env, name: &str) -> std::path::PathBuf {
@@ -101,25 +100,12 @@ fn streams_bring_nodes_to_the_same_generation() {
 
     // Generation 2 → n1 incrementally through a pipe: only c2's new chunks travel.
     e.v(&["hoard", "add", ps(&e.p("c2.qcow2"))]);
-    let mut send = e
-        .cmd()
-        .args(["hoard", "send", "--from", "1"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let recv = e
-        .cmd()
-        .env("VMICACHE_HOARD", &n1)
-        .args(["hoard", "receive", "-", "--json"])
-        .stdin(send.stdout.take().unwrap())
-        .output()
-        .unwrap();
-    assert!(send.wait().unwrap().success());
-    assert!(
-        recv.status.success(),
-        "{}",
-        String::from_utf8_lossy(&recv.stderr)
-    );
+    let mut send = e.cmd();
+    send.args(["hoard", "send", "--from", "1"]);
+    let mut recv = e.cmd();
+    recv.env("VMICACHE_HOARD", &n1)
+        .args(["hoard", "receive", "-", "--json"]);
+    let recv = piped(&mut send, &mut recv);
     let r: serde_json::Value = serde_json::from_slice(&recv.stdout).unwrap();
     assert_eq!(
         (r["generation"].clone(), r["from"].clone()),

@@ -148,8 +148,7 @@ fn shared_data_is_stored_once() {
     compare(&cb, &out);
     check_clean(&out);
     // Slower, smaller: recompress everything at zstd 19.
-    let before = e.pack_bytes();
-    e.v(&[
+    let repack = [
         "hoard",
         "gc",
         "--keep-days",
@@ -158,21 +157,14 @@ fn shared_data_is_stored_once() {
         "19",
         "--frame-chunks",
         "64",
-    ]);
+    ];
+    let before = e.pack_bytes();
+    e.v(&repack);
     assert!(e.pack_bytes() <= before);
     assert_ne!(e.packs(), old);
     // The same repack again makes the very same pack (same id): it must survive its gc.
     let packed = e.packs();
-    e.v(&[
-        "hoard",
-        "gc",
-        "--keep-days",
-        "0",
-        "--recompress",
-        "19",
-        "--frame-chunks",
-        "64",
-    ]);
+    e.v(&repack);
     assert_eq!(e.packs(), packed);
     e.v(&["hoard", "verify"]);
     let out2 = e.p("b-out2.qcow2");
@@ -181,7 +173,7 @@ fn shared_data_is_stored_once() {
     // A gc killed after writing its pack and before rewriting any index, run again: the
     // pack it writes again has the id of the one left over (kept here from an earlier gc).
     let keep = e.packs();
-    e.v(&[
+    let repack_back = [
         "hoard",
         "gc",
         "--keep-days",
@@ -190,7 +182,8 @@ fn shared_data_is_stored_once() {
         "3",
         "--frame-chunks",
         "32",
-    ]);
+    ];
+    e.v(&repack_back);
     let made: Vec<PathBuf> = e
         .packs()
         .into_iter()
@@ -198,27 +191,9 @@ fn shared_data_is_stored_once() {
         .collect();
     assert_eq!(made.len(), 1);
     let copy = std::fs::read(&made[0]).unwrap();
-    e.v(&[
-        "hoard",
-        "gc",
-        "--keep-days",
-        "0",
-        "--recompress",
-        "19",
-        "--frame-chunks",
-        "64",
-    ]);
+    e.v(&repack);
     std::fs::write(&made[0], &copy).unwrap(); // the leftover of the "killed" gc
-    e.v(&[
-        "hoard",
-        "gc",
-        "--keep-days",
-        "0",
-        "--recompress",
-        "3",
-        "--frame-chunks",
-        "32",
-    ]);
+    e.v(&repack_back);
     e.v(&["hoard", "verify"]);
     let out3 = e.p("b-out3.qcow2");
     e.v(&["hoard", "checkout", "b", "-o", ps(&out3)]);

@@ -3,6 +3,21 @@
 
 use super::*;
 
+/// vmicache with the host's configuration (and `hoard` as VMICACHE_HOARD); it must succeed.
+fn vmicache(h: &Host, hoard: Option<&str>, args: &[&str]) {
+    let mut c = bin();
+    c.env("VMICACHE_CONFIG", h.p("config.yaml"));
+    if let Some(d) = hoard {
+        c.env("VMICACHE_HOARD", d);
+    }
+    let o = c.args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
 fn prepare_takes_the_cache_from_the_hoard() {
     let h = Host::new("");
@@ -18,18 +33,7 @@ fn prepare_takes_the_cache_from_the_hoard() {
         1,
     );
     std::fs::write(h.p("config.yaml"), text).unwrap();
-    let v = |args: &[&str]| {
-        let o = bin()
-            .env("VMICACHE_CONFIG", h.p("config.yaml"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
+    let v = |args: &[&str]| vmicache(&h, None, args);
     // The storage node's work, done here: a sealed cache of debian.raw, hoarded.
     let made = h.s("outside/made.qcow2");
     v(&["build", &h.s("bases/debian.raw"), "-o", &made, "-q"]);
@@ -82,19 +86,7 @@ fn reconnect_starts_a_hoard_sync() {
     // The storage node: a sealed cache of debian.raw, hoarded and pushed.
     let storage = h.s("outside/storage");
     let made = h.s("outside/made.qcow2");
-    let v = |args: &[&str]| {
-        let o = bin()
-            .env("VMICACHE_CONFIG", h.p("config.yaml"))
-            .env("VMICACHE_HOARD", &storage)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
+    let v = |args: &[&str]| vmicache(&h, Some(&storage), args);
     v(&["build", &h.s("bases/debian.raw"), "-o", &made, "-q"]);
     v(&["warm", &made, "--full", "-q"]);
     v(&["seal", &made, "-q"]);
