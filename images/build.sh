@@ -6,7 +6,8 @@
 #   initrd.img    busybox initramfs: loads virtio modules, mounts /dev/vda, switch_root
 #   base.raw      the root disk (ext4, raw, sparse)
 #   boot.env      KERNEL_CMDLINE, BOOT_MARKER and facts about the build (sourceable shell)
-#   packages.txt  the Debian packages (name version) the guest was made from
+#   packages.txt  the Debian packages (name version) the guest was made from (dpkg-query)
+#   files.txt     every path of the root: type, mode, uid, gid, size, path (find -printf)
 #   recipe.sha256 hash of the recipe files; the build is skipped while it matches
 #
 # Guests are described by images/GUEST/ (guest.conf and the files it names); see
@@ -44,7 +45,7 @@ recipe_hash() {
 		xargs -0 sha256sum | sha256sum | cut -c1-64)
 }
 hash=$(recipe_hash)
-outputs=(vmlinuz initrd.img base.raw boot.env packages.txt)
+outputs=(vmlinuz initrd.img base.raw boot.env packages.txt files.txt)
 up_to_date() {
 	[[ -f $out/recipe.sha256 && $(cat "$out/recipe.sha256") == "$hash" ]] || return 1
 	local f
@@ -183,8 +184,17 @@ debs)
 		deb=$(deb_of "$p")
 		[[ -n $deb ]] || die "no .deb for $p"
 		dpkg-deb -x "$deb" "$root"
-		echo "$p $(dpkg-deb -f "$deb" Version)" >>"$pkglist"
+		# The status entry dpkg would have written (what an inventory reads).
+		{
+			echo "Package: $(dpkg-deb -f "$deb" Package)"
+			echo "Status: install ok installed"
+			dpkg-deb -f "$deb" | grep -v '^Package:'
+			echo
+		} >>"$work/dpkg-status"
 	done
+	install -D -m 0644 "$work/dpkg-status" "$root/var/lib/dpkg/status"
+	# shellcheck disable=SC2016  # dpkg-query's own ${fields}
+	dpkg-query --admindir="$root/var/lib/dpkg" -W -f '${Package} ${Version}\n' >"$pkglist"
 	mkdir -p "$root"/{dev,proc,sys,run,tmp,var/tmp,root,etc,sbin,usr/local/bin}
 	chmod 1777 "$root/tmp" "$root/var/tmp"
 	chmod 0700 "$root/root"
@@ -258,6 +268,9 @@ check_bytes=$(sed -n 's/.* files, \([0-9]*\) bytes.*/\1/p' "$work/check.log")
 if find "$root" -name '*.pyc' -newer "$manifest" | grep -q .; then die "the check wrote bytecode"; fi
 
 root_bytes=$(du -sb "$root" | cut -f1)
+# Every path of the root as the disk will hold it (type, mode, owner, size, path), for tests
+# of `vmicache inventory`.
+(cd "$root" && find . -mindepth 1 -printf '%y %m %U %G %s /%P\n' | LC_ALL=C sort -k6) >"$work/files.txt"
 
 # --- disk ------------------------------------------------------------------------------------
 # Deterministic filesystem UUID and hash seed from the recipe hash.

@@ -5,6 +5,8 @@
 //! - [`engine`]: images opened for I/O, allocation, metadata caching and write ordering,
 //!   creation and consistency checks;
 //! - [`chain`]: base ← cache ← instance chains, the cache's binding to its base, maps;
+//! - [`inventory`]: inside an image in the guest's terms (partitions, files, packages), read
+//!   through a chain;
 //! - [`config`] and [`hook`]: the operator's configuration file and the libvirt qemu hook;
 //! - the `vmicache` binary (`src/main.rs`, `src/cli/`): the command line.
 
@@ -15,6 +17,7 @@ pub mod error;
 pub mod format;
 pub mod hoard;
 pub mod hook;
+pub mod inventory;
 pub mod nbd;
 
 pub use error::{Error, Result, Subject};

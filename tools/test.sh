@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need, then runs format, lint and tests.
 #   tools/test.sh          the default run (the minimal guest's boot story included)
-#   tools/test.sh --long   also the boot story on the systemd guest, the real-libvirt test
+#   tools/test.sh --long   also the boot story on the systemd guest, the inventory's diff of
+#                          the minimal and systemd guests, the real-libvirt test
 #                          (tools/libvirt-test.sh; root) and 3 minutes of the kill -9
 #                          campaign (tools/crash-campaign.py) and the hoard's
 #                          (tools/hoard-crash.py)
@@ -30,6 +31,11 @@ if [ "$rc" = 0 ] && [ $long = 1 ]; then
   set +e
   VMICACHE_TEST_GUEST=systemd cargo test --release --test boot 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
+  if [ "$rc" = 0 ]; then
+    # The inventory's --diff of the minimal and systemd guests (needs both built).
+    cargo test --release --test inventory -- --include-ignored diff_of 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+  fi
   if [ "$rc" = 0 ]; then
     tools/libvirt-test.sh 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}

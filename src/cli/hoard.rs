@@ -133,6 +133,11 @@ enum HoardCmd {
     ///
     /// Exit code 0 when all is well, 2 when something is damaged (each problem named).
     Verify,
+    /// Which hoarded caches hold a file or a package matching PATTERN (a glob): against whole
+    /// paths when it starts with `/` (`/usr/lib/*/libssl.so.3`), else against file names
+    /// (`sshd`, `*.ko`); and against package names, or `name=version` (`openssl=3.0.*`).
+    /// Each file found says how much of its data the cache holds (whole, part, none).
+    Find { pattern: String },
     /// Write a hoarded cache as an ordinary qcow2 cache (for QEMU's native chain): equal in
     /// content, with its base, vmicache extension and trace (OUTPUT.trace).
     Checkout {
@@ -415,6 +420,38 @@ pub fn run(a: HoardArgs, quiet: bool) -> Result<i32> {
             if let (Some((reg, n)), false) = (&pruned, json || quiet) {
                 outln!("{reg}: {n} tags out of the GC window removed (the registry's garbage collector reclaims their blobs)");
             }
+        }
+        HoardCmd::Find { pattern } => {
+            let h = open()?;
+            let names: Vec<String> = h
+                .head()?
+                .map(|(_, g)| g.caches.into_keys().collect())
+                .unwrap_or_default();
+            let found = super::inventory::find(&h, &names, &pattern, !quiet)?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                for f in &found {
+                    outln!(
+                        "{}\t{}\t{}{}",
+                        f.cache,
+                        f.kind,
+                        f.what,
+                        f.held.map_or(String::new(), |h| format!("\t{h}"))
+                    );
+                }
+                if found.is_empty() && !quiet {
+                    errln!(
+                        "vmicache: nothing in {} hoarded caches matches {pattern:?}",
+                        names.len()
+                    );
+                }
+            }
+            return Ok(if found.is_empty() {
+                exit::ERROR
+            } else {
+                exit::OK
+            });
         }
         HoardCmd::Verify => {
             let h = open()?;

@@ -8,6 +8,7 @@ mod config;
 mod hoard;
 mod hook;
 mod inspect;
+mod inventory;
 mod layers;
 mod propagate;
 mod register;
@@ -257,6 +258,23 @@ enum Cmd {
     /// 1/8 (ZFS's rule), in 512 B sectors. Cross-similarity: each image's share of distinct
     /// blocks also found in another image of the set, averaged.
     Analyze(analyze::AnalyzeArgs),
+    /// What is inside an image, in the guest's terms (offline, read-only): its partitions
+    /// (MBR, GPT), ext2/3/4 file systems and their files with size, owner, mode and time; the
+    /// packages dpkg installed; for a cache (or an instance over one), how much of each file's
+    /// data it holds (whole, part, none) and how much of what it holds is file-system metadata.
+    ///
+    /// --trace TRACE lists the files a recorded boot read, in first-read order; --diff A B
+    /// compares two images (files added, removed, changed; packages). The base is reached only
+    /// when a read needs what the layers above do not hold; when it cannot be, the listing is
+    /// partial and a warning says what could not be read. Warnings go to stderr (also for a
+    /// hostile file system: loops, absurd sizes, entries past the end are reported and
+    /// skipped). Examples:
+    ///
+    ///     vmicache inventory cache.qcow2 --held
+    ///     vmicache inventory base.raw --packages --json
+    ///     vmicache inventory cache.qcow2 --trace cache.qcow2.trace
+    ///     vmicache inventory --diff web.qcow2 db.qcow2
+    Inventory(inventory::InventoryArgs),
     /// Register a base image with the hoard: build its cache, record a first boot (the
     /// command after --, as `warm --boot`), seal it, add it to the hoard, and push the new
     /// generation when a registry is configured (the storage node's one command).
@@ -418,6 +436,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Register(args) => register::register(args, cli.quiet),
         Cmd::Deregister(args) => register::deregister(args, cli.quiet),
         Cmd::Analyze(args) => analyze::analyze(args, cli.quiet),
+        Cmd::Inventory(args) => inventory::run(args, cli.quiet),
         Cmd::Man => {
             let mut out = Vec::new();
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;

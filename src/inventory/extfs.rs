@@ -1,0 +1,363 @@
+//! What ext4-view does not say: the inode number behind each directory entry and the blocks
+//! each file's data lies in. A small reader of ext2/3/4 metadata (superblock, group
+//! descriptors, inodes, extent trees, indirect blocks, directory blocks), every number checked
+//! and every walk bounded; layouts in docs/inventory.md.
+
+use super::disk::Disk;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// A run of a file's blocks: file block `logical` and on, at fs block `phys`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ext {
+    pub logical: u64,
+    pub phys: u64,
+    pub count: u64,
+}
+
+/// The inode fields the mapper needs.
+pub struct RawInode {
+    pub mode: u16,
+    pub flags: u32,
+    pub size: u64,
+    i_block: [u8; 60],
+}
+
+impl RawInode {
+    pub fn is_dir(&self) -> bool {
+        self.mode & 0xF000 == 0x4000
+    }
+    pub fn is_file(&self) -> bool {
+        self.mode & 0xF000 == 0x8000
+    }
+}
+
+const INCOMPAT_META_BG: u32 = 0x10;
+const INCOMPAT_64BIT: u32 = 0x80;
+const FLAG_EXTENTS: u32 = 0x80000;
+const FLAG_INLINE: u32 = 0x1000_0000;
+/// Extents and blocks of one file, beyond which it is refused as hostile.
+const MAX_EXTENTS: usize = 1 << 20;
+const MAX_TREE_BLOCKS: usize = 1 << 16;
+const CACHE_BLOCKS: usize = 4096;
+
+/// The geometry of one ext2/3/4 file system at `start` of the disk.
+pub struct ExtFs {
+    disk: Rc<Disk>,
+    start: u64,
+    pub block_size: u64,
+    pub blocks: u64,
+    pub inodes: u32,
+    inodes_per_group: u32,
+    inode_size: u64,
+    desc_size: u64,
+    gdt_block: u64,
+    cache: HashMap<u64, Rc<Vec<u8>>>,
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+/// Whether the 1 KiB at byte 1024 of a partition is an ext superblock.
+pub fn is_ext(sb: &[u8]) -> bool {
+    sb.len() >= 0x3A && le16(sb, 0x38) == 0xEF53
+}
+
+impl ExtFs {
+    /// The file system of the partition `[start, start+len)`, its superblock checked.
+    pub fn open(disk: Rc<Disk>, start: u64, len: u64) -> Result<ExtFs, String> {
+        let sb = disk.read(start + 1024, 1024)?;
+        if !is_ext(&sb) {
+            return Err("no ext2/3/4 superblock".into());
+        }
+        let log = le32(&sb, 0x18);
+        if log > 6 {
+            return Err(format!("block size 1024 << {log} is out of range"));
+        }
+        let bs = 1024u64 << log;
+        let incompat = le32(&sb, 0x60);
+        if incompat & INCOMPAT_META_BG != 0 {
+            return Err("meta_bg: not supported".into());
+        }
+        let is64 = incompat & INCOMPAT_64BIT != 0;
+        let blocks = u64::from(le32(&sb, 0x4))
+            | if is64 {
+                u64::from(le32(&sb, 0x150)) << 32
+            } else {
+                0
+            };
+        let inodes = le32(&sb, 0x0);
+        let ipg = le32(&sb, 0x28);
+        let inode_size = if le32(&sb, 0x4C) == 0 {
+            128
+        } else {
+            u64::from(le16(&sb, 0x58))
+        };
+        let desc_size = if is64 { u64::from(le16(&sb, 0xFE)) } else { 32 };
+        let first = u64::from(le32(&sb, 0x14));
+        if ipg == 0 || inodes == 0 {
+            return Err("no inodes per group".into());
+        }
+        if !inode_size.is_power_of_two() || !(128..=bs).contains(&inode_size) {
+            return Err(format!("inode size {inode_size} is out of range"));
+        }
+        if !desc_size.is_power_of_two() || !(32..=1024).contains(&desc_size) {
+            return Err(format!("group descriptor size {desc_size} is out of range"));
+        }
+        if blocks.checked_mul(bs).is_none_or(|b| b > len) {
+            return Err(format!(
+                "{blocks} blocks of {bs} bytes do not fit the partition of {len} bytes"
+            ));
+        }
+        Ok(ExtFs {
+            disk,
+            start,
+            block_size: bs,
+            blocks,
+            inodes,
+            inodes_per_group: ipg,
+            inode_size,
+            desc_size,
+            gdt_block: first + 1,
+            cache: HashMap::new(),
+        })
+    }
+
+    /// Disk byte of the start of fs block `b`.
+    pub fn disk_offset(&self, b: u64) -> u64 {
+        self.start + b * self.block_size
+    }
+
+    fn block(&mut self, b: u64) -> Result<Rc<Vec<u8>>, String> {
+        if b >= self.blocks {
+            return Err(format!("block {b} is past the end of the file system"));
+        }
+        if let Some(c) = self.cache.get(&b) {
+            return Ok(c.clone());
+        }
+        if self.cache.len() >= CACHE_BLOCKS {
+            self.cache.clear();
+        }
+        let data = Rc::new(
+            self.disk
+                .read(self.disk_offset(b), self.block_size as usize)?,
+        );
+        self.cache.insert(b, data.clone());
+        Ok(data)
+    }
+
+    pub fn inode(&mut self, ino: u32) -> Result<RawInode, String> {
+        if ino == 0 || ino > self.inodes {
+            return Err(format!("inode {ino} is out of range (1..={})", self.inodes));
+        }
+        let (group, idx) = (
+            u64::from((ino - 1) / self.inodes_per_group),
+            u64::from((ino - 1) % self.inodes_per_group),
+        );
+        let gd_at = self.gdt_block * self.block_size + group * self.desc_size;
+        let gd = self.block(gd_at / self.block_size)?;
+        let g = &gd[(gd_at % self.block_size) as usize..];
+        let mut table = u64::from(le32(g, 8));
+        if self.desc_size >= 64 {
+            table |= u64::from(le32(g, 0x28)) << 32;
+        }
+        let at = table
+            .checked_mul(self.block_size)
+            .and_then(|t| t.checked_add(idx * self.inode_size))
+            .ok_or_else(|| format!("inode {ino}: inode table block {table} is absurd"))?;
+        let blk = self.block(at / self.block_size)?;
+        let i = &blk[(at % self.block_size) as usize..];
+        Ok(RawInode {
+            mode: le16(i, 0),
+            flags: le32(i, 0x20),
+            size: u64::from(le32(i, 4)) | u64::from(le32(i, 0x6C)) << 32,
+            i_block: i[0x28..0x64].try_into().unwrap(),
+        })
+    }
+
+    /// The blocks of inode `ino`'s data, in file order, adjacent runs merged; holes left out.
+    pub fn extents(&mut self, ino: u32) -> Result<(RawInode, Vec<Ext>), String> {
+        let inode = self.inode(ino)?;
+        let mut out: Vec<Ext> = Vec::new();
+        let nblocks = inode.size.div_ceil(self.block_size);
+        if inode.flags & FLAG_INLINE != 0 || nblocks == 0 {
+            return Ok((inode, out));
+        }
+        let mut budget = MAX_TREE_BLOCKS;
+        if inode.flags & FLAG_EXTENTS != 0 {
+            self.extent_node(&inode.i_block, None, &mut out, &mut budget)?;
+            out.retain(|e| e.logical < nblocks);
+            if let Some(last) = out.last_mut() {
+                last.count = last.count.min(nblocks - last.logical);
+            }
+        } else {
+            let per = self.block_size / 4;
+            let mut logical = 0u64;
+            for k in 0..15usize {
+                let level = k.saturating_sub(11);
+                let ptr = u64::from(le32(&inode.i_block, k * 4));
+                self.indirect(
+                    ptr,
+                    level as u32,
+                    per,
+                    &mut logical,
+                    nblocks,
+                    &mut out,
+                    &mut budget,
+                )?;
+                if logical >= nblocks {
+                    break;
+                }
+            }
+        }
+        Ok((inode, out))
+    }
+
+    fn push(&self, out: &mut Vec<Ext>, e: Ext) -> Result<(), String> {
+        if e.phys
+            .checked_add(e.count)
+            .is_none_or(|end| end > self.blocks)
+        {
+            return Err(format!(
+                "blocks {}+{} lie past the end of the file system",
+                e.phys, e.count
+            ));
+        }
+        let full = out.len() >= MAX_EXTENTS;
+        match out.last_mut() {
+            Some(l) if l.logical + l.count == e.logical && l.phys + l.count == e.phys => {
+                l.count += e.count
+            }
+            Some(l) if e.logical < l.logical + l.count => {
+                return Err("extents overlap or go backwards".into())
+            }
+            _ if full => return Err(format!("more than {MAX_EXTENTS} extents")),
+            _ => out.push(e),
+        }
+        Ok(())
+    }
+
+    fn extent_node(
+        &mut self,
+        b: &[u8],
+        want_depth: Option<u16>,
+        out: &mut Vec<Ext>,
+        budget: &mut usize,
+    ) -> Result<(), String> {
+        if le16(b, 0) != 0xF30A {
+            return Err("extent header magic is wrong".into());
+        }
+        let (entries, depth) = (le16(b, 2) as usize, le16(b, 6));
+        if entries > (b.len() - 12) / 12 || depth > 5 || want_depth.is_some_and(|d| d != depth) {
+            return Err(format!(
+                "extent node: {entries} entries at depth {depth} do not fit"
+            ));
+        }
+        for k in 0..entries {
+            let e = &b[12 + 12 * k..24 + 12 * k];
+            if depth == 0 {
+                let mut len = u64::from(le16(e, 4));
+                if len > 32768 {
+                    len -= 32768; // uninitialized: allocated, reads as zeros
+                }
+                let phys = u64::from(le32(e, 8)) | u64::from(le16(e, 6)) << 32;
+                self.push(
+                    out,
+                    Ext {
+                        logical: u64::from(le32(e, 0)),
+                        phys,
+                        count: len,
+                    },
+                )?;
+            } else {
+                let child = u64::from(le32(e, 4)) | u64::from(le16(e, 8)) << 32;
+                *budget = budget.checked_sub(1).ok_or("extent tree too large")?;
+                let blk = self.block(child)?;
+                self.extent_node(&blk, Some(depth - 1), out, budget)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn indirect(
+        &mut self,
+        ptr: u64,
+        level: u32,
+        per: u64,
+        logical: &mut u64,
+        nblocks: u64,
+        out: &mut Vec<Ext>,
+        budget: &mut usize,
+    ) -> Result<(), String> {
+        let span = per.saturating_pow(level);
+        if ptr == 0 {
+            *logical = logical.saturating_add(span);
+            return Ok(());
+        }
+        if level == 0 {
+            self.push(
+                out,
+                Ext {
+                    logical: *logical,
+                    phys: ptr,
+                    count: 1,
+                },
+            )?;
+            *logical += 1;
+            return Ok(());
+        }
+        *budget = budget.checked_sub(1).ok_or("indirect blocks too many")?;
+        let blk = self.block(ptr)?;
+        for k in 0..per as usize {
+            if *logical >= nblocks {
+                break;
+            }
+            let p = u64::from(le32(&blk, k * 4));
+            self.indirect(p, level - 1, per, logical, nblocks, out, budget)?;
+        }
+        Ok(())
+    }
+
+    /// The entries of directory `ino`: (name, inode number). Every block is parsed as a linear
+    /// directory (htree nodes read as empty entries, as ext4 designed them).
+    pub fn dir_entries(&mut self, ino: u32) -> Result<Vec<(Vec<u8>, u32)>, String> {
+        let (inode, exts) = self.extents(ino)?;
+        if !inode.is_dir() {
+            return Err(format!("inode {ino} is not a directory"));
+        }
+        let mut out = Vec::new();
+        if inode.flags & FLAG_INLINE != 0 {
+            return Err("inline directories: not supported".into());
+        }
+        let bs = self.block_size as usize;
+        for e in exts {
+            for k in 0..e.count {
+                let blk = self.block(e.phys + k)?;
+                let mut pos = 0;
+                while pos + 8 <= bs {
+                    let (child, rec, nlen) = (
+                        le32(&blk, pos),
+                        le16(&blk, pos + 4) as usize,
+                        blk[pos + 6] as usize,
+                    );
+                    if rec < 8 || rec % 4 != 0 || pos + rec > bs || nlen + 8 > rec {
+                        return Err(format!(
+                            "directory inode {ino}: corrupt entry at block {} + {pos}",
+                            e.phys + k
+                        ));
+                    }
+                    if child != 0 {
+                        out.push((blk[pos + 8..pos + 8 + nlen].to_vec(), child));
+                    }
+                    pos += rec;
+                }
+            }
+        }
+        Ok(out)
+    }
+}

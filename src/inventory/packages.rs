@@ -1,0 +1,92 @@
+//! Installed packages, from the guest's dpkg database (`/var/lib/dpkg/status`). An rpm
+//! database is noticed and said to be unread: reading it needs SQLite or Berkeley DB.
+
+use super::{Package, Warnings};
+use ext4_view::Ext4;
+
+/// A status file larger than this is not read.
+const MAX_STATUS: u64 = 64 << 20;
+const STATUS: &str = "/var/lib/dpkg/status";
+
+/// The packages of one file system (none without a dpkg database).
+pub fn read(fs: &Ext4, warn: &mut Warnings) -> Vec<Package> {
+    if fs.exists("/var/lib/rpm").unwrap_or(false) {
+        warn.push("/var/lib/rpm: an rpm database, not read (rpm packages are not listed)");
+    }
+    let len = match fs.metadata(STATUS) {
+        Ok(m) if m.is_dir() => return Vec::new(),
+        Ok(m) => m.len(),
+        Err(ext4_view::Ext4Error::NotFound) => return Vec::new(),
+        Err(e) => {
+            warn.push(format!("{STATUS}: {e}"));
+            return Vec::new();
+        }
+    };
+    if len > MAX_STATUS {
+        warn.push(format!(
+            "{STATUS}: {len} bytes, more than {MAX_STATUS}: not read"
+        ));
+        return Vec::new();
+    }
+    match fs.read(STATUS) {
+        Ok(b) => parse(&String::from_utf8_lossy(&b)),
+        Err(e) => {
+            warn.push(format!("{STATUS}: {e}"));
+            Vec::new()
+        }
+    }
+}
+
+/// The packages of a dpkg status file that are installed or half so (what `dpkg-query -W`
+/// lists), in file order.
+pub fn parse(text: &str) -> Vec<Package> {
+    let mut out = Vec::new();
+    for stanza in text.split("\n\n") {
+        let (mut name, mut version, mut arch, mut status) = ("", "", "", "");
+        for line in stanza.lines() {
+            if line.starts_with([' ', '\t']) {
+                continue; // continuation of a multi-line field
+            }
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            let v = v.trim();
+            match k {
+                "Package" => name = v,
+                "Version" => version = v,
+                "Architecture" => arch = v,
+                "Status" => status = v,
+                _ => {}
+            }
+        }
+        if name.is_empty()
+            || status
+                .split_whitespace()
+                .nth(2)
+                .is_none_or(|s| s == "not-installed")
+        {
+            continue;
+        }
+        out.push(Package {
+            name: name.to_string(),
+            version: version.to_string(),
+            arch: arch.to_string(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_installed_packages_only() {
+        let text =
+            "Package: a\nStatus: install ok installed\nVersion: 1.0\nDescription: x\n more\n\n\
+                    Package: b\nStatus: purge ok not-installed\n\n\
+                    Package: c\nStatus: install ok unpacked\nArchitecture: amd64\nVersion: 2:3-4\n";
+        let p = super::parse(text);
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].name.as_str(), p[0].version.as_str()), ("a", "1.0"));
+        assert_eq!((p[1].name.as_str(), p[1].arch.as_str()), ("c", "amd64"));
+    }
+}

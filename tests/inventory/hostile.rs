@@ -1,0 +1,309 @@
+//! Partition tables and hostile file systems, made here: ext4 by `mkfs.ext4 -d` (e2fsprogs),
+//! tables and damage written byte by byte. A hostile image gives warnings or an error, never
+//! a panic, a hang or unbounded memory.
+
+use super::common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A small tree to put in a file system: /etc/hostname, /a/b/c.txt, /bin/tool (4 KiB), ...
+pub fn tree(dir: &Path) -> PathBuf {
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("a/b")).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "hostile\n").unwrap();
+    std::fs::write(root.join("a/b/c.txt"), "see\n").unwrap();
+    std::fs::write(root.join("a/b/back"), "to be a loop\n").unwrap();
+    std::fs::write(root.join("a/ghost"), "to be out of range\n").unwrap();
+    std::fs::write(root.join("a/huge"), "to be absurd\n").unwrap();
+    std::fs::write(root.join("bin/tool"), pattern(7, 4096)).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", root.join("etc/link")).unwrap();
+    root
+}
+
+/// mkfs.ext4 of `root` into `img` at byte `offset`, `size_kib` KiB; `features`: -O list.
+pub fn mkfs(img: &Path, offset: u64, size_kib: u64, root: &Path, features: &str) {
+    let mut c = tool("mkfs.ext4");
+    c.args(["-q", "-F", "-b", "1024", "-E"])
+        .arg(format!("offset={offset}"))
+        .args(["-d", ps(root)]);
+    if !features.is_empty() {
+        c.args(["-O", features]);
+    }
+    run(c.arg(ps(img)).arg(format!("{size_kib}k")));
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    let mut c = flate2::Crc::new();
+    c.update(b);
+    c.sum()
+}
+
+/// A GPT (512-byte sectors) naming `parts` (first, last sector, name) in a disk of `sectors`.
+pub fn write_gpt(img: &Path, sectors: u64, parts: &[(u64, u64, &str)]) {
+    let mut mbr = vec![0u8; 512];
+    mbr[446 + 4] = 0xEE;
+    mbr[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+    mbr[446 + 12..446 + 16]
+        .copy_from_slice(&((sectors - 1).min(u32::MAX as u64) as u32).to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xAA;
+    let linux: [u8; 16] = [
+        0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D,
+        0xE4,
+    ];
+    let mut entries = vec![0u8; 128 * 128];
+    for (i, (first, last, name)) in parts.iter().enumerate() {
+        let e = &mut entries[i * 128..(i + 1) * 128];
+        e[..16].copy_from_slice(&linux);
+        e[16] = i as u8 + 1;
+        e[32..40].copy_from_slice(&first.to_le_bytes());
+        e[40..48].copy_from_slice(&last.to_le_bytes());
+        for (k, u) in name.encode_utf16().enumerate() {
+            e[56 + 2 * k..58 + 2 * k].copy_from_slice(&u.to_le_bytes());
+        }
+    }
+    let mut h = vec![0u8; 512];
+    h[..8].copy_from_slice(b"EFI PART");
+    h[8..12].copy_from_slice(&0x10000u32.to_le_bytes());
+    h[12..16].copy_from_slice(&92u32.to_le_bytes());
+    h[24..32].copy_from_slice(&1u64.to_le_bytes());
+    h[32..40].copy_from_slice(&(sectors - 1).to_le_bytes());
+    h[40..48].copy_from_slice(&34u64.to_le_bytes());
+    h[48..56].copy_from_slice(&(sectors - 34).to_le_bytes());
+    h[72..80].copy_from_slice(&2u64.to_le_bytes());
+    h[80..84].copy_from_slice(&128u32.to_le_bytes());
+    h[84..88].copy_from_slice(&128u32.to_le_bytes());
+    h[88..92].copy_from_slice(&crc32(&entries).to_le_bytes());
+    let c = crc32(&h[..92]);
+    h[16..20].copy_from_slice(&c.to_le_bytes());
+    write_at(img, 0, &mbr);
+    write_at(img, 512, &h);
+    write_at(img, 1024, &entries);
+}
+
+/// `vmicache inventory ARGS` with a deadline: (exit code, stdout, stderr). Panics on a
+/// signal (a panic aborts? no: exits 101), a hang, or a panic message.
+pub fn inventory(args: &[&str]) -> (i32, String, String) {
+    let t = Instant::now();
+    let out = run_status(
+        Command::new("timeout")
+            .arg("120")
+            .arg(env!("CARGO_BIN_EXE_vmicache"))
+            .arg("inventory")
+            .args(args),
+    );
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    let code = out.status.code().unwrap_or(-1);
+    assert!(code != 124, "inventory {args:?} hung ({:?})", t.elapsed());
+    assert!(
+        !se.contains("panicked") && code != 101 && code >= 0,
+        "inventory {args:?} crashed ({code}):\n{se}"
+    );
+    (code, so, se)
+}
+
+/// Byte offset of the first occurrence of `needle` in the file.
+fn find(img: &Path, needle: &[u8]) -> u64 {
+    let b = std::fs::read(img).unwrap();
+    b.windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{needle:?} not in the image")) as u64
+}
+
+#[test]
+fn gpt_partitions_and_their_file_systems_are_found() {
+    let d = tempfile::tempdir().unwrap();
+    let root = tree(d.path());
+    let img = d.path().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    // Partition 1: 1 MiB with no file system; partition 2: ext4 from sector 4096 (2 MiB).
+    write_gpt(
+        &img,
+        32768,
+        &[(2048, 4095, "empty"), (4096, 32700, "rootfs")],
+    );
+    mkfs(&img, 4096 * 512, (32701 - 4096) / 2, &root, "");
+    let (code, out, err) = inventory(&["--json", ps(&img)]);
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let parts = j["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 2, "{out}");
+    assert_eq!(parts[1]["name"], "rootfs");
+    assert_eq!(parts[1]["kind"], "gpt Linux filesystem");
+    assert_eq!(j["filesystems"][0]["partition"], 2);
+    let paths: Vec<&str> = j["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    for p in ["/etc/hostname", "/a/b/c.txt", "/bin/tool", "/etc/link"] {
+        assert!(paths.contains(&p), "{p} missing from {paths:?}");
+    }
+    let link = j["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "/etc/link")
+        .unwrap();
+    assert_eq!(link["target"], "/etc/hostname");
+    // The same disk as qcow2 (QEMU converts it) lists the same.
+    let q = d.path().join("disk.qcow2");
+    run(tool("qemu-img").args(["convert", "-O", "qcow2", ps(&img), ps(&q)]));
+    let (_, qout, _) = inventory(&["--json", ps(&q)]);
+    let k: serde_json::Value = serde_json::from_str(&qout).unwrap();
+    assert_eq!(j["entries"], k["entries"]);
+}
+
+#[test]
+fn hostile_file_systems_give_warnings_not_crashes() {
+    let d = tempfile::tempdir().unwrap();
+    let root = tree(d.path());
+    let img = d.path().join("fs.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    // No metadata checksums: the damage below must reach our parsing, not stop at a checksum.
+    mkfs(&img, 0, 8192, &root, "^metadata_csum,^dir_index");
+    // /a/b/back: a directory entry that names the root directory (a loop).
+    // A directory entry: inode (4), record length (2), name length, file type (1 = file), name.
+    let back = find(&img, b"\x04\x01back") - 6;
+    write_at(&img, back, &2u32.to_le_bytes());
+    write_at(&img, back + 7, &[2]); // file type: directory
+                                    // /a/ghost: an inode number past the end of the inode tables.
+    let ghost = find(&img, b"\x05\x01ghost") - 6;
+    write_at(&img, ghost, &0x7fff_fff0u32.to_le_bytes());
+    let (code, out, err) = inventory(&[ps(&img)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("/a/b/c.txt") && out.contains("/etc/hostname"),
+        "{out}"
+    );
+    assert!(err.contains("met before"), "no loop warning:\n{err}");
+    assert!(
+        err.contains("ghost"),
+        "no warning about the out-of-range inode:\n{err}"
+    );
+
+    // An MBR whose only partition runs past the end of the disk.
+    let mut mbr = vec![0u8; 512];
+    mbr[446 + 4] = 0x83;
+    mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&4_000_000u32.to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xAA;
+    write_at(&img, 0, &mbr);
+    let (code, _, err) = inventory(&[ps(&img)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("past the end of the disk"), "{err}");
+    assert!(err.contains("no ext2/3/4 file system found"), "{err}");
+}
+
+#[test]
+fn absurd_sizes_are_refused_per_file() {
+    let d = tempfile::tempdir().unwrap();
+    let root = tree(d.path());
+    let img = d.path().join("fs.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    mkfs(&img, 0, 8192, &root, "");
+    // A file claiming 2^56 bytes, and another whose extent (i_block words 3-5: block, length,
+    // start) points past the file system.
+    run(tool("debugfs").args(["-w", "-R", "sif /a/huge size 0x100000000000000", ps(&img)]));
+    run(tool("debugfs").args(["-w", "-R", "sif /bin/tool block[5] 0x7fffffff", ps(&img)]));
+    let (code, out, err) = inventory(&["--json", ps(&img)]);
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // ext4-view refuses the inode ("too many blocks"): listed, with a warning, no metadata.
+    assert!(j["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["path"] == "/a/huge"));
+    assert!(
+        err.contains("/a/huge"),
+        "no warning for the absurd size:\n{err}"
+    );
+    assert!(
+        err.contains("/bin/tool"),
+        "no warning for the extent past the end:\n{err}"
+    );
+    // --diff reads content: an absurd size is not read through.
+    let (code, _, err) = inventory(&["--diff", ps(&img), ps(&img)]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Mutation fuzzing of the partition and file-system probing: random bytes of a small disk
+/// (GPT + ext4, metadata within the first 600 KiB) changed, thousands of times, in process.
+#[test]
+fn fuzzed_disks_never_panic() {
+    use vmicache::engine::{Image, OpenOptions};
+    let d = tempfile::tempdir().unwrap();
+    let root = tree(d.path());
+    let clean = d.path().join("clean.raw");
+    std::fs::File::create(&clean)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    write_gpt(&clean, 8192, &[(64, 8100, "root")]);
+    mkfs(&clean, 64 * 512, (8101 - 64) / 2, &root, "");
+    let pristine = std::fs::read(&clean).unwrap();
+    let img = d.path().join("fuzz.raw");
+    let mut rng = XorShift64::new(0x1234_5678);
+    let rounds: usize = std::env::var("VMICACHE_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let t = Instant::now();
+    let mut listed = 0;
+    for round in 0..rounds {
+        let mut b = pristine.clone();
+        for _ in 0..1 + rng.below(16) {
+            let at = rng.below(600 << 10) as usize;
+            b[at] = rng.next_u64() as u8;
+        }
+        std::fs::write(&img, &b).unwrap();
+        let one = Instant::now();
+        let got = std::panic::catch_unwind(|| {
+            let im = Image::open(&img, &OpenOptions::read_only()).unwrap();
+            vmicache::inventory::take(
+                im,
+                "fuzz",
+                &vmicache::inventory::Options {
+                    hash_content: true,
+                    ..Default::default()
+                },
+            )
+        });
+        match got {
+            Ok(Ok(inv)) => listed += usize::from(!inv.entries.is_empty()),
+            Ok(Err(_)) => {}
+            Err(_) => {
+                std::fs::copy(&img, "/tmp/vmicache-fuzz-panic.raw").ok();
+                panic!("round {round} panicked (the disk is in /tmp/vmicache-fuzz-panic.raw)");
+            }
+        }
+        assert!(
+            one.elapsed() < Duration::from_secs(20),
+            "round {round} took {:?}",
+            one.elapsed()
+        );
+    }
+    eprintln!(
+        "{rounds} fuzzed disks in {:?}, {listed} with entries",
+        t.elapsed()
+    );
+    assert!(listed > 0);
+}
