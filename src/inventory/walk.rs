@@ -24,7 +24,7 @@ pub struct Walked {
     pub block_size: u64,
     pub entries: Vec<Entry>,
     pub ranges: Vec<Vec<(u64, u64)>>,
-    /// Bytes of all regular files' blocks, and of them held.
+    /// Bytes of all regular files' blocks (hard links once), and of them held.
     pub data_bytes: u64,
     pub data_held: u64,
 }
@@ -65,6 +65,7 @@ impl FsHandle {
             data_held: 0,
         };
         let mut visited: HashSet<u32> = HashSet::from([2]);
+        let mut counted: HashSet<u32> = HashSet::new();
         let mut stack: Vec<(Vec<u8>, u32, usize)> = vec![(b"/".to_vec(), 2, 0)];
         while let Some((dir, ino, depth)) = stack.pop() {
             let inos: HashMap<Vec<u8>, u32> = match self.ext.dir_entries(ino) {
@@ -138,10 +139,16 @@ impl FsHandle {
                     '-' if child_ino != 0 => {
                         ranges = self.file_ranges(child_ino, &path, warn);
                         let bytes: u64 = ranges.iter().map(|r| r.1 - r.0).sum();
-                        w.data_bytes += bytes;
+                        // Hard links share their data: counted once in the sums.
+                        let first = counted.insert(child_ino);
+                        if first {
+                            w.data_bytes += bytes;
+                        }
                         if let Some(h) = held {
                             let got: u64 = ranges.iter().map(|r| overlap(h, r.0, r.1)).sum();
-                            w.data_held += got;
+                            if first {
+                                w.data_held += got;
+                            }
                             e.held = Some(Held { bytes, held: got });
                         }
                     }
