@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 tools/deps.sh --boot >/dev/null
-command -v fls >/dev/null || { apt-get install -y -qq sleuthkit >/dev/null; }
+command -v fls >/dev/null || { apt-get update -qq && apt-get install -y -qq sleuthkit >/dev/null; }
 images/build.sh "$guest" >/dev/null
 cargo build --release --quiet
 V=$repo/target/release/vmicache
@@ -38,14 +38,15 @@ if [ ! -f "$cache.trace" ] || [ "$cache" -ot "$base" ]; then
   "$V" -q warm "$cache" --boot --timeout 900 -- images/boot.sh "$guest" '{nbd}' raw >/dev/null
 fi
 
-# median of the wall times of `runs` runs of a command (one warm-up run first)
+# median of the wall times of `runs` runs of a command (one warm-up run first); a command
+# that fails stops the script
 median() {
-  "$@" >/dev/null 2>&1 || true
+  "$@" >/dev/null 2>&1 || { echo "failed: $*" >&2; exit 1; }
   local t=()
   for _ in $(seq "$runs"); do
     local s e
     s=$(date +%s.%N)
-    "$@" >/dev/null 2>&1 || true
+    "$@" >/dev/null 2>&1
     e=$(date +%s.%N)
     t+=("$(echo "$e - $s" | bc -l)")
   done

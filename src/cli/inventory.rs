@@ -88,6 +88,16 @@ pub fn run(a: InventoryArgs, quiet: bool) -> Result<i32> {
     let inv = &invs[0];
     if let Some(t) = &a.trace {
         let tr = Trace::load(t)?;
+        if inv
+            .base_fingerprint
+            .is_some_and(|f| f != tr.base_fingerprint)
+        {
+            bail!(
+                "{}: the trace is of another base than the one {} records",
+                t.display(),
+                inv.image
+            );
+        }
         if tr.base_size != inv.disk_bytes {
             bail!(
                 "{}: the trace is of a disk of {} bytes, the image has {}",
@@ -287,10 +297,25 @@ pub struct Found {
 /// against package names (or `name=version`).
 pub fn find(h: &Hoard, names: &[String], pattern: &str, warn: bool) -> Result<Vec<Found>> {
     let pat = glob::Pattern::new(pattern).with_context(|| format!("pattern {pattern:?}"))?;
+    // `*` stays within one path component, as in a shell.
+    let path_opts = glob::MatchOptions {
+        require_literal_separator: true,
+        ..Default::default()
+    };
     let mut out = Vec::new();
     for name in names {
-        let index = super::hoard::index_file(h, name)?;
-        let inv = take(&index, &Options::default())?;
+        // A cache that cannot be read is said and skipped: the others still answer.
+        let inv =
+            match super::hoard::index_file(h, name).and_then(|i| take(&i, &Options::default())) {
+                Ok(inv) => inv,
+                Err(e) => {
+                    errln!(
+                        "vmicache: hoard:{name}: not searched: {}",
+                        super::util::one_line(&e)
+                    );
+                    continue;
+                }
+            };
         if warn {
             for w in &inv.warnings {
                 errln!("vmicache: hoard:{name}: {w}");
@@ -302,7 +327,7 @@ pub fn find(h: &Hoard, names: &[String], pattern: &str, warn: bool) -> Result<Ve
             } else {
                 e.path.rsplit('/').next().unwrap_or("")
             };
-            if pat.matches(subject) {
+            if pat.matches_with(subject, path_opts) {
                 out.push(Found {
                     cache: name.clone(),
                     kind: "file",

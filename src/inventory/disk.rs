@@ -3,41 +3,38 @@
 
 use crate::engine::layer::{MapMode, Mapping};
 use crate::engine::Image;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 /// The chain under inspection and what reading it met.
 pub struct Disk {
     img: Image,
-    len: u64,
+    size: u64,
     /// Reads that failed (a base that cannot be reached, an I/O error), and the first reason.
     failed: Cell<u64>,
-    first_failure: std::cell::RefCell<Option<String>>,
-    /// Bytes read, for the figures.
-    read: Cell<u64>,
+    first_failure: RefCell<Option<String>>,
+    /// Disk ranges handed to ext4-view as zeros because they could not be read (its
+    /// read-ahead past what an offline cache holds); whatever used them is unknown.
+    zero_filled: RefCell<Vec<(u64, u64)>>,
 }
 
 impl Disk {
     pub fn new(img: Image) -> Disk {
-        let len = img.virtual_size();
+        let size = img.virtual_size();
         Disk {
             img,
-            len,
+            size,
             failed: Cell::new(0),
             first_failure: Default::default(),
-            read: Cell::new(0),
+            zero_filled: Default::default(),
         }
     }
 
     pub fn size(&self) -> u64 {
-        self.len
-    }
-
-    pub fn image(&self) -> &Image {
-        &self.img
+        self.size
     }
 
     /// `len` bytes at `off`; past the end of the disk is an error, as is a read the chain
-    /// cannot answer.
+    /// cannot answer (counted).
     pub fn read(&self, off: u64, len: usize) -> Result<Vec<u8>, String> {
         let mut buf = vec![0u8; len];
         self.read_into(off, &mut buf)?;
@@ -45,25 +42,27 @@ impl Disk {
     }
 
     pub fn read_into(&self, off: u64, buf: &mut [u8]) -> Result<(), String> {
-        if off
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.len)
-        {
-            return Err(format!(
-                "read of {} bytes at {off} is past the end of the disk ({} bytes)",
-                buf.len(),
-                self.len
-            ));
-        }
-        self.read.set(self.read.get() + buf.len() as u64);
-        self.img.read_at(buf, off).map_err(|e| {
-            let msg = e.to_string();
+        self.try_read(off, buf).inspect_err(|msg| {
             self.failed.set(self.failed.get() + 1);
             self.first_failure
                 .borrow_mut()
                 .get_or_insert_with(|| msg.clone());
-            msg
         })
+    }
+
+    /// [`Self::read_into`] without counting a failure (a speculative read).
+    fn try_read(&self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+        if off
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.size)
+        {
+            return Err(format!(
+                "read of {} bytes at {off} is past the end of the disk ({} bytes)",
+                buf.len(),
+                self.size
+            ));
+        }
+        self.img.read_at(buf, off).map_err(|e| e.to_string())
     }
 
     /// Reads that failed, and the first reason.
@@ -71,8 +70,13 @@ impl Disk {
         (self.failed.get(), self.first_failure.borrow().clone())
     }
 
-    pub fn bytes_read(&self) -> u64 {
-        self.read.get()
+    /// Whether any of `ranges` (disk bytes) was handed out as zeros it could not read.
+    pub fn zero_filled(&self, ranges: &[(u64, u64)]) -> bool {
+        let z = self.zero_filled.borrow();
+        !z.is_empty()
+            && ranges
+                .iter()
+                .any(|r| z.iter().any(|f| f.0 < r.1 && r.0 < f.1))
     }
 
     /// The guest ranges the layers above the bottom one hold (a cache's and an instance's
@@ -89,7 +93,7 @@ impl Disk {
         };
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for l in &layers[..layers.len() - 1] {
-            let size = l.virtual_size().min(self.len);
+            let size = l.virtual_size().min(self.size);
             let mapped = l.layer().map(0, size, mode)?;
             for r in mapped.runs.iter().filter(|r| r.map != Mapping::Unallocated) {
                 ranges.push((r.off, r.end()));
@@ -117,9 +121,10 @@ pub fn overlap(ranges: &[(u64, u64)], start: u64, end: u64) -> u64 {
         .sum()
 }
 
-/// ext4-view reads through the disk, within one partition. Its read-ahead may run into what
-/// an offline cache lacks: then the first block it asked for is read alone and the rest left
-/// as zeros, which its checksums refuse if it ever uses them.
+/// ext4-view reads through the disk, within one partition. Its read-ahead (up to 8 blocks) may
+/// run into what an offline cache lacks: then the block it asked for is read alone (a failure
+/// of that one is an error, counted) and the rest is handed out as zeros and recorded, so that
+/// whatever ext4-view makes of them is reported unknown.
 pub struct PartReader {
     pub disk: std::rc::Rc<Disk>,
     pub start: u64,
@@ -140,21 +145,22 @@ impl ext4_view::Ext4Read for PartReader {
             return Err(format!("read at {start_byte} is past the end of the partition").into());
         }
         let at = self.start + start_byte;
-        if self.disk.read_into(at, dst).is_ok() {
+        if self.disk.try_read(at, dst).is_ok() {
             return Ok(());
         }
-        dst.fill(0);
         let first = (self.block as usize).min(dst.len());
         self.disk.read_into(at, &mut dst[..first])?;
         let mut pos = first;
         while pos < dst.len() {
             let n = (self.block as usize).min(dst.len() - pos);
-            if self
-                .disk
-                .read_into(at + pos as u64, &mut dst[pos..pos + n])
-                .is_err()
-            {
-                dst[pos..pos + n].fill(0);
+            let piece = &mut dst[pos..pos + n];
+            if self.disk.try_read(at + pos as u64, piece).is_err() {
+                piece.fill(0);
+                let off = at + pos as u64;
+                self.disk
+                    .zero_filled
+                    .borrow_mut()
+                    .push((off, off + n as u64));
             }
             pos += n;
         }

@@ -27,19 +27,22 @@ impl RawInode {
     pub fn is_dir(&self) -> bool {
         self.mode & 0xF000 == 0x4000
     }
-    pub fn is_file(&self) -> bool {
-        self.mode & 0xF000 == 0x8000
-    }
 }
 
 const INCOMPAT_META_BG: u32 = 0x10;
 const INCOMPAT_64BIT: u32 = 0x80;
 const FLAG_EXTENTS: u32 = 0x80000;
 const FLAG_INLINE: u32 = 0x1000_0000;
-/// Extents and blocks of one file, beyond which it is refused as hostile.
+/// Extents of one file, beyond which it is refused as hostile.
 const MAX_EXTENTS: usize = 1 << 20;
-const MAX_TREE_BLOCKS: usize = 1 << 16;
 const CACHE_BLOCKS: usize = 4096;
+/// A directory larger than this is read this far: real ones are far smaller, and a listing
+/// must end.
+const MAX_DIR_BYTES: u64 = 64 << 20;
+/// More block groups than this (128 TiB at 4 KiB blocks) are refused: ext4-view keeps every
+/// group's descriptor in memory.
+const MAX_GROUPS: u64 = 1 << 20;
+const INCOMPAT_RECOVER: u32 = 0x4;
 
 /// The geometry of one ext2/3/4 file system at `start` of the disk.
 pub struct ExtFs {
@@ -52,7 +55,13 @@ pub struct ExtFs {
     inode_size: u64,
     desc_size: u64,
     gdt_block: u64,
+    /// The journal holds changes not yet written in place (a crashed or running guest):
+    /// ext4-view replays them in memory, this reader sees the metadata before them.
+    pub needs_recovery: bool,
     cache: HashMap<u64, Rc<Vec<u8>>>,
+    /// Pointers, extent entries and blocks this reader may still look at: bounded by the
+    /// file system's size, so hostile maps cannot make it work without end.
+    work: u64,
 }
 
 fn le16(b: &[u8], at: usize) -> u16 {
@@ -113,6 +122,26 @@ impl ExtFs {
                 "{blocks} blocks of {bs} bytes do not fit the partition of {len} bytes"
             ));
         }
+        let bpg = u64::from(le32(&sb, 0x20));
+        if !(8..=8 * bs).contains(&bpg) || first >= blocks {
+            return Err(format!(
+                "{bpg} blocks per group, first data block {first}: out of range"
+            ));
+        }
+        let groups = (blocks - first).div_ceil(bpg);
+        if groups > MAX_GROUPS {
+            return Err(format!(
+                "{groups} block groups, more than {MAX_GROUPS}: not read"
+            ));
+        }
+        if u64::from(inodes) > groups * u64::from(ipg) {
+            return Err(format!(
+                "{inodes} inodes do not fit {groups} groups of {ipg}"
+            ));
+        }
+        if (first + 1 + (groups * desc_size).div_ceil(bs)) * bs > len {
+            return Err("the group descriptors do not fit the partition".into());
+        }
         Ok(ExtFs {
             disk,
             start,
@@ -123,7 +152,9 @@ impl ExtFs {
             inode_size,
             desc_size,
             gdt_block: first + 1,
+            needs_recovery: incompat & INCOMPAT_RECOVER != 0,
             cache: HashMap::new(),
+            work: blocks.saturating_mul(4).max(1 << 24),
         })
     }
 
@@ -139,6 +170,7 @@ impl ExtFs {
         if let Some(c) = self.cache.get(&b) {
             return Ok(c.clone());
         }
+        self.charge(1)?;
         if self.cache.len() >= CACHE_BLOCKS {
             self.cache.clear();
         }
@@ -150,7 +182,20 @@ impl ExtFs {
         Ok(data)
     }
 
-    pub fn inode(&mut self, ino: u32) -> Result<RawInode, String> {
+    fn charge(&mut self, n: u64) -> Result<(), String> {
+        self.work = self.work.checked_sub(n).ok_or(
+            "the file system's maps take more work than its size warrants: the rest not read",
+        )?;
+        Ok(())
+    }
+
+    /// Disk byte where inode `ino` lies (None: out of range or unreadable).
+    pub fn inode_offset(&mut self, ino: u32) -> Option<u64> {
+        self.inode_at(ino).ok().map(|at| self.start + at)
+    }
+
+    /// Byte of the file system where inode `ino` lies.
+    fn inode_at(&mut self, ino: u32) -> Result<u64, String> {
         if ino == 0 || ino > self.inodes {
             return Err(format!("inode {ino} is out of range (1..={})", self.inodes));
         }
@@ -165,10 +210,15 @@ impl ExtFs {
         if self.desc_size >= 64 {
             table |= u64::from(le32(g, 0x28)) << 32;
         }
-        let at = table
+        table
             .checked_mul(self.block_size)
             .and_then(|t| t.checked_add(idx * self.inode_size))
-            .ok_or_else(|| format!("inode {ino}: inode table block {table} is absurd"))?;
+            .filter(|at| at / self.block_size < self.blocks)
+            .ok_or_else(|| format!("inode {ino}: inode table block {table} is absurd"))
+    }
+
+    pub fn inode(&mut self, ino: u32) -> Result<RawInode, String> {
+        let at = self.inode_at(ino)?;
         let blk = self.block(at / self.block_size)?;
         let i = &blk[(at % self.block_size) as usize..];
         Ok(RawInode {
@@ -187,9 +237,8 @@ impl ExtFs {
         if inode.flags & FLAG_INLINE != 0 || nblocks == 0 {
             return Ok((inode, out));
         }
-        let mut budget = MAX_TREE_BLOCKS;
         if inode.flags & FLAG_EXTENTS != 0 {
-            self.extent_node(&inode.i_block, None, &mut out, &mut budget)?;
+            self.extent_node(&inode.i_block, None, &mut out)?;
             out.retain(|e| e.logical < nblocks);
             if let Some(last) = out.last_mut() {
                 last.count = last.count.min(nblocks - last.logical);
@@ -200,15 +249,7 @@ impl ExtFs {
             for k in 0..15usize {
                 let level = k.saturating_sub(11);
                 let ptr = u64::from(le32(&inode.i_block, k * 4));
-                self.indirect(
-                    ptr,
-                    level as u32,
-                    per,
-                    &mut logical,
-                    nblocks,
-                    &mut out,
-                    &mut budget,
-                )?;
+                self.indirect(ptr, level as u32, per, &mut logical, nblocks, &mut out)?;
                 if logical >= nblocks {
                     break;
                 }
@@ -246,7 +287,6 @@ impl ExtFs {
         b: &[u8],
         want_depth: Option<u16>,
         out: &mut Vec<Ext>,
-        budget: &mut usize,
     ) -> Result<(), String> {
         if le16(b, 0) != 0xF30A {
             return Err("extent header magic is wrong".into());
@@ -258,32 +298,33 @@ impl ExtFs {
             ));
         }
         for k in 0..entries {
+            self.charge(1)?;
             let e = &b[12 + 12 * k..24 + 12 * k];
             if depth == 0 {
-                let mut len = u64::from(le16(e, 4));
-                if len > 32768 {
-                    len -= 32768; // uninitialized: allocated, reads as zeros
+                let len = u64::from(le16(e, 4));
+                // Uninitialized (len > 32768): allocated, but reads as zeros; no data.
+                if len == 0 || len > 32768 {
+                    continue;
                 }
                 let phys = u64::from(le32(e, 8)) | u64::from(le16(e, 6)) << 32;
+                let logical = u64::from(le32(e, 0));
                 self.push(
                     out,
                     Ext {
-                        logical: u64::from(le32(e, 0)),
+                        logical,
                         phys,
                         count: len,
                     },
                 )?;
             } else {
                 let child = u64::from(le32(e, 4)) | u64::from(le16(e, 8)) << 32;
-                *budget = budget.checked_sub(1).ok_or("extent tree too large")?;
                 let blk = self.block(child)?;
-                self.extent_node(&blk, Some(depth - 1), out, budget)?;
+                self.extent_node(&blk, Some(depth - 1), out)?;
             }
         }
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn indirect(
         &mut self,
         ptr: u64,
@@ -292,11 +333,9 @@ impl ExtFs {
         logical: &mut u64,
         nblocks: u64,
         out: &mut Vec<Ext>,
-        budget: &mut usize,
     ) -> Result<(), String> {
-        let span = per.saturating_pow(level);
         if ptr == 0 {
-            *logical = logical.saturating_add(span);
+            *logical = logical.saturating_add(per.saturating_pow(level));
             return Ok(());
         }
         if level == 0 {
@@ -311,53 +350,82 @@ impl ExtFs {
             *logical += 1;
             return Ok(());
         }
-        *budget = budget.checked_sub(1).ok_or("indirect blocks too many")?;
         let blk = self.block(ptr)?;
         for k in 0..per as usize {
             if *logical >= nblocks {
                 break;
             }
+            self.charge(1)?;
             let p = u64::from(le32(&blk, k * 4));
-            self.indirect(p, level - 1, per, logical, nblocks, out, budget)?;
+            self.indirect(p, level - 1, per, logical, nblocks, out)?;
         }
         Ok(())
     }
 
-    /// The entries of directory `ino`: (name, inode number). Every block is parsed as a linear
-    /// directory (htree nodes read as empty entries, as ext4 designed them).
-    pub fn dir_entries(&mut self, ino: u32) -> Result<Vec<(Vec<u8>, u32)>, String> {
+    /// The entries of directory `ino`: name -> inode number, at most `limit` of them, and the
+    /// error that cut the listing short, if one did (the entries before it are kept). Every
+    /// block is parsed as a linear directory (hash-tree nodes read as empty entries, as ext4
+    /// designed them).
+    pub fn dir_entries(
+        &mut self,
+        ino: u32,
+        limit: usize,
+    ) -> (HashMap<Vec<u8>, u32>, Option<String>) {
+        let mut out = HashMap::new();
+        let err = self.dir_into(ino, limit, &mut out).err();
+        (out, err)
+    }
+
+    fn dir_into(
+        &mut self,
+        ino: u32,
+        limit: usize,
+        out: &mut HashMap<Vec<u8>, u32>,
+    ) -> Result<(), String> {
         let (inode, exts) = self.extents(ino)?;
         if !inode.is_dir() {
             return Err(format!("inode {ino} is not a directory"));
         }
-        let mut out = Vec::new();
-        if inode.flags & FLAG_INLINE != 0 {
-            return Err("inline directories: not supported".into());
-        }
         let bs = self.block_size as usize;
+        let mut budget = MAX_DIR_BYTES / self.block_size;
         for e in exts {
             for k in 0..e.count {
+                budget = budget.checked_sub(1).ok_or(format!(
+                    "more than {MAX_DIR_BYTES} bytes of directory: the rest not read"
+                ))?;
                 let blk = self.block(e.phys + k)?;
                 let mut pos = 0;
                 while pos + 8 <= bs {
                     let (child, rec, nlen) = (
                         le32(&blk, pos),
-                        le16(&blk, pos + 4) as usize,
+                        rec_len(le16(&blk, pos + 4), bs),
                         blk[pos + 6] as usize,
                     );
                     if rec < 8 || rec % 4 != 0 || pos + rec > bs || nlen + 8 > rec {
-                        return Err(format!(
-                            "directory inode {ino}: corrupt entry at block {} + {pos}",
-                            e.phys + k
-                        ));
+                        return Err(format!("corrupt entry at block {} + {pos}", e.phys + k));
                     }
                     if child != 0 {
-                        out.push((blk[pos + 8..pos + 8 + nlen].to_vec(), child));
+                        if out.len() >= limit {
+                            return Ok(());
+                        }
+                        out.insert(blk[pos + 8..pos + 8 + nlen].to_vec(), child);
                     }
                     pos += rec;
                 }
             }
         }
-        Ok(out)
+        Ok(())
+    }
+}
+
+/// A directory record's length as stored: 64 KiB blocks need 17 bits (ext4's
+/// `ext4_rec_len_from_disk`).
+fn rec_len(v: u16, bs: usize) -> usize {
+    if bs < 65536 {
+        return v as usize;
+    }
+    match v {
+        0 | 65535 => 65536,
+        v => (v as usize & 65532) | ((v as usize & 3) << 16),
     }
 }

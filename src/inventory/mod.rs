@@ -7,17 +7,18 @@
 //! [`extfs`] reads the two things its API does not give: inode numbers and block maps.
 
 pub mod diff;
-pub mod disk;
-pub mod extfs;
-pub mod packages;
-pub mod part;
+mod disk;
+mod extfs;
+mod packages;
+mod part;
 pub mod trace;
-pub mod walk;
+mod walk;
 
 use crate::engine::Image;
 use crate::Result;
 use disk::Disk;
-use part::Partition;
+pub use part::Partition;
+use std::collections::HashSet;
 use std::rc::Rc;
 
 /// Warnings met while reading (capped: a hostile image could yield millions).
@@ -152,17 +153,25 @@ pub struct Inventory {
     pub packages: Vec<Package>,
     pub entries: Vec<Entry>,
     pub warnings: Vec<String>,
-    /// Per entry, the disk ranges of its data (with [`Options::keep_ranges`]).
+    /// Per entry, the disk ranges of its data (with [`Options::keep_ranges`]; hard links
+    /// share them).
     #[serde(skip)]
-    pub ranges: Vec<Vec<(u64, u64)>>,
+    pub ranges: Vec<walk::Ranges>,
     /// Per entry, the BLAKE3 of a regular file's content (with [`Options::hash_content`]).
     #[serde(skip)]
     pub hashes: Vec<Option<[u8; 32]>>,
+    /// The base fingerprint a cache layer of the chain recorded (what its trace must match).
+    #[serde(skip)]
+    pub base_fingerprint: Option<[u8; 32]>,
 }
 
 /// Take the inventory of the chain `img` (opened read-only; its name `name`).
 pub fn take(img: Image, name: &str, opts: &Options) -> Result<Inventory> {
     let layers = img.layers().len();
+    let base_fingerprint = img.layers().iter().find_map(|l| {
+        let meta = l.layer().cache_meta().ok().flatten()?;
+        meta.base.map(|b| b.fingerprint)
+    });
     let disk = Rc::new(Disk::new(img));
     let held = disk.held()?;
     let mut warn = Warnings::default();
@@ -183,8 +192,12 @@ pub fn take(img: Image, name: &str, opts: &Options) -> Result<Inventory> {
         warnings: Vec::new(),
         ranges: Vec::new(),
         hashes: Vec::new(),
+        base_fingerprint,
     };
     let mut left = opts.max_entries;
+    // Content hashed for --diff: at most the disk's size and 1 GiB more in all (a hostile
+    // file system could name one sparse file a million times).
+    let mut hash_budget = disk.size().saturating_add(walk::MAX_HASHED);
     for p in &parts {
         match disk.read(p.start + 1024, 1024) {
             Ok(sb) if extfs::is_ext(&sb) => {}
@@ -207,7 +220,13 @@ pub fn take(img: Image, name: &str, opts: &Options) -> Result<Inventory> {
                 continue;
             }
         };
-        let w = h.walk(held.as_deref(), opts, &mut left, &mut warn);
+        let w = h.walk(
+            held.as_deref(),
+            opts,
+            &mut left,
+            &mut hash_budget,
+            &mut warn,
+        );
         inv.filesystems.push(FsInfo {
             partition: p.number,
             label: w.label,
@@ -217,35 +236,53 @@ pub fn take(img: Image, name: &str, opts: &Options) -> Result<Inventory> {
             data_bytes: w.data_bytes,
             data_held: held.as_ref().map(|_| w.data_held),
         });
-        inv.packages.extend(packages::read(&h.fs, &mut warn));
-        for mut e in w.entries {
-            e.fs = p.number;
-            if opts.hash_content {
-                inv.hashes.push(hash_file(&h.fs, &e));
-            }
-            inv.entries.push(e);
+        let pkgs = packages::read(&h.fs, &mut warn);
+        let status = w.entries.iter().find(|e| e.path == packages::STATUS);
+        if !pkgs.is_empty() && status.is_some_and(|e| h.zero_filled(e.ino)) {
+            warn.push(format!(
+                "{}: not whole in the cache and the base cannot be read: packages not listed",
+                packages::STATUS
+            ));
+        } else {
+            inv.packages.extend(pkgs);
         }
+        inv.entries.extend(w.entries.into_iter().map(|mut e| {
+            e.fs = p.number;
+            e
+        }));
         inv.ranges.extend(w.ranges);
+        inv.hashes.extend(w.hashes);
     }
     if inv.filesystems.is_empty() {
         warn.push("no ext2/3/4 file system found");
     }
     if let Some(h) = &held {
-        let held_bytes: u64 = h.iter().map(|r| r.1 - r.0).sum();
-        let file_data: u64 = inv.filesystems.iter().filter_map(|f| f.data_held).sum();
-        let count = |w: &str| {
-            inv.entries
-                .iter()
-                .filter(|e| e.held.is_some_and(|h| h.word() == w))
-                .count()
-        };
+        let held_bytes = h.iter().fold(0u64, |a, r| a.saturating_add(r.1 - r.0));
+        let file_data = inv
+            .filesystems
+            .iter()
+            .filter_map(|f| f.data_held)
+            .fold(0u64, u64::saturating_add);
+        // Files, not names: a hard link counts once.
+        let mut seen: HashSet<(u32, u32)> = HashSet::new();
+        let (mut whole, mut part, mut none) = (0, 0, 0);
+        for e in &inv.entries {
+            if let Some(h) = e.held.filter(|_| seen.insert((e.fs, e.ino))) {
+                match h.word() {
+                    "whole" => whole += 1,
+                    "part" => part += 1,
+                    "none" => none += 1,
+                    _ => {}
+                }
+            }
+        }
         inv.cache = Some(CacheSummary {
             held_bytes,
             file_data,
             metadata: held_bytes.saturating_sub(file_data),
-            files_whole: count("whole"),
-            files_part: count("part"),
-            files_none: count("none"),
+            files_whole: whole,
+            files_part: part,
+            files_none: none,
         });
     }
     inv.packages.sort();
@@ -261,25 +298,4 @@ pub fn take(img: Image, name: &str, opts: &Options) -> Result<Inventory> {
     }
     inv.warnings = warn.0;
     Ok(inv)
-}
-
-/// Larger files are not hashed (their content reads as unknown).
-const MAX_HASHED: u64 = 1 << 30;
-
-/// BLAKE3 of a regular file's content, None when it cannot be read.
-fn hash_file(fs: &ext4_view::Ext4, e: &Entry) -> Option<[u8; 32]> {
-    if e.kind != '-' || e.size > MAX_HASHED {
-        return None;
-    }
-    let mut f = fs.open(e.path.as_str()).ok()?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read_bytes(&mut buf).ok()?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Some(*h.finalize().as_bytes())
 }

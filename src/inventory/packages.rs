@@ -6,7 +6,7 @@ use ext4_view::Ext4;
 
 /// A status file larger than this is not read.
 const MAX_STATUS: u64 = 64 << 20;
-const STATUS: &str = "/var/lib/dpkg/status";
+pub const STATUS: &str = "/var/lib/dpkg/status";
 
 /// The packages of one file system (none without a dpkg database).
 pub fn read(fs: &Ext4, warn: &mut Warnings) -> Vec<Package> {
@@ -37,8 +37,8 @@ pub fn read(fs: &Ext4, warn: &mut Warnings) -> Vec<Package> {
     }
 }
 
-/// The packages of a dpkg status file that are installed or half so (what `dpkg-query -W`
-/// lists), in file order.
+/// The packages of a dpkg status file that are on the system: installed, or unpacked and
+/// not (fully) configured yet; in file order.
 pub fn parse(text: &str) -> Vec<Package> {
     let mut out = Vec::new();
     for stanza in text.split("\n\n") {
@@ -59,12 +59,19 @@ pub fn parse(text: &str) -> Vec<Package> {
                 _ => {}
             }
         }
-        if name.is_empty()
-            || status
-                .split_whitespace()
-                .nth(2)
-                .is_none_or(|s| s == "not-installed")
-        {
+        // Installed, or between unpacked and configured; not removed (config-files) nor
+        // purged (not-installed).
+        let state = status.split_whitespace().nth(2).unwrap_or("");
+        let present = matches!(
+            state,
+            "installed"
+                | "unpacked"
+                | "half-configured"
+                | "half-installed"
+                | "triggers-awaited"
+                | "triggers-pending"
+        );
+        if name.is_empty() || !present {
             continue;
         }
         out.push(Package {
@@ -83,6 +90,7 @@ mod tests {
         let text =
             "Package: a\nStatus: install ok installed\nVersion: 1.0\nDescription: x\n more\n\n\
                     Package: b\nStatus: purge ok not-installed\n\n\
+                    Package: r\nStatus: deinstall ok config-files\nVersion: 1\n\n\
                     Package: c\nStatus: install ok unpacked\nArchitecture: amd64\nVersion: 2:3-4\n";
         let p = super::parse(text);
         assert_eq!(p.len(), 2);

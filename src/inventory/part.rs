@@ -121,7 +121,7 @@ fn logical(
     warn: &mut Warnings,
 ) {
     let mut ebr = ext_lba;
-    for n in 0..MAX_LOGICAL {
+    for _ in 0..MAX_LOGICAL {
         if ebr >= ext_lba + ext_count || ebr * 512 >= disk_len {
             warn.push(format!(
                 "extended boot record at sector {ebr} lies outside its partition"
@@ -151,7 +151,7 @@ fn logical(
                 disk_len,
                 warn,
                 Partition {
-                    number: 5 + n as u32,
+                    number: 5 + out.iter().filter(|p| p.number >= 5).count() as u32,
                     start: (ebr + rel) * 512,
                     len: count * 512,
                     kind: format!("mbr 0x{kind:02x}"),
@@ -232,7 +232,9 @@ fn gpt(read: &mut ReadFn<'_>, disk_len: u64, warn: &mut Warnings) -> Option<Vec<
                 .collect();
             let (Some(start), Some(len)) = (
                 first.checked_mul(sector),
-                (last - first + 1).checked_mul(sector),
+                (last - first)
+                    .checked_add(1)
+                    .and_then(|n| n.checked_mul(sector)),
             ) else {
                 warn.push(format!("GPT entry {}: absurd sector numbers", i + 1));
                 continue;
@@ -350,5 +352,31 @@ mod tests {
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].number, p[1].number), (5, 6));
         assert!(w.0.iter().any(|m| m.contains("loop")), "{:?}", w.0);
+    }
+
+    #[test]
+    fn gpt_entry_with_absurd_sectors_is_skipped() {
+        let mut d = disk(1 << 20);
+        d[446 + 4] = 0xEE;
+        d[510] = 0x55;
+        d[511] = 0xAA;
+        let mut entries = vec![0u8; 128 * 128];
+        entries[0] = 1; // any type
+        entries[32..40].copy_from_slice(&0u64.to_le_bytes());
+        entries[40..48].copy_from_slice(&u64::MAX.to_le_bytes());
+        let h = 512;
+        d[h..h + 8].copy_from_slice(b"EFI PART");
+        d[h + 12..h + 16].copy_from_slice(&92u32.to_le_bytes());
+        d[h + 72..h + 80].copy_from_slice(&2u64.to_le_bytes());
+        d[h + 80..h + 84].copy_from_slice(&128u32.to_le_bytes());
+        d[h + 84..h + 88].copy_from_slice(&128u32.to_le_bytes());
+        d[h + 88..h + 92].copy_from_slice(&crc32(&entries).to_le_bytes());
+        let c = crc32(&d[h..h + 92]);
+        d[h + 16..h + 20].copy_from_slice(&c.to_le_bytes());
+        d[1024..1024 + entries.len()].copy_from_slice(&entries);
+        let mut w = Warnings::default();
+        let p = partitions(&mut reader(&d), 1 << 20, &mut w);
+        assert!(p.is_empty(), "{p:?}");
+        assert!(w.0.iter().any(|m| m.contains("absurd")), "{:?}", w.0);
     }
 }

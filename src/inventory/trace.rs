@@ -27,16 +27,17 @@ pub struct TraceReport {
 
 /// Attribute the trace's reads to the files of `inv` (taken with `keep_ranges`).
 pub fn attribute(inv: &Inventory, trace: &Trace) -> TraceReport {
-    // Every data range of every file, sorted by disk offset: (start, end, entry).
+    // Every data range of every file, sorted by disk offset: (start, end, entry). Hard links
+    // share their ranges: each file counts once, under its first path.
+    let mut seen = std::collections::HashSet::new();
     let mut index: Vec<(u64, u64, usize)> = inv
         .ranges
         .iter()
         .enumerate()
+        .filter(|(_, rs)| !rs.is_empty() && seen.insert(std::sync::Arc::as_ptr(rs)))
         .flat_map(|(i, rs)| rs.iter().map(move |r| (r.0, r.1, i)))
         .collect();
     index.sort_unstable();
-    // Ranges of hard links repeat: keep each disk range once (its first path).
-    index.dedup_by(|b, a| a.0 == b.0 && a.1 == b.1);
     let mut read = vec![0u64; inv.entries.len()];
     let mut first = vec![usize::MAX; inv.entries.len()];
     let (mut bytes, mut in_files) = (0u64, 0u64);

@@ -1,6 +1,7 @@
-//! One file system's files: ext4-view lists directories and reads inodes (checksums, hash
-//! trees, journal replay are its business); [`super::extfs`] adds the inode numbers, for loops
-//! and hard links, and each file's blocks, for what a cache holds of it. Every walk is bounded.
+//! One file system's files: ext4-view lists directories and reads inodes and files (checksums
+//! and hash trees are its business, and it replays a journal in memory); [`super::extfs`] adds
+//! the inode numbers, for loops and hard links, and each file's blocks, for what a cache holds
+//! of it. Every walk is bounded.
 
 use super::disk::{overlap, Disk, PartReader};
 use super::extfs::ExtFs;
@@ -8,22 +9,31 @@ use super::{Entry, Held, Options, Warnings};
 use ext4_view::{DirEntry, Ext4, Metadata};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
+use std::sync::Arc;
 
 /// Deeper directories are not entered.
 pub const MAX_DEPTH: usize = 256;
-/// Errors one directory's listing may yield before it is left.
-const MAX_DIR_ERRORS: usize = 16;
 /// Symlink targets longer than this are not read.
 const MAX_LINK: u64 = 4096;
+/// A directory larger than this is not listed.
+const MAX_DIR: u64 = 64 << 20;
+/// Data ranges kept per file system for `--trace` (16 bytes each).
+const MAX_RANGES: usize = 1 << 22;
+/// Larger files are not hashed (their content compares as unknown).
+pub const MAX_HASHED: u64 = 1 << 30;
 
-/// What one file system yields: its entries, and (when asked for) each entry's disk ranges of
-/// data, in entry order.
+/// A file's data as disk byte ranges, shared by its hard links.
+pub type Ranges = Arc<Vec<(u64, u64)>>;
+
+/// What one file system yields: its entries sorted by path and, when asked for, each entry's
+/// data ranges and content hash, in entry order.
 pub struct Walked {
     pub label: String,
     pub uuid: String,
     pub block_size: u64,
     pub entries: Vec<Entry>,
-    pub ranges: Vec<Vec<(u64, u64)>>,
+    pub ranges: Vec<Ranges>,
+    pub hashes: Vec<Option<[u8; 32]>>,
     /// Bytes of all regular files' blocks (hard links once), and of them held.
     pub data_bytes: u64,
     pub data_held: u64,
@@ -32,6 +42,28 @@ pub struct Walked {
 pub struct FsHandle {
     pub fs: Ext4,
     ext: ExtFs,
+    disk: Rc<Disk>,
+}
+
+/// What a regular file's inode yields.
+struct FileInfo {
+    /// Kept for `--trace` only.
+    ranges: Ranges,
+    bytes: u64,
+    held: Option<u64>,
+    hash: Option<[u8; 32]>,
+}
+
+/// Per-walk state: what was met and what may still be spent.
+struct Walk<'a> {
+    held: Option<&'a [(u64, u64)]>,
+    opts: &'a Options,
+    w: Walked,
+    /// Per inode (hard links are mapped and read once).
+    files: HashMap<u32, FileInfo>,
+    ranges_kept: usize,
+    hash_budget: u64,
+    none: Ranges,
 }
 
 impl FsHandle {
@@ -44,37 +76,63 @@ impl FsHandle {
             block: ext.block_size,
         };
         let fs = Ext4::load(Box::new(reader)).map_err(|e| format!("ext4: {e}"))?;
-        Ok(FsHandle { fs, ext })
+        Ok(FsHandle {
+            fs,
+            ext,
+            disk: disk.clone(),
+        })
     }
 
-    /// Every entry under `/`, each directory's in name order; `held`: the disk ranges a cache holds.
+    /// Every entry under `/`, sorted by path; `held`: the disk ranges a cache holds; `left`:
+    /// entries that may still be listed; `hash_budget`: bytes of content that may be read.
     pub fn walk(
         &mut self,
         held: Option<&[(u64, u64)]>,
         opts: &Options,
         left: &mut usize,
+        hash_budget: &mut u64,
         warn: &mut Warnings,
     ) -> Walked {
-        let mut w = Walked {
-            label: self.fs.label().to_str().unwrap_or("").to_string(),
-            uuid: self.fs.uuid().to_string(),
-            block_size: self.ext.block_size,
-            entries: Vec::new(),
-            ranges: Vec::new(),
-            data_bytes: 0,
-            data_held: 0,
+        if self.ext.needs_recovery {
+            warn.push("the journal holds changes not yet in place (a guest that crashed or runs): files are listed as ext4-view replays them, inode numbers and data blocks come from before the replay");
+        }
+        let mut st = Walk {
+            held,
+            opts,
+            w: Walked {
+                label: self.fs.label().to_str().unwrap_or("").to_string(),
+                uuid: self.fs.uuid().to_string(),
+                block_size: self.ext.block_size,
+                entries: Vec::new(),
+                ranges: Vec::new(),
+                hashes: Vec::new(),
+                data_bytes: 0,
+                data_held: 0,
+            },
+            files: HashMap::new(),
+            ranges_kept: 0,
+            hash_budget: *hash_budget,
+            none: Arc::new(Vec::new()),
         };
+        let root_len = self.fs.metadata("/").map_or(0, |m| m.len());
         let mut visited: HashSet<u32> = HashSet::from([2]);
-        let mut counted: HashSet<u32> = HashSet::new();
-        let mut stack: Vec<(Vec<u8>, u32, usize)> = vec![(b"/".to_vec(), 2, 0)];
-        while let Some((dir, ino, depth)) = stack.pop() {
-            let inos: HashMap<Vec<u8>, u32> = match self.ext.dir_entries(ino) {
-                Ok(v) => v.into_iter().collect(),
-                Err(e) => {
-                    warn.push(format!("{}: {e}", show(&dir)));
-                    HashMap::new()
-                }
+        let mut stack: Vec<(Vec<u8>, u32, usize, u64)> = vec![(b"/".to_vec(), 2, 0, root_len)];
+        'dirs: while let Some((dir, ino, depth, len)) = stack.pop() {
+            if len > MAX_DIR {
+                warn.push(format!(
+                    "{}: a directory of {len} bytes: not listed",
+                    show(&dir)
+                ));
+                continue;
+            }
+            let (inos, err) = if ino == 0 {
+                (HashMap::new(), None)
+            } else {
+                self.ext.dir_entries(ino, *left)
             };
+            if let Some(e) = err {
+                warn.push(format!("{}: {e}", show(&dir)));
+            }
             let listing = match self.fs.read_dir(dir.as_slice()) {
                 Ok(it) => it,
                 Err(e) => {
@@ -83,20 +141,14 @@ impl FsHandle {
                 }
             };
             let mut children: Vec<DirEntry> = Vec::new();
-            let mut errors = 0;
+            let mut names: HashSet<Vec<u8>> = HashSet::new();
+            // ext4-view's listing ends at its first error.
             for r in listing {
                 match r {
                     Ok(d) if d.file_name() == "." || d.file_name() == ".." => {}
+                    Ok(d) if !names.insert(d.file_name().as_ref().to_vec()) => {}
                     Ok(d) => children.push(d),
-                    Err(e) => {
-                        warn.push(format!("{}: {e}", show(&dir)));
-                        // Past a bad entry the listing may go on; an iterator that only
-                        // repeats its error is left.
-                        errors += 1;
-                        if errors == MAX_DIR_ERRORS {
-                            break;
-                        }
-                    }
+                    Err(e) => warn.push(format!("{}: listing cut short: {e}", show(&dir))),
                 }
                 if children.len() > *left {
                     break;
@@ -106,7 +158,7 @@ impl FsHandle {
             for d in children {
                 if *left == 0 {
                     warn.push("more entries than --max-entries: the listing stops here");
-                    return w;
+                    break 'dirs;
                 }
                 *left -= 1;
                 let name = d.file_name().as_ref().to_vec();
@@ -115,52 +167,154 @@ impl FsHandle {
                     path.push(b'/');
                 }
                 path.extend_from_slice(&name);
-                let child_ino = inos.get(&name).copied().unwrap_or(0);
+                let child = inos.get(&name).copied().unwrap_or(0);
                 let meta = d.metadata();
-                let mut e = entry(&path, child_ino, &d, meta.as_ref().ok());
-                let mut ranges = Vec::new();
                 if let Err(err) = &meta {
-                    warn.push(format!("{}: {err}", show(&path)));
-                }
-                match e.kind {
-                    'd' if child_ino == 0 => warn.push(format!("{}: no inode number found", show(&path))),
-                    'd' if depth + 1 >= MAX_DEPTH => {
-                        warn.push(format!("{}: deeper than {MAX_DEPTH} levels, not entered", show(&path)))
+                    // What ext4-view made of zeros it was handed (an offline cache) is said
+                    // as what it is.
+                    let at = self.ext.inode_offset(child);
+                    if at.is_some_and(|a| self.disk.zero_filled(&[(a, a + 1)])) {
+                        warn.push(format!(
+                            "{}: its inode is neither in the cache nor readable from the base",
+                            show(&path)
+                        ));
+                    } else {
+                        warn.push(format!("{}: {err}", show(&path)));
                     }
-                    'd' if !visited.insert(child_ino) => warn.push(format!(
-                        "{}: directory inode {child_ino} was met before (a loop or a hard-linked directory), not entered again",
+                }
+                let mut e = entry(&path, child, &d, meta.as_ref().ok());
+                let mut ranges = st.none.clone();
+                let mut hash = None;
+                match e.kind {
+                    'd' if child == 0 && !self.ext.needs_recovery => {
+                        warn.push(format!("{}: no inode number found, not entered", show(&path)))
+                    }
+                    'd' if depth + 1 >= MAX_DEPTH => warn.push(format!(
+                        "{}: deeper than {MAX_DEPTH} levels, not entered",
                         show(&path)
                     )),
-                    'd' => stack.push((path.clone(), child_ino, depth + 1)),
+                    'd' if child != 0 && !visited.insert(child) => warn.push(format!(
+                        "{}: directory inode {child} was met before (a loop or a hard-linked directory), not entered again",
+                        show(&path)
+                    )),
+                    'd' => stack.push((path.clone(), child, depth + 1, e.size)),
                     'l' if e.size <= MAX_LINK => match self.fs.read_link(path.as_slice()) {
                         Ok(t) => e.target = Some(show(t.as_ref())),
                         Err(err) => warn.push(format!("{}: {err}", show(&path))),
                     },
-                    '-' if child_ino != 0 => {
-                        ranges = self.file_ranges(child_ino, &path, warn);
-                        let bytes: u64 = ranges.iter().map(|r| r.1 - r.0).sum();
-                        // Hard links share their data: counted once in the sums.
-                        let first = counted.insert(child_ino);
-                        if first {
-                            w.data_bytes += bytes;
-                        }
-                        if let Some(h) = held {
-                            let got: u64 = ranges.iter().map(|r| overlap(h, r.0, r.1)).sum();
-                            if first {
-                                w.data_held += got;
-                            }
-                            e.held = Some(Held { bytes, held: got });
-                        }
+                    '-' if child != 0 => {
+                        (ranges, hash) = self.file(&mut st, child, &path, &mut e, warn);
                     }
                     _ => {}
                 }
                 if opts.keep_ranges {
-                    w.ranges.push(ranges);
+                    st.w.ranges.push(ranges);
                 }
-                w.entries.push(e);
+                if opts.hash_content {
+                    st.w.hashes.push(hash);
+                }
+                st.w.entries.push(e);
             }
         }
-        w
+        *hash_budget = st.hash_budget;
+        sort(st.w)
+    }
+
+    /// A regular file's data ranges (when kept for `--trace`), held bytes and (with
+    /// `hash_content`) hash; each inode worked out once, its hard links share the result.
+    fn file(
+        &mut self,
+        st: &mut Walk,
+        ino: u32,
+        path: &[u8],
+        e: &mut Entry,
+        warn: &mut Warnings,
+    ) -> (Ranges, Option<[u8; 32]>) {
+        if !st.files.contains_key(&ino) {
+            let r = self.file_ranges(ino, path, warn);
+            let bytes = r.iter().fold(0u64, |a, x| a.saturating_add(x.1 - x.0));
+            let held = st.held.map(|h| {
+                r.iter()
+                    .fold(0u64, |a, x| a.saturating_add(overlap(h, x.0, x.1)))
+            });
+            st.w.data_bytes = st.w.data_bytes.saturating_add(bytes);
+            st.w.data_held = st.w.data_held.saturating_add(held.unwrap_or(0));
+            let hash = if st.opts.hash_content {
+                self.hash(st, path, e.size, &r, warn)
+            } else {
+                None
+            };
+            let kept = if !st.opts.keep_ranges {
+                st.none.clone()
+            } else if st.ranges_kept + r.len() <= MAX_RANGES {
+                st.ranges_kept += r.len();
+                Arc::new(r)
+            } else {
+                if st.ranges_kept <= MAX_RANGES {
+                    warn.push(
+                        "more data ranges than --trace keeps: later files are not attributed",
+                    );
+                    st.ranges_kept = MAX_RANGES + 1;
+                }
+                st.none.clone()
+            };
+            st.files.insert(
+                ino,
+                FileInfo {
+                    ranges: kept,
+                    bytes,
+                    held,
+                    hash,
+                },
+            );
+        }
+        let f = &st.files[&ino];
+        if let Some(held) = f.held {
+            e.held = Some(Held {
+                bytes: f.bytes,
+                held,
+            });
+        }
+        (f.ranges.clone(), f.hash)
+    }
+
+    /// BLAKE3 of a regular file's content, None when it cannot be read whole: too large, past
+    /// the walk's budget, or read from zeros an offline cache could not supply.
+    fn hash(
+        &mut self,
+        st: &mut Walk,
+        path: &[u8],
+        size: u64,
+        ranges: &[(u64, u64)],
+        warn: &mut Warnings,
+    ) -> Option<[u8; 32]> {
+        if size > MAX_HASHED {
+            return None;
+        }
+        if size > st.hash_budget {
+            if st.hash_budget != u64::MAX {
+                warn.push("more file content than the disk holds: the rest is not compared");
+                st.hash_budget = u64::MAX;
+            }
+            return None;
+        }
+        if st.hash_budget != u64::MAX {
+            st.hash_budget -= size;
+        }
+        let mut f = self.fs.open(path).ok()?;
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read_bytes(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        if self.disk.zero_filled(ranges) {
+            return None;
+        }
+        Some(*h.finalize().as_bytes())
     }
 
     /// The disk byte ranges of a regular file's data (its last block cut to its size).
@@ -185,6 +339,43 @@ impl FsHandle {
             }
         }
     }
+
+    /// Whether inode `ino`'s data was handed out as zeros that could not be read.
+    pub fn zero_filled(&mut self, ino: u32) -> bool {
+        match self.ext.extents(ino) {
+            Ok((inode, exts)) => {
+                let bs = self.ext.block_size;
+                let r: Vec<(u64, u64)> = exts
+                    .iter()
+                    .map(|x| {
+                        let d = self.ext.disk_offset(x.phys);
+                        (d, d + (x.count * bs).min(inode.size))
+                    })
+                    .collect();
+                self.disk.zero_filled(&r)
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Entries in path order, their ranges and hashes along.
+fn sort(mut w: Walked) -> Walked {
+    let mut order: Vec<usize> = (0..w.entries.len()).collect();
+    order.sort_by(|&a, &b| w.entries[a].path.cmp(&w.entries[b].path));
+    w.entries = permute(std::mem::take(&mut w.entries), &order);
+    w.ranges = permute(std::mem::take(&mut w.ranges), &order);
+    w.hashes = permute(std::mem::take(&mut w.hashes), &order);
+    w
+}
+
+/// `v` in the order `order` names (an empty `v` stays empty).
+fn permute<T>(v: Vec<T>, order: &[usize]) -> Vec<T> {
+    if v.is_empty() {
+        return v;
+    }
+    let mut old: Vec<Option<T>> = v.into_iter().map(Some).collect();
+    order.iter().map(|&i| old[i].take().unwrap()).collect()
 }
 
 /// A path as it prints: UTF-8, anything else replaced.

@@ -84,13 +84,15 @@ pub fn write_gpt(img: &Path, sectors: u64, parts: &[(u64, u64, &str)]) {
     write_at(img, 1024, &entries);
 }
 
-/// `vmicache inventory ARGS` with a deadline: (exit code, stdout, stderr). Panics on a
-/// signal (a panic aborts? no: exits 101), a hang, or a panic message.
+/// `vmicache inventory ARGS` with a deadline and 2 GiB of address space: (exit code, stdout,
+/// stderr). Panics on a hang, a signal (an allocation that fails aborts), or a panic (exit 101).
 pub fn inventory(args: &[&str]) -> (i32, String, String) {
     let t = Instant::now();
     let out = run_status(
-        Command::new("timeout")
-            .arg("120")
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -v 2097152 && exec timeout 120 \"$@\"")
+            .arg("sh")
             .arg(env!("CARGO_BIN_EXE_vmicache"))
             .arg("inventory")
             .args(args),
@@ -175,7 +177,7 @@ fn hostile_file_systems_give_warnings_not_crashes() {
         .unwrap();
     // No metadata checksums: the damage below must reach our parsing, not stop at a checksum.
     mkfs(&img, 0, 8192, &root, "^metadata_csum,^dir_index");
-    // /a/b/back: a directory entry that names the root directory (a loop).
+    // /a/b/back: a directory entry made to name the root directory (a loop).
     // A directory entry: inode (4), record length (2), name length, file type (1 = file), name.
     let back = find(&img, b"\x04\x01back") - 6;
     write_at(&img, back, &2u32.to_le_bytes());
@@ -306,4 +308,71 @@ fn fuzzed_disks_never_panic() {
         t.elapsed()
     );
     assert!(listed > 0);
+}
+
+#[test]
+fn absurd_geometry_is_refused_before_anything_is_allocated() {
+    let d = tempfile::tempdir().unwrap();
+    let root = tree(d.path());
+    let img = d.path().join("huge.raw");
+    // 1 TiB, sparse: an 8 MiB file system whose superblock claims 2^30 blocks in groups of 1.
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    mkfs(&img, 0, 8192, &root, "^metadata_csum");
+    write_at(&img, 1024 + 0x4, &((1u32 << 30) - 1).to_le_bytes());
+    write_at(&img, 1024 + 0x20, &1u32.to_le_bytes());
+    let t = Instant::now();
+    let (code, _, err) = inventory(&[ps(&img)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("blocks per group"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[test]
+fn block_maps_that_never_end_are_cut_and_hard_links_mapped_once() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("heavy"), "x").unwrap();
+    let img = d.path().join("fs.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    // 64 KiB blocks, ext2-style block maps: 16,384 pointers per indirect block.
+    run(tool("mkfs.ext4").args([
+        "-q",
+        "-F",
+        "-b",
+        "65536",
+        "-O",
+        "^extent,^64bit,^metadata_csum,^has_journal",
+        "-d",
+        ps(&root),
+        ps(&img),
+    ]));
+    // /heavy: 2^62 bytes whose triple-indirect block points 16,384 times at one block of
+    // zero pointers (about 2^28 pointers to look at), and 300 more names for it.
+    let (b1, b2) = (1000u64, 1001u64);
+    write_at(
+        &img,
+        b1 * 65536,
+        &[b2 as u8, (b2 >> 8) as u8, 0, 0].repeat(16384),
+    );
+    write_at(&img, b2 * 65536, &vec![0u8; 65536]);
+    let mut cmds = format!("sif /heavy block[TIND] {b1}\nsif /heavy size 0x4000000000000000\n");
+    for i in 0..300 {
+        cmds.push_str(&format!("ln /heavy /h{i}\n"));
+    }
+    let f = d.path().join("cmds");
+    std::fs::write(&f, cmds).unwrap();
+    run(tool("debugfs").args(["-w", "-f", ps(&f), ps(&img)]));
+    let t = Instant::now();
+    let (code, out, err) = inventory(&["--json", ps(&img)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("/h299"), "the names are listed");
+    assert!(err.contains("more work"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
 }
