@@ -15,12 +15,18 @@ pub struct Ext {
     pub count: u64,
 }
 
+/// A piece of a file's data: (byte in the file, disk start, disk end).
+pub type Piece = (u64, u64, u64);
+
 /// The inode fields the mapper needs.
 pub struct RawInode {
     pub mode: u16,
     pub flags: u32,
     pub size: u64,
     i_block: [u8; 60],
+    /// 512-byte sectors allocated (`i_blocks_lo`), and the extended-attribute block.
+    sectors: u32,
+    xattr_block: u32,
 }
 
 impl RawInode {
@@ -226,7 +232,54 @@ impl ExtFs {
             flags: le32(i, 0x20),
             size: u64::from(le32(i, 4)) | u64::from(le32(i, 0x6C)) << 32,
             i_block: i[0x28..0x64].try_into().unwrap(),
+            sectors: le32(i, 0x1C),
+            xattr_block: le32(i, 0x68),
         })
+    }
+
+    /// Inode `ino`'s data as pieces (byte in the file, disk start, disk end), in file order,
+    /// the last cut at the file's size; holes between them read as zeros.
+    pub fn data(&mut self, ino: u32) -> Result<(RawInode, Vec<Piece>), String> {
+        let (inode, exts) = self.extents(ino)?;
+        let bs = self.block_size;
+        let pieces = exts
+            .iter()
+            .filter_map(|x| {
+                let start = x.logical * bs;
+                let end = ((x.logical + x.count) * bs).min(inode.size);
+                let d = self.disk_offset(x.phys);
+                (end > start).then_some((start, d, d + (end - start)))
+            })
+            .collect();
+        Ok((inode, pieces))
+    }
+
+    /// The target of symlink `ino` (at most `max` bytes): in the inode itself when short
+    /// (a fast symlink), else in its data block.
+    pub fn link_target(&mut self, ino: u32, max: u64) -> Result<Vec<u8>, String> {
+        let inode = self.inode(ino)?;
+        if inode.mode & 0xF000 != 0xA000 {
+            return Err(format!("inode {ino} is not a symlink"));
+        }
+        if inode.size > max {
+            return Err(format!("a target of {} bytes", inode.size));
+        }
+        let n = inode.size as usize;
+        // A fast symlink holds its target in the block map's place and owns no block but,
+        // perhaps, one of extended attributes (e2fsprogs' `ext2fs_is_fast_symlink`).
+        let xattr = if inode.xattr_block != 0 {
+            (self.block_size / 512) as u32
+        } else {
+            0
+        };
+        if n < inode.i_block.len() && inode.sectors == xattr {
+            return Ok(inode.i_block[..n].to_vec());
+        }
+        let (_, pieces) = self.data(ino)?;
+        match pieces.first() {
+            Some(&(0, d, e)) if e - d == inode.size => self.disk.read(d, n),
+            _ => Err("its target's blocks do not match its size".into()),
+        }
     }
 
     /// The blocks of inode `ino`'s data, in file order, adjacent runs merged; holes left out.

@@ -236,16 +236,8 @@ pub fn take(img: Image, name: &str, opts: &Options) -> Result<Inventory> {
             data_bytes: w.data_bytes,
             data_held: held.as_ref().map(|_| w.data_held),
         });
-        let pkgs = packages::read(&h.fs, &mut warn);
-        let status = w.entries.iter().find(|e| e.path == packages::STATUS);
-        if !pkgs.is_empty() && status.is_some_and(|e| h.zero_filled(e.ino)) {
-            warn.push(format!(
-                "{}: not whole in the cache and the base cannot be read: packages not listed",
-                packages::STATUS
-            ));
-        } else {
-            inv.packages.extend(pkgs);
-        }
+        let pkgs = packages::read(&w.entries, |e| h.read_file(e), &mut warn);
+        inv.packages.extend(pkgs);
         inv.entries.extend(w.entries.into_iter().map(|mut e| {
             e.fs = p.number;
             e

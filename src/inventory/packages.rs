@@ -1,37 +1,36 @@
 //! Installed packages, from the guest's dpkg database (`/var/lib/dpkg/status`). An rpm
 //! database is noticed and said to be unread: reading it needs SQLite or Berkeley DB.
 
-use super::{Package, Warnings};
-use ext4_view::Ext4;
+use super::{Entry, Package, Warnings};
 
 /// A status file larger than this is not read.
-const MAX_STATUS: u64 = 64 << 20;
+pub const MAX_STATUS: u64 = 64 << 20;
 pub const STATUS: &str = "/var/lib/dpkg/status";
 
-/// The packages of one file system (none without a dpkg database).
-pub fn read(fs: &Ext4, warn: &mut Warnings) -> Vec<Package> {
-    if fs.exists("/var/lib/rpm").unwrap_or(false) {
+/// The packages of one file system's `entries` (none without a dpkg database); `read` reads
+/// a file's content.
+pub fn read(
+    entries: &[Entry],
+    read: impl FnOnce(&Entry) -> Result<Vec<u8>, String>,
+    warn: &mut Warnings,
+) -> Vec<Package> {
+    if entries.iter().any(|e| e.path == "/var/lib/rpm") {
         warn.push("/var/lib/rpm: an rpm database, not read (rpm packages are not listed)");
     }
-    let len = match fs.metadata(STATUS) {
-        Ok(m) if m.is_dir() => return Vec::new(),
-        Ok(m) => m.len(),
-        Err(ext4_view::Ext4Error::NotFound) => return Vec::new(),
-        Err(e) => {
-            warn.push(format!("{STATUS}: {e}"));
-            return Vec::new();
-        }
+    let Some(status) = entries.iter().find(|e| e.path == STATUS && e.kind == '-') else {
+        return Vec::new();
     };
-    if len > MAX_STATUS {
+    if status.size > MAX_STATUS {
         warn.push(format!(
-            "{STATUS}: {len} bytes, more than {MAX_STATUS}: not read"
+            "{STATUS}: {} bytes, more than {MAX_STATUS}: not read",
+            status.size
         ));
         return Vec::new();
     }
-    match fs.read(STATUS) {
+    match read(status) {
         Ok(b) => parse(&String::from_utf8_lossy(&b)),
         Err(e) => {
-            warn.push(format!("{STATUS}: {e}"));
+            warn.push(format!("{STATUS}: not read, packages not listed: {e}"));
             Vec::new()
         }
     }

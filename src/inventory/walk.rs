@@ -4,7 +4,7 @@
 //! of it. Every walk is bounded.
 
 use super::disk::{overlap, Disk, PartReader};
-use super::extfs::ExtFs;
+use super::extfs::{ExtFs, Piece};
 use super::{Entry, Held, Options, Warnings};
 use ext4_view::{DirEntry, Ext4, Metadata};
 use std::collections::{HashMap, HashSet};
@@ -17,6 +17,10 @@ pub const MAX_DEPTH: usize = 256;
 const MAX_LINK: u64 = 4096;
 /// A directory larger than this is not listed.
 const MAX_DIR: u64 = 64 << 20;
+/// Nor one without a hash index larger than this (about 30,000 entries).
+const MAX_LINEAR_DIR: u64 = 1 << 20;
+/// A directory with a hash index (`EXT4_INDEX_FL`).
+const INDEX_FL: u32 = 0x1000;
 /// Data ranges kept per file system for `--trace` (16 bytes each).
 const MAX_RANGES: usize = 1 << 22;
 /// Larger files are not hashed (their content compares as unknown).
@@ -118,10 +122,15 @@ impl FsHandle {
         let mut visited: HashSet<u32> = HashSet::from([2]);
         let mut stack: Vec<(Vec<u8>, u32, usize, u64)> = vec![(b"/".to_vec(), 2, 0, root_len)];
         'dirs: while let Some((dir, ino, depth, len)) = stack.pop() {
-            if len > MAX_DIR {
+            // ext4-view finds each path from the root: in a directory without a hash index,
+            // by reading it through; so a large linear directory would cost its size for each
+            // of its subdirectories.
+            let indexed = ino != 0 && self.ext.inode(ino).is_ok_and(|i| i.flags & INDEX_FL != 0);
+            if len > MAX_DIR || (!indexed && len > MAX_LINEAR_DIR) {
                 warn.push(format!(
-                    "{}: a directory of {len} bytes: not listed",
-                    show(&dir)
+                    "{}: a directory of {len} bytes{}: not listed",
+                    show(&dir),
+                    if indexed { "" } else { " without a hash index" }
                 ));
                 continue;
             }
@@ -198,9 +207,9 @@ impl FsHandle {
                         show(&path)
                     )),
                     'd' => stack.push((path.clone(), child, depth + 1, e.size)),
-                    'l' if e.size <= MAX_LINK => match self.fs.read_link(path.as_slice()) {
-                        Ok(t) => e.target = Some(show(t.as_ref())),
-                        Err(err) => warn.push(format!("{}: {err}", show(&path))),
+                    'l' if child != 0 => match self.ext.link_target(child, MAX_LINK) {
+                        Ok(t) => e.target = Some(show(&t)),
+                        Err(err) => warn.push(format!("{}: target not read: {err}", show(&path))),
                     },
                     '-' if child != 0 => {
                         (ranges, hash) = self.file(&mut st, child, &path, &mut e, warn);
@@ -231,7 +240,8 @@ impl FsHandle {
         warn: &mut Warnings,
     ) -> (Ranges, Option<[u8; 32]>) {
         if !st.files.contains_key(&ino) {
-            let r = self.file_ranges(ino, path, warn);
+            let pieces = self.file_data(ino, path, warn);
+            let r: Vec<(u64, u64)> = pieces.iter().map(|p| (p.1, p.2)).collect();
             let bytes = r.iter().fold(0u64, |a, x| a.saturating_add(x.1 - x.0));
             let held = st.held.map(|h| {
                 r.iter()
@@ -240,7 +250,7 @@ impl FsHandle {
             st.w.data_bytes = st.w.data_bytes.saturating_add(bytes);
             st.w.data_held = st.w.data_held.saturating_add(held.unwrap_or(0));
             let hash = if st.opts.hash_content {
-                self.hash(st, path, e.size, &r, warn)
+                self.hash(st, e.size, &pieces, warn)
             } else {
                 None
             };
@@ -278,14 +288,13 @@ impl FsHandle {
         (f.ranges.clone(), f.hash)
     }
 
-    /// BLAKE3 of a regular file's content, None when it cannot be read whole: too large, past
-    /// the walk's budget, or read from zeros an offline cache could not supply.
+    /// BLAKE3 of a regular file's content, None when it cannot be read whole (an offline
+    /// cache lacks some of it), is too large, or is past the walk's budget.
     fn hash(
         &mut self,
         st: &mut Walk,
-        path: &[u8],
         size: u64,
-        ranges: &[(u64, u64)],
+        pieces: &[Piece],
         warn: &mut Warnings,
     ) -> Option<[u8; 32]> {
         if size > MAX_HASHED {
@@ -301,38 +310,18 @@ impl FsHandle {
         if st.hash_budget != u64::MAX {
             st.hash_budget -= size;
         }
-        let mut f = self.fs.open(path).ok()?;
         let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read_bytes(&mut buf).ok()?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        if self.disk.zero_filled(ranges) {
-            return None;
-        }
+        self.read_data(size, pieces, |b| {
+            h.update(b);
+        })
+        .ok()?;
         Some(*h.finalize().as_bytes())
     }
 
-    /// The disk byte ranges of a regular file's data (its last block cut to its size).
-    fn file_ranges(&mut self, ino: u32, path: &[u8], warn: &mut Warnings) -> Vec<(u64, u64)> {
-        match self.ext.extents(ino) {
-            Ok((inode, exts)) => {
-                let bs = self.ext.block_size;
-                exts.iter()
-                    .filter_map(|x| {
-                        let start = x.logical * bs;
-                        let end = ((x.logical + x.count) * bs).min(inode.size);
-                        (end > start).then(|| {
-                            let d = self.ext.disk_offset(x.phys);
-                            (d, d + (end - start))
-                        })
-                    })
-                    .collect()
-            }
+    /// A regular file's data as pieces (byte in the file, disk start, disk end).
+    fn file_data(&mut self, ino: u32, path: &[u8], warn: &mut Warnings) -> Vec<Piece> {
+        match self.ext.data(ino) {
+            Ok((_, pieces)) => pieces,
             Err(e) => {
                 warn.push(format!("{}: blocks not mapped: {e}", show(path)));
                 Vec::new()
@@ -340,22 +329,48 @@ impl FsHandle {
         }
     }
 
-    /// Whether inode `ino`'s data was handed out as zeros that could not be read.
-    pub fn zero_filled(&mut self, ino: u32) -> bool {
-        match self.ext.extents(ino) {
-            Ok((inode, exts)) => {
-                let bs = self.ext.block_size;
-                let r: Vec<(u64, u64)> = exts
-                    .iter()
-                    .map(|x| {
-                        let d = self.ext.disk_offset(x.phys);
-                        (d, d + (x.count * bs).min(inode.size))
-                    })
-                    .collect();
-                self.disk.zero_filled(&r)
+    /// The whole content of the regular file `e` (which the caller has bounded in size).
+    pub fn read_file(&mut self, e: &Entry) -> Result<Vec<u8>, String> {
+        let (_, pieces) = self.ext.data(e.ino)?;
+        let mut out = Vec::new();
+        self.read_data(e.size, &pieces, |b| out.extend_from_slice(b))?;
+        Ok(out)
+    }
+
+    /// The content of a regular file (`size` bytes; holes as zeros) fed to `f` in pieces, read
+    /// through our block maps (no path lookups: a huge linear directory costs nothing more).
+    pub fn read_data(
+        &self,
+        size: u64,
+        pieces: &[Piece],
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<(), String> {
+        static ZEROS: [u8; 65536] = [0; 65536];
+        let zeros = |mut n: u64, f: &mut dyn FnMut(&[u8])| {
+            while n > 0 {
+                let k = n.min(ZEROS.len() as u64);
+                f(&ZEROS[..k as usize]);
+                n -= k;
             }
-            Err(_) => false,
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0u64;
+        for &(at, start, end) in pieces {
+            if at < pos {
+                return Err("blocks overlap".into());
+            }
+            zeros(at - pos, &mut f);
+            let mut d = start;
+            while d < end {
+                let n = (end - d).min(buf.len() as u64) as usize;
+                self.disk.read_into(d, &mut buf[..n])?;
+                f(&buf[..n]);
+                d += n as u64;
+            }
+            pos = at + (end - start);
         }
+        zeros(size.saturating_sub(pos), &mut f);
+        Ok(())
     }
 }
 

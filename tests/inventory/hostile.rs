@@ -20,6 +20,8 @@ pub fn tree(dir: &Path) -> PathBuf {
     std::fs::write(root.join("a/huge"), "to be absurd\n").unwrap();
     std::fs::write(root.join("bin/tool"), pattern(7, 4096)).unwrap();
     std::os::unix::fs::symlink("/etc/hostname", root.join("etc/link")).unwrap();
+    // Too long to be kept in the inode: a slow symlink, its target in a data block.
+    std::os::unix::fs::symlink(format!("/{}", "x".repeat(100)), root.join("etc/longlink")).unwrap();
     root
 }
 
@@ -158,6 +160,13 @@ fn gpt_partitions_and_their_file_systems_are_found() {
         .find(|e| e["path"] == "/etc/link")
         .unwrap();
     assert_eq!(link["target"], "/etc/hostname");
+    let long = j["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "/etc/longlink")
+        .unwrap();
+    assert_eq!(long["target"], format!("/{}", "x".repeat(100)));
     // The same disk as qcow2 (QEMU converts it) lists the same.
     let q = d.path().join("disk.qcow2");
     run(tool("qemu-img").args(["convert", "-O", "qcow2", ps(&img), ps(&q)]));

@@ -84,6 +84,9 @@ fn base_lists_the_files_and_packages_the_recipe_put_there() {
             assert_eq!(e["size"].as_u64().unwrap(), *size, "{path}");
         }
     }
+    // Symlink targets the recipe made (fast symlinks: kept in the inode).
+    assert_eq!(got["/bin/sh"]["target"], "bash");
+    assert_eq!(got["/usr/bin/python3"]["target"], "python3.11");
     // Nothing more than the root, and lost+found (mkfs makes it).
     let extra: Vec<&String> = got
         .keys()
