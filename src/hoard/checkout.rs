@@ -96,11 +96,7 @@ pub fn checkout_with(
         img.flush(true)?;
         drop(img);
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, "rename into place", e))?;
-        super::store::sync_dir(
-            out.parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new(".")),
-        )?;
+        super::store::sync_dir(out.parent().unwrap_or(Path::new(".")))?;
         if !idx.trace.is_empty() {
             super::store::write_atomic(&trace_path(out), &idx.trace)?;
         }

@@ -77,6 +77,12 @@ pub(super) fn io<'a>(
 
 /// Sync a directory (the renames in it made durable).
 pub fn sync_dir(dir: &Path) -> Result<()> {
+    // The parent of a bare file name is the empty path: the current directory.
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir, "sync directory"))

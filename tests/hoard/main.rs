@@ -43,6 +43,13 @@ fn add_list_checkout_rm_gc_round_trip() {
     }
     // A second reader: qcow2-rs sees the same bytes as QEMU.
     assert_bytes_eq("checkout", &read_all_ours(&out), &to_raw(&out));
+    // A bare file name is in the current directory (its parent is the empty path).
+    run(e
+        .cmd()
+        .current_dir(e.p(""))
+        .args(["hoard", "checkout", "c1", "-o", "bare.qcow2"]));
+    compare(&cache, &e.p("bare.qcow2"));
+    assert!(e.p("bare.qcow2.trace").exists());
 
     // Deregister; gc takes the packs away.
     assert!(!e.packs().is_empty());
