@@ -289,6 +289,16 @@ impl Qcow2 {
             {
                 j += 1;
             }
+            // Clusters the buffer covers whole are written from it as they are: no copy (a
+            // checkout or a full copy writes megabytes at a time).
+            let (first, last) = (new[i].g, new[j - 1].g + cs);
+            if first >= off && last <= end {
+                let at = (first - off) as usize;
+                self.storage
+                    .write_at(&buf[at..at + (last - first) as usize], new[i].host)?;
+                i = j;
+                continue;
+            }
             let mut data = vec![0u8; (j - i) * cs as usize];
             for (x, n) in new[i..j].iter().enumerate() {
                 let c = &mut data[x * cs as usize..(x + 1) * cs as usize];
