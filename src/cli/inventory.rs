@@ -77,6 +77,13 @@ pub fn run(a: InventoryArgs, quiet: bool) -> Result<i32> {
         }
     }
     if a.diff {
+        for inv in invs.iter().filter(|i| !i.warnings.is_empty()) {
+            errln!(
+                "vmicache: {}: read with {} warnings: the comparison may be partial (what was not read shows as added or removed)",
+                inv.image,
+                inv.warnings.len()
+            );
+        }
         let d = diff::diff(&invs[0], &invs[1]);
         if a.json {
             outln!("{}", serde_json::to_string_pretty(&d)?);

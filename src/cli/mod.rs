@@ -274,6 +274,7 @@ enum Cmd {
     ///     vmicache inventory base.raw --packages --json
     ///     vmicache inventory cache.qcow2 --trace cache.qcow2.trace
     ///     vmicache inventory --diff web.qcow2 db.qcow2
+    #[command(verbatim_doc_comment)]
     Inventory(inventory::InventoryArgs),
     /// Register a base image with the hoard: build its cache, record a first boot (the
     /// command after --, as `warm --boot`), seal it, add it to the hoard, and push the new

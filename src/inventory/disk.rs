@@ -14,7 +14,7 @@ pub struct Disk {
     first_failure: RefCell<Option<String>>,
     /// Disk ranges handed to ext4-view as zeros because they could not be read (its
     /// read-ahead past what an offline cache holds); whatever used them is unknown.
-    zero_filled: RefCell<Vec<(u64, u64)>>,
+    zero_filled: RefCell<std::collections::BTreeMap<u64, u64>>,
 }
 
 impl Disk {
@@ -73,26 +73,53 @@ impl Disk {
     /// Whether any of `ranges` (disk bytes) was handed out as zeros it could not read.
     pub fn zero_filled(&self, ranges: &[(u64, u64)]) -> bool {
         let z = self.zero_filled.borrow();
-        !z.is_empty()
-            && ranges
-                .iter()
-                .any(|r| z.iter().any(|f| f.0 < r.1 && r.0 < f.1))
+        // Kept merged: only the last range starting before `e` may reach past `s`.
+        ranges
+            .iter()
+            .any(|&(s, e)| z.range(..e).next_back().is_some_and(|(_, &end)| end > s))
     }
 
-    /// The guest ranges the layers above the bottom one hold (a cache's and an instance's
-    /// clusters), sorted and merged; None when the chain has one layer (nothing is cached).
+    /// Whether anything was handed out as zeros.
+    pub fn any_zero_filled(&self) -> bool {
+        !self.zero_filled.borrow().is_empty()
+    }
+
+    /// Note `[s, e)` as handed out as zeros, merged with its neighbours.
+    fn note_zeros(&self, mut s: u64, mut e: u64) {
+        let mut z = self.zero_filled.borrow_mut();
+        let touching: Vec<(u64, u64)> = z
+            .range(..=e)
+            .rev()
+            .take_while(|(_, &end)| end >= s)
+            .map(|(&a, &b)| (a, b))
+            .collect();
+        for (a, b) in touching {
+            z.remove(&a);
+            s = s.min(a);
+            e = e.max(b);
+        }
+        z.insert(s, e);
+    }
+
+    /// The guest ranges the cache holds, with the layers above it (an instance), sorted and
+    /// merged: the layers down to the topmost one that is a vmicache cache, or, with none,
+    /// all but the bottom one. None when the chain has one layer (nothing is cached).
     pub fn held(&self) -> crate::Result<Option<Vec<(u64, u64)>>> {
         let layers = self.img.layers();
         if layers.len() < 2 {
             return Ok(None);
         }
+        let cache = layers
+            .iter()
+            .position(|l| l.layer().cache_meta().ok().flatten().is_some());
+        let above_base = cache.map_or(layers.len() - 1, |i| i + 1);
         let mode = MapMode {
             max_runs: usize::MAX,
             status: true,
             holes: false,
         };
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for l in &layers[..layers.len() - 1] {
+        for l in &layers[..above_base] {
             let size = l.virtual_size().min(self.size);
             let mapped = l.layer().map(0, size, mode)?;
             for r in mapped.runs.iter().filter(|r| r.map != Mapping::Unallocated) {
@@ -157,10 +184,7 @@ impl ext4_view::Ext4Read for PartReader {
             if self.disk.try_read(at + pos as u64, piece).is_err() {
                 piece.fill(0);
                 let off = at + pos as u64;
-                self.disk
-                    .zero_filled
-                    .borrow_mut()
-                    .push((off, off + n as u64));
+                self.disk.note_zeros(off, off + n as u64);
             }
             pos += n;
         }

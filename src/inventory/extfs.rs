@@ -44,11 +44,12 @@ const MAX_EXTENTS: usize = 1 << 20;
 const CACHE_BLOCKS: usize = 4096;
 /// A directory larger than this is read this far: real ones are far smaller, and a listing
 /// must end.
-const MAX_DIR_BYTES: u64 = 64 << 20;
+pub const MAX_DIR_BYTES: u64 = 16 << 20;
 /// More block groups than this (128 TiB at 4 KiB blocks) are refused: ext4-view keeps every
 /// group's descriptor in memory.
 const MAX_GROUPS: u64 = 1 << 20;
 const INCOMPAT_RECOVER: u32 = 0x4;
+const RO_COMPAT_BIGALLOC: u32 = 0x200;
 
 /// The geometry of one ext2/3/4 file system at `start` of the disk.
 pub struct ExtFs {
@@ -128,8 +129,24 @@ impl ExtFs {
                 "{blocks} blocks of {bs} bytes do not fit the partition of {len} bytes"
             ));
         }
+        // Group descriptors follow the superblock's block (the kernel's rule; not
+        // s_first_data_block, which bigalloc with 1 KiB blocks sets to 0).
+        let gdt_block = 1024 / bs + 1;
         let bpg = u64::from(le32(&sb, 0x20));
-        if !(8..=8 * bs).contains(&bpg) || first >= blocks {
+        // With bigalloc, a group has up to 8 x block size clusters of blocks.
+        let ro_compat = le32(&sb, 0x64);
+        let per_cluster = if ro_compat & RO_COMPAT_BIGALLOC != 0 {
+            let log_cluster = le32(&sb, 0x1C);
+            if log_cluster < log || log_cluster - log > 16 {
+                return Err(format!(
+                    "cluster size 1024 << {log_cluster} is out of range"
+                ));
+            }
+            1u64 << (log_cluster - log)
+        } else {
+            1
+        };
+        if !(8..=8 * bs * per_cluster).contains(&bpg) || first >= blocks {
             return Err(format!(
                 "{bpg} blocks per group, first data block {first}: out of range"
             ));
@@ -145,7 +162,7 @@ impl ExtFs {
                 "{inodes} inodes do not fit {groups} groups of {ipg}"
             ));
         }
-        if (first + 1 + (groups * desc_size).div_ceil(bs)) * bs > len {
+        if (gdt_block + (groups * desc_size).div_ceil(bs)) * bs > len {
             return Err("the group descriptors do not fit the partition".into());
         }
         Ok(ExtFs {
@@ -157,7 +174,7 @@ impl ExtFs {
             inodes_per_group: ipg,
             inode_size,
             desc_size,
-            gdt_block: first + 1,
+            gdt_block,
             needs_recovery: incompat & INCOMPAT_RECOVER != 0,
             cache: HashMap::new(),
             work: blocks.saturating_mul(4).max(1 << 24),
@@ -408,33 +425,40 @@ impl ExtFs {
             if *logical >= nblocks {
                 break;
             }
-            self.charge(1)?;
+            // Zero pointers cost nothing more than the block they lie in (charged when read).
             let p = u64::from(le32(&blk, k * 4));
+            if p != 0 {
+                self.charge(1)?;
+            }
             self.indirect(p, level - 1, per, logical, nblocks, out)?;
         }
         Ok(())
     }
 
-    /// The entries of directory `ino`: name -> inode number, at most `limit` of them, and the
-    /// error that cut the listing short, if one did (the entries before it are kept). Every
-    /// block is parsed as a linear directory (hash-tree nodes read as empty entries, as ext4
-    /// designed them).
-    pub fn dir_entries(
-        &mut self,
-        ino: u32,
-        limit: usize,
-    ) -> (HashMap<Vec<u8>, u32>, Option<String>) {
+    /// The entries of directory `ino`: name -> inode number (at most [`MAX_DIR_BYTES`] of
+    /// directory read), and the error that cut the listing short, if one did (the entries
+    /// before it are kept). Every block is parsed as a linear directory (hash-tree nodes read
+    /// as empty entries, as ext4 designed them).
+    pub fn dir_entries(&mut self, ino: u32) -> (HashMap<Vec<u8>, u32>, Option<String>) {
         let mut out = HashMap::new();
-        let err = self.dir_into(ino, limit, &mut out).err();
+        let err = self.dir_into(ino, &mut out).err();
         (out, err)
     }
 
-    fn dir_into(
-        &mut self,
-        ino: u32,
-        limit: usize,
-        out: &mut HashMap<Vec<u8>, u32>,
-    ) -> Result<(), String> {
+    /// The inode of `path` (absolute, `/`-separated), looked up through our own directory
+    /// reads (no journal replay).
+    pub fn lookup(&mut self, path: &str) -> Result<u32, String> {
+        let mut ino = 2;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            let (names, _) = self.dir_entries(ino);
+            ino = *names
+                .get(part.as_bytes())
+                .ok_or_else(|| format!("{path}: not found"))?;
+        }
+        Ok(ino)
+    }
+
+    fn dir_into(&mut self, ino: u32, out: &mut HashMap<Vec<u8>, u32>) -> Result<(), String> {
         let (inode, exts) = self.extents(ino)?;
         if !inode.is_dir() {
             return Err(format!("inode {ino} is not a directory"));
@@ -458,9 +482,6 @@ impl ExtFs {
                         return Err(format!("corrupt entry at block {} + {pos}", e.phys + k));
                     }
                     if child != 0 {
-                        if out.len() >= limit {
-                            return Ok(());
-                        }
                         out.insert(blk[pos + 8..pos + 8 + nlen].to_vec(), child);
                     }
                     pos += rec;

@@ -236,8 +236,7 @@ pub fn take(img: Image, name: &str, opts: &Options) -> Result<Inventory> {
             data_bytes: w.data_bytes,
             data_held: held.as_ref().map(|_| w.data_held),
         });
-        let pkgs = packages::read(&w.entries, |e| h.read_file(e), &mut warn);
-        inv.packages.extend(pkgs);
+        inv.packages.extend(h.packages(&mut warn));
         inv.entries.extend(w.entries.into_iter().map(|mut e| {
             e.fs = p.number;
             e

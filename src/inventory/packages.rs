@@ -1,40 +1,11 @@
 //! Installed packages, from the guest's dpkg database (`/var/lib/dpkg/status`). An rpm
 //! database is noticed and said to be unread: reading it needs SQLite or Berkeley DB.
 
-use super::{Entry, Package, Warnings};
+use super::Package;
 
 /// A status file larger than this is not read.
 pub const MAX_STATUS: u64 = 64 << 20;
 pub const STATUS: &str = "/var/lib/dpkg/status";
-
-/// The packages of one file system's `entries` (none without a dpkg database); `read` reads
-/// a file's content.
-pub fn read(
-    entries: &[Entry],
-    read: impl FnOnce(&Entry) -> Result<Vec<u8>, String>,
-    warn: &mut Warnings,
-) -> Vec<Package> {
-    if entries.iter().any(|e| e.path == "/var/lib/rpm") {
-        warn.push("/var/lib/rpm: an rpm database, not read (rpm packages are not listed)");
-    }
-    let Some(status) = entries.iter().find(|e| e.path == STATUS && e.kind == '-') else {
-        return Vec::new();
-    };
-    if status.size > MAX_STATUS {
-        warn.push(format!(
-            "{STATUS}: {} bytes, more than {MAX_STATUS}: not read",
-            status.size
-        ));
-        return Vec::new();
-    }
-    match read(status) {
-        Ok(b) => parse(&String::from_utf8_lossy(&b)),
-        Err(e) => {
-            warn.push(format!("{STATUS}: not read, packages not listed: {e}"));
-            Vec::new()
-        }
-    }
-}
 
 /// The packages of a dpkg status file that are on the system: installed, or unpacked and
 /// not (fully) configured yet; in file order.

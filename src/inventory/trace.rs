@@ -14,6 +14,9 @@ pub struct TraceFile {
     pub read: u64,
     /// Index of the trace read that first touched it.
     pub first_read: usize,
+    /// Disk offset where that read first touched it (orders files one read touched).
+    #[serde(skip)]
+    first_at: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -39,7 +42,7 @@ pub fn attribute(inv: &Inventory, trace: &Trace) -> TraceReport {
         .collect();
     index.sort_unstable();
     let mut read = vec![0u64; inv.entries.len()];
-    let mut first = vec![usize::MAX; inv.entries.len()];
+    let mut first = vec![(usize::MAX, 0u64); inv.entries.len()];
     let (mut bytes, mut in_files) = (0u64, 0u64);
     for (n, &(off, len)) in trace.reads.iter().enumerate() {
         let end = off.saturating_add(len);
@@ -53,7 +56,7 @@ pub fn attribute(inv: &Inventory, trace: &Trace) -> TraceReport {
             if got > 0 {
                 read[entry] += got;
                 in_files += got;
-                first[entry] = first[entry].min(n);
+                first[entry] = first[entry].min((n, s.max(off)));
             }
             i += 1;
         }
@@ -65,10 +68,11 @@ pub fn attribute(inv: &Inventory, trace: &Trace) -> TraceReport {
             fs: inv.entries[i].fs,
             size: inv.entries[i].size,
             read: read[i],
-            first_read: first[i],
+            first_read: first[i].0,
+            first_at: first[i].1,
         })
         .collect();
-    files.sort_by_key(|f| f.first_read);
+    files.sort_by_key(|f| (f.first_read, f.first_at));
     TraceReport {
         reads: trace.reads.len(),
         bytes,

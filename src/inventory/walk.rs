@@ -16,10 +16,8 @@ pub const MAX_DEPTH: usize = 256;
 /// Symlink targets longer than this are not read.
 const MAX_LINK: u64 = 4096;
 /// A directory larger than this is not listed.
-const MAX_DIR: u64 = 64 << 20;
-/// Nor one without a hash index larger than this (about 30,000 entries).
-const MAX_LINEAR_DIR: u64 = 1 << 20;
-/// A directory with a hash index (`EXT4_INDEX_FL`).
+const MAX_DIR: u64 = super::extfs::MAX_DIR_BYTES;
+/// A directory with a hash index (`EXT4_INDEX_FL`): a name is found in it in a few blocks.
 const INDEX_FL: u32 = 0x1000;
 /// Data ranges kept per file system for `--trace` (16 bytes each).
 const MAX_RANGES: usize = 1 << 22;
@@ -47,6 +45,8 @@ pub struct FsHandle {
     pub fs: Ext4,
     ext: ExtFs,
     disk: Rc<Disk>,
+    /// A read buffer kept from file to file.
+    buf: Vec<u8>,
 }
 
 /// What a regular file's inode yields.
@@ -67,6 +67,8 @@ struct Walk<'a> {
     files: HashMap<u32, FileInfo>,
     ranges_kept: usize,
     hash_budget: u64,
+    /// Bytes ext4-view may still scan to find paths (see `walk`).
+    lookups: u64,
     none: Ranges,
 }
 
@@ -84,6 +86,7 @@ impl FsHandle {
             fs,
             ext,
             disk: disk.clone(),
+            buf: Vec::new(),
         })
     }
 
@@ -97,9 +100,15 @@ impl FsHandle {
         hash_budget: &mut u64,
         warn: &mut Warnings,
     ) -> Walked {
-        if self.ext.needs_recovery {
-            warn.push("the journal holds changes not yet in place (a guest that crashed or runs): files are listed as ext4-view replays them, inode numbers and data blocks come from before the replay");
+        if self.ext.needs_recovery && self.disk.any_zero_filled() {
+            warn.push("the journal could not be read whole (an offline cache): ext4-view's replay of it may be incomplete");
         }
+        if self.ext.needs_recovery {
+            warn.push("the journal holds changes not yet in place (a guest that crashed or runs): files, symlinks and content are read as ext4-view replays them; which blocks a file has (held, --trace) comes from before the replay");
+        }
+        // ext4-view finds each path from the root, reading through every directory on the
+        // way that has no hash index: bytes it may scan so, over the whole walk.
+        let lookups = (self.ext.blocks * self.ext.block_size).saturating_add(256 << 20);
         let mut st = Walk {
             held,
             opts,
@@ -116,28 +125,39 @@ impl FsHandle {
             files: HashMap::new(),
             ranges_kept: 0,
             hash_budget: *hash_budget,
+            lookups,
             none: Arc::new(Vec::new()),
         };
         let root_len = self.fs.metadata("/").map_or(0, |m| m.len());
         let mut visited: HashSet<u32> = HashSet::from([2]);
-        let mut stack: Vec<(Vec<u8>, u32, usize, u64)> = vec![(b"/".to_vec(), 2, 0, root_len)];
-        'dirs: while let Some((dir, ino, depth, len)) = stack.pop() {
-            // ext4-view finds each path from the root: in a directory without a hash index,
-            // by reading it through; so a large linear directory would cost its size for each
-            // of its subdirectories.
-            let indexed = ino != 0 && self.ext.inode(ino).is_ok_and(|i| i.flags & INDEX_FL != 0);
-            if len > MAX_DIR || (!indexed && len > MAX_LINEAR_DIR) {
+        // (path, inode, depth, size, bytes ext4-view scans to find the path)
+        let mut stack: Vec<(Vec<u8>, u32, usize, u64, u64)> =
+            vec![(b"/".to_vec(), 2, 0, root_len, 0)];
+        'dirs: while let Some((dir, ino, depth, len, cost)) = stack.pop() {
+            if len > MAX_DIR {
                 warn.push(format!(
-                    "{}: a directory of {len} bytes{}: not listed",
-                    show(&dir),
-                    if indexed { "" } else { " without a hash index" }
+                    "{}: a directory of {len} bytes: not listed",
+                    show(&dir)
                 ));
                 continue;
             }
+            // What finding a child's path costs: this directory's path, then this directory
+            // read through (or a few blocks of its index).
+            let indexed = ino != 0 && self.ext.inode(ino).is_ok_and(|i| i.flags & INDEX_FL != 0);
+            let child_cost = cost.saturating_add(if indexed {
+                2 * self.ext.block_size
+            } else {
+                len.max(self.ext.block_size)
+            });
+            if st.lookups < cost {
+                warn.push(format!("{}: finding paths through directories without a hash index has cost more than the file system's size: the walk stops here", show(&dir)));
+                break;
+            }
+            st.lookups -= cost;
             let (inos, err) = if ino == 0 {
                 (HashMap::new(), None)
             } else {
-                self.ext.dir_entries(ino, *left)
+                self.ext.dir_entries(ino)
             };
             if let Some(e) = err {
                 warn.push(format!("{}: {e}", show(&dir)));
@@ -145,7 +165,8 @@ impl FsHandle {
             let listing = match self.fs.read_dir(dir.as_slice()) {
                 Ok(it) => it,
                 Err(e) => {
-                    warn.push(format!("{}: cannot list: {e}", show(&dir)));
+                    let why = self.unreadable(ino).unwrap_or_else(|| e.to_string());
+                    warn.push(format!("{}: cannot list: {why}", show(&dir)));
                     continue;
                 }
             };
@@ -157,7 +178,10 @@ impl FsHandle {
                     Ok(d) if d.file_name() == "." || d.file_name() == ".." => {}
                     Ok(d) if !names.insert(d.file_name().as_ref().to_vec()) => {}
                     Ok(d) => children.push(d),
-                    Err(e) => warn.push(format!("{}: listing cut short: {e}", show(&dir))),
+                    Err(e) => {
+                        let why = self.unreadable(ino).unwrap_or_else(|| e.to_string());
+                        warn.push(format!("{}: listing cut short: {why}", show(&dir)))
+                    }
                 }
                 if children.len() > *left {
                     break;
@@ -206,13 +230,21 @@ impl FsHandle {
                         "{}: directory inode {child} was met before (a loop or a hard-linked directory), not entered again",
                         show(&path)
                     )),
-                    'd' => stack.push((path.clone(), child, depth + 1, e.size)),
+                    'd' => stack.push((path.clone(), child, depth + 1, e.size, child_cost)),
+                    // After a crash, only ext4-view (replaying the journal) knows the target.
+                    'l' if self.ext.needs_recovery && e.size <= MAX_LINK => {
+                        st.lookups = st.lookups.saturating_sub(child_cost);
+                        match self.fs.read_link(path.as_slice()) {
+                            Ok(t) => e.target = Some(show(t.as_ref())),
+                            Err(err) => warn.push(format!("{}: target not read: {err}", show(&path))),
+                        }
+                    }
                     'l' if child != 0 => match self.ext.link_target(child, MAX_LINK) {
                         Ok(t) => e.target = Some(show(&t)),
                         Err(err) => warn.push(format!("{}: target not read: {err}", show(&path))),
                     },
                     '-' if child != 0 => {
-                        (ranges, hash) = self.file(&mut st, child, &path, &mut e, warn);
+                        (ranges, hash) = self.file(&mut st, child, &path, child_cost, &mut e, warn);
                     }
                     _ => {}
                 }
@@ -236,6 +268,7 @@ impl FsHandle {
         st: &mut Walk,
         ino: u32,
         path: &[u8],
+        cost: u64,
         e: &mut Entry,
         warn: &mut Warnings,
     ) -> (Ranges, Option<[u8; 32]>) {
@@ -250,7 +283,7 @@ impl FsHandle {
             st.w.data_bytes = st.w.data_bytes.saturating_add(bytes);
             st.w.data_held = st.w.data_held.saturating_add(held.unwrap_or(0));
             let hash = if st.opts.hash_content {
-                self.hash(st, e.size, &pieces, warn)
+                self.hash(st, path, cost, e.size, &pieces, warn)
             } else {
                 None
             };
@@ -293,6 +326,8 @@ impl FsHandle {
     fn hash(
         &mut self,
         st: &mut Walk,
+        path: &[u8],
+        cost: u64,
         size: u64,
         pieces: &[Piece],
         warn: &mut Warnings,
@@ -311,10 +346,32 @@ impl FsHandle {
             st.hash_budget -= size;
         }
         let mut h = blake3::Hasher::new();
-        self.read_data(size, pieces, |b| {
-            h.update(b);
-        })
-        .ok()?;
+        if self.ext.needs_recovery {
+            // The content as the journal's replay makes it: through ext4-view, by path.
+            st.lookups = st.lookups.checked_sub(cost)?;
+            let mut f = self.fs.open(path).ok()?;
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.resize(1 << 20, 0);
+            let r = loop {
+                match f.read_bytes(&mut buf) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        h.update(&buf[..n]);
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            self.buf = buf;
+            // Zeros ext4-view was handed for what an offline cache lacks may be in there.
+            if r.is_err() || self.disk.any_zero_filled() {
+                return None;
+            }
+        } else {
+            self.read_data(size, pieces, |b| {
+                h.update(b);
+            })
+            .ok()?;
+        }
         Some(*h.finalize().as_bytes())
     }
 
@@ -329,21 +386,88 @@ impl FsHandle {
         }
     }
 
-    /// The whole content of the regular file `e` (which the caller has bounded in size).
-    pub fn read_file(&mut self, e: &Entry) -> Result<Vec<u8>, String> {
-        let (_, pieces) = self.ext.data(e.ino)?;
-        let mut out = Vec::new();
-        self.read_data(e.size, &pieces, |b| out.extend_from_slice(b))?;
-        Ok(out)
+    /// Why directory `ino` could not be listed, when the reason is that ext4-view was handed
+    /// zeros for its blocks (an offline cache lacks them).
+    fn unreadable(&mut self, ino: u32) -> Option<String> {
+        let (_, pieces) = self.ext.data(ino).ok()?;
+        let r: Vec<(u64, u64)> = pieces.iter().map(|p| (p.1, p.2)).collect();
+        self.disk
+            .zero_filled(&r)
+            .then(|| "its blocks are neither in the cache nor readable from the base".into())
+    }
+
+    /// The packages dpkg installed (see [`packages`]): the status file found by path, through
+    /// ext4-view when the journal needs replaying, else through our own reads.
+    pub fn packages(&mut self, warn: &mut Warnings) -> Vec<super::Package> {
+        use super::packages::{parse, MAX_STATUS, STATUS};
+        if self.fs.exists("/var/lib/rpm").unwrap_or(false) {
+            warn.push("/var/lib/rpm: an rpm database, not read (rpm packages are not listed)");
+        }
+        let read = if self.ext.needs_recovery {
+            match self.fs.metadata(STATUS) {
+                Err(ext4_view::Ext4Error::NotFound) => return Vec::new(),
+                Err(e) => Err(e.to_string()),
+                Ok(m) if m.len() > MAX_STATUS => {
+                    Err(format!("{} bytes, more than {MAX_STATUS}", m.len()))
+                }
+                Ok(_) => self
+                    .fs
+                    .read(STATUS)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        if self.disk.any_zero_filled() {
+                            Err("read from what an offline cache may lack".into())
+                        } else {
+                            Ok(b)
+                        }
+                    }),
+            }
+        } else {
+            match self.ext.lookup(STATUS) {
+                Err(_) => return Vec::new(),
+                Ok(ino) => match self.ext.data(ino) {
+                    Err(e) => Err(e),
+                    Ok((inode, _)) if inode.size > MAX_STATUS => {
+                        Err(format!("{} bytes, more than {MAX_STATUS}", inode.size))
+                    }
+                    Ok((inode, pieces)) => {
+                        let mut out = Vec::new();
+                        self.read_data(inode.size, &pieces, |b| out.extend_from_slice(b))
+                            .map(|_| out)
+                    }
+                },
+            }
+        };
+        match read {
+            Ok(b) => parse(&String::from_utf8_lossy(&b)),
+            Err(e) => {
+                warn.push(format!("{STATUS}: not read, packages not listed: {e}"));
+                Vec::new()
+            }
+        }
     }
 
     /// The content of a regular file (`size` bytes; holes as zeros) fed to `f` in pieces, read
     /// through our block maps (no path lookups: a huge linear directory costs nothing more).
     pub fn read_data(
-        &self,
+        &mut self,
         size: u64,
         pieces: &[Piece],
         mut f: impl FnMut(&[u8]),
+    ) -> Result<(), String> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(1 << 20, 0);
+        let r = self.read_pieces(size, pieces, &mut buf, &mut f);
+        self.buf = buf;
+        r
+    }
+
+    fn read_pieces(
+        &self,
+        size: u64,
+        pieces: &[Piece],
+        buf: &mut [u8],
+        f: &mut dyn FnMut(&[u8]),
     ) -> Result<(), String> {
         static ZEROS: [u8; 65536] = [0; 65536];
         let zeros = |mut n: u64, f: &mut dyn FnMut(&[u8])| {
@@ -353,13 +477,12 @@ impl FsHandle {
                 n -= k;
             }
         };
-        let mut buf = vec![0u8; 1 << 20];
         let mut pos = 0u64;
         for &(at, start, end) in pieces {
             if at < pos {
                 return Err("blocks overlap".into());
             }
-            zeros(at - pos, &mut f);
+            zeros(at - pos, f);
             let mut d = start;
             while d < end {
                 let n = (end - d).min(buf.len() as u64) as usize;
@@ -369,7 +492,7 @@ impl FsHandle {
             }
             pos = at + (end - start);
         }
-        zeros(size.saturating_sub(pos), &mut f);
+        zeros(size.saturating_sub(pos), f);
         Ok(())
     }
 }

@@ -385,3 +385,152 @@ fn block_maps_that_never_end_are_cut_and_hard_links_mapped_once() {
     assert!(err.contains("more work"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
 }
+
+/// File systems that are unusual but sound are read whole, without a warning: ext2 and ext3
+/// (block maps), no hash indexes (what `mkfs -d` always makes) over thousands of
+/// subdirectories, bigalloc, 1 KiB blocks, a sparse file far larger than the disk.
+#[test]
+fn unusual_sound_file_systems_are_read_whole() {
+    let d = tempfile::tempdir().unwrap();
+    let root = tree(d.path());
+    for i in 0..2000 {
+        let sub = root.join(format!("many/d{i:04}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join("f"), format!("{i}")).unwrap();
+    }
+    let sparse = std::fs::File::create(root.join("sparse")).unwrap();
+    sparse.set_len(1 << 30).unwrap();
+    for at in [0u64, 300 << 20, (1 << 30) - 4096] {
+        std::os::unix::fs::FileExt::write_all_at(&sparse, &pattern(at, 4096), at).unwrap();
+    }
+    drop(sparse);
+    let want = run(tool("find").arg(ps(&root)).args(["-mindepth", "1"])).stdout;
+    let want = want.iter().filter(|&&b| b == b'\n').count() + 1; // and lost+found
+    for (mkfs, opts) in [
+        ("mkfs.ext2", vec!["-b", "1024"]),
+        ("mkfs.ext3", vec!["-O", "^dir_index"]),
+        ("mkfs.ext4", vec!["-O", "bigalloc", "-C", "16384"]),
+        ("mkfs.ext4", vec!["-T", "small"]),
+    ] {
+        let img = d.path().join("fs.raw");
+        let _ = std::fs::remove_file(&img);
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(96 << 20)
+            .unwrap();
+        run(tool(mkfs)
+            .args(["-q", "-F"])
+            .args(&opts)
+            .args(["-d", ps(&root), ps(&img)]));
+        let (code, out, err) = inventory(&["--json", ps(&img)]);
+        assert_eq!(code, 0, "{mkfs} {opts:?}: {err}");
+        assert!(err.is_empty(), "{mkfs} {opts:?}: warnings:\n{err}");
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            j["entries"].as_array().unwrap().len(),
+            want,
+            "{mkfs} {opts:?}"
+        );
+        // Content read through the block maps, holes as zeros: equal to itself, and the
+        // sparse file's data (3 blocks) counted, not its size.
+        let (code, out, err) = inventory(&["--diff", ps(&img), ps(&img)]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("0 added, 0 removed, 0 changed"), "{out}");
+        let data = j["filesystems"][0]["data_bytes"].as_u64().unwrap();
+        assert!(data < 1 << 20, "{mkfs} {opts:?}: {data} bytes of data");
+    }
+}
+
+/// A guest that crashed (or runs) leaves changes in its journal: what ext4-view replays is
+/// what is listed and read (the dpkg status here), never the state before.
+#[test]
+fn journal_changes_are_read_as_replayed() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir_all(root.join("var/lib/dpkg")).unwrap();
+    std::fs::write(
+        root.join("var/lib/dpkg/status"),
+        "Package: old\nStatus: install ok installed\nVersion: 1\n",
+    )
+    .unwrap();
+    let (j, r) = (d.path().join("j.raw"), d.path().join("r.raw"));
+    std::fs::File::create(&j)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    run(tool("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-d", ps(&root), ps(&j)]));
+    std::fs::copy(&j, &r).unwrap();
+    // r: the status rewritten in place; j: the same blocks, only in its journal.
+    let new = d.path().join("new");
+    std::fs::write(
+        &new,
+        "Package: newpkg\nStatus: install ok installed\nVersion: 9.9\n\nPackage: other\nStatus: install ok installed\nVersion: 2\n",
+    )
+    .unwrap();
+    run(tool("debugfs").args(["-w", "-R", "rm /var/lib/dpkg/status", ps(&r)]));
+    run(tool("debugfs").args([
+        "-w",
+        "-R",
+        &format!("write {} /var/lib/dpkg/status", ps(&new)),
+        ps(&r),
+    ]));
+    let (a, b) = (std::fs::read(&j).unwrap(), std::fs::read(&r).unwrap());
+    let changed: Vec<usize> = (0..a.len() / 4096)
+        .filter(|&k| a[k * 4096..(k + 1) * 4096] != b[k * 4096..(k + 1) * 4096])
+        .collect();
+    assert!(!changed.is_empty() && changed.len() < 16, "{changed:?}");
+    let blocks: Vec<u8> = changed
+        .iter()
+        .flat_map(|&k| b[k * 4096..(k + 1) * 4096].to_vec())
+        .collect();
+    let bin = d.path().join("blocks.bin");
+    std::fs::write(&bin, blocks).unwrap();
+    let list: Vec<String> = changed.iter().map(|k| k.to_string()).collect();
+    let cmds = d.path().join("cmds");
+    std::fs::write(
+        &cmds,
+        format!("jo -c\njw -b {} {}\njc\n", list.join(","), ps(&bin)),
+    )
+    .unwrap();
+    run(tool("debugfs").args(["-w", "-f", ps(&cmds), ps(&j)]));
+    let (code, out, err) = inventory(&["--packages", ps(&j)]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "newpkg 9.9\nother 2\n", "{err}");
+    assert!(err.contains("journal holds changes"), "{err}");
+    let (code, out, err) = inventory(&["--diff", ps(&j), ps(&r)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("0 added, 0 removed, 0 changed; packages: 0 added, 0 removed, 0 changed"),
+        "{out}"
+    );
+}
+
+/// What a cache holds is its own clusters (and an instance's over it), never those of a base
+/// that is itself an overlay.
+#[test]
+fn held_counts_the_cache_not_an_overlay_base() {
+    let d = tempfile::tempdir().unwrap();
+    let root = tree(d.path());
+    let base = d.path().join("base.raw");
+    std::fs::File::create(&base)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    mkfs(&base, 0, 8192, &root, "");
+    let ov = d.path().join("ov.qcow2");
+    qemu_overlay(&ov, ps(&base), "raw");
+    // The overlay holds 64 KiB of its own.
+    run(tool("qemu-io").args(["-f", "qcow2", "-c", "write -P 0 1M 64k", ps(&ov)]));
+    let cache = d.path().join("c.qcow2");
+    let allow = ("VMICACHE_ALLOW_BACKING", d.path());
+    run(bin()
+        .env(allow.0, allow.1)
+        .args(["build", ps(&ov), "-o", ps(&cache)]));
+    let out = run(bin()
+        .env(allow.0, allow.1)
+        .args(["inventory", "--json", ps(&cache)]))
+    .stdout;
+    let j: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(j["layers"], 3);
+    assert_eq!(j["cache"]["held_bytes"], 0, "{}", j["cache"]);
+}
