@@ -421,11 +421,14 @@ impl ExtFs {
             return Ok(());
         }
         let blk = self.block(ptr)?;
+        // Scanning a block of pointers costs, even one read before (a hostile map can name
+        // one block of zero pointers over and over): a step per 64 pointers.
+        self.charge(per / 64 + 1)?;
         for k in 0..per as usize {
             if *logical >= nblocks {
                 break;
             }
-            // Zero pointers cost nothing more than the block they lie in (charged when read).
+            // Zero pointers cost nothing more than the scan of their block.
             let p = u64::from(le32(&blk, k * 4));
             if p != 0 {
                 self.charge(1)?;
