@@ -77,9 +77,9 @@ pub fn run(a: InventoryArgs, quiet: bool) -> Result<i32> {
         }
     }
     if a.diff {
-        for inv in invs.iter().filter(|i| !i.warnings.is_empty()) {
+        for inv in invs.iter().filter(|i| !quiet && !i.warnings.is_empty()) {
             errln!(
-                "vmicache: {}: read with {} warnings: the comparison may be partial (what was not read shows as added or removed)",
+                "vmicache: {}: read with warnings ({}): the comparison may be partial (what was not read shows as added, removed or content unknown)",
                 inv.image,
                 inv.warnings.len()
             );

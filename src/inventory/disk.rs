@@ -79,11 +79,6 @@ impl Disk {
             .any(|&(s, e)| z.range(..e).next_back().is_some_and(|(_, &end)| end > s))
     }
 
-    /// Whether anything was handed out as zeros.
-    pub fn any_zero_filled(&self) -> bool {
-        !self.zero_filled.borrow().is_empty()
-    }
-
     /// Note `[s, e)` as handed out as zeros, merged with its neighbours.
     fn note_zeros(&self, mut s: u64, mut e: u64) {
         let mut z = self.zero_filled.borrow_mut();

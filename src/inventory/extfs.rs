@@ -177,7 +177,7 @@ impl ExtFs {
             gdt_block,
             needs_recovery: incompat & INCOMPAT_RECOVER != 0,
             cache: HashMap::new(),
-            work: blocks.saturating_mul(4).max(1 << 24),
+            work: blocks.saturating_mul(4).clamp(1 << 24, 1 << 28),
         })
     }
 
@@ -449,20 +449,38 @@ impl ExtFs {
     }
 
     /// The inode of `path` (absolute, `/`-separated), looked up through our own directory
-    /// reads (no journal replay).
-    pub fn lookup(&mut self, path: &str) -> Result<u32, String> {
+    /// reads (no journal replay); None: not there. A directory on the way that cannot be read
+    /// whole is an error, not an absence.
+    pub fn lookup(&mut self, path: &str) -> Result<Option<u32>, String> {
         let mut ino = 2;
         for part in path.split('/').filter(|p| !p.is_empty()) {
-            let (names, _) = self.dir_entries(ino);
-            ino = *names
-                .get(part.as_bytes())
-                .ok_or_else(|| format!("{path}: not found"))?;
+            let (names, err) = self.dir_entries(ino);
+            match (names.get(part.as_bytes()), err) {
+                (Some(&i), _) => ino = i,
+                (None, None) => return Ok(None),
+                (None, Some(e)) => return Err(e),
+            }
         }
-        Ok(ino)
+        Ok(Some(ino))
+    }
+
+    /// The disk bytes the file system spans.
+    pub fn range(&self) -> (u64, u64) {
+        (self.start, self.start + self.blocks * self.block_size)
     }
 
     fn dir_into(&mut self, ino: u32, out: &mut HashMap<Vec<u8>, u32>) -> Result<(), String> {
+        let before = self.work;
         let (inode, exts) = self.extents(ino)?;
+        // A sound directory's map is a few nodes over its blocks; one far larger is refused
+        // (ext4-view would walk it again for every path through it).
+        let blocks: u64 = exts.iter().map(|e| e.count).sum();
+        let steps = before - self.work;
+        if steps > 2 * blocks + 64 {
+            return Err(format!(
+                "a block map of {steps} steps for {blocks} blocks: not read"
+            ));
+        }
         if !inode.is_dir() {
             return Err(format!("inode {ino} is not a directory"));
         }

@@ -17,6 +17,8 @@ pub const MAX_DEPTH: usize = 256;
 const MAX_LINK: u64 = 4096;
 /// A directory larger than this is not listed.
 const MAX_DIR: u64 = super::extfs::MAX_DIR_BYTES;
+/// Bytes ext4-view may read through to find paths, over a walk.
+const MAX_LOOKUPS: u64 = 4 << 30;
 /// A directory with a hash index (`EXT4_INDEX_FL`): a name is found in it in a few blocks.
 const INDEX_FL: u32 = 0x1000;
 /// Data ranges kept per file system for `--trace` (16 bytes each).
@@ -100,15 +102,18 @@ impl FsHandle {
         hash_budget: &mut u64,
         warn: &mut Warnings,
     ) -> Walked {
-        if self.ext.needs_recovery && self.disk.any_zero_filled() {
+        if self.ext.needs_recovery && self.disk.zero_filled(&[self.ext.range()]) {
             warn.push("the journal could not be read whole (an offline cache): ext4-view's replay of it may be incomplete");
         }
         if self.ext.needs_recovery {
-            warn.push("the journal holds changes not yet in place (a guest that crashed or runs): files, symlinks and content are read as ext4-view replays them; which blocks a file has (held, --trace) comes from before the replay");
+            warn.push("the journal holds changes not yet in place (a guest that crashed or runs): the files are listed as ext4-view replays them; symlink targets, the packages and which blocks a file has (held, --trace) are as of the last checkpoint, and content is not compared (--diff)");
         }
         // ext4-view finds each path from the root, reading through every directory on the
-        // way that has no hash index: bytes it may scan so, over the whole walk.
-        let lookups = (self.ext.blocks * self.ext.block_size).saturating_add(256 << 20);
+        // way that has no hash index: bytes it may scan so, over the whole walk (some 20 s of
+        // its scanning; a sound guest needs a few MiB, 6,000 subdirectories of one directory
+        // made by mkfs -d some 600 MiB).
+        let lookups: u64 = MAX_LOOKUPS;
+        let mut overdrawn = 0u64;
         let mut st = Walk {
             held,
             opts,
@@ -150,8 +155,11 @@ impl FsHandle {
                 len.max(self.ext.block_size)
             });
             if st.lookups < cost {
-                warn.push(format!("{}: finding paths through directories without a hash index has cost more than the file system's size: the walk stops here", show(&dir)));
-                break;
+                if overdrawn == 0 {
+                    warn.push(format!("{}: not listed: finding paths through directories without a hash index would cost more than the walk allows (4 GiB read through); others like it are counted at the end", show(&dir)));
+                }
+                overdrawn += 1;
+                continue;
             }
             st.lookups -= cost;
             let (inos, err) = if ino == 0 {
@@ -159,8 +167,11 @@ impl FsHandle {
             } else {
                 self.ext.dir_entries(ino)
             };
+            // ext4-view is given no directory our bounded reader could not read whole: its own
+            // walk of a hostile extent tree has no bound.
             if let Some(e) = err {
-                warn.push(format!("{}: {e}", show(&dir)));
+                warn.push(format!("{}: not listed: {e}", show(&dir)));
+                continue;
             }
             let listing = match self.fs.read_dir(dir.as_slice()) {
                 Ok(it) => it,
@@ -231,20 +242,12 @@ impl FsHandle {
                         show(&path)
                     )),
                     'd' => stack.push((path.clone(), child, depth + 1, e.size, child_cost)),
-                    // After a crash, only ext4-view (replaying the journal) knows the target.
-                    'l' if self.ext.needs_recovery && e.size <= MAX_LINK => {
-                        st.lookups = st.lookups.saturating_sub(child_cost);
-                        match self.fs.read_link(path.as_slice()) {
-                            Ok(t) => e.target = Some(show(t.as_ref())),
-                            Err(err) => warn.push(format!("{}: target not read: {err}", show(&path))),
-                        }
-                    }
                     'l' if child != 0 => match self.ext.link_target(child, MAX_LINK) {
                         Ok(t) => e.target = Some(show(&t)),
                         Err(err) => warn.push(format!("{}: target not read: {err}", show(&path))),
                     },
                     '-' if child != 0 => {
-                        (ranges, hash) = self.file(&mut st, child, &path, child_cost, &mut e, warn);
+                        (ranges, hash) = self.file(&mut st, child, &path, &mut e, warn);
                     }
                     _ => {}
                 }
@@ -257,6 +260,11 @@ impl FsHandle {
                 st.w.entries.push(e);
             }
         }
+        if overdrawn > 1 {
+            warn.push(format!(
+                "{overdrawn} directories not listed for the cost of finding their paths"
+            ));
+        }
         *hash_budget = st.hash_budget;
         sort(st.w)
     }
@@ -268,7 +276,6 @@ impl FsHandle {
         st: &mut Walk,
         ino: u32,
         path: &[u8],
-        cost: u64,
         e: &mut Entry,
         warn: &mut Warnings,
     ) -> (Ranges, Option<[u8; 32]>) {
@@ -283,7 +290,7 @@ impl FsHandle {
             st.w.data_bytes = st.w.data_bytes.saturating_add(bytes);
             st.w.data_held = st.w.data_held.saturating_add(held.unwrap_or(0));
             let hash = if st.opts.hash_content {
-                self.hash(st, path, cost, e.size, &pieces, warn)
+                self.hash(st, e.size, &pieces, warn)
             } else {
                 None
             };
@@ -326,13 +333,12 @@ impl FsHandle {
     fn hash(
         &mut self,
         st: &mut Walk,
-        path: &[u8],
-        cost: u64,
         size: u64,
         pieces: &[Piece],
         warn: &mut Warnings,
     ) -> Option<[u8; 32]> {
-        if size > MAX_HASHED {
+        // After a crash our block maps are from before the journal's replay: no content.
+        if size > MAX_HASHED || self.ext.needs_recovery {
             return None;
         }
         if size > st.hash_budget {
@@ -346,32 +352,10 @@ impl FsHandle {
             st.hash_budget -= size;
         }
         let mut h = blake3::Hasher::new();
-        if self.ext.needs_recovery {
-            // The content as the journal's replay makes it: through ext4-view, by path.
-            st.lookups = st.lookups.checked_sub(cost)?;
-            let mut f = self.fs.open(path).ok()?;
-            let mut buf = std::mem::take(&mut self.buf);
-            buf.resize(1 << 20, 0);
-            let r = loop {
-                match f.read_bytes(&mut buf) {
-                    Ok(0) => break Ok(()),
-                    Ok(n) => {
-                        h.update(&buf[..n]);
-                    }
-                    Err(e) => break Err(e),
-                }
-            };
-            self.buf = buf;
-            // Zeros ext4-view was handed for what an offline cache lacks may be in there.
-            if r.is_err() || self.disk.any_zero_filled() {
-                return None;
-            }
-        } else {
-            self.read_data(size, pieces, |b| {
-                h.update(b);
-            })
-            .ok()?;
-        }
+        self.read_data(size, pieces, |b| {
+            h.update(b);
+        })
+        .ok()?;
         Some(*h.finalize().as_bytes())
     }
 
@@ -396,47 +380,30 @@ impl FsHandle {
             .then(|| "its blocks are neither in the cache nor readable from the base".into())
     }
 
-    /// The packages dpkg installed (see [`packages`]): the status file found by path, through
-    /// ext4-view when the journal needs replaying, else through our own reads.
+    /// The packages dpkg installed (see [`super::packages`]): the status file found by path
+    /// and read through our own reads (after a crash: as of the last checkpoint).
     pub fn packages(&mut self, warn: &mut Warnings) -> Vec<super::Package> {
         use super::packages::{parse, MAX_STATUS, STATUS};
-        if self.fs.exists("/var/lib/rpm").unwrap_or(false) {
+        if self.ext.lookup("/var/lib/rpm").is_ok_and(|i| i.is_some()) {
             warn.push("/var/lib/rpm: an rpm database, not read (rpm packages are not listed)");
         }
-        let read = if self.ext.needs_recovery {
-            match self.fs.metadata(STATUS) {
-                Err(ext4_view::Ext4Error::NotFound) => return Vec::new(),
-                Err(e) => Err(e.to_string()),
-                Ok(m) if m.len() > MAX_STATUS => {
-                    Err(format!("{} bytes, more than {MAX_STATUS}", m.len()))
+        let read = match self.ext.lookup(STATUS) {
+            Ok(None) => return Vec::new(),
+            Err(e) => Err(e),
+            Ok(Some(ino)) => match self.ext.data(ino) {
+                Err(e) => Err(e),
+                Ok((inode, _)) if inode.mode & 0xF000 != 0x8000 => {
+                    Err("not a regular file".to_string())
                 }
-                Ok(_) => self
-                    .fs
-                    .read(STATUS)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| {
-                        if self.disk.any_zero_filled() {
-                            Err("read from what an offline cache may lack".into())
-                        } else {
-                            Ok(b)
-                        }
-                    }),
-            }
-        } else {
-            match self.ext.lookup(STATUS) {
-                Err(_) => return Vec::new(),
-                Ok(ino) => match self.ext.data(ino) {
-                    Err(e) => Err(e),
-                    Ok((inode, _)) if inode.size > MAX_STATUS => {
-                        Err(format!("{} bytes, more than {MAX_STATUS}", inode.size))
-                    }
-                    Ok((inode, pieces)) => {
-                        let mut out = Vec::new();
-                        self.read_data(inode.size, &pieces, |b| out.extend_from_slice(b))
-                            .map(|_| out)
-                    }
-                },
-            }
+                Ok((inode, _)) if inode.size > MAX_STATUS => {
+                    Err(format!("{} bytes, more than {MAX_STATUS}", inode.size))
+                }
+                Ok((inode, pieces)) => {
+                    let mut out = Vec::new();
+                    self.read_data(inode.size, &pieces, |b| out.extend_from_slice(b))
+                        .map(|_| out)
+                }
+            },
         };
         match read {
             Ok(b) => parse(&String::from_utf8_lossy(&b)),
