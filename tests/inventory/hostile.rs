@@ -25,6 +25,18 @@ pub fn tree(dir: &Path) -> PathBuf {
     root
 }
 
+/// An 8 MiB ext4 (1 KiB blocks) of [`tree`] in `dir`/fs.raw; `features`: -O list.
+pub fn small_fs(dir: &Path, features: &str) -> PathBuf {
+    let root = tree(dir);
+    let img = dir.join("fs.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    mkfs(&img, 0, 8192, &root, features);
+    img
+}
+
 /// mkfs.ext4 of `root` into `img` at byte `offset`, `size_kib` KiB; `features`: -O list.
 pub fn mkfs(img: &Path, offset: u64, size_kib: u64, root: &Path, features: &str) {
     let mut c = tool("mkfs.ext4");
@@ -178,14 +190,8 @@ fn gpt_partitions_and_their_file_systems_are_found() {
 #[test]
 fn hostile_file_systems_give_warnings_not_crashes() {
     let d = tempfile::tempdir().unwrap();
-    let root = tree(d.path());
-    let img = d.path().join("fs.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
     // No metadata checksums: the damage below must reach our parsing, not stop at a checksum.
-    mkfs(&img, 0, 8192, &root, "^metadata_csum,^dir_index");
+    let img = small_fs(d.path(), "^metadata_csum,^dir_index");
     // /a/b/back: a directory entry made to name the root directory (a loop).
     // A directory entry: inode (4), record length (2), name length, file type (1 = file), name.
     let back = find(&img, b"\x04\x01back") - 6;
@@ -223,13 +229,7 @@ fn hostile_file_systems_give_warnings_not_crashes() {
 #[test]
 fn absurd_sizes_are_refused_per_file() {
     let d = tempfile::tempdir().unwrap();
-    let root = tree(d.path());
-    let img = d.path().join("fs.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
-    mkfs(&img, 0, 8192, &root, "");
+    let img = small_fs(d.path(), "");
     // A file claiming 2^56 bytes, and another whose extent (i_block words 3-5: block, length,
     // start) points past the file system.
     run(tool("debugfs").args(["-w", "-R", "sif /a/huge size 0x100000000000000", ps(&img)]));
