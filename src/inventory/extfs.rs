@@ -27,6 +27,11 @@ pub struct RawInode {
     /// 512-byte sectors allocated (`i_blocks_lo`), and the extended-attribute block.
     sectors: u32,
     xattr_block: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds since the epoch (signed 32 bits; the extra epoch bits of large inodes are
+    /// not read).
+    pub mtime: i64,
 }
 
 impl RawInode {
@@ -50,6 +55,7 @@ pub const MAX_DIR_BYTES: u64 = 16 << 20;
 const MAX_GROUPS: u64 = 1 << 20;
 const INCOMPAT_RECOVER: u32 = 0x4;
 const RO_COMPAT_BIGALLOC: u32 = 0x200;
+const COMPAT_HAS_JOURNAL: u32 = 0x4;
 
 /// The geometry of one ext2/3/4 file system at `start` of the disk.
 pub struct ExtFs {
@@ -65,6 +71,11 @@ pub struct ExtFs {
     /// The journal holds changes not yet written in place (a crashed or running guest):
     /// ext4-view replays them in memory, this reader sees the metadata before them.
     pub needs_recovery: bool,
+    /// The volume label and UUID (as `blkid` prints it).
+    pub label: String,
+    pub uuid: String,
+    /// The journal's inode, when it has one inside the file system.
+    journal: Option<u32>,
     cache: HashMap<u64, Rc<Vec<u8>>>,
     /// Pointers, extent entries and blocks this reader may still look at: bounded by the
     /// file system's size, so hostile maps cannot make it work without end.
@@ -176,6 +187,12 @@ impl ExtFs {
             desc_size,
             gdt_block,
             needs_recovery: incompat & INCOMPAT_RECOVER != 0,
+            label: String::from_utf8_lossy(&sb[0x78..0x88])
+                .trim_end_matches('\0')
+                .to_string(),
+            uuid: uuid(&sb[0x68..0x78]),
+            journal: (le32(&sb, 0x5C) & COMPAT_HAS_JOURNAL != 0 && le32(&sb, 0xE0) != 0)
+                .then(|| le32(&sb, 0xE0)),
             cache: HashMap::new(),
             work: blocks.saturating_mul(4).clamp(1 << 24, 1 << 28),
         })
@@ -251,6 +268,9 @@ impl ExtFs {
             i_block: i[0x28..0x64].try_into().unwrap(),
             sectors: le32(i, 0x1C),
             xattr_block: le32(i, 0x68),
+            uid: u32::from(le16(i, 0x2)) | u32::from(le16(i, 0x78)) << 16,
+            gid: u32::from(le16(i, 0x18)) | u32::from(le16(i, 0x7A)) << 16,
+            mtime: i64::from(le32(i, 0x10) as i32),
         })
     }
 
@@ -464,9 +484,22 @@ impl ExtFs {
         Ok(Some(ino))
     }
 
-    /// The disk bytes the file system spans.
-    pub fn range(&self) -> (u64, u64) {
-        (self.start, self.start + self.blocks * self.block_size)
+    /// Whether the journal's block map is one ext4-view may be given: it walks it at load,
+    /// without bound (a sound journal is a few extents over its blocks).
+    pub fn journal_sane(&mut self) -> Result<(), String> {
+        let Some(j) = self.journal else {
+            return Ok(());
+        };
+        let before = self.work;
+        let (_, exts) = self.extents(j).map_err(|e| format!("the journal: {e}"))?;
+        let blocks: u64 = exts.iter().map(|e| e.count).sum();
+        let steps = before - self.work;
+        if steps > 2 * blocks + 64 {
+            return Err(format!(
+                "the journal's block map takes {steps} steps for {blocks} blocks"
+            ));
+        }
+        Ok(())
     }
 
     fn dir_into(&mut self, ino: u32, out: &mut HashMap<Vec<u8>, u32>) -> Result<(), String> {
@@ -523,4 +556,17 @@ fn rec_len(v: u16, bs: usize) -> usize {
         0 | 65535 => 65536,
         v => (v as usize & 65532) | ((v as usize & 3) << 16),
     }
+}
+
+/// A UUID as `blkid` prints it.
+fn uuid(b: &[u8]) -> String {
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }

@@ -44,7 +44,11 @@ pub struct Walked {
 }
 
 pub struct FsHandle {
-    pub fs: Ext4,
+    /// ext4-view, unless the file system is read by our reader alone: after a crash (the
+    /// journal's replay is not bounded), or with a journal ext4-view must not be given.
+    fs: Option<Ext4>,
+    /// Why ext4-view is not used, when it is not.
+    own: Option<String>,
     ext: ExtFs,
     disk: Rc<Disk>,
     /// A read buffer kept from file to file.
@@ -76,16 +80,27 @@ struct Walk<'a> {
 
 impl FsHandle {
     pub fn open(disk: &Rc<Disk>, start: u64, len: u64) -> Result<FsHandle, String> {
-        let ext = ExtFs::open(disk.clone(), start, len)?;
+        let mut ext = ExtFs::open(disk.clone(), start, len)?;
+        let own = if ext.needs_recovery {
+            Some("the journal holds changes not yet in place (a guest that crashed or runs): everything is read as of the last checkpoint, the journal is not replayed".to_string())
+        } else {
+            ext.journal_sane()
+                .err()
+                .map(|e| format!("{e}: read by our reader alone (no metadata checksums checked)"))
+        };
         let reader = PartReader {
             disk: disk.clone(),
             start,
             len,
             block: ext.block_size,
         };
-        let fs = Ext4::load(Box::new(reader)).map_err(|e| format!("ext4: {e}"))?;
+        let fs = match own {
+            Some(_) => None,
+            None => Some(Ext4::load(Box::new(reader)).map_err(|e| format!("ext4: {e}"))?),
+        };
         Ok(FsHandle {
             fs,
+            own,
             ext,
             disk: disk.clone(),
             buf: Vec::new(),
@@ -102,11 +117,8 @@ impl FsHandle {
         hash_budget: &mut u64,
         warn: &mut Warnings,
     ) -> Walked {
-        if self.ext.needs_recovery && self.disk.zero_filled(&[self.ext.range()]) {
-            warn.push("the journal could not be read whole (an offline cache): ext4-view's replay of it may be incomplete");
-        }
-        if self.ext.needs_recovery {
-            warn.push("the journal holds changes not yet in place (a guest that crashed or runs): the files are listed as ext4-view replays them; symlink targets, the packages and which blocks a file has (held, --trace) are as of the last checkpoint, and content is not compared (--diff)");
+        if let Some(why) = &self.own {
+            warn.push(why.clone());
         }
         // ext4-view finds each path from the root, reading through every directory on the
         // way that has no hash index: bytes it may scan so, over the whole walk (some 20 s of
@@ -118,8 +130,8 @@ impl FsHandle {
             held,
             opts,
             w: Walked {
-                label: self.fs.label().to_str().unwrap_or("").to_string(),
-                uuid: self.fs.uuid().to_string(),
+                label: self.ext.label.clone(),
+                uuid: self.ext.uuid.clone(),
                 block_size: self.ext.block_size,
                 entries: Vec::new(),
                 ranges: Vec::new(),
@@ -133,7 +145,7 @@ impl FsHandle {
             lookups,
             none: Arc::new(Vec::new()),
         };
-        let root_len = self.fs.metadata("/").map_or(0, |m| m.len());
+        let root_len = self.ext.inode(2).map_or(0, |i| i.size);
         let mut visited: HashSet<u32> = HashSet::from([2]);
         // (path, inode, depth, size, bytes ext4-view scans to find the path)
         let mut stack: Vec<(Vec<u8>, u32, usize, u64, u64)> =
@@ -154,14 +166,14 @@ impl FsHandle {
             } else {
                 len.max(self.ext.block_size)
             });
-            if st.lookups < cost {
+            if self.fs.is_some() && st.lookups < cost {
                 if overdrawn == 0 {
                     warn.push(format!("{}: not listed: finding paths through directories without a hash index would cost more than the walk allows (4 GiB read through); others like it are counted at the end", show(&dir)));
                 }
                 overdrawn += 1;
                 continue;
             }
-            st.lookups -= cost;
+            st.lookups = st.lookups.saturating_sub(cost);
             let (inos, err) = if ino == 0 {
                 (HashMap::new(), None)
             } else {
@@ -173,64 +185,33 @@ impl FsHandle {
                 warn.push(format!("{}: not listed: {e}", show(&dir)));
                 continue;
             }
-            let listing = match self.fs.read_dir(dir.as_slice()) {
-                Ok(it) => it,
-                Err(e) => {
-                    let why = self.unreadable(ino).unwrap_or_else(|| e.to_string());
-                    warn.push(format!("{}: cannot list: {why}", show(&dir)));
-                    continue;
+            let kids = if self.fs.is_none() {
+                self.own_listing(&inos, &dir, *left, warn)
+            } else {
+                match self.listing(ino, &inos, &dir, *left, warn) {
+                    Some(k) => k,
+                    None => continue,
                 }
             };
-            let mut children: Vec<DirEntry> = Vec::new();
-            let mut names: HashSet<Vec<u8>> = HashSet::new();
-            // ext4-view's listing ends at its first error.
-            for r in listing {
-                match r {
-                    Ok(d) if d.file_name() == "." || d.file_name() == ".." => {}
-                    Ok(d) if !names.insert(d.file_name().as_ref().to_vec()) => {}
-                    Ok(d) => children.push(d),
-                    Err(e) => {
-                        let why = self.unreadable(ino).unwrap_or_else(|| e.to_string());
-                        warn.push(format!("{}: listing cut short: {why}", show(&dir)))
-                    }
-                }
-                if children.len() > *left {
-                    break;
-                }
-            }
-            children.sort_by(|a, b| a.file_name().as_ref().cmp(b.file_name().as_ref()));
-            for d in children {
+            for (name, child, mut e, err) in kids {
                 if *left == 0 {
                     warn.push("more entries than --max-entries: the listing stops here");
                     break 'dirs;
                 }
                 *left -= 1;
-                let name = d.file_name().as_ref().to_vec();
                 let mut path = dir.clone();
                 if path.len() > 1 {
                     path.push(b'/');
                 }
                 path.extend_from_slice(&name);
-                let child = inos.get(&name).copied().unwrap_or(0);
-                let meta = d.metadata();
-                if let Err(err) = &meta {
-                    // What ext4-view made of zeros it was handed (an offline cache) is said
-                    // as what it is.
-                    let at = self.ext.inode_offset(child);
-                    if at.is_some_and(|a| self.disk.zero_filled(&[(a, a + 1)])) {
-                        warn.push(format!(
-                            "{}: its inode is neither in the cache nor readable from the base",
-                            show(&path)
-                        ));
-                    } else {
-                        warn.push(format!("{}: {err}", show(&path)));
-                    }
+                e.path = show(&path);
+                if let Some(err) = err {
+                    warn.push(format!("{}: {err}", e.path));
                 }
-                let mut e = entry(&path, child, &d, meta.as_ref().ok());
                 let mut ranges = st.none.clone();
                 let mut hash = None;
                 match e.kind {
-                    'd' if child == 0 && !self.ext.needs_recovery => {
+                    'd' if child == 0 => {
                         warn.push(format!("{}: no inode number found, not entered", show(&path)))
                     }
                     'd' if depth + 1 >= MAX_DEPTH => warn.push(format!(
@@ -267,6 +248,93 @@ impl FsHandle {
         }
         *hash_budget = st.hash_budget;
         sort(st.w)
+    }
+
+    /// A directory's children as ext4-view lists them (names, inodes read by it, checksums
+    /// checked), each with its inode number from `inos`, in name order; None: not listed.
+    fn listing(
+        &mut self,
+        ino: u32,
+        inos: &HashMap<Vec<u8>, u32>,
+        dir: &[u8],
+        left: usize,
+        warn: &mut Warnings,
+    ) -> Option<Vec<Kid>> {
+        let fs = self.fs.as_ref()?;
+        let listing = match fs.read_dir(dir) {
+            Ok(it) => it,
+            Err(e) => {
+                let why = self.unreadable(ino).unwrap_or_else(|| e.to_string());
+                warn.push(format!("{}: cannot list: {why}", show(dir)));
+                return None;
+            }
+        };
+        let mut children: Vec<DirEntry> = Vec::new();
+        let mut names: HashSet<Vec<u8>> = HashSet::new();
+        // ext4-view's listing ends at its first error.
+        for r in listing {
+            match r {
+                Ok(d) if d.file_name() == "." || d.file_name() == ".." => {}
+                Ok(d) if !names.insert(d.file_name().as_ref().to_vec()) => {}
+                Ok(d) => children.push(d),
+                Err(e) => {
+                    let why = self.unreadable(ino).unwrap_or_else(|| e.to_string());
+                    warn.push(format!("{}: listing cut short: {why}", show(dir)))
+                }
+            }
+            if children.len() > left {
+                break;
+            }
+        }
+        children.sort_by(|a, b| a.file_name().as_ref().cmp(b.file_name().as_ref()));
+        let kids = children
+            .into_iter()
+            .map(|d| {
+                let name = d.file_name().as_ref().to_vec();
+                let child = inos.get(&name).copied().unwrap_or(0);
+                let meta = d.metadata();
+                // What ext4-view made of zeros it was handed (an offline cache) is said as
+                // what it is.
+                let err = meta.as_ref().err().map(|err| {
+                    let at = self.ext.inode_offset(child);
+                    if at.is_some_and(|a| self.disk.zero_filled(&[(a, a + 1)])) {
+                        "its inode is neither in the cache nor readable from the base".to_string()
+                    } else {
+                        err.to_string()
+                    }
+                });
+                (name, child, entry(child, &d, meta.as_ref().ok()), err)
+            })
+            .collect();
+        Some(kids)
+    }
+
+    /// A directory's children as our own reader sees them (after a crash: as of the last
+    /// checkpoint, consistently; ext4-view's replay of a journal is not bounded), in name order.
+    fn own_listing(
+        &mut self,
+        inos: &HashMap<Vec<u8>, u32>,
+        dir: &[u8],
+        left: usize,
+        warn: &mut Warnings,
+    ) -> Vec<Kid> {
+        let mut names: Vec<(&Vec<u8>, u32)> = inos
+            .iter()
+            .filter(|(n, _)| n.as_slice() != b"." && n.as_slice() != b"..")
+            .map(|(n, &i)| (n, i))
+            .collect();
+        names.sort();
+        if names.len() > left {
+            warn.push(format!("{}: more entries than --max-entries", show(dir)));
+            names.truncate(left + 1);
+        }
+        names
+            .into_iter()
+            .map(|(name, child)| match self.ext.inode(child) {
+                Ok(raw) => (name.clone(), child, raw_entry(child, &raw), None),
+                Err(err) => (name.clone(), child, unknown_entry(child), Some(err)),
+            })
+            .collect()
     }
 
     /// A regular file's data ranges (when kept for `--trace`), held bytes and (with
@@ -337,8 +405,7 @@ impl FsHandle {
         pieces: &[Piece],
         warn: &mut Warnings,
     ) -> Option<[u8; 32]> {
-        // After a crash our block maps are from before the journal's replay: no content.
-        if size > MAX_HASHED || self.ext.needs_recovery {
+        if size > MAX_HASHED {
             return None;
         }
         if size > st.hash_budget {
@@ -488,7 +555,11 @@ pub fn show(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn entry(path: &[u8], ino: u32, d: &DirEntry, meta: Option<&Metadata>) -> Entry {
+/// A listed child: name, inode number (0: unknown), its entry (path filled in by the walk),
+/// and what went wrong reading its inode.
+type Kid = (Vec<u8>, u32, Entry, Option<String>);
+
+fn entry(ino: u32, d: &DirEntry, meta: Option<&Metadata>) -> Entry {
     let ft = meta.map(|m| m.file_type()).or_else(|| d.file_type().ok());
     let kind = match ft {
         Some(t) if t.is_dir() => 'd',
@@ -501,13 +572,48 @@ fn entry(path: &[u8], ino: u32, d: &DirEntry, meta: Option<&Metadata>) -> Entry 
         _ => '?',
     };
     Entry {
-        path: show(path),
         kind,
         size: meta.map_or(0, |m| m.len()),
         mode: meta.map_or(0, |m| m.mode()),
         uid: meta.map_or(0, |m| m.uid()),
         gid: meta.map_or(0, |m| m.gid()),
         mtime: meta.map_or(0, |m| m.modified().seconds()),
+        ..unknown_entry(ino)
+    }
+}
+
+/// An entry from an inode as our reader decodes it.
+fn raw_entry(ino: u32, raw: &super::extfs::RawInode) -> Entry {
+    let kind = match raw.mode & 0xF000 {
+        0x4000 => 'd',
+        0x8000 => '-',
+        0xA000 => 'l',
+        0x2000 => 'c',
+        0x6000 => 'b',
+        0x1000 => 'p',
+        0xC000 => 's',
+        _ => '?',
+    };
+    Entry {
+        kind,
+        size: raw.size,
+        mode: raw.mode & 0o7777,
+        uid: raw.uid,
+        gid: raw.gid,
+        mtime: raw.mtime,
+        ..unknown_entry(ino)
+    }
+}
+
+fn unknown_entry(ino: u32) -> Entry {
+    Entry {
+        path: String::new(),
+        kind: '?',
+        size: 0,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
         ino,
         target: None,
         held: None,
