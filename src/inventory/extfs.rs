@@ -18,7 +18,7 @@ pub struct Ext {
 /// A piece of a file's data: (byte in the file, disk start, disk end).
 pub type Piece = (u64, u64, u64);
 
-/// The inode fields the mapper needs.
+/// The inode fields this reader uses.
 pub struct RawInode {
     pub mode: u16,
     pub flags: u32,
@@ -55,7 +55,10 @@ pub const MAX_DIR_BYTES: u64 = 16 << 20;
 const MAX_GROUPS: u64 = 1 << 20;
 const INCOMPAT_RECOVER: u32 = 0x4;
 const RO_COMPAT_BIGALLOC: u32 = 0x200;
-const COMPAT_HAS_JOURNAL: u32 = 0x4;
+/// Incompatible features our own reader reads (with `needs_recovery`, alone): file types in
+/// entries, recovery, extents, 64-bit, flexible groups, a checksum seed. Any other is refused,
+/// as ext4-view refuses it.
+pub const INCOMPAT_OWN: u32 = 0x2 | 0x4 | 0x40 | 0x80 | 0x200 | 0x2000;
 
 /// The geometry of one ext2/3/4 file system at `start` of the disk.
 pub struct ExtFs {
@@ -68,14 +71,16 @@ pub struct ExtFs {
     inode_size: u64,
     desc_size: u64,
     gdt_block: u64,
-    /// The journal holds changes not yet written in place (a crashed or running guest):
-    /// ext4-view replays them in memory, this reader sees the metadata before them.
+    /// The journal holds changes not yet written in place (a crashed or running guest): this
+    /// reader sees the metadata as of the last checkpoint.
     pub needs_recovery: bool,
     /// The volume label and UUID (as `blkid` prints it).
     pub label: String,
     pub uuid: String,
-    /// The journal's inode, when it has one inside the file system.
-    journal: Option<u32>,
+    /// Incompatible features (`s_feature_incompat`).
+    pub incompat: u32,
+    /// Directory entries skipped for a name that is empty or holds `/` or NUL.
+    pub bad_names: u64,
     cache: HashMap<u64, Rc<Vec<u8>>>,
     /// Pointers, extent entries and blocks this reader may still look at: bounded by the
     /// file system's size, so hostile maps cannot make it work without end.
@@ -187,12 +192,14 @@ impl ExtFs {
             desc_size,
             gdt_block,
             needs_recovery: incompat & INCOMPAT_RECOVER != 0,
-            label: String::from_utf8_lossy(&sb[0x78..0x88])
-                .trim_end_matches('\0')
-                .to_string(),
+            label: {
+                let l = &sb[0x78..0x88];
+                String::from_utf8_lossy(&l[..l.iter().position(|&b| b == 0).unwrap_or(16)])
+                    .into_owned()
+            },
             uuid: uuid(&sb[0x68..0x78]),
-            journal: (le32(&sb, 0x5C) & COMPAT_HAS_JOURNAL != 0 && le32(&sb, 0xE0) != 0)
-                .then(|| le32(&sb, 0xE0)),
+            incompat,
+            bad_names: 0,
             cache: HashMap::new(),
             work: blocks.saturating_mul(4).clamp(1 << 24, 1 << 28),
         })
@@ -270,7 +277,14 @@ impl ExtFs {
             xattr_block: le32(i, 0x68),
             uid: u32::from(le16(i, 0x2)) | u32::from(le16(i, 0x78)) << 16,
             gid: u32::from(le16(i, 0x18)) | u32::from(le16(i, 0x7A)) << 16,
-            mtime: i64::from(le32(i, 0x10) as i32),
+            // Seconds are signed 32 bits, with two more epoch bits in i_mtime_extra when the
+            // inode has room for it.
+            mtime: i64::from(le32(i, 0x10) as i32)
+                + if self.inode_size > 128 && le16(i, 0x80) >= 12 {
+                    i64::from(le32(i, 0x88) & 3) << 32
+                } else {
+                    0
+                },
         })
     }
 
@@ -484,24 +498,6 @@ impl ExtFs {
         Ok(Some(ino))
     }
 
-    /// Whether the journal's block map is one ext4-view may be given: it walks it at load,
-    /// without bound (a sound journal is a few extents over its blocks).
-    pub fn journal_sane(&mut self) -> Result<(), String> {
-        let Some(j) = self.journal else {
-            return Ok(());
-        };
-        let before = self.work;
-        let (_, exts) = self.extents(j).map_err(|e| format!("the journal: {e}"))?;
-        let blocks: u64 = exts.iter().map(|e| e.count).sum();
-        let steps = before - self.work;
-        if steps > 2 * blocks + 64 {
-            return Err(format!(
-                "the journal's block map takes {steps} steps for {blocks} blocks"
-            ));
-        }
-        Ok(())
-    }
-
     fn dir_into(&mut self, ino: u32, out: &mut HashMap<Vec<u8>, u32>) -> Result<(), String> {
         let before = self.work;
         let (inode, exts) = self.extents(ino)?;
@@ -525,6 +521,8 @@ impl ExtFs {
                     "more than {MAX_DIR_BYTES} bytes of directory: the rest not read"
                 ))?;
                 let blk = self.block(e.phys + k)?;
+                // Parsing costs, even a block read before (directories may share blocks).
+                self.charge(self.block_size / 64)?;
                 let mut pos = 0;
                 while pos + 8 <= bs {
                     let (child, rec, nlen) = (
@@ -535,8 +533,12 @@ impl ExtFs {
                     if rec < 8 || rec % 4 != 0 || pos + rec > bs || nlen + 8 > rec {
                         return Err(format!("corrupt entry at block {} + {pos}", e.phys + k));
                     }
-                    if child != 0 {
-                        out.insert(blk[pos + 8..pos + 8 + nlen].to_vec(), child);
+                    let name = &blk[pos + 8..pos + 8 + nlen];
+                    if child != 0 && (name.is_empty() || name.contains(&b'/') || name.contains(&0))
+                    {
+                        self.bad_names += 1;
+                    } else if child != 0 {
+                        out.insert(name.to_vec(), child);
                     }
                     pos += rec;
                 }

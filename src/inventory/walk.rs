@@ -1,7 +1,7 @@
-//! One file system's files: ext4-view lists directories and reads inodes and files (checksums
-//! and hash trees are its business, and it replays a journal in memory); [`super::extfs`] adds
-//! the inode numbers, for loops and hard links, and each file's blocks, for what a cache holds
-//! of it. Every walk is bounded.
+//! One file system's files: ext4-view lists directories and reads inodes (checksums and hash
+//! trees are its business); [`super::extfs`] adds the inode numbers, for loops and hard links,
+//! each file's blocks, for what a cache holds of it, and reads content and symlinks; after a
+//! crash it reads everything alone, as of the last checkpoint. Every walk is bounded.
 
 use super::disk::{overlap, Disk, PartReader};
 use super::extfs::{ExtFs, Piece};
@@ -45,7 +45,7 @@ pub struct Walked {
 
 pub struct FsHandle {
     /// ext4-view, unless the file system is read by our reader alone: after a crash (the
-    /// journal's replay is not bounded), or with a journal ext4-view must not be given.
+    /// journal's replay by ext4-view is not bounded).
     fs: Option<Ext4>,
     /// Why ext4-view is not used, when it is not.
     own: Option<String>,
@@ -80,23 +80,25 @@ struct Walk<'a> {
 
 impl FsHandle {
     pub fn open(disk: &Rc<Disk>, start: u64, len: u64) -> Result<FsHandle, String> {
-        let mut ext = ExtFs::open(disk.clone(), start, len)?;
-        let own = if ext.needs_recovery {
-            Some("the journal holds changes not yet in place (a guest that crashed or runs): everything is read as of the last checkpoint, the journal is not replayed".to_string())
+        let ext = ExtFs::open(disk.clone(), start, len)?;
+        // A journal to replay: ext4-view's replay walks whatever extent trees the journal
+        // holds, without bound; our reader alone reads the checkpoint instead, refusing what
+        // ext4-view would refuse.
+        let own = ext.needs_recovery.then(|| "the journal holds changes not yet in place (a guest that crashed or runs): everything is read as of the last checkpoint by our own reader (the journal is not replayed, no metadata checksums are checked)".to_string());
+        let fs = if own.is_some() {
+            let other = ext.incompat & !super::extfs::INCOMPAT_OWN;
+            if other != 0 {
+                return Err(format!("incompatible features {other:#x}: not supported"));
+            }
+            None
         } else {
-            ext.journal_sane()
-                .err()
-                .map(|e| format!("{e}: read by our reader alone (no metadata checksums checked)"))
-        };
-        let reader = PartReader {
-            disk: disk.clone(),
-            start,
-            len,
-            block: ext.block_size,
-        };
-        let fs = match own {
-            Some(_) => None,
-            None => Some(Ext4::load(Box::new(reader)).map_err(|e| format!("ext4: {e}"))?),
+            let reader = PartReader {
+                disk: disk.clone(),
+                start,
+                len,
+                block: ext.block_size,
+            };
+            Some(Ext4::load(Box::new(reader)).map_err(|e| format!("ext4: {e}"))?)
         };
         Ok(FsHandle {
             fs,
@@ -186,7 +188,7 @@ impl FsHandle {
                 continue;
             }
             let kids = if self.fs.is_none() {
-                self.own_listing(&inos, &dir, *left, warn)
+                self.own_listing(&inos, *left)
             } else {
                 match self.listing(ino, &inos, &dir, *left, warn) {
                     Some(k) => k,
@@ -240,6 +242,12 @@ impl FsHandle {
                 }
                 st.w.entries.push(e);
             }
+        }
+        if self.ext.bad_names > 0 {
+            warn.push(format!(
+                "{} directory entries skipped: their names are empty or hold '/' or NUL",
+                self.ext.bad_names
+            ));
         }
         if overdrawn > 1 {
             warn.push(format!(
@@ -311,23 +319,15 @@ impl FsHandle {
 
     /// A directory's children as our own reader sees them (after a crash: as of the last
     /// checkpoint, consistently; ext4-view's replay of a journal is not bounded), in name order.
-    fn own_listing(
-        &mut self,
-        inos: &HashMap<Vec<u8>, u32>,
-        dir: &[u8],
-        left: usize,
-        warn: &mut Warnings,
-    ) -> Vec<Kid> {
+    fn own_listing(&mut self, inos: &HashMap<Vec<u8>, u32>, left: usize) -> Vec<Kid> {
         let mut names: Vec<(&Vec<u8>, u32)> = inos
             .iter()
             .filter(|(n, _)| n.as_slice() != b"." && n.as_slice() != b"..")
             .map(|(n, &i)| (n, i))
             .collect();
         names.sort();
-        if names.len() > left {
-            warn.push(format!("{}: more entries than --max-entries", show(dir)));
-            names.truncate(left + 1);
-        }
+        // One more than may be listed: the walk says where it stopped.
+        names.truncate(left.saturating_add(1));
         names
             .into_iter()
             .map(|(name, child)| match self.ext.inode(child) {
