@@ -3,11 +3,13 @@
 //! files a recorded boot read. Reads go through the chain, read-only; a base that cannot be
 //! reached limits what can be resolved, and the warnings say so.
 //!
-//! ext4-view (a maintained pure-Rust ext4 reader) lists directories and reads files;
-//! [`extfs`] reads the two things its API does not give: inode numbers and block maps.
+//! ext4-view (a maintained pure-Rust ext4 reader) lists directories and reads inodes; [`extfs`]
+//! reads what its API does not give (inode numbers, block maps, and through them content), and
+//! reads alone a file system whose journal needs replaying. docs/inventory.md has the bounds.
 
 pub mod diff;
 mod disk;
+mod entries;
 mod extfs;
 mod packages;
 mod part;
