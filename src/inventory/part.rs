@@ -17,6 +17,18 @@ pub struct Partition {
     pub name: String,
 }
 
+impl Partition {
+    fn new(number: u32, start: u64, len: u64, kind: String) -> Partition {
+        Partition {
+            number,
+            start,
+            len,
+            kind,
+            name: String::new(),
+        }
+    }
+}
+
 /// Reads `len` bytes at `off` of the disk (None: could not be read).
 pub type ReadFn<'a> = dyn FnMut(u64, usize) -> Option<Vec<u8>> + 'a;
 
@@ -42,15 +54,7 @@ fn crc32(b: &[u8]) -> u32 {
 /// The partitions of a disk of `disk_len` bytes; a disk with no partition table is one
 /// "whole disk" partition. What does not fit the disk is left out with a warning.
 pub fn partitions(read: &mut ReadFn<'_>, disk_len: u64, warn: &mut Warnings) -> Vec<Partition> {
-    let whole = || {
-        vec![Partition {
-            number: 0,
-            start: 0,
-            len: disk_len,
-            kind: "whole disk".into(),
-            name: String::new(),
-        }]
-    };
+    let whole = || vec![Partition::new(0, 0, disk_len, "whole disk".into())];
     let Some(mbr) = read(0, 512) else {
         warn.push("sector 0 cannot be read: no partition table looked for");
         return whole();
@@ -84,18 +88,13 @@ pub fn partitions(read: &mut ReadFn<'_>, disk_len: u64, warn: &mut Warnings) -> 
             logical(read, disk_len, lba, count, &mut out, warn);
             continue;
         }
-        push_checked(
-            &mut out,
-            disk_len,
-            warn,
-            Partition {
-                number: i as u32 + 1,
-                start: lba * 512,
-                len: count * 512,
-                kind: format!("mbr 0x{kind:02x}"),
-                name: String::new(),
-            },
+        let p = Partition::new(
+            i as u32 + 1,
+            lba * 512,
+            count * 512,
+            format!("mbr 0x{kind:02x}"),
         );
+        push_checked(&mut out, disk_len, warn, p);
     }
     out
 }
@@ -146,18 +145,14 @@ fn logical(
             u64::from(le32(&b, 446 + 12)),
         );
         if kind != 0 && count != 0 {
-            push_checked(
-                out,
-                disk_len,
-                warn,
-                Partition {
-                    number: 5 + out.iter().filter(|p| p.number >= 5).count() as u32,
-                    start: (ebr + rel) * 512,
-                    len: count * 512,
-                    kind: format!("mbr 0x{kind:02x}"),
-                    name: String::new(),
-                },
+            let number = 5 + out.iter().filter(|p| p.number >= 5).count() as u32;
+            let p = Partition::new(
+                number,
+                (ebr + rel) * 512,
+                count * 512,
+                format!("mbr 0x{kind:02x}"),
             );
+            push_checked(out, disk_len, warn, p);
         }
         let next = u64::from(le32(&b, 462 + 8));
         if b[462 + 4] == 0 || next == 0 {
@@ -239,18 +234,16 @@ fn gpt(read: &mut ReadFn<'_>, disk_len: u64, warn: &mut Warnings) -> Option<Vec<
                 warn.push(format!("GPT entry {}: absurd sector numbers", i + 1));
                 continue;
             };
-            push_checked(
-                &mut out,
-                disk_len,
-                warn,
-                Partition {
-                    number: i as u32 + 1,
+            let p = Partition {
+                name: String::from_utf16_lossy(&name),
+                ..Partition::new(
+                    i as u32 + 1,
                     start,
                     len,
-                    kind: format!("gpt {}", gpt_type(&e[..16])),
-                    name: String::from_utf16_lossy(&name),
-                },
-            );
+                    format!("gpt {}", gpt_type(&e[..16])),
+                )
+            };
+            push_checked(&mut out, disk_len, warn, p);
         }
         return Some(out);
     }

@@ -98,6 +98,23 @@ pub fn write_gpt(img: &Path, sectors: u64, parts: &[(u64, u64, &str)]) {
     write_at(img, 1024, &entries);
 }
 
+/// The `key` string of every item of the JSON array `list`.
+pub fn strings<'a>(list: &'a serde_json::Value, key: &str) -> Vec<&'a str> {
+    let items = list
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {list}"));
+    items.iter().map(|i| i[key].as_str().unwrap()).collect()
+}
+
+/// The entry of inventory `j` at `path`.
+pub fn entry_at<'a>(j: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
+    let entries = j["entries"].as_array().unwrap();
+    entries
+        .iter()
+        .find(|e| e["path"] == path)
+        .unwrap_or_else(|| panic!("{path} not listed"))
+}
+
 /// `vmicache inventory ARGS` with a deadline and 2 GiB of address space: (exit code, stdout,
 /// stderr). Panics on a hang, a signal (an allocation that fails aborts), or a panic (exit 101).
 pub fn inventory(args: &[&str]) -> (i32, String, String) {
@@ -156,29 +173,15 @@ fn gpt_partitions_and_their_file_systems_are_found() {
     assert_eq!(parts[1]["name"], "rootfs");
     assert_eq!(parts[1]["kind"], "gpt Linux filesystem");
     assert_eq!(j["filesystems"][0]["partition"], 2);
-    let paths: Vec<&str> = j["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["path"].as_str().unwrap())
-        .collect();
+    let paths = strings(&j["entries"], "path");
     for p in ["/etc/hostname", "/a/b/c.txt", "/bin/tool", "/etc/link"] {
         assert!(paths.contains(&p), "{p} missing from {paths:?}");
     }
-    let link = j["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["path"] == "/etc/link")
-        .unwrap();
-    assert_eq!(link["target"], "/etc/hostname");
-    let long = j["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["path"] == "/etc/longlink")
-        .unwrap();
-    assert_eq!(long["target"], format!("/{}", "x".repeat(100)));
+    assert_eq!(entry_at(&j, "/etc/link")["target"], "/etc/hostname");
+    assert_eq!(
+        entry_at(&j, "/etc/longlink")["target"],
+        format!("/{}", "x".repeat(100))
+    );
     // The same disk as qcow2 (QEMU converts it) lists the same.
     let q = d.path().join("disk.qcow2");
     run(tool("qemu-img").args(["convert", "-O", "qcow2", ps(&img), ps(&q)]));

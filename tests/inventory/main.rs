@@ -190,12 +190,7 @@ fn cache_holds_what_the_boot_read_and_the_trace_says_in_which_order() {
     // check; every file the check read is there. (The trace is of clusters: files next to
     // one read on disk are listed too, when the clusters read reach into them.)
     let t = inventory_json(&["--json", ps(&cache), "--trace", ps(&trace)]);
-    let order: Vec<&str> = t["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["path"].as_str().unwrap())
-        .collect();
+    let order = hostile::strings(&t["files"], "path");
     let at = |p: &str| {
         order
             .iter()
@@ -341,18 +336,8 @@ fn diff_of_the_minimal_and_systemd_guests() {
     // The same file in both (the check's own script, installed alike) is not reported.
     assert!(!changed.contains_key("/usr/local/lib/vmicache/vmicache-check.py"));
     // Packages: systemd added; python3.11-minimal in both.
-    let pa: Vec<&str> = j["packages_added"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let pa = hostile::strings(&j["packages_added"], "name");
     assert!(pa.contains(&"systemd"), "{pa:?}");
-    let pr: Vec<&str> = j["packages_removed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let pr = hostile::strings(&j["packages_removed"], "name");
     assert!(!pr.contains(&"python3.11-minimal"), "{pr:?}");
 }
