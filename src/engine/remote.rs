@@ -48,8 +48,8 @@ pub type OpenBase = fn(&Path, Option<Format>, bool) -> Result<Image>;
 pub struct RemoteBase {
     t: Target,
     state: Mutex<State>,
-    /// Held while the base is being opened, so that readers wait for one open instead of
-    /// starting their own, while [`RemoteBase::opened`] (block status) never waits.
+    /// Held while the base is being opened, so that readers (and block status) wait for one
+    /// open instead of starting their own; [`RemoteBase::opened`] never waits.
     opening: Mutex<()>,
 }
 
@@ -265,9 +265,17 @@ impl Layer for RemoteBase {
     fn flush(&self, _durable: bool) -> Result<()> {
         Ok(())
     }
-    /// The open base's own chain answers, one level deeper (never opened for a status).
+    /// The open base's own chain answers, one level deeper. A base not yet open is opened
+    /// for it when it can be (whoever asks what lies in a range the cache lacks reads it
+    /// next, and "all data" would have a sequential copy read the base's holes as data);
+    /// one that cannot be reached, or is still in its backoff, is unknown: data.
     fn status_within(&self, off: u64, len: u64) -> Option<Result<Extent>> {
-        let real = self.opened()?;
+        // A base whose own chain leads back to this cache would recurse through fresh opens.
+        let _depth = Depth::enter(&self.t.name).ok()?;
+        let real = match self.opened() {
+            Some(real) => real,
+            None => self.get().ok()?,
+        };
         if off >= real.virtual_size() {
             return None;
         }
