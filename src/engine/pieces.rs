@@ -4,6 +4,7 @@
 
 use super::image::Image;
 use super::layer::{MapMode, Mapping, SharedPart};
+use super::remote::RemoteBase;
 use crate::Result;
 use std::fs::File;
 
@@ -22,6 +23,13 @@ pub enum Piece<'a> {
         off: usize,
         len: usize,
     },
+    /// `len` bytes at `off` of a file the piece keeps open (a lazily opened base, which a
+    /// failure may close while the piece waits to be sent), in the page cache when made.
+    Held {
+        file: std::sync::Arc<File>,
+        off: u64,
+        len: u64,
+    },
 }
 
 impl Piece<'_> {
@@ -31,6 +39,7 @@ impl Piece<'_> {
             Piece::Bytes(b) => b.len() as u64,
             Piece::File { len, .. } => *len,
             Piece::Shared { len, .. } => *len as u64,
+            Piece::Held { len, .. } => *len,
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -54,6 +63,14 @@ fn push<'a>(out: &mut Vec<Piece<'a>>, p: Piece<'a>) {
                 len: l2,
             },
         ) if std::ptr::eq(*file, *f2) && *off + *len == *o2 => *len += l2,
+        (
+            Some(Piece::Held { file, off, len }),
+            Piece::Held {
+                file: f2,
+                off: o2,
+                len: l2,
+            },
+        ) if std::sync::Arc::ptr_eq(file, f2) && *off + *len == *o2 => *len += l2,
         _ => out.push(p),
     }
 }
@@ -95,6 +112,13 @@ impl Image {
     ) -> Result<bool> {
         if local && (self.read_filter().is_some() || self.storage().file().is_none()) {
             return Ok(false);
+        }
+        // A lazily opened base hands out its own pieces, which keep its file open.
+        if let Some(base) = RemoteBase::of(self) {
+            for p in base.pieces(off, len)? {
+                push(out, p);
+            }
+            return Ok(true);
         }
         if self.read_filter().is_some() {
             // Copy-on-read decides what it reads: as a sparse read does.

@@ -15,7 +15,8 @@
 use super::bounds::place_backing;
 use super::image::Image;
 use super::layer::{BackingRead, Extent, Format, Layer, MapMode, Mapped, Mapping, Run};
-use super::storage::{opener_for, FileStatus, Storage};
+use super::pieces::Piece;
+use super::storage::{opener_for, resident, FileStatus, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -56,6 +57,9 @@ pub struct RemoteBase {
 #[derive(Debug, Default)]
 struct State {
     open: Option<Arc<Image>>,
+    /// The open base's file, when the base is one stable file (a raw or qcow2 base opened
+    /// read-only): what pieces of it are sent from, kept open by them.
+    file: Option<Arc<std::fs::File>>,
     /// The last failure: when, why, and how long to wait before trying again.
     failed: Option<(Instant, String, Duration)>,
 }
@@ -103,8 +107,15 @@ impl RemoteBase {
         match self.open() {
             Ok(img) => {
                 let img = Arc::new(img);
+                let layer = img.layer();
+                let file = (layer.stable() && img.read_filter().is_none())
+                    .then(|| layer.storage().file())
+                    .flatten()
+                    .and_then(|f| f.try_clone().ok())
+                    .map(Arc::new);
                 let mut s = self.state();
                 s.open = Some(img.clone());
+                s.file = file;
                 Ok(img)
             }
             Err(why) => {
@@ -156,6 +167,7 @@ impl RemoteBase {
             None => Self::FIRST_BACKOFF,
         };
         s.open = None;
+        s.file = None;
         s.failed = Some((Instant::now(), why, wait));
     }
 
@@ -209,6 +221,72 @@ impl RemoteBase {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// `[off, off+len)` as pieces for sending: ranges of the open base's file that are in the
+    /// page cache (each piece keeps the file open), zeros, and the rest read into memory as
+    /// [`Layer::read_run`] reads (so a failure drops the base to be reopened).
+    pub fn pieces(&self, off: u64, len: u64) -> Result<Vec<Piece<'static>>> {
+        let _depth = Depth::enter(&self.t.name)?;
+        let img = self.get()?;
+        // The file of this open base (not of one reopened meanwhile).
+        let held = {
+            let s = self.state();
+            s.open
+                .as_ref()
+                .filter(|o| Arc::ptr_eq(o, &img))
+                .and(s.file.clone())
+        };
+        let mut out = Vec::new();
+        let read = |at: u64, n: u64| -> Result<Piece<'static>> {
+            let mut b = vec![0u8; n as usize];
+            self.read(&mut b, at)?;
+            Ok(Piece::Bytes(b))
+        };
+        let Some(held) = held else {
+            out.push(read(off, len)?);
+            return Ok(out);
+        };
+        let end = self.t.size.min(img.virtual_size());
+        let have = end.saturating_sub(off).min(len);
+        if have > 0 {
+            let inner = match img.read_pieces(off, have) {
+                Ok(p) => p,
+                Err(e @ Error::Io { .. }) => {
+                    self.failed(Some(&img), e.to_string());
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            let own = img.layer().storage().file();
+            let mut at = off;
+            for p in inner {
+                let n = p.len();
+                out.push(match p {
+                    Piece::File {
+                        file,
+                        off: o,
+                        len: l,
+                    } if own.is_some_and(|f| std::ptr::eq(f, file)) && resident(file, o, l) => {
+                        Piece::Held {
+                            file: held.clone(),
+                            off: o,
+                            len: l,
+                        }
+                    }
+                    Piece::Zero(z) => Piece::Zero(z),
+                    Piece::Bytes(b) => Piece::Bytes(b),
+                    Piece::Shared { buf, off, len } => Piece::Shared { buf, off, len },
+                    Piece::Held { file, off, len } => Piece::Held { file, off, len },
+                    Piece::File { .. } => read(at, n)?,
+                });
+                at += n;
+            }
+        }
+        if len > have {
+            out.push(Piece::Zero(len - have));
+        }
+        Ok(out)
     }
 
     fn never_written(&self) -> Error {

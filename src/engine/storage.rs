@@ -5,9 +5,11 @@ use crate::{Error, Result};
 
 mod crash;
 mod opener;
+mod resident;
 #[doc(hidden)]
 pub use crash::{CrashStorage, Fault, OpKind};
 pub use opener::{is_uri, opener_for, register_opener, Opener};
+pub use resident::resident;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

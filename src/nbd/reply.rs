@@ -10,6 +10,7 @@
 //! [`Export::read_pieces`]: super::export::Export::read_pieces
 
 use super::proto::*;
+use crate::engine::storage::resident;
 use crate::engine::Piece;
 use std::fs::File;
 use std::io::{self, Write};
@@ -23,6 +24,8 @@ pub(super) enum Part<'a> {
     Bytes(Vec<u8>),
     /// A slice of a buffer a layer keeps.
     Shared(std::sync::Arc<Vec<u8>>, usize, usize),
+    /// A range of a file the part keeps open (a lazily opened base's).
+    HeldFile(std::sync::Arc<File>, u64, u64),
     File {
         file: &'a File,
         off: u64,
@@ -58,6 +61,7 @@ impl<'a> Reply<'a> {
             Piece::File { file, off, len } => self.parts.push(Part::File { file, off, len }),
             Piece::Zero(n) => self.parts.push(Part::Zeros(n)),
             Piece::Shared { buf, off, len } => self.parts.push(Part::Shared(buf, off, len)),
+            Piece::Held { file, off, len } => self.parts.push(Part::HeldFile(file, off, len)),
         }
     }
 
@@ -138,6 +142,7 @@ impl<'a> Reply<'a> {
                 }
                 Part::Zeros(n) => write_zeros(w, *n)?,
                 Part::File { file, off, len } => send_file(w, file, *off, *len)?,
+                Part::HeldFile(file, off, len) => send_file(w, file, *off, *len)?,
             }
             i += 1;
         }
@@ -221,52 +226,6 @@ fn read_file(file: &File, off: u64, len: u64) -> io::Result<Vec<u8>> {
     Ok(b)
 }
 
-/// Whether every page of `len` bytes of `file` at `off` is in the page cache (`cachestat(2)`,
-/// Linux 6.5; false where the kernel cannot say).
-pub(super) fn resident(file: &File, off: u64, len: u64) -> bool {
-    use std::os::fd::AsRawFd;
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    /// cachestat's number, the same on every architecture (added in Linux 6.5); the libc
-    /// crate does not name it yet.
-    const SYS_CACHESTAT: nix::libc::c_long = 451;
-    if len == 0 {
-        return true;
-    }
-    let page = 4096u64;
-    let first = off / page;
-    let pages = (off + len).div_ceil(page) - first;
-    let range = Range {
-        off: first * page,
-        len: pages * page,
-    };
-    let mut st = Stat::default();
-    // SAFETY: the descriptor is open for the call; `range` and `st` are valid, properly laid
-    // out (the kernel's struct cachestat_range and struct cachestat) and live across it.
-    let r = unsafe {
-        nix::libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const Range,
-            &mut st as *mut Stat,
-            0u32,
-        )
-    };
-    r == 0 && st.nr_cache >= pages
-}
-
 /// Pieces whose file ranges are not all in the page cache read into memory now (by the
 /// worker, outside the writer lock).
 pub(super) fn settle(pieces: Vec<Piece<'_>>) -> io::Result<Vec<Piece<'_>>> {
@@ -275,6 +234,9 @@ pub(super) fn settle(pieces: Vec<Piece<'_>>) -> io::Result<Vec<Piece<'_>>> {
         .map(|p| match p {
             Piece::File { file, off, len } if !resident(file, off, len) => {
                 read_file(file, off, len).map(Piece::Bytes)
+            }
+            Piece::Held { file, off, len } if !resident(&file, off, len) => {
+                read_file(&file, off, len).map(Piece::Bytes)
             }
             p => Ok(p),
         })
@@ -285,6 +247,7 @@ pub(super) fn settle(pieces: Vec<Piece<'_>>) -> io::Result<Vec<Piece<'_>>> {
 pub(super) fn all_resident(pieces: &[Piece<'_>]) -> bool {
     pieces.iter().all(|p| match p {
         Piece::File { file, off, len } => resident(file, *off, *len),
+        Piece::Held { file, off, len } => resident(file, *off, *len),
         _ => true,
     })
 }
