@@ -5,6 +5,9 @@
 use crate::Result;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+/// Buffers of evicted frames kept for decompressing into (about one per reading thread).
+const SPARE_BUFFERS: usize = 4;
+
 /// (pack, frame in the pack).
 pub type FrameId = (u32, u32);
 
@@ -14,6 +17,8 @@ struct Inner {
     slots: Vec<(FrameId, u64, Arc<Vec<u8>>)>,
     /// Frames some reader is decompressing now.
     busy: Vec<FrameId>,
+    /// Buffers of evicted frames no reader holds any more, to decompress into again.
+    spare: Vec<Vec<u8>>,
     bytes: usize,
     limit: usize,
     clock: u64,
@@ -32,6 +37,7 @@ impl FrameCache {
             inner: Mutex::new(Inner {
                 slots: Vec::new(),
                 busy: Vec::new(),
+                spare: Vec::new(),
                 bytes: 0,
                 limit,
                 clock: 0,
@@ -53,12 +59,12 @@ impl FrameCache {
         self.lock().decoded
     }
 
-    /// Frame `id`, from the cache or by `decode` (outside the lock; another reader asking
-    /// for the same frame meanwhile waits for it).
+    /// Frame `id`, from the cache or by `decode` (outside the lock, into a spare buffer when
+    /// there is one; another reader asking for the same frame meanwhile waits for it).
     pub fn get(
         &self,
         id: FrameId,
-        decode: impl FnOnce() -> Result<Vec<u8>>,
+        decode: impl FnOnce(Vec<u8>) -> Result<Vec<u8>>,
     ) -> Result<Arc<Vec<u8>>> {
         let mut g = self.lock();
         loop {
@@ -74,6 +80,7 @@ impl FrameCache {
             g = self.done.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         g.busy.push(id);
+        let spare = g.spare.pop().unwrap_or_default();
         drop(g);
         // Should `decode` panic, the frame is no longer busy and the waiters try it.
         struct Unbusy<'c>(&'c FrameCache, FrameId, bool);
@@ -86,7 +93,7 @@ impl FrameCache {
             }
         }
         let mut guard = Unbusy(self, id, true);
-        let r = decode();
+        let r = decode(spare);
         guard.2 = false;
         let mut g = self.lock();
         g.busy.retain(|b| *b != id);
@@ -97,6 +104,11 @@ impl FrameCache {
                 let old = (0..g.slots.len()).min_by_key(|&i| g.slots[i].1).unwrap();
                 let gone = g.slots.swap_remove(old);
                 g.bytes -= gone.2.len();
+                if let Ok(buf) = Arc::try_unwrap(gone.2) {
+                    if g.spare.len() < SPARE_BUFFERS {
+                        g.spare.push(buf);
+                    }
+                }
             }
             let now = g.clock;
             g.bytes += data.len();
@@ -119,15 +131,15 @@ mod tests {
         let c = FrameCache::new(3 * 1024);
         for round in 0..2 {
             for f in 0..3 {
-                let d = c.get((0, f), || Ok(vec![f as u8; 1024])).unwrap();
+                let d = c.get((0, f), |_| Ok(vec![f as u8; 1024])).unwrap();
                 assert_eq!(d[0], f as u8, "round {round}");
             }
         }
         assert_eq!(c.decoded(), 3);
-        c.get((0, 9), || Ok(vec![0; 1024])).unwrap(); // evicts one
+        c.get((0, 9), |_| Ok(vec![0; 1024])).unwrap(); // evicts one
         assert_eq!(c.lock().bytes, 3 * 1024);
         assert!(c
-            .get((1, 1), || Err(crate::Error::corrupt("x", "bad")))
+            .get((1, 1), |_| Err(crate::Error::corrupt("x", "bad")))
             .is_err());
         assert!(c.lock().busy.is_empty());
         // Many threads asking for one frame: decoded once.
@@ -136,7 +148,7 @@ mod tests {
             .map(|_| {
                 let c = Arc::clone(&c);
                 std::thread::spawn(move || {
-                    c.get((2, 2), || {
+                    c.get((2, 2), |_| {
                         std::thread::sleep(std::time::Duration::from_millis(50));
                         Ok(vec![7; 4096])
                     })

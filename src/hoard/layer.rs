@@ -204,8 +204,9 @@ impl HoardLayer {
 
     /// Frame `f` of pack `p`, decompressed and checked (cached).
     fn frame(&self, p: u32, f: u32) -> Result<Arc<Vec<u8>>> {
-        self.frames
-            .get((p, f), || self.packs[p as usize].read_frame(f as usize))
+        self.frames.get((p, f), |buf| {
+            self.packs[p as usize].read_frame_into(f as usize, buf)
+        })
     }
 
     /// A stored run as slices of decompressed frames (and zeros), for sending without a copy.

@@ -81,15 +81,25 @@ impl PackReader {
     /// Frame `i`'s chunks, decompressed and checked against its hash: a damaged frame is an
     /// error (logged), never data.
     pub fn read_frame(&self, i: usize) -> Result<Vec<u8>> {
+        self.read_frame_into(i, Vec::new())
+    }
+
+    /// [`PackReader::read_frame`] into `buf` (a spare buffer whose memory is reused: a fresh
+    /// one costs a page fault per page).
+    pub fn read_frame_into(&self, i: usize, buf: Vec<u8>) -> Result<Vec<u8>> {
         let f = &self.frames[i];
-        let mut stored = vec![0u8; f.len as usize];
-        self.file
-            .read_exact_at(&mut stored, f.offset)
-            .map_err(io(&self.path, "read"))?;
         let raw = u64::from(f.chunks) * hf::CHUNK;
         let data = match f.codec {
-            Codec::Plain => stored,
-            Codec::Zstd => match decompress(&stored, raw as usize) {
+            Codec::Plain => {
+                let mut stored = buf;
+                stored.clear();
+                stored.resize(f.len as usize, 0);
+                self.file
+                    .read_exact_at(&mut stored, f.offset)
+                    .map_err(io(&self.path, "read"))?;
+                stored
+            }
+            Codec::Zstd => match self.decode(f, raw as usize, buf)? {
                 Ok(d) if d.len() as u64 == raw => d,
                 Ok(d) => {
                     return Err(self.damaged(i, format!("decompresses to {} B, not {raw}", d.len())))
@@ -101,6 +111,20 @@ impl PackReader {
             return Err(self.damaged(i, "checksum mismatch".into()));
         }
         Ok(data)
+    }
+
+    /// Frame `f`'s stored bytes read and decompressed into `buf` (at most `raw` bytes).
+    fn decode(&self, f: &Frame, raw: usize, buf: Vec<u8>) -> Result<std::io::Result<Vec<u8>>> {
+        decompress(
+            |stored| {
+                stored.resize(f.len as usize, 0);
+                self.file
+                    .read_exact_at(stored, f.offset)
+                    .map_err(io(&self.path, "read"))
+            },
+            raw,
+            buf,
+        )
     }
 
     fn damaged(&self, i: usize, what: String) -> Error {
@@ -120,21 +144,42 @@ impl PackReader {
     }
 }
 
+/// The largest read buffer a thread keeps between frames.
+const KEEP_STORED: usize = 1 << 20;
+
 /// Decompress a frame of at most `cap` bytes with this thread's decompression context, into
-/// a buffer that is not zeroed first.
-fn decompress(stored: &[u8], cap: usize) -> std::io::Result<Vec<u8>> {
+/// `out` (its contents replaced; not zeroed first). The compressed bytes are read into this
+/// thread's buffer, kept between frames.
+fn decompress(
+    read: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+    cap: usize,
+    mut out: Vec<u8>,
+) -> Result<std::io::Result<Vec<u8>>> {
     use std::cell::RefCell;
     thread_local! {
-        static DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+        static DCTX: RefCell<(Option<zstd::bulk::Decompressor<'static>>, Vec<u8>)> = const { RefCell::new((None, Vec::new())) };
     }
     DCTX.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.is_none() {
-            *d = Some(zstd::bulk::Decompressor::new()?);
+        let (ctx, stored) = &mut *d.borrow_mut();
+        read(stored)?;
+        if ctx.is_none() {
+            match zstd::bulk::Decompressor::new() {
+                Ok(c) => *ctx = Some(c),
+                Err(e) => return Ok(Err(e)),
+            }
         }
-        let mut out = Vec::with_capacity(cap);
-        d.as_mut().unwrap().decompress_to_buffer(stored, &mut out)?;
-        Ok(out)
+        out.clear();
+        out.reserve(cap);
+        let r = ctx
+            .as_mut()
+            .unwrap()
+            .decompress_to_buffer(&stored[..], &mut out)
+            .map(|_| out);
+        // Frames are small; an odd large one's buffer is not kept.
+        if stored.capacity() > KEEP_STORED {
+            *stored = Vec::new();
+        }
+        Ok(r)
     })
 }
 
