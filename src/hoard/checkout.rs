@@ -1,10 +1,11 @@
 //! `hoard checkout`: a hoarded cache as an ordinary qcow2 cache again (for QEMU's native
 //! chain), equal in content, geometry, base and vmicache extension, and its trace beside it.
 
+use super::format::CHUNK;
 use super::layer::HoardLayer;
 use super::store::Hoard;
 use crate::engine::create::{create, CreateOptions};
-use crate::engine::layer::{Layer, MapMode, Mapping, Run};
+use crate::engine::layer::{Layer, MapMode, Mapping};
 use crate::engine::storage::FileStorage;
 use crate::engine::{Image, OpenOptions};
 use crate::format::ext::KIND as EXT_KIND;
@@ -12,11 +13,8 @@ use crate::format::header::Extension;
 use crate::{Error, Result};
 use std::path::Path;
 
-/// Decompressed frames a checkout keeps: it walks the cache in guest order, the packs hold
-/// it in boot order.
-const CHECKOUT_FRAME_CACHE: usize = 256 << 20;
-/// Bytes written at a time.
-const BATCH: u64 = 4 << 20;
+/// Zeros written at a time (chunks stored as zeros, which are data clusters of the cache).
+const ZERO_BATCH: u64 = 1 << 20;
 
 /// What a checkout wrote.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -26,7 +24,7 @@ pub struct CheckoutReport {
     pub data_bytes: u64,
     pub file_bytes: u64,
     pub seconds: f64,
-    /// Frames decompressed (each frame once when the cache fits the frame cache).
+    /// Frames decompressed (each frame the cache uses, once).
     pub frames_decoded: u64,
 }
 
@@ -55,7 +53,6 @@ pub fn checkout_with(
     let _lock = h.read_lock_with(wait)?;
     let path = h.stored_index_path(&h.index_id(name)?);
     let layer = HoardLayer::open(&path, Box::new(FileStorage::open(&path, false)?))?;
-    layer.set_frame_cache(CHECKOUT_FRAME_CACHE);
     let idx = layer.index().clone();
     // The cache and its trace are new files: a trace left beside OUT would be taken as the
     // new cache's (`hoard add` reads OUT.trace).
@@ -83,6 +80,7 @@ pub fn checkout_with(
             .map_or("cache".into(), |n| n.to_string_lossy()),
         std::process::id()
     ));
+    let decoded = std::sync::atomic::AtomicU64::new(0);
     let r = (|| {
         create(&tmp, &c)?;
         let img = Image::open(
@@ -92,7 +90,7 @@ pub fn checkout_with(
                 ..OpenOptions::read_write()
             },
         )?;
-        let data = write_all(&layer, &img, progress)?;
+        let data = write_all(&layer, &img, progress, &decoded)?;
         img.flush(true)?;
         drop(img);
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, "rename into place", e))?;
@@ -115,7 +113,7 @@ pub fn checkout_with(
         data_bytes: data,
         file_bytes: std::fs::metadata(out).map_or(0, |m| m.len()),
         seconds: t0.elapsed().as_secs_f64(),
-        frames_decoded: layer.frames_decoded(),
+        frames_decoded: decoded.into_inner(),
     })
 }
 
@@ -128,35 +126,61 @@ pub fn trace_path(cache: &Path) -> std::path::PathBuf {
 
 /// Copy what the layer holds into `img` (opened without its base, so a partial cluster is
 /// completed with zeros, as the cache had it): zero runs as zeros (zero clusters where whole),
-/// then data runs as data, in batches that a thread per core (up to 4) decompresses and writes
-/// at once.
+/// chunks stored as zeros as zero data, then the packs' frames in pack order, each decoded
+/// once by one of a thread per core (up to 4) into a buffer it reuses, and what the cache takes
+/// of it written (the engine serializes two writes that meet in one new cluster). `decoded`
+/// counts the frames.
 fn write_all(
     layer: &HoardLayer,
     img: &Image,
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+    decoded: &std::sync::atomic::AtomicU64,
 ) -> Result<u64> {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     let size = layer.virtual_size();
-    let runs = layer.map(0, size, MapMode::READ)?.runs;
-    let mut jobs: Vec<(u64, u64)> = Vec::new();
-    for r in &runs {
-        match r.map {
-            Mapping::Zero { .. } => img.write_zeroes(r.off, r.len)?,
-            Mapping::Stored => {
-                let mut pos = r.off;
-                while pos < r.end() {
-                    // Batches end on batch boundaries, so no two share a cluster.
-                    let n = (r.end() - pos).min(BATCH - pos % BATCH);
-                    jobs.push((pos, n));
-                    pos += n;
-                }
-            }
-            _ => {}
+    let chunk_range = |guest: u64, chunks: u64| {
+        let off = guest * CHUNK;
+        (
+            off,
+            ((guest + chunks) * CHUNK).min(size).saturating_sub(off),
+        )
+    };
+    for r in layer.map(0, size, MapMode::READ)?.runs {
+        if let Mapping::Zero { .. } = r.map {
+            img.write_zeroes(r.off, r.len)?;
         }
     }
-    let all: u64 = jobs.iter().map(|j| j.1).sum();
+    let mut done = 0u64;
+    let zeros = vec![0u8; ZERO_BATCH as usize];
+    let index = layer.index();
+    for r in index.runs.iter().filter(|r| !r.in_pack() && !r.is_zero()) {
+        let (off, len) = chunk_range(r.start, u64::from(r.count));
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(ZERO_BATCH);
+            img.write_at(&zeros[..n as usize], off + at)?;
+            at += n;
+        }
+        done += len;
+    }
+    let parts = layer.frame_parts()?;
+    let all = done
+        + parts
+            .iter()
+            .map(|p| chunk_range(p.guest, u64::from(p.chunks)).1)
+            .sum::<u64>();
+    // One job per frame: the parts that share it.
+    let mut jobs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        match jobs.last_mut() {
+            Some(j) if (parts[j.start].pack, parts[j.start].frame) == (p.pack, p.frame) => {
+                j.end = i + 1
+            }
+            _ => jobs.push(i..i + 1),
+        }
+    }
     let next = AtomicUsize::new(0);
-    let done = AtomicU64::new(0);
+    let done = AtomicU64::new(done);
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 4);
@@ -164,19 +188,27 @@ fn write_all(
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| -> Result<()> {
-                    let mut buf = vec![0u8; BATCH as usize];
+                    let mut buf = Vec::new();
                     let r = (|| {
-                        while let Some(&(off, len)) = jobs.get(next.fetch_add(1, Ordering::Relaxed))
-                        {
-                            let b = &mut buf[..len as usize];
-                            let run = Run {
-                                off,
-                                len,
-                                map: Mapping::Stored,
-                            };
-                            layer.read_run(b, &run)?;
-                            img.write_at(b, off)?;
-                            let d = done.fetch_add(len, Ordering::Relaxed) + len;
+                        while let Some(j) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            let first = parts[j.start];
+                            let frame = layer.decode_frame(first.pack, first.frame, buf)?;
+                            decoded.fetch_add(1, Ordering::Relaxed);
+                            let mut wrote = 0;
+                            for p in &parts[j.clone()] {
+                                let (off, len) = chunk_range(p.guest, u64::from(p.chunks));
+                                let at = p.at as usize * CHUNK as usize;
+                                let src = frame.get(at..at + len as usize).ok_or_else(|| {
+                                    Error::corrupt(
+                                        layer.path(),
+                                        format!("frame {} is shorter than its chunks", p.frame),
+                                    )
+                                })?;
+                                img.write_at(src, off)?;
+                                wrote += len;
+                            }
+                            buf = frame;
+                            let d = done.fetch_add(wrote, Ordering::Relaxed) + wrote;
                             if let Some(p) = progress {
                                 p(d, all);
                             }
@@ -184,7 +216,7 @@ fn write_all(
                         Ok(())
                     })();
                     if r.is_err() {
-                        // The others stop at their next batch.
+                        // The others stop at their next frame.
                         next.store(jobs.len(), Ordering::Relaxed);
                     }
                     r

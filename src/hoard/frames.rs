@@ -51,10 +51,6 @@ impl FrameCache {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn set_limit(&self, bytes: usize) {
-        self.lock().limit = bytes;
-    }
-
     pub fn decoded(&self) -> u64 {
         self.lock().decoded
     }

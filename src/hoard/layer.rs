@@ -33,6 +33,17 @@ pub struct Clusters {
     pub data_bytes: u64,
 }
 
+/// Guest chunks `guest..guest+chunks` of a hoarded cache are chunks `at..at+chunks` of frame
+/// `frame` of its pack `pack` ([`HoardLayer::frame_parts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FramePart {
+    pub pack: u32,
+    pub frame: u32,
+    pub at: u32,
+    pub guest: u64,
+    pub chunks: u32,
+}
+
 /// An open hoarded cache.
 #[derive(Debug)]
 pub struct HoardLayer {
@@ -146,12 +157,6 @@ impl HoardLayer {
         &self.index
     }
 
-    /// Keep up to `bytes` of decompressed frames (a whole-cache walk in guest order, such as
-    /// a checkout, meets frames packed in boot order many times over).
-    pub fn set_frame_cache(&self, bytes: usize) {
-        self.frames.set_limit(bytes);
-    }
-
     /// Frames decompressed since the layer was opened.
     pub fn frames_decoded(&self) -> u64 {
         self.frames.decoded()
@@ -200,6 +205,45 @@ impl HoardLayer {
     /// The layer of `img`, if it is a hoarded cache.
     pub fn of(img: &Image) -> Option<&HoardLayer> {
         img.layer().as_any().downcast_ref::<HoardLayer>()
+    }
+
+    /// Every stored run cut at frame edges, in pack and frame order (a checkout decodes each
+    /// frame once, then writes what the cache takes of it). Runs of zero chunks stored as
+    /// data are left out: not in any pack.
+    pub(super) fn frame_parts(&self) -> Result<Vec<FramePart>> {
+        let mut out = Vec::new();
+        for r in self.index.runs.iter().filter(|r| r.in_pack()) {
+            let pack = &self.packs[r.pack as usize];
+            let (mut c, end) = (r.first, r.first + r.count);
+            while c < end {
+                let fi = pack.frame_of(c);
+                let f0 = pack.first[fi];
+                let n = (f0 + u32::from(pack.frames[fi].chunks))
+                    .min(end)
+                    .saturating_sub(c);
+                if n == 0 {
+                    return Err(Error::corrupt(
+                        &pack.path,
+                        format!("frame {fi} does not hold chunk {c} it is found for"),
+                    ));
+                }
+                out.push(FramePart {
+                    pack: r.pack,
+                    frame: fi as u32,
+                    at: c - f0,
+                    guest: r.start + u64::from(c - r.first),
+                    chunks: n,
+                });
+                c += n;
+            }
+        }
+        out.sort_unstable_by_key(|p| (p.pack, p.frame, p.at));
+        Ok(out)
+    }
+
+    /// Frame `frame` of pack `pack` decompressed and checked into `buf` (not cached).
+    pub(super) fn decode_frame(&self, pack: u32, frame: u32, buf: Vec<u8>) -> Result<Vec<u8>> {
+        self.packs[pack as usize].read_frame_into(frame as usize, buf)
     }
 
     /// Frame `f` of pack `p`, decompressed and checked (cached).
