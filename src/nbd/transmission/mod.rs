@@ -65,9 +65,15 @@ pub(super) fn serve_connection(stream: UnixStream, exports: &Exports, shared: &A
         );
         // A kernel send buffer that holds several replies lets workers finish sending and go
         // on decoding while the client reads (the default, about 200 KiB, is less than one
-        // 256 KiB read: a sequential read through a hoarded cache took 1.4x as long). Best
-        // effort: the kernel clamps it to net.core.wmem_max.
-        let _ = setsockopt(&*lock(&writer), sockopt::SndBuf, &SEND_BUFFER);
+        // 256 KiB read: a sequential read through a hoarded cache took 1.4x as long, a copy
+        // of a warm chain twice as long). Best effort: beyond net.core.wmem_max (the default
+        // is 208 KiB) only with CAP_NET_ADMIN (a server run as root), else clamped to it.
+        {
+            let w = lock(&writer);
+            if setsockopt(&*w, sockopt::SndBufForce, &SEND_BUFFER).is_err() {
+                let _ = setsockopt(&*w, sockopt::SndBuf, &SEND_BUFFER);
+            }
+        }
         if let (Ok(()), Ok(()), false) = (reset.0, reset.1, shared.stopping()) {
             let conn = Connection {
                 export: neg.export,
