@@ -5,8 +5,8 @@
 //!
 //! A sealed cache answers boots without its base, so the base must not be needed to open,
 //! inspect or serve it. [`RemoteBase`] stands for the base as a raw layer of the size the cache
-//! recorded: nothing is opened or connected until the first read of a range the cache lacks;
-//! a read that cannot reach the base fails (EIO over NBD) at once or within the NBD client's
+//! recorded: nothing is opened or connected until the first read or block status of a range
+//! the cache lacks; a read that cannot reach the base fails (EIO over NBD) at once or within the NBD client's
 //! timeouts, never hanging; after a failure the base is tried again no sooner than a backoff
 //! (doubling from [`RemoteBase::FIRST_BACKOFF`] to [`RemoteBase::MAX_BACKOFF`]), so a base
 //! that comes back (an NBD server restarted, a file restored) is used again, and a read error
