@@ -13,7 +13,7 @@
 #     `analyze` on the same caches: the hoard's bytes on disk against "ZFS-style" (64 KiB
 #     blocks, dedup, gzip-6 per block) and "4 KiB fixed + gzip-6"; after the fast path
 #     (zstd-3, 32-chunk frames) and after the repack off the hot path (`hoard gc
-#     --recompress 9 --frame-chunks 64`); the same analysis over the bases; index bytes per
+#     --recompress 9 --frame-chunks 64 --keep-days 0`: once the GC window has passed); the same analysis over the bases; index bytes per
 #     unique chunk on disk and in a server's memory; `hoard checkout` MiB/s, on the add-path
 #     hoard and on the repacked one
 #  2. a sequential read (nbdcopy -C 1) of an instance over the hoarded cache (vmicache serve;
@@ -121,7 +121,9 @@ for set in $sets; do
   # 2. sequential read: instance over the hoarded cache vs qemu-nbd -r over the plain cache
   seq_read "$H" "add-path hoard"
   t0=$(now)
-  "$V" hoard gc --recompress 9 --frame-chunks 64 --hoard "$H" -q
+  # --keep-days 0: the steady state once the GC window has passed (within it, the packs of
+  # the generation before the repack are kept too).
+  "$V" hoard gc --recompress 9 --frame-chunks 64 --keep-days 0 --hoard "$H" -q
   t1=$(now)
   "$V" hoard stats --hoard "$H" --json >"$work/$set.repacked.json"
   rep=$(j "$work/$set.repacked.json" "d['pack_bytes'] + d['index_bytes']")
@@ -130,7 +132,7 @@ import sys
 fast, rep, zfs, f4k, t = map(float, sys.argv[1:])
 m = lambda b: f"{b / 1048576:.1f} MiB"
 print(f"   hoard on disk: fast path {m(fast)} = {fast / zfs:.3f}x ZFS-style, {fast / f4k:.3f}x 4K+gzip-6;"
-      f" repacked (gc --recompress 9, 64-chunk frames, {t:.1f} s) {m(rep)} = {rep / zfs:.3f}x ZFS-style,"
+      f" repacked (gc --recompress 9, 64-chunk frames, --keep-days 0, {t:.1f} s) {m(rep)} = {rep / zfs:.3f}x ZFS-style,"
       f" {rep / f4k:.3f}x 4K+gzip-6")
 PY
   echo "   index: $(j "$work/$set.repacked.json" "round(d['metadata_per_chunk'], 1)") B per unique chunk on disk, $(j "$work/$set.repacked.json" "round(d['memory_per_chunk'], 1)") B in a server's memory (target <= 32)"

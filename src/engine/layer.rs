@@ -71,6 +71,49 @@ pub enum SharedPart {
     Copied(Vec<u8>),
 }
 
+/// A piece of a read, in guest order.
+#[derive(Debug)]
+pub enum Piece<'a> {
+    /// This many bytes read as zeros.
+    Zero(u64),
+    /// Bytes read into memory.
+    Bytes(Vec<u8>),
+    /// `len` bytes at `off` of `file`, which does not change while it is open.
+    File {
+        file: &'a std::fs::File,
+        off: u64,
+        len: u64,
+    },
+    /// `len` bytes at `off` of a buffer a layer keeps (a hoarded cache's decompressed frame).
+    Shared {
+        buf: std::sync::Arc<Vec<u8>>,
+        off: usize,
+        len: usize,
+    },
+    /// `len` bytes at `off` of a file the piece keeps open (a lazily opened base, which a
+    /// failure may close while the piece waits to be sent), in the page cache when made.
+    Held {
+        file: std::sync::Arc<std::fs::File>,
+        off: u64,
+        len: u64,
+    },
+}
+
+impl Piece<'_> {
+    pub fn len(&self) -> u64 {
+        match self {
+            Piece::Zero(n) => *n,
+            Piece::Bytes(b) => b.len() as u64,
+            Piece::File { len, .. } => *len,
+            Piece::Shared { len, .. } => *len as u64,
+            Piece::Held { len, .. } => *len,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A run of guest bytes `[off, off+len)` with one mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
@@ -193,8 +236,15 @@ pub trait Layer: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
     /// A layer that stands for a chain of its own (the lazily reached base of a sealed
-    /// cache): block status from that chain when it is open (its top at this layer's depth).
+    /// cache): block status from that chain, opened for it when it can be (its top at this
+    /// layer's depth); None: unknown.
     fn status_within(&self, _off: u64, _len: u64) -> Option<Result<Extent>> {
+        None
+    }
+    /// A layer that stands for a chain of its own (the lazily reached base of a sealed
+    /// cache): `[off, off+len)` as pieces for sending that keep open what they refer to;
+    /// None: the layer's own mappings answer.
+    fn pieces(&self, _off: u64, _len: u64) -> Option<Result<Vec<Piece<'static>>>> {
         None
     }
     /// The bytes of a [`Mapping::Stored`] run as slices of buffers the layer keeps, for

@@ -18,6 +18,5 @@ pub mod remote;
 pub mod storage;
 
 pub use image::Image;
-pub use layer::{Extent, Format, Layer};
+pub use layer::{Extent, Format, Layer, Piece};
 pub use open::OpenOptions;
-pub use pieces::Piece;

@@ -3,49 +3,9 @@
 //! a base), which a server hands to `sendfile(2)`.
 
 use super::image::Image;
+use super::layer::Piece;
 use super::layer::{MapMode, Mapping, SharedPart};
-use super::remote::RemoteBase;
 use crate::Result;
-use std::fs::File;
-
-/// A piece of a read, in guest order.
-#[derive(Debug)]
-pub enum Piece<'a> {
-    /// This many bytes read as zeros.
-    Zero(u64),
-    /// Bytes read into memory.
-    Bytes(Vec<u8>),
-    /// `len` bytes at `off` of `file`, which does not change while it is open.
-    File { file: &'a File, off: u64, len: u64 },
-    /// `len` bytes at `off` of a buffer a layer keeps (a hoarded cache's decompressed frame).
-    Shared {
-        buf: std::sync::Arc<Vec<u8>>,
-        off: usize,
-        len: usize,
-    },
-    /// `len` bytes at `off` of a file the piece keeps open (a lazily opened base, which a
-    /// failure may close while the piece waits to be sent), in the page cache when made.
-    Held {
-        file: std::sync::Arc<File>,
-        off: u64,
-        len: u64,
-    },
-}
-
-impl Piece<'_> {
-    pub fn len(&self) -> u64 {
-        match self {
-            Piece::Zero(n) => *n,
-            Piece::Bytes(b) => b.len() as u64,
-            Piece::File { len, .. } => *len,
-            Piece::Shared { len, .. } => *len as u64,
-            Piece::Held { len, .. } => *len,
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// Appends `p` to `out`, merging it into the last piece when both are zeros or contiguous
 /// ranges of one file; empty pieces are dropped.
@@ -113,9 +73,10 @@ impl Image {
         if local && (self.read_filter().is_some() || self.storage().file().is_none()) {
             return Ok(false);
         }
-        // A lazily opened base hands out its own pieces, which keep its file open.
-        if let Some(base) = RemoteBase::of(self) {
-            for p in base.pieces(off, len)? {
+        // A layer that stands for a chain of its own (a lazily opened base) hands out its
+        // own pieces, which keep open what they refer to.
+        if let Some(pieces) = self.layer().pieces(off, len) {
+            for p in pieces? {
                 push(out, p);
             }
             return Ok(true);

@@ -14,8 +14,7 @@
 
 use super::bounds::place_backing;
 use super::image::Image;
-use super::layer::{BackingRead, Extent, Format, Layer, MapMode, Mapped, Mapping, Run};
-use super::pieces::Piece;
+use super::layer::{BackingRead, Extent, Format, Layer, MapMode, Mapped, Mapping, Piece, Run};
 use super::storage::{opener_for, resident, FileStatus, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -226,7 +225,7 @@ impl RemoteBase {
     /// `[off, off+len)` as pieces for sending: ranges of the open base's file that are in the
     /// page cache (each piece keeps the file open), zeros, and the rest read into memory as
     /// [`Layer::read_run`] reads (so a failure drops the base to be reopened).
-    pub fn pieces(&self, off: u64, len: u64) -> Result<Vec<Piece<'static>>> {
+    fn send_pieces(&self, off: u64, len: u64) -> Result<Vec<Piece<'static>>> {
         let _depth = Depth::enter(&self.t.name)?;
         let img = self.get()?;
         // The file of this open base (not of one reopened meanwhile).
@@ -343,6 +342,9 @@ impl Layer for RemoteBase {
     fn flush(&self, _durable: bool) -> Result<()> {
         Ok(())
     }
+    fn pieces(&self, off: u64, len: u64) -> Option<Result<Vec<Piece<'static>>>> {
+        Some(self.send_pieces(off, len))
+    }
     /// The open base's own chain answers, one level deeper. A base not yet open is opened
     /// for it when it can be (whoever asks what lies in a range the cache lacks reads it
     /// next, and "all data" would have a sequential copy read the base's holes as data);
@@ -350,10 +352,7 @@ impl Layer for RemoteBase {
     fn status_within(&self, off: u64, len: u64) -> Option<Result<Extent>> {
         // A base whose own chain leads back to this cache would recurse through fresh opens.
         let _depth = Depth::enter(&self.t.name).ok()?;
-        let real = match self.opened() {
-            Some(real) => real,
-            None => self.get().ok()?,
-        };
+        let real = self.get().ok()?;
         if off >= real.virtual_size() {
             return None;
         }

@@ -128,8 +128,9 @@ pub fn trace_path(cache: &Path) -> std::path::PathBuf {
 /// completed with zeros, as the cache had it): zero runs as zeros (zero clusters where whole),
 /// chunks stored as zeros as zero data, then the packs' frames in pack order, each decoded
 /// once by one of a thread per core (up to 4) into a buffer it reuses, and what the cache takes
-/// of it written (the engine serializes two writes that meet in one new cluster). `decoded`
-/// counts the frames.
+/// of it written (the engine serializes two writes that meet in one new cluster). The new
+/// file's clusters thus lie in the packs' order, the cache's first-boot order, as a warm
+/// boot reads them. `decoded` counts the frames.
 fn write_all(
     layer: &HoardLayer,
     img: &Image,

@@ -51,6 +51,7 @@ impl FrameCache {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    #[cfg(test)]
     pub fn decoded(&self) -> u64 {
         self.lock().decoded
     }
@@ -96,18 +97,20 @@ impl FrameCache {
         let out = r.map(|d| {
             let data = Arc::new(d);
             g.decoded += 1;
-            while !g.slots.is_empty() && g.bytes + data.len() > g.limit {
+            // Counted by capacity: a reused buffer may be larger than its frame.
+            while !g.slots.is_empty() && g.bytes + data.capacity() > g.limit {
                 let old = (0..g.slots.len()).min_by_key(|&i| g.slots[i].1).unwrap();
                 let gone = g.slots.swap_remove(old);
-                g.bytes -= gone.2.len();
+                g.bytes -= gone.2.capacity();
                 if let Ok(buf) = Arc::try_unwrap(gone.2) {
+                    // (At most SPARE_BUFFERS of a frame's largest size, about 1 MiB each.)
                     if g.spare.len() < SPARE_BUFFERS {
                         g.spare.push(buf);
                     }
                 }
             }
             let now = g.clock;
-            g.bytes += data.len();
+            g.bytes += data.capacity();
             g.slots.push((id, now, Arc::clone(&data)));
             data
         });

@@ -157,11 +157,6 @@ impl HoardLayer {
         &self.index
     }
 
-    /// Frames decompressed since the layer was opened.
-    pub fn frames_decoded(&self) -> u64 {
-        self.frames.decoded()
-    }
-
     /// Clusters (of the cache's cluster size) holding data, and wholly zero; guest bytes of
     /// data chunks.
     pub fn clusters(&self) -> Clusters {

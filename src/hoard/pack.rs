@@ -117,7 +117,9 @@ impl PackReader {
     fn decode(&self, f: &Frame, raw: usize, buf: Vec<u8>) -> Result<std::io::Result<Vec<u8>>> {
         decompress(
             |stored| {
-                stored.resize(f.len as usize, 0);
+                let n = f.len as usize;
+                stored.reserve_exact(n.saturating_sub(stored.len()));
+                stored.resize(n, 0);
                 self.file
                     .read_exact_at(stored, f.offset)
                     .map_err(io(&self.path, "read"))
@@ -144,12 +146,10 @@ impl PackReader {
     }
 }
 
-/// The largest read buffer a thread keeps between frames.
-const KEEP_STORED: usize = 1 << 20;
-
 /// Decompress a frame of at most `cap` bytes with this thread's decompression context, into
 /// `out` (its contents replaced; not zeroed first). The compressed bytes are read into this
-/// thread's buffer, kept between frames.
+/// thread's buffer, kept between frames (at most a frame's largest stored size, about 1 MiB:
+/// the frames table is checked when the pack is opened).
 fn decompress(
     read: impl FnOnce(&mut Vec<u8>) -> Result<()>,
     cap: usize,
@@ -175,10 +175,6 @@ fn decompress(
             .unwrap()
             .decompress_to_buffer(&stored[..], &mut out)
             .map(|_| out);
-        // Frames are small; an odd large one's buffer is not kept.
-        if stored.capacity() > KEEP_STORED {
-            *stored = Vec::new();
-        }
         Ok(r)
     })
 }

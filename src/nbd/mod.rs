@@ -70,8 +70,8 @@
 //! server stops reading that connection's requests until the client reads its replies. A
 //! connection thus holds at most about twice `max(max_queued_reply_bytes, 32 MiB)` while
 //! building replies and `max_queued_reply_bytes` while waiting for a client to read them,
-//! plus the kernel's send buffer of the socket (4 MiB, beyond `net.core.wmem_max` only for
-//! a server with `CAP_NET_ADMIN`).
+//! plus the kernel's send buffer of the socket (4 MiB asked for, which the kernel counts as up
+//! to 8 MiB; beyond `net.core.wmem_max` only for a server with `CAP_NET_ADMIN`).
 //! When a reply cannot be written (the client went away), the requests of that connection
 //! not yet started are dropped.
 //!

@@ -227,7 +227,9 @@ fn read_file(file: &File, off: u64, len: u64) -> io::Result<Vec<u8>> {
 }
 
 /// Pieces whose file ranges are not all in the page cache read into memory now (by the
-/// worker, outside the writer lock).
+/// worker, outside the writer lock). A lazily opened base's pieces were in the page cache
+/// when made; should they have left it and the read fail, the reply is EIO, and the base is
+/// dropped for a reopen only at its next failure through its own reads.
 pub(super) fn settle(pieces: Vec<Piece<'_>>) -> io::Result<Vec<Piece<'_>>> {
     pieces
         .into_iter()

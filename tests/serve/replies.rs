@@ -5,12 +5,18 @@ use super::*;
 
 /// libnbd's Python binding reads 300 random ranges in each mode (compared with the chain
 /// as `qemu-img convert` reads it): structured replies (holes
-/// as hole chunks), structured with `DF` (one data chunk per read), and simple replies.
+/// as hole chunks), structured with `DF` (one data chunk per read), and simple replies. The
+/// base's pages are dropped from the page cache before each mode.
 const CLIENT: &str = r#"
-import nbd, sys, random
+import nbd, os, sys, random
 raw = open(sys.argv[2], 'rb')
 r = random.Random(5)
 for structured, df in ((True, False), (True, True), (False, False)):
+    # The base out of the page cache: its first reads are not sent from the page cache.
+    fd = os.open(sys.argv[3], os.O_RDONLY)
+    os.fdatasync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
     h = nbd.NBD()
     h.set_request_structured_replies(structured)
     h.set_export_name('vm1')
@@ -42,18 +48,34 @@ for structured, df in ((True, False), (True, True), (False, False)):
 
 #[test]
 fn sealed_chain_reads_match_the_base_in_every_reply_mode() {
-    sealed_chain_reads(true);
+    sealed_chain_reads(true, false);
 }
 
 /// The same with a cache that holds only part of the base: what it lacks is sent from the
 /// base's file, which the server opens on first need.
 #[test]
 fn partly_cached_sealed_chain_reads_match_the_base_in_every_reply_mode() {
-    sealed_chain_reads(false);
+    sealed_chain_reads(false, false);
 }
 
-fn sealed_chain_reads(full: bool) {
-    let s = setup_with("0", true);
+/// The same over a qcow2 base, whose data lies elsewhere in its file than in the guest.
+#[test]
+fn partly_cached_sealed_chain_over_a_qcow2_base_reads_match_in_every_reply_mode() {
+    sealed_chain_reads(false, true);
+}
+
+fn sealed_chain_reads(full: bool, qcow2_base: bool) {
+    let mut s = setup_with("0", true);
+    if qcow2_base {
+        // Its holes left out and its metadata first: no data at its guest offset.
+        let q = s.dir.join("base.qcow2");
+        qemu_img(&["convert", "-O", "qcow2", ps(&s.base), ps(&q)]);
+        s.base = q;
+        std::fs::remove_file(&s.cache).unwrap();
+        std::fs::remove_file(&s.inst).unwrap();
+        run(bin().args(["build", ps(&s.base), "-o", ps(&s.cache), "-q"]));
+        run(bin().args(["chain", ps(&s.cache), "-o", ps(&s.inst), "-q"]));
+    }
     if full {
         run(bin().args(["warm", ps(&s.cache), "--full", "-q"]));
     } else {
@@ -79,6 +101,7 @@ fn sealed_chain_reads(full: bool) {
         CLIENT,
         ps(&s.sock),
         ps(&want),
+        ps(&s.base),
     ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("ok ").count(), 3, "{text}");
