@@ -14,8 +14,9 @@
 #     blocks, dedup, gzip-6 per block) and "4 KiB fixed + gzip-6"; after the fast path
 #     (zstd-3, 32-chunk frames) and after the repack off the hot path (`hoard gc
 #     --recompress 9 --frame-chunks 64 --keep-days 0`: as it stands once the GC window has
-#     passed); the same analysis over the bases; index bytes per unique chunk on disk and in a server's memory; `hoard checkout` MiB/s, on the add-path
-#     hoard and on the repacked one
+#     passed); the same analysis over the bases; index bytes per unique chunk on disk and
+#     in a server's memory; `hoard checkout` MiB/s, on the add-path hoard and on the
+#     repacked one
 #  2. a sequential read (nbdcopy -C 1) of an instance over the hoarded cache (vmicache serve;
 #     add-path and repacked hoard)
 #     against qemu-nbd -r over the same cache as a plain qcow2 (median of N; ratio = qemu

@@ -169,7 +169,7 @@ fn decompress(
             }
         }
         out.clear();
-        out.reserve(cap);
+        out.reserve_exact(cap);
         let r = ctx
             .as_mut()
             .unwrap()

@@ -231,7 +231,7 @@ fn kill_9_during_copy_on_read_leaves_consistent_images() {
         )
         .unwrap();
         let _ = client.wait();
-        let _ = srv.wait_with_output();
+        let _ = srv.take().wait_with_output();
         for img in [&s.cache, &s.inst] {
             let out = run_status(tool("qemu-img").args(["check", "--output=json", ps(img)]));
             let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -258,18 +258,18 @@ fn second_server_passes_through_when_asked() {
     let inst2 = s.dir.join("vm2.qcow2");
     run(bin().args(["chain", ps(&s.cache), "-o", ps(&inst2)]));
     let sock2 = s.dir.join("b.sock");
-    let mut c = bin()
-        .args([
-            "serve",
-            ps(&inst2),
-            "--socket",
-            ps(&sock2),
-            "--pass-through-if-busy",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_socket(&sock2, &mut c);
+    let c = Served::spawn(
+        bin()
+            .args([
+                "serve",
+                ps(&inst2),
+                "--socket",
+                ps(&sock2),
+                "--pass-through-if-busy",
+            ])
+            .stderr(Stdio::piped()),
+        &sock2,
+    );
     let before = std::fs::read(&s.cache).unwrap();
     let u2 = format!("nbd+unix:///vm2?socket={}", sock2.display());
     compare_with_base(&u2, &s);

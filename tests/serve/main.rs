@@ -84,18 +84,46 @@ fn wait_socket(p: &Path, child: &mut Child) {
     }
 }
 
-fn serve(s: &Setup, extra: &[&str]) -> Child {
-    let mut c = bin()
-        .args(["serve", ps(&s.inst), "--socket", ps(&s.sock)])
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_socket(&s.sock, &mut c);
-    c
+/// A running `vmicache serve`, killed when dropped: a test that fails before [`stop`] must not
+/// leave it running with the harness's output open.
+struct Served(Option<Child>);
+
+impl Served {
+    fn spawn(cmd: &mut std::process::Command, sock: &Path) -> Served {
+        let mut c = Served(Some(cmd.stdout(Stdio::null()).spawn().unwrap()));
+        wait_socket(sock, c.0.as_mut().unwrap());
+        c
+    }
+    fn id(&self) -> u32 {
+        self.0.as_ref().unwrap().id()
+    }
+    /// The child, no longer killed on drop.
+    fn take(mut self) -> Child {
+        self.0.take().unwrap()
+    }
 }
 
-fn stop(c: Child) -> String {
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn serve(s: &Setup, extra: &[&str]) -> Served {
+    Served::spawn(
+        bin()
+            .args(["serve", ps(&s.inst), "--socket", ps(&s.sock)])
+            .args(extra)
+            .stderr(Stdio::piped()),
+        &s.sock,
+    )
+}
+
+fn stop(c: Served) -> String {
+    let c = c.take();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(c.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
