@@ -112,6 +112,16 @@ impl Piece<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The piece with no borrow left in it; a range of a borrowed file has none (`Err`).
+    pub fn into_owned(self) -> std::result::Result<Piece<'static>, Self> {
+        match self {
+            Piece::Zero(n) => Ok(Piece::Zero(n)),
+            Piece::Bytes(b) => Ok(Piece::Bytes(b)),
+            Piece::Shared { buf, off, len } => Ok(Piece::Shared { buf, off, len }),
+            Piece::Held { file, off, len } => Ok(Piece::Held { file, off, len }),
+            p @ Piece::File { .. } => Err(p),
+        }
+    }
 }
 
 /// A run of guest bytes `[off, off+len)` with one mapping.

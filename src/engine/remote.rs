@@ -261,23 +261,21 @@ impl RemoteBase {
             let mut at = off;
             for p in inner {
                 let n = p.len();
-                out.push(match p {
-                    Piece::File {
+                out.push(match p.into_owned() {
+                    Ok(p) => p,
+                    Err(Piece::File {
                         file,
                         off: o,
                         len: l,
-                    } if own.is_some_and(|f| std::ptr::eq(f, file)) && resident(file, o, l) => {
+                    }) if own.is_some_and(|f| std::ptr::eq(f, file)) && resident(file, o, l) => {
                         Piece::Held {
                             file: held.clone(),
                             off: o,
                             len: l,
                         }
                     }
-                    Piece::Zero(z) => Piece::Zero(z),
-                    Piece::Bytes(b) => Piece::Bytes(b),
-                    Piece::Shared { buf, off, len } => Piece::Shared { buf, off, len },
-                    Piece::Held { file, off, len } => Piece::Held { file, off, len },
-                    Piece::File { .. } => read(at, n)?,
+                    // Another layer's file, or out of the page cache: read now.
+                    Err(_) => read(at, n)?,
                 });
                 at += n;
             }

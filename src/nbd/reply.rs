@@ -227,18 +227,14 @@ fn read_file(file: &File, off: u64, len: u64) -> io::Result<Vec<u8>> {
 }
 
 /// Pieces whose file ranges are not all in the page cache read into memory now (by the
-/// worker, outside the writer lock). A lazily opened base's pieces were in the page cache
-/// when made; should they have left it and the read fail, the reply is EIO, and the base is
-/// dropped for a reopen only at its next failure through its own reads.
+/// worker, outside the writer lock). A lazily opened base's pieces ([`Piece::Held`]) are not
+/// asked again: the base made them of ranges it had just found in the page cache.
 pub(super) fn settle(pieces: Vec<Piece<'_>>) -> io::Result<Vec<Piece<'_>>> {
     pieces
         .into_iter()
         .map(|p| match p {
             Piece::File { file, off, len } if !resident(file, off, len) => {
                 read_file(file, off, len).map(Piece::Bytes)
-            }
-            Piece::Held { file, off, len } if !resident(&file, off, len) => {
-                read_file(&file, off, len).map(Piece::Bytes)
             }
             p => Ok(p),
         })
@@ -249,7 +245,6 @@ pub(super) fn settle(pieces: Vec<Piece<'_>>) -> io::Result<Vec<Piece<'_>>> {
 pub(super) fn all_resident(pieces: &[Piece<'_>]) -> bool {
     pieces.iter().all(|p| match p {
         Piece::File { file, off, len } => resident(file, *off, *len),
-        Piece::Held { file, off, len } => resident(file, *off, *len),
         _ => true,
     })
 }
