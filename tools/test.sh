@@ -53,6 +53,8 @@ if [ "$rc" = 0 ] && [ $long = 1 ]; then
   fi
   set -e
 fi
+# What the run left on disk (a run that fails for want of space says so here too).
+df -h . | tail -1 | awk '{ print "test.sh: disk: " $3 " used, " $4 " free" }'
 # One closing line over all test binaries.
 awk '/^(test result:|libvirt: [0-9]+ passed)/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
