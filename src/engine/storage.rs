@@ -40,6 +40,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn file(&self) -> Option<&File> {
         None
     }
+    /// Start writing what was written so far to the disk, without waiting for it: a long
+    /// write (a checkout) calls it as it goes, so that its closing [`Storage::sync`] has
+    /// little left to wait for. A hint: storage without a disk ignores it.
+    fn start_writeback(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What the file system says of a byte range of a file.
@@ -197,6 +203,26 @@ impl Storage for FileStorage {
     }
     fn file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+    /// `sync_file_range(SYNC_FILE_RANGE_WRITE)` over the whole file: writeback of its dirty
+    /// pages starts, and the call returns without waiting for it (it durably stores nothing
+    /// by itself: metadata and the disk's cache are left to [`Storage::sync`]).
+    fn start_writeback(&self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain system call on a descriptor this storage owns; no memory is passed.
+        let r = unsafe {
+            nix::libc::sync_file_range(
+                self.file.as_raw_fd(),
+                0,
+                0,
+                nix::libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::io(&self.path, "start writeback", e));
+        }
+        Ok(())
     }
     /// From the open file, never by path (which may name another file after a rename).
     fn allocated_bytes(&self) -> Result<u64> {

@@ -15,6 +15,9 @@ use std::path::Path;
 
 /// Zeros written at a time (chunks stored as zeros, which are data clusters of the cache).
 const ZERO_BATCH: u64 = 1 << 20;
+/// Bytes written between two starts of writeback (so the closing sync waits for little: it
+/// was about a quarter of a checkout's time).
+const WRITEBACK_EVERY: u64 = 16 << 20;
 
 /// What a checkout wrote.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -210,6 +213,9 @@ fn write_all(
                             }
                             buf = frame;
                             let d = done.fetch_add(wrote, Ordering::Relaxed) + wrote;
+                            if d / WRITEBACK_EVERY != (d - wrote) / WRITEBACK_EVERY {
+                                img.storage().start_writeback()?;
+                            }
                             if let Some(p) = progress {
                                 p(d, all);
                             }
