@@ -14,14 +14,17 @@ if [ "${1:-}" = "--long" ]; then
   shift
 fi
 
+log=$(mktemp)
+# What the run left on disk, however it ends (a run that fails for want of space says so).
+disk() { df -P . | awk 'NR == 2 { printf "test.sh: disk: %d MiB used, %d MiB free\n", $3 / 1024, $4 / 1024 }' || true; }
+trap 'rm -f "$log"; disk' EXIT
+
 tools/deps.sh --boot
 # The test guest for tests/boot.rs (cached under target/images; rebuilt when its recipe changes).
 images/build.sh minimal >/dev/null
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
 set +e
 cargo test --all-targets "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
@@ -43,6 +46,9 @@ if [ "$rc" = 0 ] && [ $long = 1 ]; then
   if [ "$rc" = 0 ]; then
     # The standing kill -9 campaign (a few minutes): crashes may leave leaks, never more.
     cargo build --release --quiet
+    rc=$?
+  fi
+  if [ "$rc" = 0 ]; then
     python3 tools/crash-campaign.py --binary target/release/vmicache --seconds 180 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
   fi
@@ -53,8 +59,6 @@ if [ "$rc" = 0 ] && [ $long = 1 ]; then
   fi
   set -e
 fi
-# What the run left on disk (a run that fails for want of space says so here too).
-df -h . | tail -1 | awk '{ print "test.sh: disk: " $3 " used, " $4 " free" }'
 # One closing line over all test binaries.
 awk '/^(test result:|libvirt: [0-9]+ passed)/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

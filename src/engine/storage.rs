@@ -381,3 +381,21 @@ impl Storage for MemStorage {
         seek_status(self, off, len)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writeback_started_then_synced_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = FileStorage::create(&dir.path().join("f")).unwrap();
+        st.write_at(&[7u8; 8192], 4096).unwrap();
+        st.start_writeback().unwrap();
+        st.write_at(&[9u8; 4096], 0).unwrap();
+        st.sync().unwrap();
+        let mut b = vec![0u8; 12288];
+        st.read_at(&mut b, 0).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 9) && b[4096..].iter().all(|&x| x == 7));
+    }
+}

@@ -214,7 +214,10 @@ fn write_all(
                             buf = frame;
                             let d = done.fetch_add(wrote, Ordering::Relaxed) + wrote;
                             if d / WRITEBACK_EVERY != (d - wrote) / WRITEBACK_EVERY {
-                                img.storage().start_writeback()?;
+                                // A hint: the closing sync reports any real write error.
+                                if let Err(e) = img.storage().start_writeback() {
+                                    log::debug!("{e}");
+                                }
                             }
                             if let Some(p) = progress {
                                 p(d, all);
