@@ -59,7 +59,7 @@ if [ "$rc" = 0 ] && [ $long = 1 ]; then
   fi
   set -e
 fi
-# One closing line over all test binaries.
+# One summary line over all test binaries (the exit trap adds the disk line after it).
 awk '/^(test result:|libvirt: [0-9]+ passed)/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
 exit "$rc"
