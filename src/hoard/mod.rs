@@ -11,6 +11,7 @@
 //! The engine opens `vmicache-hoard` layers through the driver [`register`] adds.
 
 pub mod add;
+mod ahead;
 pub mod analyze;
 pub mod checkout;
 pub mod format;

@@ -1,8 +1,10 @@
 //! What a hoard holds: its caches and how much each takes, the packs, deduplication and
 //! compression figures; and `hoard rm`.
 
+use super::ahead::Uses;
 use super::format::{CHUNK, FRAME_ENTRY, KEY_LEN, PACK_FOOTER, PACK_HEADER};
 use super::index::CacheIndex;
+use super::layer::cut_at_frames;
 use super::store::{Hoard, PackReader};
 use crate::format::ext::CacheMeta;
 use crate::{Error, Result};
@@ -53,8 +55,9 @@ pub struct HoardStats {
     pub total_ratio: f64,
     /// Bytes of every index and pack table (not data), per stored chunk.
     pub metadata_per_chunk: f64,
-    /// Bytes a server holds in memory per stored chunk with every cache open: index runs
-    /// and frame tables (the chunk keys stay on disk: only `hoard add` reads them).
+    /// Bytes a server holds in memory per stored chunk with every cache open: index runs,
+    /// frame tables and where each cache uses each frame (the chunk keys stay on disk: only
+    /// `hoard add` reads them).
     pub memory_per_chunk: f64,
     pub index_bytes: u64,
 }
@@ -155,6 +158,7 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
         .map(|i| (i.runs.len() * std::mem::size_of::<super::index::IndexRun>()) as u64)
         .sum();
     let ids = h.pack_ids()?;
+    let mut readers = HashMap::new();
     for id in &ids {
         let path = h.pack_path(id);
         pack_bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
@@ -168,6 +172,20 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
                 + PACK_FOOTER
                 + u64::from(p.footer.frames) * FRAME_ENTRY
                 + u64::from(p.chunks()) * KEY_LEN as u64;
+            readers.insert(*id, p);
+        }
+    }
+    // Where each cache uses each frame: built when a cache is read in guest order.
+    for i in &ok {
+        let packs: Option<Vec<&PackReader>> = i.packs.iter().map(|id| readers.get(id)).collect();
+        let mut parts = Vec::new();
+        if let Some(packs) = packs {
+            if cut_at_frames(i, &packs, |p| parts.push((p.pack, p.frame))).is_ok() {
+                let uses = parts.len() as u64;
+                parts.sort_unstable();
+                parts.dedup();
+                memory += Uses::footprint(parts.len() as u64, uses);
+            }
         }
     }
     let live: u64 = live_map(&ok, &sizes)
