@@ -1,6 +1,7 @@
 //! Decompressed frames of an open hoarded cache, shared by its readers: least recently used
-//! frames go when the byte limit is reached, and a frame being decompressed is waited for,
-//! not decompressed twice (parallel readers of neighbouring ranges meet the same frames).
+//! frames go when the byte limit is reached (during a read in guest order, those it needs
+//! furthest ahead, within a larger limit), and a frame being decompressed is waited for, not
+//! decompressed twice (parallel readers of neighbouring ranges meet the same frames).
 
 use crate::Result;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -111,10 +112,10 @@ impl FrameCache {
             };
             let later = |id| scan.as_ref().map_or(0, |l| l(id));
             // Counted by capacity: a reused buffer may be larger than its frame. Out of a scan,
-            // back to the limit two frames a decode: a scan that pauses keeps most of them.
+            // back to the limit by two frames out for one in: a scan that pauses keeps most.
             let mut evicted = 0;
             while !g.slots.is_empty() && g.bytes + data.capacity() > limit {
-                if evicted == 2 && g.bytes + data.capacity() <= g.scan_limit {
+                if evicted >= 2 && g.bytes + data.capacity() <= g.scan_limit {
                     break;
                 }
                 evicted += 1;
@@ -172,7 +173,7 @@ mod tests {
         .unwrap();
         c.get((0, 1), |_| panic!("kept"), NO).unwrap();
         assert_eq!(c.decoded(), 6);
-        // Reads out of order bring it back to the limit, two frames a decode.
+        // Reads out of order bring it back to the limit, two frames out for each one in.
         c.get((0, 6), |_| Ok(vec![6; 1024]), NO).unwrap();
         assert_eq!(c.lock().bytes, 3 * 1024);
         let c = FrameCache::new(2 * 1024, 6 * 1024);

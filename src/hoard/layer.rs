@@ -9,7 +9,7 @@
 //! Packs are opened when the layer is, and kept open: a gc that repacks while a server reads
 //! unlinks files this layer still holds, which stay readable.
 
-use super::ahead::{Scan, Uses};
+use super::ahead::{Scan, Uses, MAX_USES};
 use super::format::CHUNK;
 use super::frames::FrameCache;
 use super::index::CacheIndex;
@@ -36,7 +36,7 @@ const FRAME_CACHE_MAX: usize = 8 << 20;
 /// While reads come in guest order, the frame cache may hold this many times as much, and
 /// lets go first of the frame the scan needs furthest ahead ([`Uses`]). The sequential read
 /// above then decodes 1231 and 635 frames (1296 and 695 with no more room). Reads out of
-/// order bring it back to its bounds, two frames a decode.
+/// order bring it back to its bounds, two frames out for each one in.
 const SCAN_FACTOR: usize = 2;
 
 /// What a hoarded cache holds, counted in clusters.
@@ -58,25 +58,61 @@ pub(super) struct FramePart {
     pub chunks: u32,
 }
 
-/// The stored runs of `index` cut at the edges of the frames of its `packs` (in its order),
-/// in guest order.
+/// Where a pack's frames start, for cutting an index at frame edges.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct FrameEdges<'p> {
+    pub path: &'p Path,
+    /// First chunk of each frame.
+    pub first: &'p [u32],
+    /// Chunks in the pack.
+    pub chunks: u32,
+}
+
+impl<'p> FrameEdges<'p> {
+    pub fn of(p: &'p PackReader) -> FrameEdges<'p> {
+        FrameEdges {
+            path: &p.path,
+            first: &p.first,
+            chunks: p.chunks(),
+        }
+    }
+}
+
+/// The stored runs of `index` (the file at `path`) cut at the edges of the frames of its
+/// packs (`packs`, in its order), in guest order. A run beyond its pack is an error.
 pub(super) fn cut_at_frames(
     index: &CacheIndex,
-    packs: &[&PackReader],
+    path: &Path,
+    packs: &[FrameEdges],
     mut each: impl FnMut(FramePart),
 ) -> Result<()> {
     for r in index.runs.iter().filter(|r| r.in_pack()) {
-        let pack = packs[r.pack as usize];
-        let (mut c, end) = (r.first, r.first + r.count);
+        let pack = packs.get(r.pack as usize).ok_or_else(|| {
+            Error::corrupt(
+                path,
+                format!("a run names pack {} of {}", r.pack, packs.len()),
+            )
+        })?;
+        let end = r.first.checked_add(r.count).filter(|&e| e <= pack.chunks);
+        let Some(end) = end else {
+            return Err(Error::corrupt(
+                pack.path,
+                format!(
+                    "a run names chunks {}+{} of a pack of {}",
+                    r.first, r.count, pack.chunks
+                ),
+            ));
+        };
+        let mut c = r.first;
         while c < end {
-            let fi = pack.frame_of(c);
-            let f0 = pack.first[fi];
-            let n = (f0 + u32::from(pack.frames[fi].chunks))
-                .min(end)
-                .saturating_sub(c);
-            if n == 0 {
+            // `first` starts at 0 and is increasing (checked when the pack was opened).
+            let fi = pack.first.partition_point(|&f| f <= c).saturating_sub(1);
+            let f0 = pack.first.get(fi).copied().unwrap_or(0);
+            let next = pack.first.get(fi + 1).copied().unwrap_or(pack.chunks);
+            let n = next.min(end).saturating_sub(c);
+            if n == 0 || f0 > c {
                 return Err(Error::corrupt(
-                    &pack.path,
+                    pack.path,
                     format!("frame {fi} does not hold chunk {c} it is found for"),
                 ));
             }
@@ -266,9 +302,9 @@ impl HoardLayer {
     /// frame once, then writes what the cache takes of it). Runs of zero chunks stored as
     /// data are left out: not in any pack.
     pub(super) fn frame_parts(&self) -> Result<Vec<FramePart>> {
-        let packs: Vec<&PackReader> = self.packs.iter().collect();
+        let packs: Vec<FrameEdges> = self.packs.iter().map(FrameEdges::of).collect();
         let mut out = Vec::new();
-        cut_at_frames(&self.index, &packs, |p| out.push(p))?;
+        cut_at_frames(&self.index, self.path(), &packs, |p| out.push(p))?;
         out.sort_unstable_by_key(|p| (p.pack, p.frame, p.at));
         Ok(out)
     }
@@ -285,16 +321,37 @@ impl HoardLayer {
             (p, f),
             |buf| self.packs[p as usize].read_frame_into(f as usize, buf),
             scan.and_then(|pos| {
-                let uses = self.uses.get_or_init(|| {
-                    let parts = self.frame_parts().ok()?;
-                    let end = |p: &FramePart| p.guest + u64::from(p.chunks);
-                    Some(Uses::new(
-                        parts.iter().map(|p| (p.pack, p.frame, p.guest, end(p))),
-                    ))
-                });
+                let uses = self.uses.get_or_init(|| self.uses_table());
                 uses.as_ref().map(|u| move |id| u.distance(id, pos))
             }),
         )
+    }
+
+    /// Where each frame is used, for reads in guest order (`None`: the index could not be
+    /// cut, or it is too large to be worth it).
+    fn uses_table(&self) -> Option<Uses> {
+        let packs: Vec<FrameEdges> = self.packs.iter().map(FrameEdges::of).collect();
+        let mut uses = Vec::new();
+        let cut = cut_at_frames(&self.index, self.path(), &packs, |p| {
+            if uses.len() <= MAX_USES {
+                uses.push((p.pack, p.frame, p.guest, p.guest + u64::from(p.chunks)));
+            }
+        });
+        if let Err(e) = cut {
+            log::debug!(
+                "{}: reads in guest order evict as any: {e}",
+                self.path().display()
+            );
+            return None;
+        }
+        if uses.len() > MAX_USES {
+            log::debug!(
+                "{}: reads in guest order evict as any: over {MAX_USES} frame uses",
+                self.path().display()
+            );
+            return None;
+        }
+        Some(Uses::new(uses))
     }
 
     /// Whether the read of `len` bytes at `off` continues a scan in guest order.
@@ -516,11 +573,13 @@ impl Layer for HoardLayer {
 
 impl Drop for HoardLayer {
     fn drop(&mut self) {
-        log::debug!(
-            "{}: closed; {} frames decoded while open",
-            self.path().display(),
-            self.frames.decoded()
-        );
+        let n = self.frames.decoded();
+        if n > 0 {
+            log::debug!(
+                "{}: closed; reads decoded {n} frames",
+                self.path().display()
+            );
+        }
     }
 }
 

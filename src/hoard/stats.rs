@@ -4,7 +4,7 @@
 use super::ahead::Uses;
 use super::format::{CHUNK, FRAME_ENTRY, KEY_LEN, PACK_FOOTER, PACK_HEADER};
 use super::index::CacheIndex;
-use super::layer::cut_at_frames;
+use super::layer::{cut_at_frames, FrameEdges};
 use super::store::{Hoard, PackReader};
 use crate::format::ext::CacheMeta;
 use crate::{Error, Result};
@@ -158,7 +158,7 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
         .map(|i| (i.runs.len() * std::mem::size_of::<super::index::IndexRun>()) as u64)
         .sum();
     let ids = h.pack_ids()?;
-    let mut readers = HashMap::new();
+    let mut edges = HashMap::new();
     for id in &ids {
         let path = h.pack_path(id);
         pack_bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
@@ -172,15 +172,28 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
                 + PACK_FOOTER
                 + u64::from(p.footer.frames) * FRAME_ENTRY
                 + u64::from(p.chunks()) * KEY_LEN as u64;
-            readers.insert(*id, p);
+            // Its frame edges, not the reader: a hoard may hold more packs than files open.
+            let chunks = p.chunks();
+            edges.insert(*id, (path, p.first, chunks));
         }
     }
     // Where each cache uses each frame: built when a cache is read in guest order.
-    for i in &ok {
-        let packs: Option<Vec<&PackReader>> = i.packs.iter().map(|id| readers.get(id)).collect();
+    for (_, id, i) in &all {
+        let Ok(i) = i else { continue };
+        let packs: Option<Vec<FrameEdges>> = (i.packs.iter())
+            .map(|id| {
+                let (path, first, chunks) = edges.get(id)?;
+                Some(FrameEdges {
+                    path,
+                    first,
+                    chunks: *chunks,
+                })
+            })
+            .collect();
         let mut parts = Vec::new();
         if let Some(packs) = packs {
-            if cut_at_frames(i, &packs, |p| parts.push((p.pack, p.frame))).is_ok() {
+            let at = h.stored_index_path(id);
+            if cut_at_frames(i, &at, &packs, |p| parts.push((p.pack, p.frame))).is_ok() {
                 let uses = parts.len() as u64;
                 parts.sort_unstable();
                 parts.dedup();
