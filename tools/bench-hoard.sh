@@ -12,7 +12,7 @@
 #     the page cache), then
 #     `analyze` on the same caches: the hoard's bytes on disk against "ZFS-style" (64 KiB
 #     blocks, dedup, gzip-6 per block) and "4 KiB fixed + gzip-6"; after the fast path
-#     (zstd-3, 32-chunk frames) and after the repack off the hot path (`hoard gc
+#     (zstd-4, 32-chunk frames) and after the repack off the hot path (`hoard gc
 #     --recompress 9 --frame-chunks 64 --keep-days 0`: as it stands once the GC window has
 #     passed); the same analysis over the bases; index bytes per unique chunk on disk and
 #     in a server's memory; `hoard checkout` MiB/s (median of N rounds), on the add-path

