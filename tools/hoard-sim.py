@@ -14,9 +14,10 @@ The model, stated:
   - Every image adds one index (the mean index size of the set) to every node.
   - A registration moves, as a stream or pulled from the registry, what it stored plus its
     index; a node that missed k registrations pulls the sum of theirs.
-  - A server keeps in memory the index runs and frame tables of the caches it serves; the
-    measured bytes per unique chunk in memory times the unique chunks of the images served
-    bounds it (all N images served at once is the worst case printed).
+  - A server keeps in memory the index runs and frame tables of the caches it serves, and
+    where each cache uses each frame once it is read in guest order; the measured bytes per
+    unique chunk in memory (`hoard stats`, all of these counted) times the unique chunks of
+    the images served bounds it (all N images served at once is the worst case printed).
 Nothing else is assumed: no cross-family sharing (real fleets share more: the independent set
 of the benchmarks shares 79% of its 4 KiB blocks), no repack (gc --recompress stores ~10% less).
 

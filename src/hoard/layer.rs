@@ -13,6 +13,7 @@ use super::ahead::{Scan, Uses, MAX_USES};
 use super::format::CHUNK;
 use super::frames::FrameCache;
 use super::index::CacheIndex;
+use super::parts::{cut_at_frames, FrameEdges, FramePart};
 use super::store::{read_index_from, PackReader};
 use crate::engine::layer::{BackingRead, Format, Layer, MapMode, Mapped, Mapping, Run, SharedPart};
 use crate::engine::open::{place_backing, resolve_backing};
@@ -20,6 +21,7 @@ use crate::engine::storage::{FileStorage, Storage};
 use crate::engine::{Image, OpenOptions};
 use crate::format::ext::CacheMeta;
 use crate::{Error, Result};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -47,88 +49,6 @@ pub struct Clusters {
     pub data_bytes: u64,
 }
 
-/// Guest chunks `guest..guest+chunks` of a hoarded cache are chunks `at..at+chunks` of frame
-/// `frame` of its pack `pack` ([`HoardLayer::frame_parts`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct FramePart {
-    pub pack: u32,
-    pub frame: u32,
-    pub at: u32,
-    pub guest: u64,
-    pub chunks: u32,
-}
-
-/// Where a pack's frames start, for cutting an index at frame edges.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct FrameEdges<'p> {
-    pub path: &'p Path,
-    /// First chunk of each frame.
-    pub first: &'p [u32],
-    /// Chunks in the pack.
-    pub chunks: u32,
-}
-
-impl<'p> FrameEdges<'p> {
-    pub fn of(p: &'p PackReader) -> FrameEdges<'p> {
-        FrameEdges {
-            path: &p.path,
-            first: &p.first,
-            chunks: p.chunks(),
-        }
-    }
-}
-
-/// The stored runs of `index` (the file at `path`) cut at the edges of the frames of its
-/// packs (`packs`, in its order), in guest order. A run beyond its pack is an error.
-pub(super) fn cut_at_frames(
-    index: &CacheIndex,
-    path: &Path,
-    packs: &[FrameEdges],
-    mut each: impl FnMut(FramePart),
-) -> Result<()> {
-    for r in index.runs.iter().filter(|r| r.in_pack()) {
-        let pack = packs.get(r.pack as usize).ok_or_else(|| {
-            Error::corrupt(
-                path,
-                format!("a run names pack {} of {}", r.pack, packs.len()),
-            )
-        })?;
-        let end = r.first.checked_add(r.count).filter(|&e| e <= pack.chunks);
-        let Some(end) = end else {
-            return Err(Error::corrupt(
-                pack.path,
-                format!(
-                    "a run names chunks {}+{} of a pack of {}",
-                    r.first, r.count, pack.chunks
-                ),
-            ));
-        };
-        let mut c = r.first;
-        while c < end {
-            // `first` starts at 0 and is increasing (checked when the pack was opened).
-            let fi = pack.first.partition_point(|&f| f <= c).saturating_sub(1);
-            let f0 = pack.first.get(fi).copied().unwrap_or(0);
-            let next = pack.first.get(fi + 1).copied().unwrap_or(pack.chunks);
-            let n = next.min(end).saturating_sub(c);
-            if n == 0 || f0 > c {
-                return Err(Error::corrupt(
-                    pack.path,
-                    format!("frame {fi} does not hold chunk {c} it is found for"),
-                ));
-            }
-            each(FramePart {
-                pack: r.pack,
-                frame: fi as u32,
-                at: c - f0,
-                guest: r.start + u64::from(c - r.first),
-                chunks: n,
-            });
-            c += n;
-        }
-    }
-    Ok(())
-}
-
 /// An open hoarded cache.
 #[derive(Debug)]
 pub struct HoardLayer {
@@ -138,7 +58,8 @@ pub struct HoardLayer {
     meta: Option<CacheMeta>,
     frames: FrameCache,
     scan: Scan,
-    /// Built at the first read in guest order (`None`: its index could not be cut).
+    /// Built at the first read in guest order (`None`: its index could not be cut, or it uses
+    /// its frames over `MAX_USES` times).
     uses: OnceLock<Option<Uses>>,
 }
 
@@ -304,7 +225,10 @@ impl HoardLayer {
     pub(super) fn frame_parts(&self) -> Result<Vec<FramePart>> {
         let packs: Vec<FrameEdges> = self.packs.iter().map(FrameEdges::of).collect();
         let mut out = Vec::new();
-        cut_at_frames(&self.index, self.path(), &packs, |p| out.push(p))?;
+        cut_at_frames(&self.index, self.path(), &packs, |p| {
+            out.push(p);
+            ControlFlow::Continue(())
+        })?;
         out.sort_unstable_by_key(|p| (p.pack, p.frame, p.at));
         Ok(out)
     }
@@ -332,26 +256,23 @@ impl HoardLayer {
     fn uses_table(&self) -> Option<Uses> {
         let packs: Vec<FrameEdges> = self.packs.iter().map(FrameEdges::of).collect();
         let mut uses = Vec::new();
+        let mut over = false;
         let cut = cut_at_frames(&self.index, self.path(), &packs, |p| {
-            if uses.len() <= MAX_USES {
-                uses.push((p.pack, p.frame, p.guest, p.guest + u64::from(p.chunks)));
+            if uses.len() == MAX_USES {
+                over = true;
+                return ControlFlow::Break(());
             }
+            uses.push((p.pack, p.frame, p.guest, p.guest + u64::from(p.chunks)));
+            ControlFlow::Continue(())
         });
-        if let Err(e) = cut {
-            log::debug!(
-                "{}: reads in guest order evict as any: {e}",
-                self.path().display()
-            );
-            return None;
-        }
-        if uses.len() > MAX_USES {
-            log::debug!(
-                "{}: reads in guest order evict as any: over {MAX_USES} frame uses",
-                self.path().display()
-            );
-            return None;
-        }
-        Some(Uses::new(uses))
+        let why = match cut {
+            Err(e) => e.to_string(),
+            Ok(()) if over => format!("it uses its frames over {MAX_USES} times"),
+            Ok(()) => return Some(Uses::new(uses)),
+        };
+        let at = self.path().display();
+        log::debug!("{at}: reads in guest order evict the least recently used frame: {why}");
+        None
     }
 
     /// Whether the read of `len` bytes at `off` continues a scan in guest order.

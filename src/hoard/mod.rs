@@ -21,6 +21,7 @@ pub mod gens;
 pub mod index;
 pub mod layer;
 mod pack;
+mod parts;
 mod pipe;
 pub mod registry;
 pub mod stats;

@@ -1,14 +1,15 @@
 //! What a hoard holds: its caches and how much each takes, the packs, deduplication and
 //! compression figures; and `hoard rm`.
 
-use super::ahead::Uses;
+use super::ahead::{Uses, MAX_USES};
 use super::format::{CHUNK, FRAME_ENTRY, KEY_LEN, PACK_FOOTER, PACK_HEADER};
 use super::index::CacheIndex;
-use super::layer::{cut_at_frames, FrameEdges};
+use super::parts::{cut_at_frames, FrameEdges};
 use super::store::{Hoard, PackReader};
 use crate::format::ext::CacheMeta;
 use crate::{Error, Result};
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 
 /// One hoarded cache.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -174,31 +175,37 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
                 + u64::from(p.chunks()) * KEY_LEN as u64;
             // Its frame edges, not the reader: a hoard may hold more packs than files open.
             let chunks = p.chunks();
-            edges.insert(*id, (path, p.first, chunks));
+            edges.insert(*id, (p.first, chunks));
         }
     }
-    // Where each cache uses each frame: built when a cache is read in guest order.
+    // Where each cache uses each frame: built when a cache is read in guest order (not over
+    // MAX_USES uses).
     for (_, id, i) in &all {
         let Ok(i) = i else { continue };
         let packs: Option<Vec<FrameEdges>> = (i.packs.iter())
             .map(|id| {
-                let (path, first, chunks) = edges.get(id)?;
+                let (first, chunks) = edges.get(id)?;
                 Some(FrameEdges {
-                    path,
                     first,
                     chunks: *chunks,
                 })
             })
             .collect();
-        let mut parts = Vec::new();
-        if let Some(packs) = packs {
-            let at = h.stored_index_path(id);
-            if cut_at_frames(i, &at, &packs, |p| parts.push((p.pack, p.frame))).is_ok() {
-                let uses = parts.len() as u64;
-                parts.sort_unstable();
-                parts.dedup();
-                memory += Uses::footprint(parts.len() as u64, uses);
+        let Some(packs) = packs else { continue };
+        let (mut parts, mut over) = (Vec::new(), false);
+        let cut = cut_at_frames(i, &h.stored_index_path(id), &packs, |p| {
+            if parts.len() == MAX_USES {
+                over = true;
+                return ControlFlow::Break(());
             }
+            parts.push((p.pack, p.frame));
+            ControlFlow::Continue(())
+        });
+        if cut.is_ok() && !over {
+            let uses = parts.len() as u64;
+            parts.sort_unstable();
+            parts.dedup();
+            memory += Uses::footprint(parts.len() as u64, uses);
         }
     }
     let live: u64 = live_map(&ok, &sizes)
