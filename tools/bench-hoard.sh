@@ -22,7 +22,7 @@
 #     against qemu-nbd -r over the same cache as a plain qcow2 (median of 3N; ratio = qemu
 #     time / ours: above 1 = vmicache faster), every run's time, and each server's CPU time
 #  3. warm boots of the systemd guest (TCG) served from the hoarded cache and from the plain
-#     cache, interleaved, 2N each (single boots spread over 1.5x here), medians; base reads
+#     cache, interleaved, 2N each (single boots spread up to 2x here), medians; base reads
 #     counted by nbdkit's log filter (0 B)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +50,8 @@ rm -rf "$work"
 mkdir -p "$work"
 export VMICACHE_ALLOW_BACKING=$G:$images/systemd:$work
 
-med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# The median (of an even count, the mean of the two middle values).
+med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {m=int((NR+1)/2); print (NR%2 ? a[m] : (a[m]+a[m+1])/2)}'; }
 now() { date +%s.%N; }
 mib() { python3 -c "import sys; print(f'{int(sys.argv[1])/1048576:.1f} MiB')" "$1"; }
 j() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$@"; }

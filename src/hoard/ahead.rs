@@ -152,13 +152,24 @@ mod tests {
         assert!(!a.read(o + 832 - BACK - 65, o + 832 - BACK - 1, d));
         assert!(!a.read(1 << 30, (1 << 30) + 64, d));
         assert!(!a.read((1 << 30) + 64, (1 << 30) + 128, d));
-        // A scan backwards never counts: each step ends it.
+        // A scan backwards from a standing start never counts (its steps are neither forward
+        // nor far); after a scan forwards, it is taken for requests out of order for at most
+        // BACK chunks, then a step ends it.
         let b = Scan::default();
         let back: Vec<bool> = (0..40u64)
             .rev()
             .map(|i| b.read(i * 64, i * 64 + 64, d))
             .collect();
         assert!(!back.contains(&true));
+        let e = Scan::default();
+        for i in 0..12u64 {
+            e.read(o + i * 64, o + i * 64 + 64, d);
+        }
+        let back: Vec<bool> = (1..=80u64)
+            .map(|k| e.read(o + 704 - k * 64, o + 768 - k * 64, d))
+            .collect();
+        assert_eq!(back.iter().filter(|&&s| s).count(), (BACK / 64) as usize);
+        assert!(!back[(BACK / 64) as usize..].contains(&true));
         // Nothing stored between: a jump over what the cache does not hold goes on.
         let c = Scan::default();
         let on = (0..12u64).map(|i| c.read(i << 20, (i << 20) + 64, |_, _| 0));

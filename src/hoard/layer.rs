@@ -37,8 +37,8 @@ const FRAME_CACHE_MIN: usize = 4 << 20;
 const FRAME_CACHE_MAX: usize = 8 << 20;
 /// While reads come in guest order, the frame cache may hold this many times as much, and
 /// lets go first of the frame the scan needs furthest ahead ([`Uses`]). The sequential read
-/// above then decodes 1231 and 635 frames (1296 and 695 with no more room). Reads out of
-/// order bring it back to its bounds, two frames out for each one in.
+/// above then decodes 1231-1239 and 633-644 frames (several runs; 1296 and 695 with no more
+/// room). Reads out of order bring it back to its bounds, two frames out for each one in.
 const SCAN_FACTOR: usize = 2;
 
 /// What a hoarded cache holds, counted in clusters.
@@ -267,11 +267,13 @@ impl HoardLayer {
         });
         let why = match cut {
             Err(e) => e.to_string(),
-            Ok(()) if over => format!("it uses its frames over {MAX_USES} times"),
+            Ok(()) if over => format!(
+                "{}: uses its frames over {MAX_USES} times",
+                self.path().display()
+            ),
             Ok(()) => return Some(Uses::new(uses)),
         };
-        let at = self.path().display();
-        log::debug!("{at}: reads in guest order evict the least recently used frame: {why}");
+        log::debug!("{why}: reads in guest order evict the least recently used frame");
         None
     }
 
@@ -282,12 +284,12 @@ impl HoardLayer {
             .read(off / CHUNK, end, |a, b| self.stored_between(a, b))
     }
 
-    /// Chunks stored in packs from guest chunk `a` to `b`, counted over at most 64 runs (more
+    /// Chunks stored in packs from guest chunk `a` to `b`, counted over at most 256 runs (more
     /// runs count as `u64::MAX`).
     fn stored_between(&self, a: u64, b: u64) -> u64 {
         let (Ok(i) | Err(i)) = self.index.find(a);
         let mut n = 0u64;
-        for r in self.index.runs[i..].iter().take(64) {
+        for r in self.index.runs[i..].iter().take(256) {
             if r.start >= b {
                 return n;
             }
@@ -295,7 +297,7 @@ impl HoardLayer {
                 n += r.end().min(b) - r.start.max(a);
             }
         }
-        if self.index.runs.len() - i <= 64 {
+        if self.index.runs.len() - i <= 256 {
             n
         } else {
             u64::MAX

@@ -52,7 +52,7 @@ impl Default for Settings {
             format: FORMAT,
             frame_chunks: 32,
             // Level 4 stores the derived guest set 1.9% smaller than 3 (0.92x -> 0.90x of
-            // ZFS-style), `hoard add` taking about 8% longer; reads decode as fast.
+            // ZFS-style), `hoard add` taking about 9% longer; reads decode as fast.
             level: 4,
             keep_days: default_keep_days(),
         }
