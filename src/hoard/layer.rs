@@ -37,7 +37,7 @@ const FRAME_CACHE_MIN: usize = 4 << 20;
 const FRAME_CACHE_MAX: usize = 8 << 20;
 /// While reads come in guest order, the frame cache may hold this many times as much, and
 /// lets go first of the frame the scan needs furthest ahead ([`Uses`]). The sequential read
-/// above then decodes 1231-1239 and 633-644 frames (several runs; 1296 and 695 with no more
+/// above then decodes 1231-1240 and 633-644 frames (several runs; 1296 and 695 with no more
 /// room). Reads out of order bring it back to its bounds, two frames out for each one in.
 const SCAN_FACTOR: usize = 2;
 
