@@ -10,6 +10,11 @@
 //! time a cache is read in guest order (a boot does that too, reading files in runs) and kept
 //! while it is open.
 
+use super::index::CacheIndex;
+use super::parts::{cut_at_frames, FrameEdges};
+use crate::Result;
+use std::ops::ControlFlow;
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// A read continues a scan when it starts at most this many stored chunks (8 MiB) past the
@@ -46,14 +51,26 @@ pub struct Uses {
 /// Most uses a [`Uses`] holds (16 MiB of them; a cache of ~75 GiB as the benchmarks' guests
 /// store theirs): a larger one, or a hostile index, keeps least-recently-used eviction.
 pub const MAX_USES: usize = 1 << 20;
-/// Bytes a [`Uses`] holds per frame used and per use.
-const BYTES_PER_FRAME: u64 = std::mem::size_of::<(u32, u32, u32)>() as u64;
-const BYTES_PER_USE: u64 = std::mem::size_of::<(u64, u64)>() as u64;
 
 impl Uses {
-    /// From every use of a frame (pack, frame, first guest chunk, end chunk), in any order:
-    /// the index cut at frame edges.
-    pub fn new(parts: impl IntoIterator<Item = (u32, u32, u64, u64)>) -> Uses {
+    /// The table of `index` (the file at `path`) over the frame edges of its `packs`;
+    /// `None` when it uses its frames over [`MAX_USES`] times (the cut stops there).
+    pub fn of(index: &CacheIndex, path: &Path, packs: &[FrameEdges]) -> Result<Option<Uses>> {
+        let mut uses = Vec::new();
+        let mut over = false;
+        cut_at_frames(index, path, packs, |p| {
+            if uses.len() == MAX_USES {
+                over = true;
+                return ControlFlow::Break(());
+            }
+            uses.push((p.pack, p.frame, p.guest, p.guest + u64::from(p.chunks)));
+            ControlFlow::Continue(())
+        })?;
+        Ok((!over).then(|| Uses::new(uses)))
+    }
+
+    /// From every use of a frame (pack, frame, first guest chunk, end chunk), in any order.
+    fn new(parts: impl IntoIterator<Item = (u32, u32, u64, u64)>) -> Uses {
         let mut p: Vec<(u32, u32, u64, u64)> = parts.into_iter().collect();
         p.sort_unstable();
         debug_assert!(p.len() <= MAX_USES, "MAX_USES fit in u32");
@@ -74,9 +91,9 @@ impl Uses {
         }
     }
 
-    /// Bytes held for `frames` frames used `uses` times.
-    pub fn footprint(frames: u64, uses: u64) -> u64 {
-        frames * BYTES_PER_FRAME + uses * BYTES_PER_USE
+    /// Bytes it holds.
+    pub fn bytes(&self) -> u64 {
+        (std::mem::size_of_val(&self.frames[..]) + std::mem::size_of_val(&self.uses[..])) as u64
     }
 
     /// How far ahead of chunk `pos` a scan next uses frame `frame` of pack `pack`, in chunks:

@@ -223,9 +223,8 @@ impl HoardLayer {
     /// frame once, then writes what the cache takes of it). Runs of zero chunks stored as
     /// data are left out: not in any pack.
     pub(super) fn frame_parts(&self) -> Result<Vec<FramePart>> {
-        let packs: Vec<FrameEdges> = self.packs.iter().map(FrameEdges::of).collect();
         let mut out = Vec::new();
-        cut_at_frames(&self.index, self.path(), &packs, |p| {
+        cut_at_frames(&self.index, self.path(), &self.edges(), |p| {
             out.push(p);
             ControlFlow::Continue(())
         })?;
@@ -254,27 +253,21 @@ impl HoardLayer {
     /// Where each frame is used, for reads in guest order (`None`: the index could not be
     /// cut, or it is too large to be worth it).
     fn uses_table(&self) -> Option<Uses> {
-        let packs: Vec<FrameEdges> = self.packs.iter().map(FrameEdges::of).collect();
-        let mut uses = Vec::new();
-        let mut over = false;
-        let cut = cut_at_frames(&self.index, self.path(), &packs, |p| {
-            if uses.len() == MAX_USES {
-                over = true;
-                return ControlFlow::Break(());
-            }
-            uses.push((p.pack, p.frame, p.guest, p.guest + u64::from(p.chunks)));
-            ControlFlow::Continue(())
-        });
-        let why = match cut {
-            Err(e) => e.to_string(),
-            Ok(()) if over => format!(
+        let why = match Uses::of(&self.index, self.path(), &self.edges()) {
+            Ok(Some(uses)) => return Some(uses),
+            Ok(None) => format!(
                 "{}: uses its frames over {MAX_USES} times",
                 self.path().display()
             ),
-            Ok(()) => return Some(Uses::new(uses)),
+            Err(e) => e.to_string(),
         };
         log::debug!("{why}: reads in guest order evict the least recently used frame");
         None
+    }
+
+    /// Where the frames of its packs start.
+    fn edges(&self) -> Vec<FrameEdges<'_>> {
+        self.packs.iter().map(FrameEdges::of).collect()
     }
 
     /// Whether the read of `len` bytes at `off` continues a scan in guest order.

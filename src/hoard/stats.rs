@@ -1,15 +1,14 @@
 //! What a hoard holds: its caches and how much each takes, the packs, deduplication and
 //! compression figures; and `hoard rm`.
 
-use super::ahead::{Uses, MAX_USES};
+use super::ahead::Uses;
 use super::format::{CHUNK, FRAME_ENTRY, KEY_LEN, PACK_FOOTER, PACK_HEADER};
 use super::index::CacheIndex;
-use super::parts::{cut_at_frames, FrameEdges};
+use super::parts::FrameEdges;
 use super::store::{Hoard, PackReader};
 use crate::format::ext::CacheMeta;
 use crate::{Error, Result};
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 
 /// One hoarded cache.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -192,20 +191,8 @@ pub fn stats(h: &Hoard) -> Result<HoardStats> {
             })
             .collect();
         let Some(packs) = packs else { continue };
-        let (mut parts, mut over) = (Vec::new(), false);
-        let cut = cut_at_frames(i, &h.stored_index_path(id), &packs, |p| {
-            if parts.len() == MAX_USES {
-                over = true;
-                return ControlFlow::Break(());
-            }
-            parts.push((p.pack, p.frame));
-            ControlFlow::Continue(())
-        });
-        if cut.is_ok() && !over {
-            let uses = parts.len() as u64;
-            parts.sort_unstable();
-            parts.dedup();
-            memory += Uses::footprint(parts.len() as u64, uses);
+        if let Ok(Some(uses)) = Uses::of(i, &h.stored_index_path(id), &packs) {
+            memory += uses.bytes();
         }
     }
     let live: u64 = live_map(&ok, &sizes)
